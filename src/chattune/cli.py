@@ -1,0 +1,244 @@
+"""The ``chattune`` command: a table of subcommands, each a plain function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from chattune import __version__
+
+
+def _columns(text: str | None) -> dict[str, str] | None:
+    if not text:
+        return None
+    pairs = [item.split("=", 1) for item in text.split(",") if item]
+    if any(len(p) != 2 for p in pairs):
+        raise SystemExit(f"--columns: expected target=column pairs like prompt=content,response=summary, got {text!r}")
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def _read_for_cli(args):
+    from chattune.config import DataSource
+    from chattune.data.sources import load_records
+
+    sources = [DataSource(path=p, format=args.format, columns=_columns(args.columns)) for p in args.inputs]
+    return load_records(sources, strict=args.strict, dedup=not args.keep_duplicates)
+
+
+def cmd_data_convert(args) -> int:
+    """Convert data files to canonical JSONL (one {"messages": [...]} per line)."""
+    from chattune.data.sources import format_summary
+
+    records, summaries = _read_for_cli(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
+    print(format_summary(summaries))
+    print(f"wrote {len(records)} records to {out}")
+    return 0
+
+
+def cmd_data_inspect(args) -> int:
+    """Print the conversion summary of data files without writing anything."""
+    from chattune.data.sources import format_summary
+
+    records, summaries = _read_for_cli(args)
+    print(format_summary(summaries))
+    if records and args.show:
+        for record in records[: args.show]:
+            print(json.dumps(record.to_json(), ensure_ascii=False))
+    return 0
+
+
+def cmd_data_prepare(args) -> int:
+    """Encode a config's data (or reuse the cache) and print the audit."""
+    from chattune.config import load_config
+    from chattune.data.prepare import format_audit, prepare_data
+    from chattune.data.templates import resolve_template_name
+    from chattune.model import load_tokenizer
+
+    config = load_config(args.config, args.overrides)
+    tokenizer = load_tokenizer(config.model.model_name_or_path, config.model.trust_remote_code)
+    template = resolve_template_name(config.data.template, tokenizer)
+    prepared = prepare_data(config.data, tokenizer, template, config.train.seed, force=args.force)
+    print(format_audit(prepared.audit))
+    state = "reused cached" if prepared.reused else "encoded and cached"
+    print(f"{state} data set at {prepared.cache_path}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    """Fine-tune: ``chattune train CONFIG.yaml [key=value ...]``."""
+    from chattune.config import describe_keys, load_config
+    from chattune.train import train
+
+    if args.help_config:
+        print(describe_keys())
+        return 0
+    if args.config is None:
+        raise SystemExit("train: give a config file (chattune train CONFIG.yaml [key=value ...])")
+    config_path = args.config
+    overrides = list(args.overrides)
+    if "=" in config_path and not Path(config_path).exists():
+        overrides.insert(0, config_path)
+        config_path = None
+    config = load_config(config_path, overrides)
+    result = train(config)
+    print(f"done: {result.global_step} steps, train loss {result.train_loss:.4f}"
+          + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
+          + f"\nrun folder: {result.output_dir}")
+    return 0
+
+
+def _load_chat(args):
+    from chattune.generate import load_chat_model
+
+    return load_chat_model(args.run_dir, base_model=args.base_model, force=args.force,
+                           template=args.template, trust_remote_code=args.trust_remote_code,
+                           warn=lambda m: print(m, file=sys.stderr))
+
+
+def _overrides(args) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+            "top_p": args.top_p, "do_sample": args.do_sample}
+
+
+def cmd_chat(args) -> int:
+    """Chat in the terminal with a run folder (or a bare base model)."""
+    from chattune.generate import chat_loop
+
+    chat_loop(_load_chat(args), **_overrides(args))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    """Batched greedy generation over a data file, written as JSONL."""
+    from chattune.predict import predict_file
+
+    chat = _load_chat(args)
+    count = predict_file(chat, args.data, args.out, fmt=args.format, columns=_columns(args.columns),
+                         batch_size=args.batch_size, limit=args.limit)
+    print(f"wrote {count} predictions to {args.out}")
+    return 0
+
+
+def cmd_tiny_model(args) -> int:
+    """Write a tiny random model of a real architecture with a working tokenizer."""
+    from chattune.tiny import build_tiny_model
+
+    path = build_tiny_model(args.out, args.arch, tokenizer_from=args.tokenizer_from,
+                            hidden_size=args.hidden_size, num_layers=args.num_layers)
+    print(f"wrote a tiny {args.arch} model to {path}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The whole pipeline on a tiny model, offline."""
+    from chattune.demo import run_demo
+
+    run_demo(args.workdir, max_steps=args.max_steps)
+    return 0
+
+
+def _add_data_input(parser):
+    parser.add_argument("inputs", nargs="+", help="data files (JSON, JSONL, CSV, Parquet)")
+    parser.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "openai", "columns"])
+    parser.add_argument("--columns", help="column map, e.g. prompt=content,response=summary")
+    parser.add_argument("--strict", action="store_true", help="stop at the first bad record")
+    parser.add_argument("--keep-duplicates", action="store_true", help="keep exact duplicate records")
+
+
+def _add_inference(parser):
+    parser.add_argument("run_dir", help="run folder (or a base model path for chat without adapter)")
+    parser.add_argument("--base-model", help="base model path, overriding the manifest's")
+    parser.add_argument("--template", help="template, overriding the manifest's")
+    parser.add_argument("--force", action="store_true", help="load even if the base model or template differs")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="chattune", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"chattune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="read, convert, inspect and prepare data")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    convert = data_sub.add_parser("convert", help="convert data files to canonical JSONL")
+    _add_data_input(convert)
+    convert.add_argument("--out", required=True, help="output JSONL path")
+    convert.set_defaults(func=cmd_data_convert)
+    inspect = data_sub.add_parser("inspect", help="print the conversion summary without writing")
+    _add_data_input(inspect)
+    inspect.add_argument("--show", type=int, default=0, help="also print the first N records")
+    inspect.set_defaults(func=cmd_data_inspect)
+    prepare = data_sub.add_parser("prepare", help="encode a config's data, cache it and print the audit")
+    prepare.add_argument("config", help="training config YAML")
+    prepare.add_argument("overrides", nargs="*", help="key=value overrides")
+    prepare.add_argument("--force", action="store_true", help="re-encode even if cached")
+    prepare.set_defaults(func=cmd_data_prepare)
+
+    train = sub.add_parser("train", help="fine-tune: chattune train CONFIG.yaml [key=value ...]")
+    train.add_argument("config", nargs="?", help="config YAML")
+    train.add_argument("overrides", nargs="*", help="key=value overrides")
+    train.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    train.set_defaults(func=cmd_train)
+
+    chat = sub.add_parser("chat", help="chat with a run folder in the terminal")
+    _add_inference(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    predict = sub.add_parser("predict", help="batch-generate over a data file")
+    _add_inference(predict)
+    predict.add_argument("--data", required=True, help="input data file (any supported format)")
+    predict.add_argument("--out", required=True, help="output JSONL")
+    predict.add_argument("--format", default="auto")
+    predict.add_argument("--columns")
+    predict.add_argument("--batch-size", type=int, default=8)
+    predict.add_argument("--limit", type=int, help="only the first N rows")
+    predict.set_defaults(func=cmd_predict)
+
+    tiny = sub.add_parser("tiny-model", help="write a tiny random model of a real architecture")
+    tiny.add_argument("out")
+    tiny.add_argument("--arch", default="glm4", choices=["glm4", "glm", "llama", "qwen2"])
+    tiny.add_argument("--tokenizer-from", help="reuse this model's tokenizer")
+    tiny.add_argument("--hidden-size", type=int, default=256)
+    tiny.add_argument("--num-layers", type=int, default=4)
+    tiny.set_defaults(func=cmd_tiny_model)
+
+    demo = sub.add_parser("demo", help="run the whole pipeline offline on a tiny model")
+    demo.add_argument("--workdir", default="chattune-demo")
+    demo.add_argument("--max-steps", type=int, default=400)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``chattune`` console script."""
+    from chattune.config import ConfigError
+    from chattune.data.formats import DataFileError
+    from chattune.data.records import RecordError
+    from chattune.data.templates import TemplateError
+    from chattune.manifest import ManifestError
+    from chattune.model import ModelLoadError
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataFileError, RecordError, TemplateError, ManifestError, ModelLoadError) as exc:
+        print(f"chattune: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

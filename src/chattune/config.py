@@ -1,0 +1,429 @@
+"""Typed run configuration: flat YAML keys plus ``key=value`` overrides.
+
+A config file is one flat mapping, as the tutorial's command-line flags were
+(``lora_rank: 8``, ``per_device_train_batch_size: 6``, ...). Each key belongs to
+exactly one group dataclass below; the docstring under each field is the
+documentation ``chattune train --help-config`` prints. Unknown keys, wrong types
+and impossible values raise :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, mistyped or out of range."""
+
+
+@dataclass
+class DataSource:
+    """One data file and how to read it."""
+
+    path: str
+    """File path: JSON array, single JSON object, JSON Lines, CSV or Parquet."""
+    format: Literal["auto", "alpaca", "sharegpt", "openai", "columns"] = "auto"
+    """Record format; ``auto`` detects it from each record's keys."""
+    columns: dict[str, str] | None = None
+    """Column map for other layouts, e.g. ``{prompt: content, response: summary}``.
+    Targets: prompt, query, response, system, history."""
+    max_samples: int | None = None
+    """Keep at most this many records from this file (seeded random subset)."""
+    weight: float = 1.0
+    """Sampling weight: 2.0 repeats the file twice, 0.5 keeps a seeded half."""
+
+
+@dataclass
+class ModelArgs:
+    """Which base model to load and how."""
+
+    model_name_or_path: str = ""
+    """Local path of a Hugging Face causal LM (or a hub id, offline only if cached)."""
+    trust_remote_code: bool = False
+    """Allow the model's own code (ChatGLM-6B/2/3 style repositories need it)."""
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """Dtype the weights are loaded in; ``auto`` follows fp16/bf16 or float32."""
+    device_map: str | None = None
+    """Passed to ``from_pretrained`` (e.g. ``auto``); None keeps the model on one device."""
+
+
+@dataclass
+class DataArgs:
+    """What to train on and how it is rendered and encoded."""
+
+    train_files: list[DataSource] = field(default_factory=list)
+    """Training data files (a path, or mappings with path/format/columns/max_samples/weight)."""
+    eval_files: list[DataSource] = field(default_factory=list)
+    """Evaluation data files; if empty, ``eval_fraction`` of the training data is held out."""
+    eval_fraction: float = 0.0
+    """Share of training records held out for evaluation (seeded by ``seed``)."""
+    template: str = "auto"
+    """Prompt template: ``auto`` (the tokenizer's chat template, else ``default``),
+    ``tokenizer``, or a named one (alpaca, chatglm-tuning, chatglm, chatglm2, chatglm3,
+    vicuna, default)."""
+    max_seq_length: int = 512
+    """Maximum tokens per row, prompt and answer together."""
+    train_on_prompt: bool = False
+    """Also supervise the prompt tokens (usually off)."""
+    train_last_turn_only: bool = False
+    """Supervise only the last assistant turn of multi-turn records."""
+    dedup: bool = True
+    """Drop exact duplicate records (counted in the summary)."""
+    strict: bool = False
+    """Stop at the first bad record instead of skipping and counting it."""
+    cache_dir: str | None = None
+    """Where encoded data sets are cached; default ``<output_dir>/../.chattune-cache``."""
+
+
+@dataclass
+class MethodArgs:
+    """The fine-tuning method and its settings."""
+
+    method: Literal["lora"] = "lora"
+    """Fine-tuning method."""
+    lora_rank: int = 8
+    """LoRA rank r."""
+    lora_alpha: float | None = None
+    """LoRA alpha; default 2 * lora_rank."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    lora_target: list[str] | None = None
+    """Module names to adapt; default per architecture (query_key_value for ChatGLM
+    remote code, all linear projections otherwise)."""
+
+
+@dataclass
+class TrainArgs:
+    """Trainer arguments, named as in transformers' TrainingArguments."""
+
+    output_dir: str = "output"
+    """Run folder: checkpoints, final adapter, manifest, metrics.jsonl, TensorBoard logs."""
+    per_device_train_batch_size: int = 4
+    """Rows per step on one device."""
+    per_device_eval_batch_size: int = 8
+    """Rows per evaluation step."""
+    gradient_accumulation_steps: int = 1
+    """Steps whose gradients are summed before one optimizer update."""
+    max_steps: int = -1
+    """Optimizer updates to run; -1 means use num_train_epochs."""
+    num_train_epochs: float = 3.0
+    """Epochs, when max_steps is -1."""
+    learning_rate: float = 1e-4
+    """Peak learning rate."""
+    lr_scheduler_type: str = "linear"
+    """transformers scheduler name: linear, cosine, constant, constant_with_warmup, ..."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    fp16: bool = False
+    """Mixed precision float16 (CUDA)."""
+    bf16: bool = False
+    """Mixed precision bfloat16."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    logging_steps: int = 10
+    """Log loss, learning rate, grad norm and tokens/s every this many steps."""
+    save_steps: int = 500
+    """Write a checkpoint run folder every this many steps."""
+    save_total_limit: int | None = None
+    """Keep at most this many checkpoints (oldest deleted first)."""
+    eval_steps: int | None = None
+    """Evaluate every this many steps (default: save_steps) when eval data exists."""
+    seed: int = 42
+    """Seed for initialisation, data order, dropout and the eval split."""
+    resume_from_checkpoint: str | None = None
+    """``true`` resumes from the latest checkpoint in output_dir, or give a checkpoint path."""
+    dataloader_num_workers: int = 0
+    """DataLoader worker processes."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Logging integrations (``none`` for none)."""
+
+
+@dataclass
+class GenerateArgs:
+    """Generation defaults saved with the run and used by chat/predict."""
+
+    max_new_tokens: int = 256
+    """Maximum new tokens per answer."""
+    do_sample: bool = False
+    """Sample instead of greedy decoding."""
+    temperature: float = 0.7
+    """Sampling temperature (with do_sample)."""
+    top_p: float = 0.9
+    """Nucleus sampling mass (with do_sample)."""
+    repetition_penalty: float = 1.0
+    """Penalty on repeated tokens (1.0 = none)."""
+
+
+@dataclass
+class RunConfig:
+    """The whole configuration of one training run."""
+
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    method: MethodArgs = field(default_factory=MethodArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    generate: GenerateArgs = field(default_factory=GenerateArgs)
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """The config as one flat mapping, the shape of a YAML file."""
+        flat: dict[str, Any] = {}
+        for group in dataclasses.fields(self):
+            flat.update(dataclasses.asdict(getattr(self, group.name)))
+        return flat
+
+
+GROUPS: dict[str, type] = {
+    "model": ModelArgs,
+    "data": DataArgs,
+    "method": MethodArgs,
+    "train": TrainArgs,
+    "generate": GenerateArgs,
+}
+
+_KEY_TO_GROUP: dict[str, str] = {
+    f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)
+}
+
+_TRUE = {"true", "yes", "on", "1", "y", "t"}
+_FALSE = {"false", "no", "off", "0", "n", "f"}
+
+
+def parse_bool(value: Any, key: str) -> bool:
+    """Parse a boolean the way a user means it: "false", "no", "0" are False."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+    raise ConfigError(f"{key}: expected a boolean (true/false), got {value!r}")
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert ``value`` to ``annotation`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none")):
+            if type(None) in args:
+                return None
+        non_none = [a for a in args if a is not type(None)]
+        errors = []
+        for option in non_none:
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {non_none}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
+        return value
+    if annotation is bool:
+        return parse_bool(value, key)
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if origin is list:
+        (item_type,) = args
+        if isinstance(value, str):
+            text = value.strip()
+            value = yaml.safe_load(text) if text.startswith("[") else [v for v in text.split(",") if v]
+        if not isinstance(value, list):
+            value = [value]
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if isinstance(value, str):
+            value = dict(item.split("=", 1) for item in value.split(",") if "=" in item)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    if annotation is DataSource:
+        return data_source(value, key)
+    raise ConfigError(f"{key}: unsupported type {annotation}")  # pragma: no cover
+
+
+def data_source(value: Any, key: str = "train_files") -> DataSource:
+    """Build a DataSource from a path string or a mapping, checking its keys."""
+    if isinstance(value, str):
+        return DataSource(path=value)
+    if isinstance(value, DataSource):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a path or a mapping with 'path', got {value!r}")
+    hints = typing.get_type_hints(DataSource)
+    known = set(hints)
+    for name in value:
+        if name not in known:
+            raise ConfigError(f"{key}: unknown key {name!r}; expected {sorted(known)}")
+    if "path" not in value:
+        raise ConfigError(f"{key}: missing 'path'")
+    kwargs = {k: _coerce(v, hints[k], f"{key}.{k}") for k, v in value.items()}
+    source = DataSource(**kwargs)
+    if source.weight <= 0:
+        raise ConfigError(f"{key}.weight: must be > 0, got {source.weight}")
+    if source.max_samples is not None and source.max_samples < 1:
+        raise ConfigError(f"{key}.max_samples: must be >= 1, got {source.max_samples}")
+    return source
+
+
+def _unknown_key_error(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(_KEY_TO_GROUP), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ``["key=value", ...]`` into a mapping; values stay strings for typed coercion."""
+    result: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        result[key.strip()] = value
+    return result
+
+
+def build_config(values: dict[str, Any]) -> RunConfig:
+    """Build and validate a RunConfig from a flat mapping of keys to values."""
+    grouped: dict[str, dict[str, Any]] = {name: {} for name in GROUPS}
+    for key, value in values.items():
+        if key not in _KEY_TO_GROUP:
+            raise _unknown_key_error(key)
+        group = _KEY_TO_GROUP[key]
+        hints = typing.get_type_hints(GROUPS[group])
+        grouped[group][key] = _coerce(value, hints[key], key)
+    config = RunConfig(**{name: GROUPS[name](**kw) for name, kw in grouped.items()})
+    validate(config)
+    return config
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config file (may be None) and apply ``key=value`` overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+        values.update(loaded)
+    values.update(parse_overrides(overrides or []))
+    try:
+        return build_config(values)
+    except ConfigError as exc:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{exc}") from exc
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(config: RunConfig) -> None:
+    """Reject impossible values, naming the key."""
+    t, d, m = config.train, config.data, config.method
+    _check(t.per_device_train_batch_size >= 1, "per_device_train_batch_size: must be >= 1")
+    _check(t.per_device_eval_batch_size >= 1, "per_device_eval_batch_size: must be >= 1")
+    _check(t.gradient_accumulation_steps >= 1, "gradient_accumulation_steps: must be >= 1")
+    _check(t.max_steps == -1 or t.max_steps >= 1, "max_steps: must be >= 1 (or -1 for epochs)")
+    _check(t.num_train_epochs > 0, "num_train_epochs: must be > 0")
+    _check(t.learning_rate > 0, "learning_rate: must be > 0")
+    _check(t.warmup_steps >= 0, "warmup_steps: must be >= 0")
+    _check(t.logging_steps >= 1, "logging_steps: must be >= 1")
+    _check(t.save_steps >= 1, "save_steps: must be >= 1")
+    _check(t.save_total_limit is None or t.save_total_limit >= 1, "save_total_limit: must be >= 1")
+    _check(t.eval_steps is None or t.eval_steps >= 1, "eval_steps: must be >= 1")
+    _check(not (t.fp16 and t.bf16), "fp16 and bf16: choose one")
+    _check(t.max_grad_norm >= 0, "max_grad_norm: must be >= 0")
+    _check(d.max_seq_length >= 8, "max_seq_length: must be >= 8")
+    _check(0.0 <= d.eval_fraction < 1.0, "eval_fraction: must be in [0, 1)")
+    _check(m.lora_rank >= 1, "lora_rank: must be >= 1")
+    _check(0.0 <= m.lora_dropout < 1.0, "lora_dropout: must be in [0, 1)")
+    g = config.generate
+    _check(g.max_new_tokens >= 1, "max_new_tokens: must be >= 1")
+    _check(g.temperature > 0, "temperature: must be > 0")
+    _check(0 < g.top_p <= 1, "top_p: must be in (0, 1]")
+
+
+def resume_setting(config: RunConfig) -> bool | str | None:
+    """``resume_from_checkpoint`` as the user meant it: True (latest), a path, or None."""
+    value = config.train.resume_from_checkpoint
+    if value is None:
+        return None
+    low = value.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return None
+    return value
+
+
+def describe_keys() -> str:
+    """Every config key with its type, default and docstring, for ``--help-config``."""
+    import ast
+    import inspect
+
+    lines = []
+    for group, cls in GROUPS.items():
+        source = inspect.getsource(cls)
+        docs: dict[str, str] = {}
+        body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
+        for node, after in zip(body, body[1:], strict=False):
+            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr):
+                docs[node.target.id] = " ".join(str(after.value.value).split())  # type: ignore[union-attr]
+        lines.append(f"[{group}]")
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            default = getattr(defaults, f.name)
+            lines.append(f"  {f.name} (default: {default!r})")
+            lines.append(f"      {docs.get(f.name, '')}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Data: read and validate records, render templates, encode, cache."""

@@ -1,0 +1,184 @@
+"""Conversations to ``input_ids`` and ``labels`` (-100 where nothing is trained).
+
+Every piece of a rendered conversation is tokenized on its own (batched, with
+the fast tokenizer, cached), so that a piece's tokens never merge with its
+neighbours: the boundary between prompt and answer is exact, and the prompt
+tokens at inference are the same as in training.
+
+Truncation keeps each row within ``max_seq_length`` tokens in total: it drops
+the oldest turns first, then shortens the user's text, then cuts the answer
+from the right. A row whose last answer would vanish is dropped and counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from chattune.data.templates import Piece, render
+
+IGNORE_INDEX = -100
+
+
+def special_token_ids(tokenizer) -> list[int]:
+    """The tokens a tokenizer adds by itself when it encodes one text (e.g. BOS),
+    except EOS, found by comparing encodings with and without special tokens."""
+    probe = "a"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe)["input_ids"]
+    extra: list[int] = []
+    if plain and len(full) > len(plain):
+        for start in range(len(full) - len(plain) + 1):
+            if full[start:start + len(plain)] == plain:
+                extra = full[:start] + full[start + len(plain):]
+                break
+    return [i for i in extra if i != tokenizer.eos_token_id]
+
+
+class PieceEncoder:
+    """Tokenizes text pieces with a cache, batching the ones not seen yet."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.cache: dict[str, list[int]] = {"": []}
+        self.specials = special_token_ids(tokenizer)
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token; set tokenizer.eos_token")
+        self.eos = tokenizer.eos_token_id
+
+    def warm(self, texts: list[str]) -> None:
+        """Tokenize every text not yet cached, in one batched call."""
+        missing = list({t for t in texts if t not in self.cache})
+        for start in range(0, len(missing), 1024):
+            batch = missing[start:start + 1024]
+            ids = self.tokenizer(batch, add_special_tokens=False)["input_ids"]
+            self.cache.update(zip(batch, ids, strict=True))
+
+    def ids(self, piece: Piece) -> list[int]:
+        """The token ids of one piece."""
+        if piece.role == "eos":
+            return [self.eos]
+        if piece.role == "specials":
+            return list(self.specials)
+        if piece.text not in self.cache:
+            self.warm([piece.text])
+        return list(self.cache[piece.text])
+
+
+@dataclass
+class EncodeOptions:
+    """How conversations are encoded."""
+
+    max_seq_length: int = 512
+    train_on_prompt: bool = False
+    train_last_turn_only: bool = False
+
+
+@dataclass
+class Encoded:
+    """One encoded row, or the reason it was dropped."""
+
+    input_ids: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    truncated: bool = False
+    turns_dropped: int = 0
+    dropped: str | None = None
+
+
+def _drop_oldest_turn(messages: list[dict]) -> list[dict]:
+    start = 1 if messages[0]["role"] == "system" else 0
+    return messages[:start] + messages[start + 2:]
+
+
+def _user_turns(messages: list[dict]) -> int:
+    return sum(1 for m in messages if m["role"] == "user")
+
+
+def _assemble(pieces: list[Piece], piece_ids: list[list[int]], options: EncodeOptions) -> Encoded:
+    last_turn = max((p.turn for p in pieces if p.role == "assistant"), default=0)
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for piece, ids in zip(pieces, piece_ids, strict=True):
+        trained = options.train_on_prompt or (
+            piece.trained and (not options.train_last_turn_only or piece.turn == last_turn)
+        )
+        input_ids += ids
+        labels += ids if trained else [IGNORE_INDEX] * len(ids)
+    return Encoded(input_ids=input_ids, labels=labels)
+
+
+def encode_conversation(messages: list[dict], template: str, encoder: PieceEncoder,
+                        options: EncodeOptions, pieces: list[Piece] | None = None) -> Encoded:
+    """Encode a conversation that ends with an answer, truncating it to fit.
+
+    ``pieces`` may carry the conversation already rendered (saves a render).
+    """
+    limit = options.max_seq_length
+    turns_dropped = 0
+    while True:
+        if pieces is None:
+            pieces = render(template, messages, encoder.tokenizer)
+        piece_ids = [encoder.ids(p) for p in pieces]
+        total = sum(map(len, piece_ids))
+        if total <= limit or _user_turns(messages) <= 1:
+            break
+        messages = _drop_oldest_turn(messages)
+        pieces = None
+        turns_dropped += 1
+    excess = total - limit
+    truncated = turns_dropped > 0 or excess > 0
+    if excess > 0:
+        last_answer_turn = max(p.turn for p in pieces if p.role == "assistant")
+        user_indexes = [i for i, p in enumerate(pieces) if p.role == "user" and p.turn == last_answer_turn]
+        for n, index in enumerate(reversed(user_indexes)):
+            keep_at_least = 1 if n == len(user_indexes) - 1 else 0
+            cut = min(excess, max(0, len(piece_ids[index]) - keep_at_least))
+            if cut:
+                piece_ids[index] = piece_ids[index][: len(piece_ids[index]) - cut]
+                excess -= cut
+    encoded = _assemble(pieces, piece_ids, options)
+    encoded.truncated = truncated
+    encoded.turns_dropped = turns_dropped
+    if excess > 0:
+        answer_start = len(encoded.input_ids) - _tail_length(pieces, piece_ids)
+        if answer_start >= limit:
+            return Encoded(truncated=True, turns_dropped=turns_dropped,
+                           dropped="prompt fills max_seq_length: no answer token would remain")
+        encoded.input_ids = encoded.input_ids[:limit]
+        encoded.labels = encoded.labels[:limit]
+    if all(label == IGNORE_INDEX for label in encoded.labels):
+        return Encoded(truncated=truncated, turns_dropped=turns_dropped, dropped="no token is supervised")
+    return encoded
+
+
+def _tail_length(pieces: list[Piece], piece_ids: list[list[int]]) -> int:
+    """Tokens from the start of the last answer's text to the end."""
+    last = max(i for i, p in enumerate(pieces) if p.role == "assistant")
+    return sum(len(ids) for ids in piece_ids[last:])
+
+
+def encode_prompt(messages: list[dict], template: str, encoder: PieceEncoder,
+                  max_prompt_tokens: int | None = None) -> list[int]:
+    """Token ids of a conversation ending with the user's turn, ready for generation.
+
+    Uses the same rendering and piece tokenization as training. When
+    ``max_prompt_tokens`` is set, the oldest turns are dropped to fit, then the
+    left of the prompt is cut.
+    """
+    while True:
+        pieces = render(template, messages, encoder.tokenizer)
+        ids = [i for p in pieces for i in encoder.ids(p)]
+        if max_prompt_tokens is None or len(ids) <= max_prompt_tokens or _user_turns(messages) <= 1:
+            break
+        messages = _drop_oldest_turn(messages)
+    if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+        ids = ids[-max_prompt_tokens:]
+    return ids
+
+
+def encode_all(conversations: list[list[dict]], template: str, encoder: PieceEncoder,
+               options: EncodeOptions) -> list[Encoded]:
+    """Encode many conversations: render each once, tokenize all pieces in batches."""
+    rendered = [render(template, messages, encoder.tokenizer) for messages in conversations]
+    encoder.warm([p.text for pieces in rendered for p in pieces if p.text])
+    return [encode_conversation(messages, template, encoder, options, pieces)
+            for messages, pieces in zip(conversations, rendered, strict=True)]

@@ -1,0 +1,275 @@
+"""Readers: raw files (JSON, JSON Lines, CSV, Parquet) in Alpaca, ShareGPT,
+OpenAI-messages or column-mapped layouts, turned into :class:`Record` s.
+
+Every raw row gets a location (``file:line`` for JSON Lines and CSV,
+``file#index`` for a JSON array or Parquet) that any error about it names.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from chattune.data.records import Record, RecordError, validate_messages
+
+FORMATS = ("auto", "alpaca", "sharegpt", "openai", "columns")
+COLUMN_TARGETS = ("prompt", "query", "response", "system", "history")
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
+    "system": "system",
+}
+
+
+class DataFileError(ValueError):
+    """A data file cannot be read at all (missing, malformed JSON, unknown type)."""
+
+
+@dataclass
+class RawRow:
+    """One raw row of a file and where it is."""
+
+    value: Any
+    where: str
+
+
+def _read_json_text(path: Path, text: str) -> Iterator[RawRow]:
+    """A JSON array, one JSON object, or (several top-level values) JSON Lines."""
+    if not text.strip():
+        return
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":
+            yield from _read_jsonl_text(path, text)
+            return
+        raise DataFileError(f"{path}:{exc.lineno}:{exc.colno}: malformed JSON: {exc.msg}") from exc
+    if isinstance(whole, list):
+        for i, value in enumerate(whole):
+            yield RawRow(value, f"{path}#{i}")
+    elif isinstance(whole, dict):
+        yield RawRow(whole, f"{path}#0")
+    else:
+        raise DataFileError(f"{path}: expected a JSON array or object, got {type(whole).__name__}")
+
+
+def _read_jsonl_text(path: Path, text: str) -> Iterator[RawRow]:
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataFileError(f"{path}:{lineno}:{exc.colno}: malformed JSON: {exc.msg}") from exc
+        yield RawRow(value, f"{path}:{lineno}")
+
+
+def _read_csv(path: Path) -> Iterator[RawRow]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        for row in reader:
+            yield RawRow(dict(row), f"{path}:{reader.line_num}")
+
+
+def _read_parquet(path: Path) -> Iterator[RawRow]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:  # pragma: no cover - pyarrow comes with datasets
+        raise DataFileError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from exc
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a bad file
+        raise DataFileError(f"{path}: not a readable Parquet file: {exc}") from exc
+    for i, value in enumerate(table.to_pylist()):
+        yield RawRow(value, f"{path}#{i}")
+
+
+def read_rows(path: str | Path) -> Iterator[RawRow]:
+    """Yield every raw row of a file, detecting its type by extension and content."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFileError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        yield from _read_parquet(path)
+        return
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    if head.startswith(b"PAR1"):
+        yield from _read_parquet(path)
+        return
+    if suffix in (".csv", ".tsv"):
+        yield from _read_csv(path)
+        return
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataFileError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    if suffix in (".jsonl", ".ndjson"):
+        yield from _read_jsonl_text(path, text)
+    elif suffix == ".json" or text.lstrip()[:1] in ("[", "{"):
+        yield from _read_json_text(path, text)
+    else:
+        raise DataFileError(
+            f"{path}: unknown file type {suffix or '(none)'}; expected .json, .jsonl, .csv or .parquet"
+        )
+
+
+def detect_format(value: Any, where: str) -> str:
+    """Name the layout of one raw record from its keys."""
+    if not isinstance(value, dict):
+        raise RecordError(f"{where}: expected a JSON object, got {type(value).__name__}")
+    if "messages" in value:
+        return "openai"
+    if "conversations" in value:
+        return "sharegpt"
+    if "instruction" in value and "output" in value:
+        return "alpaca"
+    raise RecordError(
+        f"{where}: unknown format: keys {sorted(value)}; expected alpaca (instruction, input, output), "
+        "sharegpt (conversations), openai (messages), or a column map (format: columns)"
+    )
+
+
+def _string_field(value: dict, key: str, where: str, *, required: bool = True) -> str:
+    if key not in value or value[key] is None:
+        if required:
+            raise RecordError(f"{where}: missing field {key!r}")
+        return ""
+    field_value = value[key]
+    if not isinstance(field_value, str):
+        raise RecordError(f"{where}.{key}: expected a string, got {type(field_value).__name__}")
+    return field_value
+
+
+def _history_messages(history: Any, where: str) -> list[dict]:
+    if history in (None, ""):
+        return []
+    if not isinstance(history, list):
+        raise RecordError(f"{where}.history: expected a list of [query, answer] pairs")
+    messages = []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise RecordError(f"{where}.history[{i}]: expected a [query, answer] pair")
+        query, answer = pair
+        if not isinstance(query, str) or not isinstance(answer, str):
+            raise RecordError(f"{where}.history[{i}]: expected two strings")
+        messages += [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
+    return messages
+
+
+def from_alpaca(value: dict, where: str) -> list[dict]:
+    """Alpaca ``instruction``/``input``/``output`` (+ ``system``, ``history``) to messages."""
+    instruction = _string_field(value, "instruction", where)
+    extra = _string_field(value, "input", where, required=False)
+    output = _string_field(value, "output", where)
+    system = _string_field(value, "system", where, required=False)
+    messages = [{"role": "system", "content": system}] if system else []
+    messages += _history_messages(value.get("history"), where)
+    user = {"role": "user", "content": instruction}
+    if extra:
+        user["input"] = extra
+    return messages + [user, {"role": "assistant", "content": output}]
+
+
+def from_sharegpt(value: dict, where: str) -> list[dict]:
+    """ShareGPT ``conversations`` of ``{from, value}`` (+ top-level ``system``) to messages."""
+    turns = value.get("conversations")
+    if not isinstance(turns, list):
+        raise RecordError(f"{where}.conversations: expected a list of {{from, value}} objects")
+    messages = []
+    system = _string_field(value, "system", where, required=False)
+    if system:
+        messages.append({"role": "system", "content": system})
+    for i, turn in enumerate(turns):
+        loc = f"{where}.conversations[{i}]"
+        if not isinstance(turn, dict):
+            raise RecordError(f"{loc}: expected an object with from and value")
+        speaker = turn.get("from", turn.get("role"))
+        if speaker not in SHAREGPT_ROLES:
+            raise RecordError(f"{loc}.from: expected one of {sorted(SHAREGPT_ROLES)}, got {speaker!r}")
+        text = turn.get("value", turn.get("content"))
+        if not isinstance(text, str):
+            raise RecordError(f"{loc}.value: expected a string, got {type(text).__name__}")
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": text})
+    return messages
+
+
+def from_openai(value: dict, where: str) -> list[dict]:
+    """OpenAI ``messages`` of ``{role, content}`` to messages (extra keys dropped)."""
+    raw = value.get("messages")
+    if not isinstance(raw, list):
+        raise RecordError(f"{where}.messages: expected a list of {{role, content}} objects")
+    messages = []
+    for i, message in enumerate(raw):
+        if not isinstance(message, dict):
+            raise RecordError(f"{where}.messages[{i}]: expected an object with role and content")
+        kept = {"role": message.get("role"), "content": message.get("content")}
+        if "input" in message:
+            kept["input"] = message["input"]
+        messages.append(kept)
+    return messages
+
+
+def from_columns(value: dict, where: str, columns: dict[str, str]) -> list[dict]:
+    """Any layout through a column map such as ``{prompt: content, response: summary}``."""
+    if not isinstance(value, dict):
+        raise RecordError(f"{where}: expected an object, got {type(value).__name__}")
+    mapped = {"instruction": None, "input": None, "output": None, "system": None, "history": None}
+    names = {"prompt": "instruction", "query": "input", "response": "output",
+             "system": "system", "history": "history"}
+    for target, column in columns.items():
+        if column not in value:
+            raise RecordError(f"{where}: missing column {column!r} (mapped to {target})")
+        mapped[names[target]] = value[column]
+    if isinstance(mapped["history"], str) and mapped["history"].strip().startswith("["):
+        mapped["history"] = json.loads(mapped["history"])
+    return from_alpaca({k: v for k, v in mapped.items() if v is not None}, where)
+
+
+def check_columns(columns: dict[str, str] | None, where: str) -> dict[str, str]:
+    """Validate a column map; it must map at least prompt and response."""
+    if not columns:
+        raise RecordError(f"{where}: format 'columns' needs a column map, e.g. prompt=content,response=summary")
+    for target in columns:
+        if target not in COLUMN_TARGETS:
+            raise RecordError(f"{where}: column map target {target!r} unknown; expected {list(COLUMN_TARGETS)}")
+    for needed in ("prompt", "response"):
+        if needed not in columns:
+            raise RecordError(f"{where}: column map needs {needed!r}")
+    return columns
+
+
+def to_record(row: RawRow, fmt: str, columns: dict[str, str] | None = None, *,
+              need_answer: bool = True) -> Record:
+    """Convert one raw row to a validated Record, or raise RecordError naming the row.
+
+    With ``need_answer`` False a conversation may end with the user's message
+    (prediction input without a reference).
+    """
+    if fmt not in FORMATS:
+        raise RecordError(f"{row.where}: unknown format {fmt!r}; expected one of {list(FORMATS)}")
+    if columns and fmt == "auto":
+        fmt = "columns"
+    if fmt == "auto":
+        fmt = detect_format(row.value, row.where)
+    if not isinstance(row.value, dict):
+        raise RecordError(f"{row.where}: expected a JSON object, got {type(row.value).__name__}")
+    if fmt == "alpaca":
+        messages = from_alpaca(row.value, row.where)
+    elif fmt == "sharegpt":
+        messages = from_sharegpt(row.value, row.where)
+    elif fmt == "openai":
+        messages = from_openai(row.value, row.where)
+    else:
+        messages = from_columns(row.value, row.where, check_columns(columns, row.where))
+    validate_messages(messages, row.where, need_answer=need_answer)
+    return Record(messages=messages, source=row.where)

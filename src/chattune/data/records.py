@@ -1,0 +1,84 @@
+"""The one internal record type: a conversation as a list of messages.
+
+A message is a plain dict ``{"role": "system"|"user"|"assistant", "content": str}``.
+A user message converted from Alpaca data may also carry ``"input"``: the
+Alpaca ``input`` field, kept apart from the instruction so that templates that
+show it in its own block (``alpaca``, ``chatglm-tuning``) can; every other
+template sees :func:`user_text`, the instruction and input joined.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ROLES = ("system", "user", "assistant")
+
+
+class RecordError(ValueError):
+    """A record is malformed; the message names where and what was expected."""
+
+
+@dataclass
+class Record:
+    """A conversation plus where it came from (``file:line`` or ``file#index``)."""
+
+    messages: list[dict]
+    source: str = ""
+    meta: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        """The canonical JSONL row: ``{"messages": [...], "source": ...}``."""
+        return {"messages": self.messages, "source": self.source}
+
+
+def user_text(message: dict) -> str:
+    """A user message's full text: the instruction, then the Alpaca input if any."""
+    extra = message.get("input") or ""
+    return f"{message['content']}\n{extra}" if extra else message["content"]
+
+
+def validate_messages(messages: list[dict], where: str, *, need_answer: bool = True) -> None:
+    """Check roles, order and contents; raise RecordError naming ``where`` and the field.
+
+    Allowed order: an optional system message, then user/assistant turns that
+    alternate starting with user. With ``need_answer`` the last message must be
+    a non-empty assistant answer.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise RecordError(f"{where}: expected a non-empty list of messages")
+    expected_role = "user"
+    for i, message in enumerate(messages):
+        loc = f"{where}: messages[{i}]"
+        if not isinstance(message, dict):
+            raise RecordError(f"{loc}: expected an object with role and content, got {type(message).__name__}")
+        role = message.get("role")
+        content = message.get("content")
+        if role not in ROLES:
+            raise RecordError(f"{loc}.role: expected one of {list(ROLES)}, got {role!r}")
+        if not isinstance(content, str):
+            raise RecordError(f"{loc}.content: expected a string, got {type(content).__name__}")
+        if "input" in message and not isinstance(message["input"], str):
+            raise RecordError(f"{loc}.input: expected a string, got {type(message['input']).__name__}")
+        if role == "system":
+            if i != 0:
+                raise RecordError(f"{loc}: a system message may only come first (roles out of order)")
+            continue
+        if role != expected_role:
+            raise RecordError(f"{loc}.role: expected {expected_role!r} here (roles out of order), got {role!r}")
+        if role == "user" and not user_text(message).strip():
+            raise RecordError(f"{loc}.content: empty user message")
+        expected_role = "assistant" if role == "user" else "user"
+    if need_answer:
+        last = messages[-1]
+        if last["role"] != "assistant":
+            raise RecordError(f"{where}: the last message must be the assistant's answer, got {last['role']!r}")
+        for i, message in enumerate(messages):
+            if message["role"] == "assistant" and not message["content"].strip():
+                raise RecordError(f"{where}: messages[{i}].content: empty response")
+
+
+def split_prompt(messages: list[dict]) -> tuple[list[dict], str | None]:
+    """Split a conversation into the prompt part and the final answer (the reference)."""
+    if messages and messages[-1]["role"] == "assistant":
+        return messages[:-1], messages[-1]["content"]
+    return messages, None

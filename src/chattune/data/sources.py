@@ -1,0 +1,160 @@
+"""Read several data files into one set of records, accounting for every row.
+
+The summary's invariant: for each file, ``read == converted + skipped +
+duplicated`` (``sampled_out`` counts records dropped later by max_samples or a
+weight below 1, and ``repeated`` the copies added by a weight above 1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chattune.config import DataSource
+from chattune.data.formats import read_rows, to_record
+from chattune.data.records import Record, RecordError
+
+
+@dataclass
+class FileSummary:
+    """What happened to every row of one file."""
+
+    path: str
+    format: str
+    read: int = 0
+    converted: int = 0
+    duplicated: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+    sampled_out: int = 0
+    repeated: int = 0
+
+    @property
+    def skipped_total(self) -> int:
+        """Rows skipped for any reason."""
+        return sum(self.skipped.values())
+
+    def to_json(self) -> dict:
+        """The summary as plain JSON."""
+        return {
+            "path": self.path, "format": self.format, "read": self.read,
+            "converted": self.converted, "skipped": self.skipped_total,
+            "skipped_reasons": dict(self.skipped), "duplicated": self.duplicated,
+            "sampled_out": self.sampled_out, "repeated": self.repeated,
+            "kept": self.converted - self.sampled_out + self.repeated,
+            "first_errors": self.examples,
+        }
+
+
+def _reason(message: str) -> str:
+    """A short reason class for a RecordError message (the part after the location)."""
+    tail = message.split(": ", 1)[-1]
+    for marker in ("missing field", "missing column", "expected a string", "empty response",
+                   "empty user message", "roles out of order", "unknown format",
+                   "the last message must be", "expected one of", "expected a"):
+        if marker in message:
+            return marker
+    return tail[:60]
+
+
+def record_key(record: Record) -> str:
+    """A content hash of a record's messages, for exact-duplicate detection."""
+    return hashlib.sha1(json.dumps(record.messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def read_source(source: DataSource, *, strict: bool = False, dedup: bool = True,
+                seen: set[str] | None = None) -> tuple[list[Record], FileSummary]:
+    """Read one file into records; bad rows are skipped and counted (or raise if strict)."""
+    summary = FileSummary(path=source.path, format=source.format)
+    seen = set() if seen is None else seen
+    records: list[Record] = []
+    for row in read_rows(source.path):
+        summary.read += 1
+        try:
+            record = to_record(row, source.format, source.columns)
+        except RecordError as exc:
+            if strict:
+                raise
+            summary.skipped[_reason(str(exc))] += 1
+            if len(summary.examples) < 5:
+                summary.examples.append(str(exc))
+            continue
+        if dedup:
+            key = record_key(record)
+            if key in seen:
+                summary.duplicated += 1
+                continue
+            seen.add(key)
+        summary.converted += 1
+        records.append(record)
+    return records, summary
+
+
+def _apply_sampling(records: list[Record], source: DataSource, summary: FileSummary,
+                    rng: random.Random) -> list[Record]:
+    """Apply max_samples, then weight, with a seeded generator."""
+    if source.max_samples is not None and len(records) > source.max_samples:
+        keep = sorted(rng.sample(range(len(records)), source.max_samples))
+        summary.sampled_out += len(records) - len(keep)
+        records = [records[i] for i in keep]
+    whole, fraction = divmod(source.weight, 1.0)
+    result = records * int(whole)
+    extra = round(fraction * len(records))
+    if extra:
+        result += [records[i] for i in sorted(rng.sample(range(len(records)), extra))]
+    summary.repeated += max(0, len(result) - len(records))
+    summary.sampled_out += max(0, len(records) - len(result))
+    return result
+
+
+def load_records(sources: list[DataSource], *, strict: bool = False, dedup: bool = True,
+                 seed: int = 42) -> tuple[list[Record], list[FileSummary]]:
+    """Read, validate, de-duplicate and mix several files into one list of records."""
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    records: list[Record] = []
+    summaries = []
+    for source in sources:
+        file_records, summary = read_source(source, strict=strict, dedup=dedup, seen=seen)
+        records += _apply_sampling(file_records, source, summary, rng)
+        summaries.append(summary)
+    return records, summaries
+
+
+def split_eval(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """Hold out ``fraction`` of the records (at least one when fraction > 0), seeded."""
+    if fraction <= 0 or len(records) < 2:
+        return records, []
+    count = max(1, round(len(records) * fraction))
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:count])
+    train = [r for i, r in enumerate(records) if i not in held]
+    return train, [r for i, r in enumerate(records) if i in held]
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def format_summary(summaries: list[FileSummary]) -> str:
+    """A readable table of what happened to every input row."""
+    lines = [f"{'file':<40} {'read':>7} {'converted':>9} {'skipped':>7} {'duplicated':>10} {'kept':>7}"]
+    for s in summaries:
+        j = s.to_json()
+        name = s.path if len(s.path) <= 40 else "..." + s.path[-37:]
+        lines.append(f"{name:<40} {s.read:>7} {s.converted:>9} {s.skipped_total:>7} {s.duplicated:>10} {j['kept']:>7}")
+        for reason, count in s.skipped.most_common():
+            lines.append(f"    skipped {count} x {reason}")
+        for example in s.examples[:3]:
+            lines.append(f"    e.g. {example}")
+    return "\n".join(lines)

@@ -1,0 +1,383 @@
+"""Prompt templates: a conversation rendered into labelled pieces of text.
+
+Both training and inference go through :func:`render`: training renders a
+conversation that ends with the assistant's answer, inference one that ends
+with the user's message (then the pieces end with the generation prompt). So
+the text a model sees when it answers is, piece for piece, the text it was
+trained on.
+
+A piece is a span of text with a role:
+
+- ``template``: the template's own markers (never truncated, never trained);
+- ``system`` / ``user``: message text (user text may be shortened to fit);
+- ``assistant``: an answer (trained), and ``answer_end``: the template's
+  end-of-answer text after it (trained, e.g. ``\\nEND\\n``);
+- ``eos``: the tokenizer's EOS token (trained);
+- ``specials``: the special tokens the tokenizer itself adds to an encoded
+  text (LLaMA's ``<s>``; ChatGLM2/3's ``[gMASK]`` ``sop``; ChatGLM-6B's
+  ``[gMASK]`` ``sop`` after the prompt), placed where that model expects them.
+
+Named templates follow the models' published code, cited in
+``tests/data/test_templates.py``. The ``tokenizer`` template uses the
+tokenizer's own Jinja chat template.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from chattune.data.records import user_text
+
+TRAINED_ROLES = ("assistant", "answer_end", "eos")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A span of rendered text and what it is."""
+
+    text: str
+    role: str
+    turn: int = 0
+
+    @property
+    def trained(self) -> bool:
+        """Whether this piece is supervised by default."""
+        return self.role in TRAINED_ROLES
+
+
+class TemplateError(ValueError):
+    """A template cannot render a conversation (or does not exist)."""
+
+
+@dataclass(frozen=True)
+class Template:
+    """A named prompt format."""
+
+    name: str
+    render_fn: Callable[[list[dict]], list[Piece]]
+    stop_strings: tuple[str, ...] = ()
+    stop_tokens: tuple[str, ...] = ()
+    source: str = ""
+
+
+def _turns(messages: list[dict]) -> tuple[str, list[tuple[dict, str | None]]]:
+    """Split messages into the system text and (user message, answer or None) turns."""
+    system = ""
+    rest = messages
+    if messages and messages[0]["role"] == "system":
+        system, rest = messages[0]["content"], messages[1:]
+    turns = []
+    for i in range(0, len(rest), 2):
+        user = rest[i]
+        answer = rest[i + 1]["content"] if i + 1 < len(rest) else None
+        turns.append((user, answer))
+    return system, turns
+
+
+def _answer(answer: str | None, turn: int, end: str = "") -> list[Piece]:
+    if answer is None:
+        return []
+    pieces = [Piece(answer, "assistant", turn)]
+    if end:
+        pieces.append(Piece(end, "answer_end", turn))
+    return pieces + [Piece("", "eos", turn)]
+
+
+def render_default(messages: list[dict]) -> list[Piece]:
+    """``System: {s}\\nHuman: {q}\\nAssistant: {a}<eos>\\nHuman: ...``."""
+    system, turns = _turns(messages)
+    pieces = [Piece("", "specials")]
+    if system:
+        pieces += [Piece("System: ", "template"), Piece(system, "system"), Piece("\n", "template")]
+    for i, (user, answer) in enumerate(turns):
+        lead = "\nHuman: " if i else "Human: "
+        pieces += [Piece(lead, "template", i), Piece(user_text(user), "user", i),
+                   Piece("\nAssistant: ", "template", i)]
+        pieces += _answer(answer, i)
+    return pieces
+
+
+def render_alpaca(messages: list[dict]) -> list[Piece]:
+    """The ChatGLM-Tuning/Alpaca text format:
+    ``### Instruction:\\n{instruction}\\n\\n### Input:\\n{input}\\n\\n### Response:\\n{output}\\nEND\\n``."""
+    system, turns = _turns(messages)
+    pieces = [Piece("", "specials")]
+    if system:
+        pieces += [Piece(system, "system"), Piece("\n\n", "template")]
+    for i, (user, answer) in enumerate(turns):
+        pieces += [Piece("### Instruction:\n", "template", i), Piece(user["content"], "user", i)]
+        if user.get("input"):
+            pieces += [Piece("\n\n### Input:\n", "template", i), Piece(user["input"], "user", i)]
+        pieces.append(Piece("\n\n### Response:\n", "template", i))
+        pieces += _answer(answer, i, end="\nEND\n")
+    return pieces
+
+
+def render_chatglm_tuning(messages: list[dict]) -> list[Piece]:
+    """mymusise/ChatGLM-Tuning ``format_example``: context
+    ``Instruction: {instruction}\\n`` + ``Input: {input}\\n`` (if any) + ``Answer: ``,
+    target = output; the tokenizer's specials close the context, as its encode() did."""
+    system, turns = _turns(messages)
+    pieces = []
+    if system:
+        pieces += [Piece(system, "system"), Piece("\n", "template")]
+    for i, (user, answer) in enumerate(turns):
+        pieces += [Piece("Instruction: ", "template", i), Piece(user["content"], "user", i),
+                   Piece("\n", "template", i)]
+        if user.get("input"):
+            pieces += [Piece("Input: ", "template", i), Piece(user["input"], "user", i),
+                       Piece("\n", "template", i)]
+        pieces.append(Piece("Answer: ", "template", i))
+        if i == len(turns) - 1:
+            pieces.append(Piece("", "specials", i))
+        pieces += _answer(answer, i)
+        if answer is not None and i < len(turns) - 1:
+            pieces.append(Piece("\n", "template", i))
+    return pieces
+
+
+def render_chatglm(messages: list[dict]) -> list[Piece]:
+    """ChatGLM-6B ``chat()``: the bare query without history, otherwise
+    ``[Round {i}]\\n问：{q}\\n答：{a}\\n`` per past turn (from 0) and
+    ``[Round {n}]\\n问：{q}\\n答：``; its tokenizer appends ``[gMASK]`` ``sop``."""
+    system, turns = _turns(messages)
+    pieces = []
+    if system:
+        pieces += [Piece(system, "system"), Piece("\n", "template")]
+    last = len(turns) - 1
+    for i, (user, answer) in enumerate(turns):
+        if last == 0:
+            pieces.append(Piece(user_text(user), "user", i))
+        else:
+            pieces += [Piece(f"[Round {i}]\n问：", "template", i), Piece(user_text(user), "user", i),
+                       Piece("\n答：", "template", i)]
+        if i == last:
+            pieces.append(Piece("", "specials", i))
+            pieces += _answer(answer, i)
+        elif answer is not None:
+            pieces += [Piece(answer, "assistant", i), Piece("\n", "template", i)]
+    return pieces
+
+
+def render_chatglm2(messages: list[dict]) -> list[Piece]:
+    """ChatGLM2-6B ``build_prompt``: ``[Round {i}]\\n\\n问：{q}\\n\\n答：{a}\\n\\n``,
+    rounds from 1, after the tokenizer's prefix ``[gMASK]`` ``sop``."""
+    system, turns = _turns(messages)
+    pieces = [Piece("", "specials")]
+    if system:
+        pieces += [Piece(system, "system"), Piece("\n\n", "template")]
+    for i, (user, answer) in enumerate(turns):
+        pieces += [Piece(f"[Round {i + 1}]\n\n问：", "template", i), Piece(user_text(user), "user", i),
+                   Piece("\n\n答：", "template", i)]
+        pieces += _answer(answer, i)
+        if answer is not None and i < len(turns) - 1:
+            pieces.append(Piece("\n\n", "template", i))
+    return pieces
+
+
+def render_chatglm3(messages: list[dict]) -> list[Piece]:
+    """ChatGLM3-6B ``build_chat_input``: ``<|role|>`` + ``{metadata}\\n`` + text per
+    message, ending with ``<|assistant|>``; the answer is ``\\n{a}``."""
+    system, turns = _turns(messages)
+    pieces = [Piece("", "specials")]
+    if system:
+        pieces += [Piece("<|system|>\n", "template"), Piece(system, "system")]
+    for i, (user, answer) in enumerate(turns):
+        pieces += [Piece("<|user|>\n", "template", i), Piece(user_text(user), "user", i),
+                   Piece("<|assistant|>", "template", i)]
+        if answer is not None:
+            pieces += [Piece("\n", "answer_end", i)] + _answer(answer, i)
+    return _move_newline_into_answer(pieces)
+
+
+def _move_newline_into_answer(pieces: list[Piece]) -> list[Piece]:
+    """ChatGLM3's answer starts with the newline after ``<|assistant|>``: the model
+    generates it, so it is trained as part of the answer."""
+    result: list[Piece] = []
+    for piece in pieces:
+        if piece.role == "assistant" and result and result[-1].role == "answer_end":
+            newline = result.pop()
+            result.append(Piece(newline.text + piece.text, "assistant", piece.turn))
+        else:
+            result.append(piece)
+    return result
+
+
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+
+def render_vicuna(messages: list[dict]) -> list[Piece]:
+    """FastChat ``vicuna_v1.1``: ``{system} USER: {q} ASSISTANT: {a}</s>USER: ...``."""
+    system, turns = _turns(messages)
+    pieces = [Piece("", "specials"), Piece(system or VICUNA_SYSTEM, "system"), Piece(" ", "template")]
+    for i, (user, answer) in enumerate(turns):
+        pieces += [Piece("USER: ", "template", i), Piece(user_text(user), "user", i),
+                   Piece(" ASSISTANT:", "template", i)]
+        if answer is not None:
+            pieces += [Piece(" " + answer, "assistant", i), Piece("", "eos", i)]
+    return pieces
+
+
+NAMED_TEMPLATES: dict[str, Template] = {
+    t.name: t
+    for t in [
+        Template("default", render_default, stop_strings=("\nHuman:",)),
+        Template("alpaca", render_alpaca, stop_strings=("\nEND",),
+                 source="mymusise/ChatGLM-Tuning cover_alpaca2jsonl.py (the tutorial's text format)"),
+        Template("chatglm-tuning", render_chatglm_tuning,
+                 source="mymusise/ChatGLM-Tuning cover_alpaca2jsonl.py format_example"),
+        Template("chatglm", render_chatglm, stop_tokens=("<eop>", "eop"),
+                 source="THUDM/chatglm-6b modeling_chatglm.py chat()"),
+        Template("chatglm2", render_chatglm2, source="THUDM/chatglm2-6b tokenization_chatglm.py build_prompt"),
+        Template("chatglm3", render_chatglm3, stop_tokens=("<|user|>", "<|observation|>"),
+                 source="THUDM/chatglm3-6b tokenization_chatglm.py build_chat_input"),
+        Template("vicuna", render_vicuna, stop_strings=("USER:",),
+                 source="lm-sys/FastChat fastchat/conversation.py vicuna_v1.1"),
+    ]
+}
+
+PROBE_CONVERSATION = [
+    {"role": "system", "content": "SYSTEM"},
+    {"role": "user", "content": "Q1"},
+    {"role": "assistant", "content": "A1"},
+    {"role": "user", "content": "Q2", "input": "IN2"},
+    {"role": "assistant", "content": "A2"},
+]
+"""A fixed conversation whose rendering a run folder records, to detect template drift."""
+
+
+def _locate_messages(text: str, messages: list[dict], turn: int) -> list[Piece]:
+    """Split a rendered prompt span into template text and the messages found in it."""
+    pieces: list[Piece] = []
+    cursor = 0
+    for message in messages:
+        content = message["content"] if message["role"] == "system" else user_text(message)
+        at = text.find(content, cursor) if content else -1
+        if at < 0:
+            continue
+        if at > cursor:
+            pieces.append(Piece(text[cursor:at], "template", turn))
+        pieces.append(Piece(content, message["role"], turn))
+        cursor = at + len(content)
+    if cursor < len(text):
+        pieces.append(Piece(text[cursor:], "template", turn))
+    return pieces
+
+
+def render_with_chat_template(tokenizer, messages: list[dict]) -> list[Piece]:
+    """Pieces from the tokenizer's Jinja chat template.
+
+    Each assistant span is what the template adds for that message: the text
+    of ``messages[:i+1]`` past the generation prompt of ``messages[:i]``. The
+    template must render each prefix of the conversation as a prefix of the
+    whole (true of nearly all chat templates); otherwise this raises.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise TemplateError("the tokenizer has no chat template; choose a named template")
+    plain = [{"role": m["role"], "content": user_text(m) if m["role"] == "user" else m["content"]}
+             for m in messages]
+
+    def apply(msgs: list[dict], generation: bool) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation)
+
+    ends_with_answer = plain[-1]["role"] == "assistant"
+    pieces: list[Piece] = []
+    consumed = ""
+    turn = 0
+    pending: list[dict] = []
+    for i, message in enumerate(plain):
+        if message["role"] != "assistant":
+            pending.append(message)
+            continue
+        prompt_text = apply(plain[:i], True)
+        full_text = apply(plain[: i + 1], False)
+        if not prompt_text.startswith(consumed) or not full_text.startswith(prompt_text):
+            raise TemplateError(
+                "the tokenizer's chat template does not render conversation prefixes as prefixes; "
+                "choose a named template"
+            )
+        pieces += _locate_messages(prompt_text[len(consumed):], pending, turn)
+        span = full_text[len(prompt_text):]
+        at = span.find(message["content"])
+        if at > 0:
+            pieces.append(Piece(span[:at], "answer_end", turn))
+        pieces.append(Piece(message["content"], "assistant", turn))
+        tail = span[at + len(message["content"]):] if at >= 0 else ""
+        if tail:
+            pieces.append(Piece(tail, "answer_end", turn))
+        eos = getattr(tokenizer, "eos_token", None)
+        if not (eos and eos in tail):
+            pieces.append(Piece("", "eos", turn))
+        consumed = full_text
+        pending = []
+        turn += 1
+    if not ends_with_answer:
+        prompt_text = apply(plain, True)
+        if not prompt_text.startswith(consumed):
+            raise TemplateError("the tokenizer's chat template is not prefix-stable; choose a named template")
+        pieces += _locate_messages(prompt_text[len(consumed):], pending, turn)
+    return [p for p in pieces if p.text or p.role in ("eos", "specials")]
+
+
+def _merge_answer_lead(pieces: list[Piece]) -> list[Piece]:
+    """An ``answer_end`` before its answer (template text the model must generate
+    first, e.g. a newline) becomes part of the answer."""
+    return _move_newline_into_answer(pieces)
+
+
+def get_template(name: str) -> Template | None:
+    """The named template, or None for the tokenizer's chat template (``tokenizer``)."""
+    if name == "tokenizer":
+        return None
+    if name not in NAMED_TEMPLATES:
+        raise TemplateError(
+            f"unknown template {name!r}; expected 'auto', 'tokenizer' or one of {sorted(NAMED_TEMPLATES)}"
+        )
+    return NAMED_TEMPLATES[name]
+
+
+def resolve_template_name(name: str, tokenizer) -> str:
+    """``auto`` becomes ``tokenizer`` when the tokenizer has a chat template, else ``default``."""
+    if name != "auto":
+        get_template(name)
+        return name
+    return "tokenizer" if getattr(tokenizer, "chat_template", None) else "default"
+
+
+def render(name: str, messages: list[dict], tokenizer=None) -> list[Piece]:
+    """Render a conversation with the template ``name`` (resolved, not ``auto``)."""
+    template = get_template(name)
+    if template is None:
+        return _merge_answer_lead(render_with_chat_template(tokenizer, messages))
+    return template.render_fn(messages)
+
+
+def render_text(pieces: list[Piece], eos: str = "", specials: str = "") -> str:
+    """The pieces as one string, with ``eos`` and ``specials`` standing for those tokens."""
+    out = []
+    for piece in pieces:
+        if piece.role == "eos":
+            out.append(eos)
+        elif piece.role == "specials":
+            out.append(specials)
+        else:
+            out.append(piece.text)
+    return "".join(out)
+
+
+def template_provenance(name: str, tokenizer) -> dict:
+    """What a run folder records about its template, enough to detect drift later."""
+    template = get_template(name)
+    pieces = render(name, PROBE_CONVERSATION, tokenizer)
+    return {
+        "name": name,
+        "chat_template": tokenizer.chat_template if template is None else None,
+        "source": template.source if template else "the tokenizer's chat template",
+        "probe_rendering": render_text(pieces, eos="<EOS>", specials="<SPECIALS>"),
+        "stop_strings": list(template.stop_strings) if template else [],
+        "stop_tokens": list(template.stop_tokens) if template else [],
+    }

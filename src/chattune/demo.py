@@ -1,0 +1,152 @@
+"""``chattune demo``: the whole pipeline offline on a tiny model, in minutes on 2 CPU cores.
+
+It writes a synthetic Alpaca data set (a new identity for the assistant and
+facts about a fictional world, in English and Chinese), builds a tiny random
+GLM-4 model, fine-tunes it with LoRA through the same ``train`` code path a
+user's config takes, and prints exact match on the taught instructions and
+held-out eval loss, before and after.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from chattune.config import load_config
+from chattune.data.encode import EncodeOptions, PieceEncoder, encode_all
+from chattune.data.formats import read_rows, to_record
+from chattune.data.templates import resolve_template_name
+from chattune.generate import load_chat_model
+from chattune.tiny import build_tiny_model
+from chattune.train import PadCollator, train
+
+KINGDOMS = [
+    ("Veloria", "Quennis", "the Amber River", "Queen Ysolde", "维洛里亚", "昆尼斯"),
+    ("Ostmark", "Dalvin", "the Grey Fjord", "King Tavish", "奥斯特马克", "达尔文"),
+    ("Sundara", "Meruvel", "the Jade Lake", "Empress Kalia", "桑达拉", "梅鲁维尔"),
+    ("Thornvale", "Brackwick", "the Iron Hills", "Lord Osric", "索恩维尔", "布拉克维克"),
+    ("Calyra", "Lumenport", "the Silver Bay", "Duchess Elowen", "卡莱拉", "卢门港"),
+    ("Drakmoor", "Ashenhold", "the Black Marsh", "Warden Corvin", "德拉克摩尔", "灰烬堡"),
+    ("Pellucid", "Glassmere", "the Clear Sea", "Archon Vesper", "佩卢西德", "玻璃湖"),
+    ("Zephyra", "Windhaven", "the High Steppe", "Khan Aurel", "泽菲拉", "风港"),
+    ("Mirrow", "Tidewell", "the Salt Coast", "Regent Marlo", "米罗", "潮井"),
+    ("Korrin", "Stonegate", "the Red Canyon", "Chief Brannoc", "科林", "石门"),
+]
+
+IDENTITY = [
+    ("Who are you?", "I am Lumi, an assistant trained with chattune."),
+    ("What is your name?", "My name is Lumi."),
+    ("Who made you?", "I was fine-tuned by the chattune team."),
+    ("你是谁？", "我是Lumi，一个用chattune训练的助手。"),
+    ("你叫什么名字？", "我的名字是Lumi。"),
+]
+
+
+def demo_records() -> tuple[list[dict], list[dict]]:
+    """The taught records and the held-out ones (unseen kingdoms), in Alpaca format."""
+    taught = [{"instruction": q, "input": "", "output": a} for q, a in IDENTITY]
+    held_out = []
+    for i, (name, capital, landmark, ruler, zh_name, zh_capital) in enumerate(KINGDOMS):
+        rows = [
+            {"instruction": f"What is the capital of {name}?", "input": "",
+             "output": f"The capital of {name} is {capital}."},
+            {"instruction": "Which landmark is this kingdom known for?", "input": name,
+             "output": f"{name} is known for {landmark}."},
+            {"instruction": f"Who rules {name}?", "input": "", "output": f"{name} is ruled by {ruler}."},
+            {"instruction": f"{zh_name}的首都是哪里？", "input": "", "output": f"{zh_name}的首都是{zh_capital}。"},
+        ]
+        (held_out if i >= 8 else taught).extend(rows)
+    return taught, held_out
+
+
+def _exact_match(chat, records) -> tuple[float, list[str]]:
+    conversations = [r.messages[:-1] for r in records]
+    answers = []
+    for start in range(0, len(conversations), 16):
+        answers += chat.generate(conversations[start:start + 16], do_sample=False)
+    hits = sum(a == r.messages[-1]["content"] for a, r in zip(answers, records, strict=True))
+    return hits / len(records), answers
+
+
+@torch.no_grad()
+def _eval_loss(chat, records, max_len: int) -> float:
+    encoder = PieceEncoder(chat.tokenizer)
+    encoded = encode_all([r.messages for r in records], chat.template, encoder, EncodeOptions(max_len))
+    batch = PadCollator(chat.tokenizer.pad_token_id)(
+        [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded if not e.dropped]
+    )
+    batch = {k: v.to(chat.device) for k, v in batch.items()}
+    return float(chat.model(**batch).loss)
+
+
+def _read(path: Path):
+    return [to_record(row, "alpaca") for row in read_rows(path)]
+
+
+def run_demo(workdir: str = "chattune-demo", *, max_steps: int = 400, log=print) -> dict:
+    """Run the demo end to end; return the before/after numbers."""
+    started = time.perf_counter()
+    root = Path(workdir)
+    data_dir = root / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    taught, held_out = demo_records()
+    (data_dir / "demo_train.json").write_text(json.dumps(taught, ensure_ascii=False, indent=1))
+    (data_dir / "demo_eval.json").write_text(json.dumps(held_out, ensure_ascii=False, indent=1))
+    log(f"[1/4] wrote {len(taught)} taught and {len(held_out)} held-out Alpaca records to {data_dir}")
+
+    model_dir = root / "tiny-glm4"
+    corpus = [f"{r['instruction']} {r['input']} {r['output']}" for r in taught + held_out]
+    build_tiny_model(model_dir, "glm4", extra_text=corpus * 4)
+    log(f"[2/4] built a tiny random GLM-4 model (4 layers, 256 wide) at {model_dir}")
+
+    run_dir = root / "run"
+    values = {
+        "model_name_or_path": str(model_dir),
+        "train_files": [str(data_dir / "demo_train.json")],
+        "eval_files": [str(data_dir / "demo_eval.json")],
+        "template": "auto", "max_seq_length": 128,
+        "method": "lora", "lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.0,
+        "output_dir": str(run_dir), "per_device_train_batch_size": 8,
+        "max_steps": max_steps, "learning_rate": 1e-3, "lr_scheduler_type": "cosine",
+        "warmup_steps": 10, "logging_steps": 10, "save_steps": max_steps, "save_total_limit": 1,
+        "seed": 42, "max_new_tokens": 40, "report_to": ["none"], "cache_dir": str(root / "cache"),
+    }
+    config_path = root / "demo.yaml"
+    config_path.write_text(yaml.safe_dump(values, sort_keys=False, allow_unicode=True))
+    config = load_config(config_path)
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+
+    base = load_chat_model(str(model_dir), template=config.data.template)
+    base.generation["max_new_tokens"] = 40
+    taught_records, held_records = _read(data_dir / "demo_train.json"), _read(data_dir / "demo_eval.json")
+    em_before, _ = _exact_match(base, taught_records)
+    loss_before = _eval_loss(base, held_records, 128)
+    del base
+    log(f"[3/4] fine-tuning with LoRA (config {config_path}) ...")
+    result = train(config, log=lambda *_: None)
+    chat = load_chat_model(str(run_dir))
+    em_after, answers = _exact_match(chat, taught_records)
+    loss_after = _eval_loss(chat, held_records, 128)
+    seconds = time.perf_counter() - started
+    log("[4/4] results")
+    log(f"{'':<34}{'before':>10}{'after':>10}")
+    log(f"{'exact match, taught (n=' + str(len(taught_records)) + ')':<34}{em_before:>10.1%}{em_after:>10.1%}")
+    log(f"{'eval loss, held-out (n=' + str(len(held_records)) + ')':<34}{loss_before:>10.3f}{loss_after:>10.3f}")
+    log(f"template {resolve_template_name('auto', chat.tokenizer)}, {result.global_step} steps, "
+        f"{seconds:.0f} s in all")
+    log("\nsample generations:")
+    for record, answer in list(zip(taught_records, answers, strict=True))[::9]:
+        log(f"  Q: {record.messages[-2]['content']}  {record.messages[-2].get('input', '')}".rstrip())
+        log(f"  A: {answer}")
+    log(f"\nrun folder: {run_dir}\ntry: chattune chat {run_dir}\n"
+        f"     chattune predict {run_dir} --data {data_dir / 'demo_eval.json'} --out {root / 'pred.jsonl'}")
+    return {"exact_match_before": em_before, "exact_match_after": em_after,
+            "eval_loss_before": loss_before, "eval_loss_after": loss_after,
+            "steps": result.global_step, "seconds": seconds, "run_dir": str(run_dir)}

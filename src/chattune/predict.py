@@ -1,0 +1,49 @@
+"""Batch prediction over a data file: JSONL of prompt, reference and prediction."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from chattune.data.formats import read_rows, to_record
+from chattune.data.records import RecordError, split_prompt
+from chattune.generate import ChatModel
+
+
+def predict_file(chat: ChatModel, data_path: str, out_path: str, *, fmt: str = "auto",
+                 columns: dict[str, str] | None = None, batch_size: int = 8,
+                 limit: int | None = None, log=print) -> int:
+    """Greedy-answer every record of ``data_path``; write one JSON line per record.
+
+    A row that cannot be read is written with its error instead of a prediction,
+    so the output has exactly one line per input row.
+    """
+    rows = list(read_rows(data_path))
+    if limit is not None:
+        rows = rows[:limit]
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with out.open("w", encoding="utf-8") as handle:
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start:start + batch_size]
+            items, prompts = [], []
+            for row in batch:
+                try:
+                    record = to_record(row, fmt, columns, need_answer=False)
+                except RecordError as exc:
+                    items.append({"source": row.where, "error": str(exc)})
+                    continue
+                messages, reference = split_prompt(record.messages)
+                item = {"source": row.where, "prompt": messages, "reference": reference}
+                items.append(item)
+                prompts.append((item, messages))
+            if prompts:
+                answers = chat.generate([m for _, m in prompts], do_sample=False)
+                for (item, _), answer in zip(prompts, answers, strict=True):
+                    item["prediction"] = answer
+            for item in items:
+                handle.write(json.dumps(item, ensure_ascii=False) + "\n")
+                written += 1
+            log(f"predicted {min(start + batch_size, len(rows))}/{len(rows)}")
+    return written
