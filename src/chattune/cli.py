@@ -16,7 +16,9 @@ def _columns(text: str | None) -> dict[str, str] | None:
         return None
     pairs = [item.split("=", 1) for item in text.split(",") if item]
     if any(len(p) != 2 for p in pairs):
-        raise SystemExit(f"--columns: expected target=column pairs like prompt=content,response=summary, got {text!r}")
+        from chattune.config import ConfigError
+
+        raise ConfigError(f"--columns: expected target=column pairs like prompt=content,response=summary, got {text!r}")
     return {k.strip(): v.strip() for k, v in pairs}
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -50,7 +51,8 @@ class ModelArgs:
     trust_remote_code: bool = False
     """Allow the model's own code (ChatGLM-6B/2/3 style repositories need it)."""
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    """Dtype the weights are loaded in; ``auto`` follows fp16/bf16 or float32."""
+    """Dtype the base weights are loaded in; ``auto``: float16 with fp16, bfloat16 with bf16,
+    else float32 (LoRA weights stay float32)."""
     device_map: str | None = None
     """Passed to ``from_pretrained`` (e.g. ``auto``); None keeps the model on one device."""
 
@@ -80,7 +82,7 @@ class DataArgs:
     strict: bool = False
     """Stop at the first bad record instead of skipping and counting it."""
     cache_dir: str | None = None
-    """Where encoded data sets are cached; default ``<output_dir>/../.chattune-cache``."""
+    """Where encoded data sets are cached; default ``$CHATTUNE_CACHE`` or ``~/.cache/chattune``."""
 
 
 @dataclass
@@ -262,6 +264,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if annotation is str:
+        if value is None:
+            raise ConfigError(f"{key}: expected a string, got null")
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
@@ -269,13 +273,13 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         (item_type,) = args
         if isinstance(value, str):
             text = value.strip()
-            value = yaml.safe_load(text) if text.startswith("[") else [v for v in text.split(",") if v]
+            value = yaml.safe_load(text) if text.startswith("[") else [v.strip() for v in text.split(",") if v.strip()]
         if not isinstance(value, list):
             value = [value]
         return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if isinstance(value, str):
-            value = dict(item.split("=", 1) for item in value.split(",") if "=" in item)
+            value = dict(item.strip().split("=", 1) for item in value.split(",") if "=" in item)
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return {str(k): str(v) for k, v in value.items()}
@@ -301,8 +305,8 @@ def data_source(value: Any, key: str = "train_files") -> DataSource:
         raise ConfigError(f"{key}: missing 'path'")
     kwargs = {k: _coerce(v, hints[k], f"{key}.{k}") for k, v in value.items()}
     source = DataSource(**kwargs)
-    if source.weight <= 0:
-        raise ConfigError(f"{key}.weight: must be > 0, got {source.weight}")
+    if not (math.isfinite(source.weight) and source.weight > 0):
+        raise ConfigError(f"{key}.weight: must be a finite number > 0, got {source.weight}")
     if source.max_samples is not None and source.max_samples < 1:
         raise ConfigError(f"{key}.max_samples: must be >= 1, got {source.max_samples}")
     return source
@@ -391,6 +395,8 @@ def validate(config: RunConfig) -> None:
     g = config.generate
     _check(g.max_new_tokens >= 1, "max_new_tokens: must be >= 1")
     _check(g.temperature > 0, "temperature: must be > 0")
+    _check(g.repetition_penalty > 0, "repetition_penalty: must be > 0")
+    _check(t.dataloader_num_workers >= 0, "dataloader_num_workers: must be >= 0")
     _check(0 < g.top_p <= 1, "top_p: must be in (0, 1]")
 
 

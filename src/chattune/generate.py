@@ -117,22 +117,22 @@ class ChatModel:
         )
         worker.start()
         hold = max((len(s) for s in self.stop_strings), default=0)
-        text, sent = "", 0
+        text, sent, stopped = "", 0, False
         for chunk in streamer:
+            if stopped:  # drain: let generation finish after a stop string
+                continue
             text += chunk
             cut = self.cut_at_stop(text)
             if cut != text:
                 yield cut[sent:]
-                sent = len(cut)
-                break
+                stopped = True
+                continue
             safe = len(text) - hold
             if safe > sent:
                 yield text[sent:safe]
                 sent = safe
-        else:
+        if not stopped:
             yield text[sent:]
-        for _ in streamer:  # let generation finish after a stop string
-            pass
         worker.join()
 
 

@@ -44,9 +44,13 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def resolve_dtype(dtype: str, fp16: bool = False, bf16: bool = False) -> torch.dtype:
-    """The dtype to load weights in: explicit, or float32 for mixed-precision training."""
+    """The dtype to load base weights in: as given, else that of fp16/bf16 training, else float32."""
     if dtype != "auto":
         return DTYPES[dtype]
+    if bf16:
+        return torch.bfloat16
+    if fp16:
+        return torch.float16
     return torch.float32
 
 

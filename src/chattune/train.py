@@ -25,7 +25,7 @@ from chattune.data.prepare import PreparedData, format_audit, prepare_data
 from chattune.data.templates import resolve_template_name
 from chattune.manifest import build_manifest, write_run_files
 from chattune.methods import apply_method, count_parameters
-from chattune.model import DTYPES, base_model_fingerprint, load_model, load_tokenizer
+from chattune.model import base_model_fingerprint, load_model, load_tokenizer, resolve_dtype
 
 METRICS_NAME = "metrics.jsonl"
 AUDIT_NAME = "data_audit.json"
@@ -128,7 +128,11 @@ def training_arguments(config: RunConfig, has_eval: bool) -> TrainingArguments:
     t = config.train
     eval_steps = t.eval_steps or t.save_steps
     report = [r for r in t.report_to if r != "none"]
+    fields = TrainingArguments.__dataclass_fields__
+    # transformers 5 renamed gradient_checkpointing to activation_checkpointing
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     return TrainingArguments(
+        **{checkpointing: t.gradient_checkpointing},
         output_dir=t.output_dir,
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
@@ -142,7 +146,6 @@ def training_arguments(config: RunConfig, has_eval: bool) -> TrainingArguments:
         max_grad_norm=t.max_grad_norm,
         fp16=t.fp16,
         bf16=t.bf16,
-        gradient_checkpointing=t.gradient_checkpointing,
         logging_steps=t.logging_steps,
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
@@ -174,7 +177,7 @@ def train(config: RunConfig, *, log=print) -> TrainResult:
     log(format_audit(prepared.audit))
     (output_dir / AUDIT_NAME).write_text(json.dumps(prepared.audit, indent=2, ensure_ascii=False))
 
-    dtype = DTYPES.get(config.model.dtype, torch.float32)
+    dtype = resolve_dtype(config.model.dtype, config.train.fp16, config.train.bf16)
     model = load_model(config.model, dtype)
     if config.train.gradient_checkpointing:
         model.enable_input_require_grads()

@@ -62,7 +62,8 @@ def _read_json_text(path: Path, text: str) -> Iterator[RawRow]:
 
 
 def _read_jsonl_text(path: Path, text: str) -> Iterator[RawRow]:
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: U+2028 and friends are legal inside JSON strings
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -73,10 +74,14 @@ def _read_jsonl_text(path: Path, text: str) -> Iterator[RawRow]:
 
 
 def _read_csv(path: Path) -> Iterator[RawRow]:
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        for row in reader:
-            yield RawRow(dict(row), f"{path}:{reader.line_num}")
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle, delimiter=delimiter)
+            for row in reader:
+                yield RawRow(dict(row), f"{path}:{reader.line_num}")
+    except UnicodeDecodeError as exc:
+        raise DataFileError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
 
 
 def _read_parquet(path: Path) -> Iterator[RawRow]:
@@ -194,7 +199,7 @@ def from_sharegpt(value: dict, where: str) -> list[dict]:
         if not isinstance(turn, dict):
             raise RecordError(f"{loc}: expected an object with from and value")
         speaker = turn.get("from", turn.get("role"))
-        if speaker not in SHAREGPT_ROLES:
+        if not isinstance(speaker, str) or speaker not in SHAREGPT_ROLES:
             raise RecordError(f"{loc}.from: expected one of {sorted(SHAREGPT_ROLES)}, got {speaker!r}")
         text = turn.get("value", turn.get("content"))
         if not isinstance(text, str):
@@ -223,28 +228,36 @@ def from_columns(value: dict, where: str, columns: dict[str, str]) -> list[dict]
     """Any layout through a column map such as ``{prompt: content, response: summary}``."""
     if not isinstance(value, dict):
         raise RecordError(f"{where}: expected an object, got {type(value).__name__}")
-    mapped = {"instruction": None, "input": None, "output": None, "system": None, "history": None}
     names = {"prompt": "instruction", "query": "input", "response": "output",
              "system": "system", "history": "history"}
+    mapped = {}
     for target, column in columns.items():
-        if column not in value:
-            raise RecordError(f"{where}: missing column {column!r} (mapped to {target})")
-        mapped[names[target]] = value[column]
-    if isinstance(mapped["history"], str) and mapped["history"].strip().startswith("["):
-        mapped["history"] = json.loads(mapped["history"])
-    return from_alpaca({k: v for k, v in mapped.items() if v is not None}, where)
+        cell = value.get(column)
+        if cell is None or (cell == "" and target in ("prompt", "response")):
+            if target in ("prompt", "response"):
+                raise RecordError(f"{where}: missing or empty column {column!r} (mapped to {target})")
+            continue
+        if target == "history" and isinstance(cell, str):
+            try:
+                cell = json.loads(cell) if cell.strip() else None
+            except json.JSONDecodeError as exc:
+                raise RecordError(f"{where}.{column}: history is not a JSON list of pairs: {exc.msg}") from exc
+        elif target != "history" and not isinstance(cell, str):
+            raise RecordError(f"{where}.{column}: expected a string, got {type(cell).__name__}")
+        mapped[names[target]] = cell
+    return from_alpaca(mapped, where)
 
 
 def check_columns(columns: dict[str, str] | None, where: str) -> dict[str, str]:
     """Validate a column map; it must map at least prompt and response."""
     if not columns:
-        raise RecordError(f"{where}: format 'columns' needs a column map, e.g. prompt=content,response=summary")
+        raise DataFileError(f"{where}: format 'columns' needs a column map, e.g. prompt=content,response=summary")
     for target in columns:
         if target not in COLUMN_TARGETS:
-            raise RecordError(f"{where}: column map target {target!r} unknown; expected {list(COLUMN_TARGETS)}")
+            raise DataFileError(f"{where}: column map target {target!r} unknown; expected {list(COLUMN_TARGETS)}")
     for needed in ("prompt", "response"):
         if needed not in columns:
-            raise RecordError(f"{where}: column map needs {needed!r}")
+            raise DataFileError(f"{where}: column map needs {needed!r}")
     return columns
 
 

@@ -104,8 +104,9 @@ def _encode_split(records, template_name, encoder, options):
 def prepare_data(data: DataArgs, tokenizer, template_name: str, seed: int,
                  cache_dir: str | Path | None = None, force: bool = False) -> PreparedData:
     """Encode (or reuse from the cache) the train and eval sets of a run."""
-    from datasets import Dataset, load_from_disk
+    from datasets import Dataset, disable_progress_bars, load_from_disk
 
+    disable_progress_bars()
     if not data.train_files:
         raise ValueError("train_files: no training data given")
     fingerprint = data_fingerprint(data, template_name, tokenizer, seed)

@@ -33,8 +33,8 @@ class Record:
 
 def user_text(message: dict) -> str:
     """A user message's full text: the instruction, then the Alpaca input if any."""
-    extra = message.get("input") or ""
-    return f"{message['content']}\n{extra}" if extra else message["content"]
+    parts = [message["content"], message.get("input") or ""]
+    return "\n".join(part for part in parts if part)
 
 
 def validate_messages(messages: list[dict], where: str, *, need_answer: bool = True) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chattune.config import DataSource
-from chattune.data.formats import read_rows, to_record
+from chattune.data.formats import check_columns, read_rows, to_record
 from chattune.data.records import Record, RecordError
 
 
@@ -70,6 +70,8 @@ def read_source(source: DataSource, *, strict: bool = False, dedup: bool = True,
                 seen: set[str] | None = None) -> tuple[list[Record], FileSummary]:
     """Read one file into records; bad rows are skipped and counted (or raise if strict)."""
     summary = FileSummary(path=source.path, format=source.format)
+    if source.format == "columns" or source.columns:
+        check_columns(source.columns, source.path)
     seen = set() if seen is None else seen
     records: list[Record] = []
     for row in read_rows(source.path):

@@ -1,0 +1,62 @@
+"""Shared fixtures: offline mode, the real data in ../shared/data, tiny models built once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (see its SOURCES.md); tests that need it skip where it is absent."""
+    if not (SHARED_DATA / "alpaca_en_demo.json").is_file():
+        pytest.skip(f"real data not found at {SHARED_DATA} (a user's clone without ../shared)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """A function arch -> path of a tiny random model of that architecture, built once per session."""
+    from chattune.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    built: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in built:
+            built[arch] = build_tiny_model(root / arch, arch, hidden_size=64, num_layers=2)
+        return built[arch]
+
+    return get
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Each test gets its own encoded-data cache."""
+    monkeypatch.setenv("CHATTUNE_CACHE", str(tmp_path / "chattune-cache"))
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer():
+    """A fast tokenizer where every ASCII character is one token (no merges), EOS ``</s>``,
+    and no chat template: label counts in tests equal character counts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"</s>": 0, "<s>": 1, "<|user|>": 2, "<|assistant|>": 3}
+    for char in sorted(alphabet):
+        vocab.setdefault(char, len(vocab))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", bos_token="<s>",
+                                   pad_token="</s>", additional_special_tokens=["<|user|>", "<|assistant|>"])

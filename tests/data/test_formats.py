@@ -1,0 +1,678 @@
+"""Readers and record formats: every file type, every layout, and the errors for bad input.
+
+Everything here runs on small files written into ``tmp_path``; the real data in
+../shared/data is exercised in test_sources.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from chattune.data.formats import DataFileError, RawRow, read_rows, to_record
+from chattune.data.records import RecordError, user_text
+
+ALPACA = {"instruction": "Say hi", "input": "", "output": "Hi!"}
+CHATGLM_ADVERTISE = [  # ChatGLM AdvertiseGen style rows
+    {"content": "类型#裤*版型#宽松", "summary": "宽松的阔腿裤"},
+    {"content": "类型#上衣*颜色#白色", "summary": "白色上衣，清爽"},
+]
+AD_COLUMNS = {"prompt": "content", "response": "summary"}
+
+
+def write_json(path: Path, value) -> Path:
+    path.write_text(json.dumps(value, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def write_jsonl(path: Path, values) -> Path:
+    path.write_text(
+        "".join(json.dumps(v, ensure_ascii=False) + "\n" for v in values), encoding="utf-8"
+    )
+    return path
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    import csv
+
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def convert_all(path: Path, fmt: str = "auto", columns=None) -> list:
+    """Every row of a file as a Record (raising at the first bad one)."""
+    return [to_record(row, fmt, columns) for row in read_rows(path)]
+
+
+def loc(path: Path, suffix: str) -> str:
+    """A regex matching ``path`` followed by a location suffix, escaped."""
+    return re.escape(f"{path}{suffix}")
+
+
+# --------------------------------------------------------------------------- file types
+
+
+class TestFileTypes:
+    def test_json_array_rows_are_located_by_index(self, tmp_path):
+        path = write_json(tmp_path / "a.json", [ALPACA, {**ALPACA, "output": "Hello!"}])
+        rows = list(read_rows(path))
+        assert [r.where for r in rows] == [f"{path}#0", f"{path}#1"]
+        assert [r.value["output"] for r in rows] == ["Hi!", "Hello!"]
+
+    def test_single_json_object_is_one_row(self, tmp_path):
+        path = write_json(tmp_path / "one.json", ALPACA)
+        rows = list(read_rows(path))
+        assert len(rows) == 1
+        assert rows[0].where == f"{path}#0"
+        assert rows[0].value == ALPACA
+
+    def test_jsonl_rows_are_located_by_line_and_blank_lines_skipped(self, tmp_path):
+        path = tmp_path / "a.jsonl"
+        path.write_text(json.dumps(ALPACA) + "\n\n" + json.dumps({**ALPACA, "output": "Yo"}) + "\n")
+        rows = list(read_rows(path))
+        assert [r.where for r in rows] == [f"{path}:1", f"{path}:3"]
+        assert [r.value["output"] for r in rows] == ["Hi!", "Yo"]
+
+    def test_jsonl_content_in_a_json_file(self, tmp_path):
+        path = write_jsonl(tmp_path / "lines.json", [ALPACA, {**ALPACA, "output": "Yo"}])
+        rows = list(read_rows(path))
+        assert [r.where for r in rows] == [f"{path}:1", f"{path}:2"]
+        assert [to_record(r, "auto").messages[-1]["content"] for r in rows] == ["Hi!", "Yo"]
+
+    def test_ndjson_extension_is_json_lines(self, tmp_path):
+        path = write_jsonl(tmp_path / "a.ndjson", [ALPACA])
+        assert [r.where for r in read_rows(path)] == [f"{path}:1"]
+
+    def test_json_with_utf8_bom(self, tmp_path):
+        path = tmp_path / "bom.json"
+        path.write_bytes(json.dumps([ALPACA]).encode("utf-8-sig"))
+        assert [r.value for r in read_rows(path)] == [ALPACA]
+
+    def test_json_content_without_known_extension(self, tmp_path):
+        path = write_json(tmp_path / "data.txt", [ALPACA])
+        assert [r.value for r in read_rows(path)] == [ALPACA]
+
+    def test_empty_file_has_no_rows(self, tmp_path):
+        for name in ("empty.json", "empty.jsonl"):
+            path = tmp_path / name
+            path.write_text("  \n")
+            assert list(read_rows(path)) == []
+
+    def test_csv_with_column_map(self, tmp_path):
+        path = write_csv(
+            tmp_path / "ad.csv",
+            ["content", "summary"],
+            [[r["content"], r["summary"]] for r in CHATGLM_ADVERTISE],
+        )
+        records = convert_all(path, columns=AD_COLUMNS)
+        assert [r.source for r in records] == [f"{path}:2", f"{path}:3"]
+        assert records[0].messages == [
+            {"role": "user", "content": "类型#裤*版型#宽松"},
+            {"role": "assistant", "content": "宽松的阔腿裤"},
+        ]
+        assert records[1].messages[1]["content"] == "白色上衣，清爽"
+
+    def test_csv_quoted_multiline_and_commas(self, tmp_path):
+        path = write_csv(tmp_path / "q.csv", ["content", "summary"], [["a, b\nc", 'x, "y"']])
+        (record,) = convert_all(path, columns=AD_COLUMNS)
+        assert record.messages == [
+            {"role": "user", "content": "a, b\nc"},
+            {"role": "assistant", "content": 'x, "y"'},
+        ]
+
+    def test_csv_alpaca_headers_detected_automatically(self, tmp_path):
+        path = write_csv(
+            tmp_path / "alp.csv",
+            ["instruction", "input", "output"],
+            [["Add", "1+1", "2"], ["Say hi", "", "Hi"]],
+        )
+        records = convert_all(path)
+        assert records[0].messages[0] == {"role": "user", "content": "Add", "input": "1+1"}
+        assert records[1].messages[0] == {"role": "user", "content": "Say hi"}
+
+    def test_parquet_with_column_map(self, tmp_path):
+        pa = pytest.importorskip("pyarrow")
+        pq = pytest.importorskip("pyarrow.parquet")
+        path = tmp_path / "ad.parquet"
+        pq.write_table(pa.Table.from_pylist(CHATGLM_ADVERTISE), path)
+        records = convert_all(path, columns=AD_COLUMNS)
+        assert [r.source for r in records] == [f"{path}#0", f"{path}#1"]
+        assert [r.messages for r in records] == [
+            [
+                {"role": "user", "content": row["content"]},
+                {"role": "assistant", "content": row["summary"]},
+            ]
+            for row in CHATGLM_ADVERTISE
+        ]
+
+    def test_parquet_openai_messages_and_magic_bytes_without_extension(self, tmp_path):
+        pa = pytest.importorskip("pyarrow")
+        pq = pytest.importorskip("pyarrow.parquet")
+        rows = [
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+        ]
+        path = tmp_path / "chat.bin"  # no .parquet suffix: found by its PAR1 header
+        pq.write_table(pa.Table.from_pylist(rows), path)
+        (record,) = convert_all(path)
+        assert record.messages == rows[0]["messages"]
+        assert record.source == f"{path}#0"
+
+    def test_bad_parquet_file(self, tmp_path):
+        pytest.importorskip("pyarrow")
+        path = tmp_path / "broken.parquet"
+        path.write_bytes(b"PAR1 not really")
+        with pytest.raises(DataFileError, match=loc(path, ": not a readable Parquet file")):
+            list(read_rows(path))
+
+    def test_missing_file(self, tmp_path):
+        path = tmp_path / "nope.json"
+        with pytest.raises(DataFileError, match=loc(path, ": no such file")):
+            list(read_rows(path))
+
+    def test_unknown_file_type(self, tmp_path):
+        path = tmp_path / "notes.txt"
+        path.write_text("just some text\n")
+        with pytest.raises(
+            DataFileError,
+            match=loc(path, ": unknown file type .txt; expected .json, .jsonl, .csv or .parquet"),
+        ):
+            list(read_rows(path))
+
+    def test_unknown_file_type_without_suffix(self, tmp_path):
+        path = tmp_path / "README"
+        path.write_text("hello\n")
+        with pytest.raises(DataFileError, match=loc(path, ": unknown file type (none)")):
+            list(read_rows(path))
+
+    def test_json_not_utf8(self, tmp_path):
+        path = tmp_path / "latin.json"
+        path.write_bytes('[{"instruction": "caf\xe9", "output": "x"}]'.encode("latin-1"))
+        with pytest.raises(DataFileError, match=loc(path, ": not UTF-8 text")):
+            list(read_rows(path))
+
+    def test_json_top_level_scalar(self, tmp_path):
+        path = write_json(tmp_path / "n.json", 42)
+        with pytest.raises(
+            DataFileError, match=loc(path, ": expected a JSON array or object, got int")
+        ):
+            list(read_rows(path))
+
+    def test_tsv_is_tab_separated(self, tmp_path):
+        path = tmp_path / "ad.tsv"
+        path.write_text("content\tsummary\nhello, there\tworld\n", encoding="utf-8")
+        (record,) = convert_all(path, columns=AD_COLUMNS)
+        assert record.messages[0]["content"] == "hello, there"
+
+    def test_csv_with_utf8_bom(self, tmp_path):
+        path = tmp_path / "excel.csv"
+        path.write_bytes("content,summary\nhello,world\n".encode("utf-8-sig"))
+        (record,) = convert_all(path, columns=AD_COLUMNS)
+        assert record.messages[0]["content"] == "hello"
+
+    def test_csv_not_utf8(self, tmp_path):
+        path = tmp_path / "latin.csv"
+        path.write_bytes("content,summary\ncaf\xe9,x\n".encode("latin-1"))
+        with pytest.raises(DataFileError, match=loc(path, ": not UTF-8")):
+            list(read_rows(path))
+
+    @pytest.mark.parametrize("char", ["\u2028", "\u2029", "\x85"])
+    def test_jsonl_with_unicode_line_separator_inside_a_string(self, tmp_path, char):
+        path = write_jsonl(tmp_path / "sep.jsonl", [{"instruction": f"a{char}b", "output": "c"}])
+        (record,) = convert_all(path)
+        assert record.messages[0]["content"] == f"a{char}b"
+
+
+# --------------------------------------------------------------------------- formats
+
+
+def rec(value, fmt="auto", columns=None, where="f.json#0", **kwargs):
+    return to_record(RawRow(value, where), fmt, columns, **kwargs)
+
+
+class TestAlpaca:
+    def test_system_and_history(self):
+        value = {
+            "system": "You are terse.",
+            "history": [["Hi", "Hello."], ["How are you?", "Fine."]],
+            "instruction": "Add these",
+            "input": "2 and 3",
+            "output": "5",
+        }
+        assert rec(value).messages == [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "How are you?"},
+            {"role": "assistant", "content": "Fine."},
+            {"role": "user", "content": "Add these", "input": "2 and 3"},
+            {"role": "assistant", "content": "5"},
+        ]
+
+    def test_input_kept_apart_and_joined_by_user_text(self):
+        record = rec({"instruction": "Translate", "input": "bonjour", "output": "hello"})
+        user = record.messages[0]
+        assert user == {"role": "user", "content": "Translate", "input": "bonjour"}
+        assert user_text(user) == "Translate\nbonjour"
+
+    def test_empty_or_missing_input_and_system_add_nothing(self):
+        expected = [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hi!"}]
+        assert rec(ALPACA).messages == expected
+        assert rec({"instruction": "Say hi", "output": "Hi!"}).messages == expected
+        assert rec({**ALPACA, "system": "", "history": []}).messages == expected
+        assert rec({**ALPACA, "input": None, "system": None, "history": None}).messages == expected
+
+    def test_instruction_may_be_empty_when_input_is_not(self):
+        record = rec({"instruction": "", "input": "text", "output": "x"})
+        assert record.messages[0] == {"role": "user", "content": "", "input": "text"}
+
+    def test_user_text_without_instruction_has_no_leading_newline(self):
+        record = rec({"instruction": "", "input": "text", "output": "x"})
+        assert user_text(record.messages[0]) == "text"
+
+    def test_source_is_the_row_location(self):
+        assert rec(ALPACA, where="data.jsonl:7").source == "data.jsonl:7"
+
+
+class TestShareGPT:
+    def test_human_gpt_and_system_turn(self):
+        value = {
+            "conversations": [
+                {"from": "system", "value": "Be kind."},
+                {"from": "human", "value": "Hi"},
+                {"from": "gpt", "value": "Hello"},
+                {"from": "human", "value": "Bye"},
+                {"from": "gpt", "value": "Goodbye"},
+            ]
+        }
+        assert rec(value).messages == [
+            {"role": "system", "content": "Be kind."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Goodbye"},
+        ]
+
+    def test_top_level_system_field(self):
+        value = {
+            "system": "S",
+            "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+        }
+        assert rec(value).messages == [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "a"},
+        ]
+
+    def test_user_assistant_names_and_role_content_keys(self):
+        value = {
+            "conversations": [
+                {"from": "user", "value": "q1"},
+                {"from": "assistant", "value": "a1"},
+                {"role": "user", "content": "q2"},
+                {"role": "assistant", "content": "a2"},
+            ]
+        }
+        assert rec(value).messages == [
+            {"role": "user", "content": "q1"},
+            {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": "q2"},
+            {"role": "assistant", "content": "a2"},
+        ]
+
+    @pytest.mark.parametrize("name", ["model", "chatgpt"])
+    def test_other_assistant_names(self, name):
+        value = {"conversations": [{"from": "human", "value": "q"}, {"from": name, "value": "a"}]}
+        assert rec(value).messages[-1] == {"role": "assistant", "content": "a"}
+
+    def test_explicit_format(self):
+        value = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+        assert rec(value, "sharegpt").messages == rec(value).messages
+
+
+class TestOpenAI:
+    def test_messages_kept_and_extra_keys_dropped(self):
+        value = {
+            "messages": [
+                {"role": "system", "content": "S"},
+                {"role": "user", "content": "q", "name": "bob"},
+                {"role": "assistant", "content": "a", "weight": 1},
+            ],
+            "id": 7,
+        }
+        assert rec(value).messages == [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "a"},
+        ]
+
+    def test_input_key_survives(self):
+        value = {
+            "messages": [
+                {"role": "user", "content": "q", "input": "ctx"},
+                {"role": "assistant", "content": "a"},
+            ]
+        }
+        assert rec(value, "openai").messages[0] == {"role": "user", "content": "q", "input": "ctx"}
+
+    def test_need_answer_false_allows_a_trailing_user_message(self):
+        value = {"messages": [{"role": "user", "content": "q"}]}
+        assert rec(value, need_answer=False).messages == [{"role": "user", "content": "q"}]
+        with pytest.raises(
+            RecordError, match=r"the last message must be the assistant's answer, got 'user'"
+        ):
+            rec(value)
+
+
+class TestColumns:
+    def test_prompt_response(self):
+        assert rec(CHATGLM_ADVERTISE[0], columns=AD_COLUMNS).messages == [
+            {"role": "user", "content": CHATGLM_ADVERTISE[0]["content"]},
+            {"role": "assistant", "content": CHATGLM_ADVERTISE[0]["summary"]},
+        ]
+
+    def test_every_target(self):
+        value = {
+            "q": "Question",
+            "ctx": "Context",
+            "a": "Answer",
+            "sys": "System",
+            "hist": '[["h1", "r1"]]',
+            "unused": "x",
+        }
+        columns = {
+            "prompt": "q",
+            "query": "ctx",
+            "response": "a",
+            "system": "sys",
+            "history": "hist",
+        }
+        assert rec(value, "columns", columns).messages == [
+            {"role": "system", "content": "System"},
+            {"role": "user", "content": "h1"},
+            {"role": "assistant", "content": "r1"},
+            {"role": "user", "content": "Question", "input": "Context"},
+            {"role": "assistant", "content": "Answer"},
+        ]
+
+    def test_history_as_a_list(self):
+        value = {"q": "Q", "a": "A", "hist": [["h", "r"]]}
+        messages = rec(value, columns={"prompt": "q", "response": "a", "history": "hist"}).messages
+        assert [m["content"] for m in messages] == ["h", "r", "Q", "A"]
+
+    def test_column_map_overrides_auto_detection(self):
+        value = {"instruction": "ignored", "output": "ignored", "content": "c", "summary": "s"}
+        assert [m["content"] for m in rec(value, columns=AD_COLUMNS).messages] == ["c", "s"]
+
+    def test_missing_column(self):
+        with pytest.raises(
+            RecordError,
+            match=re.escape("f.json#0: missing or empty column 'summary' (mapped to response)"),
+        ):
+            rec({"content": "c"}, columns=AD_COLUMNS)
+
+    def test_empty_prompt_column(self):
+        with pytest.raises(
+            RecordError,
+            match=re.escape("f.json#0: missing or empty column 'content' (mapped to prompt)"),
+        ):
+            rec({"content": "", "summary": "s"}, columns=AD_COLUMNS)
+
+    # A bad column map is a configuration error (DataFileError), not a bad record.
+    def test_columns_format_needs_a_map(self):
+        with pytest.raises(
+            DataFileError, match=re.escape("f.json#0: format 'columns' needs a column map")
+        ):
+            rec({"content": "c"}, "columns")
+
+    def test_map_needs_prompt_and_response(self):
+        with pytest.raises(DataFileError, match=re.escape("f.json#0: column map needs 'response'")):
+            rec({"content": "c"}, columns={"prompt": "content"})
+
+    def test_unknown_target(self):
+        with pytest.raises(
+            DataFileError,
+            match=re.escape("f.json#0: column map target 'answer' unknown; expected ['prompt'"),
+        ):
+            rec({"c": "c", "s": "s"}, columns={"prompt": "c", "response": "s", "answer": "s"})
+
+    def test_non_string_column_error_names_the_column(self):
+        with pytest.raises(
+            RecordError, match=re.escape("f.json#0.summary: expected a string, got int")
+        ):
+            rec({"content": "c", "summary": 3}, columns=AD_COLUMNS)
+
+
+# --------------------------------------------------------------------------- errors naming file, place, field
+
+
+class TestErrors:
+    def test_malformed_json_array_names_file_line_col(self, tmp_path):
+        path = tmp_path / "bad.json"
+        path.write_text(
+            '[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c" "output": "d"}\n]\n'
+        )
+        with pytest.raises(
+            DataFileError, match=loc(path, ":3:") + r"\d+: malformed JSON: Expecting ',' delimiter"
+        ):
+            list(read_rows(path))
+
+    def test_malformed_jsonl_names_the_line(self, tmp_path):
+        path = tmp_path / "bad.jsonl"
+        path.write_text(json.dumps(ALPACA) + "\n" + json.dumps(ALPACA) + "\n{oops\n")
+        with pytest.raises(DataFileError, match=loc(path, ":3:2: malformed JSON")):
+            list(read_rows(path))
+
+    def test_malformed_jsonl_content_in_json_file_names_the_line(self, tmp_path):
+        path = tmp_path / "lines.json"
+        path.write_text(json.dumps(ALPACA) + "\n" + '{"instruction": "x",}\n')
+        with pytest.raises(DataFileError, match=loc(path, ":2:") + r"\d+: malformed JSON"):
+            list(read_rows(path))
+
+    def test_missing_field_in_json_array_names_index(self, tmp_path):
+        path = write_json(
+            tmp_path / "a.json", [ALPACA, {"instruction": "x", "input": "", "outptu": "y"}]
+        )
+        with pytest.raises(
+            RecordError,
+            match=loc(path, "#1: unknown format: keys ['input', 'instruction', 'outptu']"),
+        ):
+            convert_all(path)
+        with pytest.raises(RecordError, match=loc(path, "#1: missing field 'output'")):
+            convert_all(path, "alpaca")
+
+    def test_non_string_field_in_jsonl_names_line_and_field(self, tmp_path):
+        path = write_jsonl(tmp_path / "a.jsonl", [ALPACA, {"instruction": "x", "output": 42}])
+        with pytest.raises(RecordError, match=loc(path, ":2.output: expected a string, got int")):
+            convert_all(path)
+
+    def test_non_string_input(self, tmp_path):
+        path = write_json(
+            tmp_path / "a.json", [{"instruction": "x", "input": ["a"], "output": "y"}]
+        )
+        with pytest.raises(RecordError, match=loc(path, "#0.input: expected a string, got list")):
+            convert_all(path)
+
+    def test_empty_response(self, tmp_path):
+        path = write_jsonl(
+            tmp_path / "a.jsonl", [ALPACA, ALPACA, {"instruction": "x", "output": "  "}]
+        )
+        with pytest.raises(RecordError, match=loc(path, ":3: messages[1].content: empty response")):
+            convert_all(path)
+
+    def test_empty_response_in_csv_names_the_line(self, tmp_path):
+        path = write_csv(tmp_path / "ad.csv", ["content", "summary"], [["a", "b"], ["c", ""]])
+        with pytest.raises(
+            RecordError,
+            match=loc(path, ":3: missing or empty column 'summary' (mapped to response)"),
+        ):
+            convert_all(path, columns=AD_COLUMNS)
+
+    def test_missing_column_in_csv_names_the_line(self, tmp_path):
+        path = write_csv(tmp_path / "ad.csv", ["content", "answer"], [["a", "b"]])
+        with pytest.raises(
+            RecordError,
+            match=loc(path, ":2: missing or empty column 'summary' (mapped to response)"),
+        ):
+            convert_all(path, columns=AD_COLUMNS)
+
+    def test_empty_user_message(self):
+        with pytest.raises(
+            RecordError, match=re.escape("f.json#0: messages[0].content: empty user message")
+        ):
+            rec({"instruction": " ", "input": "", "output": "x"})
+
+    def test_roles_out_of_order(self, tmp_path):
+        value = {
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "user", "content": "b"},
+                {"role": "assistant", "content": "c"},
+            ]
+        }
+        path = write_jsonl(tmp_path / "o.jsonl", [value])
+        with pytest.raises(
+            RecordError,
+            match=loc(
+                path,
+                ":1: messages[1].role: expected 'assistant' here (roles out of order), got 'user'",
+            ),
+        ):
+            convert_all(path)
+
+    def test_sharegpt_starting_with_gpt_is_out_of_order(self):
+        value = {"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}]}
+        with pytest.raises(
+            RecordError,
+            match=re.escape(
+                "messages[0].role: expected 'user' here (roles out of order), got 'assistant'"
+            ),
+        ):
+            rec(value)
+
+    def test_system_not_first(self):
+        value = {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "system", "content": "s"},
+                {"role": "assistant", "content": "a"},
+            ]
+        }
+        with pytest.raises(
+            RecordError,
+            match=re.escape(
+                "f.json#0: messages[1]: a system message may only come first (roles out of order)"
+            ),
+        ):
+            rec(value)
+
+    def test_unknown_role(self):
+        value = {"messages": [{"role": "bot", "content": "q"}]}
+        with pytest.raises(
+            RecordError,
+            match=re.escape(
+                "messages[0].role: expected one of ['system', 'user', 'assistant'], got 'bot'"
+            ),
+        ):
+            rec(value)
+
+    def test_non_string_message_content(self):
+        value = {
+            "messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "a"}]
+        }
+        with pytest.raises(
+            RecordError,
+            match=re.escape("f.json#0: messages[0].content: expected a string, got NoneType"),
+        ):
+            rec(value)
+
+    def test_unknown_sharegpt_speaker(self):
+        value = {"conversations": [{"from": "narrator", "value": "q"}]}
+        with pytest.raises(
+            RecordError,
+            match=re.escape(
+                "f.json#0.conversations[0].from: expected one of ['assistant', 'chatgpt', 'gpt', 'human', 'model', 'system', 'user'], got 'narrator'"
+            ),
+        ):
+            rec(value)
+
+    def test_non_string_sharegpt_value(self):
+        value = {"conversations": [{"from": "human", "value": 5}]}
+        with pytest.raises(
+            RecordError,
+            match=re.escape("f.json#0.conversations[0].value: expected a string, got int"),
+        ):
+            rec(value)
+
+    def test_conversations_not_a_list(self):
+        with pytest.raises(
+            RecordError,
+            match=re.escape("f.json#0.conversations: expected a list of {from, value} objects"),
+        ):
+            rec({"conversations": "hi"})
+
+    def test_messages_not_a_list(self):
+        with pytest.raises(
+            RecordError,
+            match=re.escape("f.json#0.messages: expected a list of {role, content} objects"),
+        ):
+            rec({"messages": {"role": "user"}})
+
+    def test_bad_history(self):
+        with pytest.raises(
+            RecordError, match=re.escape("f.json#0.history[1]: expected a [query, answer] pair")
+        ):
+            rec({**ALPACA, "history": [["a", "b"], ["only one"]]})
+        with pytest.raises(
+            RecordError,
+            match=re.escape("f.json#0.history: expected a list of [query, answer] pairs"),
+        ):
+            rec({**ALPACA, "history": "a,b"})
+        with pytest.raises(
+            RecordError, match=re.escape("f.json#0.history[0]: expected two strings")
+        ):
+            rec({**ALPACA, "history": [["a", 1]]})
+
+    def test_unknown_format_lists_keys(self, tmp_path):
+        path = write_json(tmp_path / "u.json", [{"prompt": "p", "completion": "c"}])
+        with pytest.raises(
+            RecordError,
+            match=loc(
+                path,
+                "#0: unknown format: keys ['completion', 'prompt']; expected alpaca (instruction, input, output), sharegpt (conversations), openai (messages)",
+            ),
+        ):
+            convert_all(path)
+
+    def test_unknown_format_name(self):
+        with pytest.raises(
+            RecordError,
+            match=re.escape("f.json#0: unknown format 'xml'; expected one of ['auto', 'alpaca'"),
+        ):
+            rec(ALPACA, "xml")
+
+    def test_row_not_an_object(self, tmp_path):
+        path = write_json(tmp_path / "s.json", ["just a string"])
+        with pytest.raises(RecordError, match=loc(path, "#0: expected a JSON object, got str")):
+            convert_all(path)
+        with pytest.raises(RecordError, match=loc(path, "#0: expected a JSON object, got str")):
+            convert_all(path, "alpaca")
+
+    def test_explicit_format_that_does_not_fit(self):
+        value = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+        with pytest.raises(RecordError, match=re.escape("f.json#0: missing field 'instruction'")):
+            rec(value, "alpaca")
+
+    def test_unhashable_sharegpt_speaker(self):
+        value = {
+            "conversations": [{"from": ["human"], "value": "q"}, {"from": "gpt", "value": "a"}]
+        }
+        with pytest.raises(
+            RecordError, match=re.escape("f.json#0.conversations[0].from: expected one of")
+        ):
+            rec(value)

@@ -1,0 +1,24 @@
+"""``chattune demo`` end to end: the taught answers are learned, the run folder is usable."""
+
+from __future__ import annotations
+
+import json
+
+from chattune.cli import main
+from chattune.demo import run_demo
+
+
+def test_demo_learns_the_taught_instructions(tmp_path):
+    lines = []
+    result = run_demo(str(tmp_path / "demo"), log=lines.append)
+    assert result["exact_match_before"] <= 0.1
+    assert result["exact_match_after"] >= 0.9
+    assert result["eval_loss_after"] < result["eval_loss_before"]
+    report = "\n".join(lines)
+    assert "exact match, taught" in report and "eval loss, held-out" in report
+    out = tmp_path / "pred.jsonl"
+    data = tmp_path / "demo" / "data" / "demo_train.json"
+    assert main(["predict", result["run_dir"], "--data", str(data), "--out", str(out), "--limit", "5"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 5
+    assert sum(r["prediction"] == r["reference"] for r in rows) >= 4
