@@ -90,6 +90,11 @@ def cmd_train(args) -> int:
         overrides.insert(0, config_path)
         config_path = None
     config = load_config(config_path, overrides)
+    if args.dry_run:
+        from chattune.plan import estimate, format_plan
+
+        print(format_plan(estimate(config), config))
+        return 0
     result = train(config)
     print(f"done: {result.global_step} steps, train loss {result.train_loss:.4f}"
           + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
@@ -193,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", help="config YAML")
     train.add_argument("overrides", nargs="*", help="key=value overrides")
     train.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    train.add_argument("--dry-run", action="store_true",
+                       help="print the method, parameter counts and a memory estimate; load no weights")
     train.set_defaults(func=cmd_train)
 
     chat = sub.add_parser("chat", help="chat with a run folder in the terminal")

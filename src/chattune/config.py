@@ -89,17 +89,38 @@ class DataArgs:
 class MethodArgs:
     """The fine-tuning method and its settings."""
 
-    method: Literal["lora"] = "lora"
-    """Fine-tuning method."""
+    method: Literal["lora", "qlora", "freeze", "ptuning", "full"] = "lora"
+    """Fine-tuning method: lora, qlora (4/8-bit base + LoRA, CUDA), freeze (last n blocks'
+    MLPs), ptuning (P-Tuning v2 prefix encoder), full (every parameter)."""
     lora_rank: int = 8
-    """LoRA rank r."""
+    """LoRA rank r (lora, qlora)."""
     lora_alpha: float | None = None
     """LoRA alpha; default 2 * lora_rank."""
     lora_dropout: float = 0.05
     """Dropout on the LoRA input."""
     lora_target: list[str] | None = None
-    """Module names to adapt; default per architecture (query_key_value for ChatGLM
-    remote code, all linear projections otherwise)."""
+    """Module names to adapt, or ``all-linear``; default per architecture (query_key_value
+    for ChatGLM remote code, all linear projections otherwise)."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA)."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA scaling (alpha / sqrt(r))."""
+    modules_to_save: list[str] | None = None
+    """Extra modules trained in full and saved with the adapter (e.g. embed_tokens, lm_head)."""
+    quantization_bit: int = 4
+    """qlora: load the base in 4-bit NF4 (double quantization, bf16 compute) or 8-bit."""
+    freeze_trainable_layers: int = 2
+    """freeze: train the last n blocks (negative: the first -n blocks)."""
+    freeze_trainable_modules: list[str] = field(default_factory=lambda: ["mlp"])
+    """freeze: module names trained inside those blocks (``all`` for the whole block)."""
+    freeze_extra_modules: list[str] | None = None
+    """freeze: further modules trained anywhere, by name (e.g. lm_head)."""
+    pre_seq_len: int = 16
+    """ptuning: number of virtual prefix tokens."""
+    prefix_projection: bool = False
+    """ptuning: pass the prefix through a two-layer MLP (P-Tuning v2's projection)."""
+    prefix_hidden_size: int = 512
+    """ptuning: hidden size of that MLP."""
 
 
 @dataclass
@@ -126,6 +147,9 @@ class TrainArgs:
     """Linear warm-up steps."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    optim: str = "adamw_torch"
+    """Optimizer: adamw_torch, or on CUDA with bitsandbytes adamw_bnb_8bit / paged_adamw_8bit /
+    paged_adamw_32bit."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables)."""
     fp16: bool = False
@@ -197,6 +221,10 @@ GROUPS: dict[str, type] = {
 _KEY_TO_GROUP: dict[str, str] = {
     f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)
 }
+
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adafactor",
+              "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+CUDA_OPTIMIZERS = ("adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 
 _TRUE = {"true", "yes", "on", "1", "y", "t"}
 _FALSE = {"false", "no", "off", "0", "n", "f"}
@@ -391,6 +419,11 @@ def validate(config: RunConfig) -> None:
     _check(d.max_seq_length >= 8, "max_seq_length: must be >= 8")
     _check(0.0 <= d.eval_fraction < 1.0, "eval_fraction: must be in [0, 1)")
     _check(m.lora_rank >= 1, "lora_rank: must be >= 1")
+    _check(m.quantization_bit in (4, 8), "quantization_bit: must be 4 or 8")
+    _check(m.freeze_trainable_layers != 0, "freeze_trainable_layers: must not be 0")
+    _check(m.pre_seq_len >= 1, "pre_seq_len: must be >= 1")
+    _check(m.prefix_hidden_size >= 1, "prefix_hidden_size: must be >= 1")
+    _check(t.optim in OPTIMIZERS, f"optim: expected one of {list(OPTIMIZERS)}")
     _check(0.0 <= m.lora_dropout < 1.0, "lora_dropout: must be in [0, 1)")
     g = config.generate
     _check(g.max_new_tokens >= 1, "max_new_tokens: must be >= 1")

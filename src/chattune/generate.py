@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from chattune.config import GenerateArgs, ModelArgs
+from chattune.config import GenerateArgs, MethodArgs, ModelArgs
 from chattune.data.encode import PieceEncoder, encode_prompt
 from chattune.data.templates import get_template, resolve_template_name
 from chattune.manifest import (
@@ -26,7 +26,7 @@ from chattune.manifest import (
     verify_base_model,
     verify_template,
 )
-from chattune.methods import load_adapter
+from chattune.methods import load_trained, quantization_config
 from chattune.model import load_model, load_tokenizer
 
 
@@ -85,6 +85,38 @@ class ChatModel:
                 text = text[:at]
         return text
 
+    @property
+    def prefix_tokens(self) -> int:
+        """Virtual tokens of a P-Tuning v2 prefix (0 for other methods)."""
+        config = getattr(self.model, "active_peft_config", None)
+        return getattr(config, "num_virtual_tokens", 0) if getattr(config, "peft_type", None) == "PREFIX_TUNING" else 0
+
+    @torch.no_grad()
+    def _prefix_decode(self, input_ids: torch.Tensor, attention: torch.Tensor, kwargs: dict) -> Iterator[torch.Tensor]:
+        """Decode with a P-Tuning v2 prefix and the KV cache: the prefix keys/values seed
+        the cache, positions continue after them as in training. Yields each step's tokens."""
+        n = self.prefix_tokens
+        batch = input_ids.shape[0]
+        base = self.model.get_base_model()
+        cache = self.model.get_prompt(batch, max_cache_len=n + input_ids.shape[1] + kwargs["max_new_tokens"])
+        mask = torch.cat([torch.ones(batch, n, dtype=attention.dtype, device=attention.device), attention], 1)
+        positions = (n + attention.cumsum(1) - 1).clamp(min=n)
+        logits = base(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                      past_key_values=cache, use_cache=True).logits[:, -1]
+        done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        stops = torch.as_tensor(self.stop_token_ids, device=input_ids.device)
+        for _ in range(kwargs["max_new_tokens"]):
+            token = _pick_next(logits, kwargs)
+            token = torch.where(done, torch.full_like(token, kwargs["pad_token_id"]), token)
+            yield token
+            done |= torch.isin(token, stops)
+            if done.all():
+                return
+            mask = torch.cat([mask, (~done).long()[:, None]], 1)
+            positions = positions[:, -1:] + 1
+            logits = base(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
+                          past_key_values=cache, use_cache=True).logits[:, -1]
+
     @torch.no_grad()
     def generate(self, conversations: list[list[dict]], **overrides) -> list[str]:
         """Answer several conversations in one left-padded batch."""
@@ -96,11 +128,14 @@ class ChatModel:
         for i, prompt in enumerate(prompts):
             input_ids[i, longest - len(prompt):] = torch.as_tensor(prompt)
             attention[i, longest - len(prompt):] = 1
-        output = self.model.generate(
-            input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
-            **self._generate_kwargs(overrides),
-        )
-        new_tokens = output[:, longest:]
+        input_ids, attention = input_ids.to(self.device), attention.to(self.device)
+        kwargs = self._generate_kwargs(overrides)
+        if self.prefix_tokens:
+            steps = list(self._prefix_decode(input_ids, attention, kwargs))
+            new_tokens = torch.stack(steps, 1) if steps else input_ids[:, :0]
+        else:
+            output = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
+            new_tokens = output[:, longest:]
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [self.cut_at_stop(text).strip() for text in texts]
 
@@ -111,10 +146,19 @@ class ChatModel:
         prompt = torch.as_tensor([self.prompt_ids(messages)], device=self.device)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = self._generate_kwargs(overrides)
-        worker = threading.Thread(
-            target=self.model.generate,
-            kwargs={"input_ids": prompt, "attention_mask": torch.ones_like(prompt), "streamer": streamer, **kwargs},
-        )
+        if self.prefix_tokens:
+            def run():
+                streamer.put(prompt.cpu())
+                for token in self._prefix_decode(prompt, torch.ones_like(prompt), kwargs):
+                    streamer.put(token.cpu())
+                streamer.end()
+
+            worker = threading.Thread(target=run)
+        else:
+            worker = threading.Thread(
+                target=self.model.generate,
+                kwargs={"input_ids": prompt, "attention_mask": torch.ones_like(prompt), "streamer": streamer, **kwargs},
+            )
         worker.start()
         hold = max((len(s) for s in self.stop_strings), default=0)
         text, sent, stopped = "", 0, False
@@ -136,6 +180,18 @@ class ChatModel:
         worker.join()
 
 
+def _pick_next(logits: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """Greedy, or temperature + top-p sampling, over the last position's logits."""
+    if not kwargs.get("do_sample"):
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / kwargs.get("temperature", 1.0), -1)
+    sorted_probs, order = probs.sort(-1, descending=True)
+    keep = sorted_probs.cumsum(-1) - sorted_probs < kwargs.get("top_p", 1.0)
+    sorted_probs = sorted_probs * keep
+    choice = torch.multinomial(sorted_probs / sorted_probs.sum(-1, keepdim=True), 1)
+    return order.gather(-1, choice).squeeze(-1)
+
+
 def _pick_device(model) -> None:
     if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":
         model.to("cuda")
@@ -153,7 +209,8 @@ def load_chat_model(path: str, *, base_model: str | None = None, force: bool = F
         remote = recorded.get("trust_remote_code", False)
         tokenizer_path = str(folder) if (folder / "tokenizer_config.json").is_file() else base_path
         tokenizer = load_tokenizer(tokenizer_path, remote)
-        problems = verify_base_model(manifest, base_path)
+        full = manifest["method"]["name"] == "full"
+        problems = [] if full and not Path(base_path).exists() else verify_base_model(manifest, base_path)
         if not template:
             problems += verify_template(manifest, tokenizer)
         if problems:
@@ -161,8 +218,16 @@ def load_chat_model(path: str, *, base_model: str | None = None, force: bool = F
             if not force:
                 raise ManifestError(f"{message}\n(use --force to load anyway)")
             warn(f"warning: {message}")
-        model = load_model(ModelArgs(model_name_or_path=base_path, trust_remote_code=remote))
-        model = load_adapter(model, str(folder), manifest["method"]["name"])
+        method = manifest["method"]["name"]
+        if method == "full":
+            model = load_model(ModelArgs(model_name_or_path=str(folder), trust_remote_code=remote))
+        else:
+            extra = {}
+            if method == "qlora" and torch.cuda.is_available():
+                extra["quantization_config"] = quantization_config(MethodArgs(**{
+                    k: v for k, v in manifest["method"].items() if k in MethodArgs.__dataclass_fields__}))
+            model = load_model(ModelArgs(model_name_or_path=base_path, trust_remote_code=remote), **extra)
+            model = load_trained(model, str(folder), method)
         generation = manifest["generation"]
         template_name = template or manifest["template"]["name"]
         max_length = manifest["max_seq_length"]

@@ -19,6 +19,7 @@ import yaml
 from chattune import __version__
 from chattune.config import RunConfig
 from chattune.data.templates import template_provenance
+from chattune.methods import method_settings
 from chattune.model import base_model_fingerprint
 
 MANIFEST_NAME = "chattune.json"
@@ -32,13 +33,11 @@ class ManifestError(RuntimeError):
 def build_manifest(config: RunConfig, base: dict, template_name: str, tokenizer,
                    data_fingerprint: str) -> dict:
     """The manifest of a run, as a JSON-ready dict."""
-    method = {"name": config.method.method, **asdict(config.method)}
-    method.pop("method")
     return {
         "chattune_version": __version__,
         "base_model": base,
         "template": template_provenance(template_name, tokenizer),
-        "method": method,
+        "method": method_settings(config.method),
         "max_seq_length": config.data.max_seq_length,
         "data_fingerprint": data_fingerprint,
         "generation": asdict(config.generate),

@@ -54,13 +54,13 @@ def resolve_dtype(dtype: str, fp16: bool = False, bf16: bool = False) -> torch.d
     return torch.float32
 
 
-def load_model(args: ModelArgs, dtype: torch.dtype = torch.float32):
-    """The base causal LM from a path (or cached hub id)."""
+def load_model(args: ModelArgs, dtype: torch.dtype = torch.float32, **extra):
+    """The base causal LM from a path (or cached hub id); ``extra`` goes to from_pretrained."""
     from transformers import AutoModelForCausalLM
 
     if not args.model_name_or_path:
         raise ModelLoadError("model_name_or_path: no base model given")
-    kwargs = {"dtype": dtype, "trust_remote_code": args.trust_remote_code}
+    kwargs = {"dtype": dtype, "trust_remote_code": args.trust_remote_code, **extra}
     if args.device_map:
         kwargs["device_map"] = args.device_map
     try:

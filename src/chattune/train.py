@@ -24,7 +24,7 @@ from chattune.data.encode import IGNORE_INDEX
 from chattune.data.prepare import PreparedData, format_audit, prepare_data
 from chattune.data.templates import resolve_template_name
 from chattune.manifest import build_manifest, write_run_files
-from chattune.methods import apply_method, count_parameters
+from chattune.methods import apply_method, check_supported, count_parameters, quantization_config
 from chattune.model import base_model_fingerprint, load_model, load_tokenizer, resolve_dtype
 
 METRICS_NAME = "metrics.jsonl"
@@ -101,6 +101,7 @@ class TrainResult:
     train_loss: float
     eval_loss: float | None
     prepared: PreparedData
+    model: object = None
 
 
 def _resume_path(config: RunConfig, output_dir: Path) -> str | None:
@@ -143,6 +144,7 @@ def training_arguments(config: RunConfig, has_eval: bool) -> TrainingArguments:
         lr_scheduler_type=t.lr_scheduler_type,
         warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay,
+        optim=t.optim,
         max_grad_norm=t.max_grad_norm,
         fp16=t.fp16,
         bf16=t.bf16,
@@ -166,6 +168,7 @@ def train(config: RunConfig, *, log=print) -> TrainResult:
     """Run one training job described by ``config``; return where its run folder is."""
     if not config.model.model_name_or_path:
         raise ConfigError("model_name_or_path: no base model given")
+    check_supported(config.method, config.train.optim)
     output_dir = Path(config.train.output_dir)
     resume = _resume_path(config, output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -178,10 +181,12 @@ def train(config: RunConfig, *, log=print) -> TrainResult:
     (output_dir / AUDIT_NAME).write_text(json.dumps(prepared.audit, indent=2, ensure_ascii=False))
 
     dtype = resolve_dtype(config.model.dtype, config.train.fp16, config.train.bf16)
-    model = load_model(config.model, dtype)
+    extra = {"quantization_config": quantization_config(config.method)} if config.method.method == "qlora" else {}
+    model = load_model(config.model, dtype, **extra)
+    model.config.use_cache = False  # a KV cache is never needed in training
     if config.train.gradient_checkpointing:
         model.enable_input_require_grads()
-    model = apply_method(model, config.method)
+    model = apply_method(model, config.method, config.train.gradient_checkpointing)
     trainable, total = count_parameters(model)
     log(f"method {config.method.method}: {trainable:,} trainable of {total:,} parameters "
         f"({trainable / total:.3%})")
@@ -209,4 +214,5 @@ def train(config: RunConfig, *, log=print) -> TrainResult:
         "eval_loss": eval_loss,
         "trainable_parameters": trainable,
     })
-    return TrainResult(output_dir, trainer.state.global_step, result.training_loss, eval_loss, prepared)
+    model.eval()
+    return TrainResult(output_dir, trainer.state.global_step, result.training_loss, eval_loss, prepared, model)
