@@ -17,6 +17,13 @@ def test_config_reference_lists_every_key():
             assert f"| `{field.name}` |" in README, field.name
 
 
+def test_config_reference_is_current():
+    """Regenerate with: chattune train --help-config --markdown"""
+    from chattune.config import describe_keys
+
+    assert describe_keys(markdown=True) in README
+
+
 def test_the_two_commands_are_there_and_match_ci():
     ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
     assert "pip install -e . && chattune demo" in README

@@ -80,7 +80,7 @@ def cmd_train(args) -> int:
     from chattune.train import train
 
     if args.help_config:
-        print(describe_keys())
+        print(describe_keys(markdown=args.markdown))
         return 0
     if args.config is None:
         raise SystemExit("train: give a config file (chattune train CONFIG.yaml [key=value ...])")
@@ -152,6 +152,13 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """Serve run folders over an OpenAI-compatible HTTP API: ``chattune serve RUN_DIR [--adapter NAME=RUN_DIR]``."""
+    from chattune.serve import serve
+
+    return serve(args)
+
+
 def _add_data_input(parser):
     parser.add_argument("inputs", nargs="+", help="data files (JSON, JSONL, CSV, Parquet)")
     parser.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "openai", "columns"])
@@ -198,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", help="config YAML")
     train.add_argument("overrides", nargs="*", help="key=value overrides")
     train.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    train.add_argument("--markdown", action="store_true", help="with --help-config: as a Markdown table")
     train.add_argument("--dry-run", action="store_true",
                        help="print the method, parameter counts and a memory estimate; load no weights")
     train.set_defaults(func=cmd_train)
@@ -228,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default="chattune-demo")
     demo.add_argument("--max-steps", type=int, default=400)
     demo.set_defaults(func=cmd_demo)
+
+    from chattune.serve import add_arguments as add_serve_arguments
+
+    serve = sub.add_parser("serve", help="serve run folders over an OpenAI-compatible HTTP API")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

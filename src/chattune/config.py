@@ -446,23 +446,27 @@ def resume_setting(config: RunConfig) -> bool | str | None:
     return value
 
 
-def describe_keys() -> str:
-    """Every config key with its type, default and docstring, for ``--help-config``."""
+def describe_keys(markdown: bool = False) -> str:
+    """Every config key with its default and docstring, for ``--help-config``
+    (``markdown``: as the README's table)."""
     import ast
     import inspect
 
-    lines = []
+    lines = ["| key | default | meaning |", "|---|---|---|"] if markdown else []
     for group, cls in GROUPS.items():
-        source = inspect.getsource(cls)
+        body = ast.parse(inspect.getsource(cls)).body[0].body  # type: ignore[attr-defined]
         docs: dict[str, str] = {}
-        body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
         for node, after in zip(body, body[1:], strict=False):
             if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr):
                 docs[node.target.id] = " ".join(str(after.value.value).split())  # type: ignore[union-attr]
-        lines.append(f"[{group}]")
+        if not markdown:
+            lines.append(f"[{group}]")
         defaults = cls()
         for f in dataclasses.fields(cls):
             default = getattr(defaults, f.name)
-            lines.append(f"  {f.name} (default: {default!r})")
-            lines.append(f"      {docs.get(f.name, '')}")
+            doc = docs.get(f.name, "")
+            if markdown:
+                lines.append(f"| `{f.name}` | `{default!r}` | {doc.replace('|', '/')} ({group}) |")
+            else:
+                lines += [f"  {f.name} (default: {default!r})", f"      {doc}"]
     return "\n".join(lines)
