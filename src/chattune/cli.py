@@ -237,10 +237,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-steps", type=int, default=400)
     demo.set_defaults(func=cmd_demo)
 
-    from chattune.serve import add_arguments as add_serve_arguments
-
     serve = sub.add_parser("serve", help="serve run folders over an OpenAI-compatible HTTP API")
-    add_serve_arguments(serve)
+    serve.add_argument("run_dir", help="run folder (or a base model path to serve it bare)")
+    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=RUN_DIR",
+                       help="one more run folder over the same base model, served as NAME (repeatable)")
+    serve.add_argument("--name", help="the model name of RUN_DIR (default: its folder name)")
+    serve.add_argument("--base-model", help="base model path, overriding the manifests'")
+    serve.add_argument("--force", action="store_true", help="serve even if the base model or template differs")
+    serve.add_argument("--trust-remote-code", action="store_true")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $CHATTUNE_API_KEY)")
+    serve.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    serve.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; then 429")
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    serve.add_argument("--threads", type=int, help="torch CPU threads (default on CPU: cores - 1)")
+    serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=cmd_serve)
     return parser
 

@@ -1,0 +1,332 @@
+"""The FastAPI app: OpenAI's routes over the batching engine.
+
+``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions`` and
+``POST /v1/completions``, with server-sent events for ``stream``. Every error
+is OpenAI's ``{"error": {...}}`` body naming the field at fault. The API key
+and the body-size limit are plain ASGI middleware, checked before a body is
+parsed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from chattune.data.templates import TemplateError
+from chattune.serve.engine import Engine, Event, QueueFull, SamplingParams, Sequence
+from chattune.serve.registry import Served, ServedModel
+from chattune.serve.schema import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+    error_body,
+    validation_message,
+)
+from chattune.serve.text import TextStream
+
+
+async def _send_error(scope, receive, send, status: int, body: dict, headers: dict | None = None) -> None:
+    await JSONResponse(body, status_code=status, headers=headers)(scope, receive, send)
+
+
+class RequireKey:
+    """ASGI middleware: with a key set, every path but ``/health`` needs ``Authorization: Bearer <key>``."""
+
+    def __init__(self, app, key: str | None):
+        self.app, self.key = app, key
+
+    async def __call__(self, scope, receive, send):
+        """Answer 401 without the right key; otherwise pass the request on."""
+        if scope["type"] != "http" or not self.key or scope["path"] == "/health":
+            return await self.app(scope, receive, send)
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.key.encode()):
+            return await self.app(scope, receive, send)
+        message = ("Incorrect API key provided." if header else
+                   "Missing API key: send the header 'Authorization: Bearer <key>'.")
+        await _send_error(scope, receive, send, 401, error_body(message, code="invalid_api_key"),
+                          {"WWW-Authenticate": "Bearer"})
+
+
+class LimitBody:
+    """ASGI middleware: a body over ``limit`` bytes gets 413 before anything parses it."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        """Read the whole body (at most ``limit`` bytes), then hand it on."""
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        too_big = error_body(f"the request body is larger than this server's limit of {self.limit} bytes",
+                             code="request_too_large")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await _send_error(scope, receive, send, 413, too_big)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await _send_error(scope, receive, send, 413, too_big)
+            if not message.get("more_body"):
+                break
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay():
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _status_type(status: int) -> str:
+    return {401: "authentication_error", 404: "invalid_request_error", 429: "rate_limit_error"}.get(
+        status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def _sampling(model: ServedModel, body: SamplingFields, prompt_tokens: int, limit: int,
+              prompt_field: str) -> SamplingParams:
+    """Request settings over the run's generation defaults, checked against the context length."""
+    defaults = model.chat.generation
+    room = limit - prompt_tokens
+    if room < 1:
+        raise APIError(400, f"{prompt_field}: the prompt is {prompt_tokens} tokens and the model's context is "
+                       f"{limit} tokens, which leaves no room for an answer", param=prompt_field,
+                       code="context_length_exceeded")
+    field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+    requested = getattr(body, field)
+    if requested is not None and requested > room:
+        raise APIError(400, f"{field}: {requested} tokens asked for, but the model's context is {limit} tokens "
+                       f"and the prompt takes {prompt_tokens}: at most {room}", param=field,
+                       code="context_length_exceeded")
+    sampled = defaults.get("do_sample", False)
+    return SamplingParams(
+        max_tokens=requested or min(int(defaults.get("max_new_tokens", 256)), room),
+        temperature=body.temperature if body.temperature is not None else
+        (defaults.get("temperature", 1.0) if sampled else 0.0),
+        top_p=body.top_p if body.top_p is not None else defaults.get("top_p", 1.0),
+        seed=body.seed,
+        repetition_penalty=body.repetition_penalty or defaults.get("repetition_penalty", 1.0),
+        ignore_eos=body.ignore_eos,
+    )
+
+
+def _dump(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def _events(request: Request, queue: asyncio.Queue, seq: Sequence, engine: Engine) -> AsyncIterator[Event]:
+    """The request's events until it ends; the client leaving ends it too, and frees its slot."""
+
+    async def watch():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        queue.put_nowait(Event("gone"))
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        while True:
+            event = await queue.get()
+            if event.kind == "gone":
+                return
+            yield event
+            if event.kind != "text":
+                return
+    finally:
+        watcher.cancel()
+        engine.cancel(seq)
+
+
+def create_app(served: Served, engine: Engine, *, api_key: str | None = None,
+               max_body_bytes: int = 1 << 20) -> FastAPI:
+    """The API over a loaded model and a running engine (neither is started or stopped here)."""
+    app = FastAPI(title="chattune", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.served, app.state.engine = served, engine
+    app.add_middleware(LimitBody, limit=max_body_bytes)
+    app.add_middleware(RequireKey, key=api_key)
+    vocab = served.model.get_input_embeddings().num_embeddings
+
+    @app.exception_handler(APIError)
+    async def api_error(_request, exc: APIError):
+        """Our own errors, already in OpenAI's format."""
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request, exc: RequestValidationError):
+        """pydantic's 422 as a 400 naming the field."""
+        message, param = validation_message(list(exc.errors()))
+        return JSONResponse(error_body(message, param=param), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        """Unknown routes and methods, in OpenAI's format."""
+        message = f"{exc.detail}: {request.method} {request.url.path}"
+        return JSONResponse(error_body(message, _status_type(exc.status_code)), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    def pick(name: str | None) -> ServedModel:
+        """The model a request names (the default when it names none), or 404."""
+        model = served.models.get(name or served.default)
+        if model is None:
+            raise APIError(404, f"The model '{name}' does not exist; this server has: "
+                           f"{', '.join(served.models)}", param="model", code="model_not_found")
+        return model
+
+    def card(model: ServedModel) -> dict:
+        """A model as /v1/models lists it."""
+        return {"id": model.name, "object": "model", "created": model.created, "owned_by": "chattune",
+                "root": model.run_dir, "parent": None if model.adapter == "__base__" else "base",
+                "template": model.chat.template, "context_length": served.context_length}
+
+    @app.get("/health")
+    async def health():
+        """Liveness and load; needs no API key."""
+        body = {"status": "ok" if engine.alive else "stopped", **engine.stats(), "models": list(served.models)}
+        return JSONResponse(body, status_code=200 if engine.alive else 503)
+
+    @app.get("/v1/models")
+    async def list_models():
+        """Every name the ``model`` field may take."""
+        return {"object": "list", "data": [card(m) for m in served.models.values()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str):
+        """One model, or 404."""
+        return card(pick(name))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        """A chat answer, rendered with the model's own template."""
+        body.check_supported()
+        model = pick(body.model)
+        messages = body.conversation()
+        try:
+            with served.tokenizer_lock:
+                ids = model.prompt_ids(messages)
+        except TemplateError as exc:
+            raise APIError(400, f"messages: {exc}", param="messages") from exc
+        params = _sampling(model, body, len(ids), served.context_length, "messages")
+        stops = model.chat.stop_strings + body.stop_list()
+        return await _respond(request, model, ids, params, stops, body, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        """A plain prompt continued as it is."""
+        body.check_supported()
+        model = pick(body.model)
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) > 1:
+                raise APIError(400, "prompt: one prompt per request (send several requests; they are batched)",
+                               param="prompt")
+            prompt = prompt[0]
+        if not prompt:
+            raise APIError(400, "prompt: the prompt is empty", param="prompt")
+        if isinstance(prompt, str):
+            with served.tokenizer_lock:
+                ids = served.tokenizer(prompt)["input_ids"]
+        else:
+            ids = list(prompt)
+            if any(not 0 <= i < vocab for i in ids):
+                raise APIError(400, f"prompt: token ids must be in [0, {vocab})", param="prompt")
+        params = _sampling(model, body, len(ids), served.context_length, "prompt")
+        return await _respond(request, model, ids, params, body.stop_list(), body, chat=False)
+
+    def decode(ids: list[int]) -> str:
+        """Token ids to text (the tokenizer is shared with request threads, hence the lock)."""
+        with served.tokenizer_lock:
+            return served.tokenizer.decode(ids, skip_special_tokens=True)
+
+    async def _respond(request, model: ServedModel, ids, params, stops, body, *, chat: bool):
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def emit(event: Event) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the event loop is closed: nobody is listening
+                pass
+
+        seq = Sequence(ids, params, TextStream(decode, stops, strip=chat), emit, adapter=model.adapter,
+                       stop_token_ids=frozenset(model.chat.stop_token_ids))
+        try:
+            engine.submit(seq)
+        except QueueFull as exc:
+            raise APIError(429, f"The server is busy ({exc}); retry after a second.", type="rate_limit_error",
+                           code="rate_limit_exceeded", headers={"Retry-After": "1"}) from exc
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": model.name}
+        events = _events(request, queue, seq, engine)
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_stream(events, head, chat, usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        parts, done = [], None
+        async with aclosing(events):
+            async for event in events:
+                if event.kind == "text":
+                    parts.append(event.text)
+                elif event.kind == "error":
+                    raise APIError(500, event.text, type="server_error")
+                else:
+                    done = event
+        if done is None:
+            return Response(status_code=499)  # the client left
+        text = "".join(parts)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
+                  if chat else {"index": 0, "text": text, "logprobs": None})
+        return {**head, "object": "chat.completion" if chat else "text_completion",
+                "system_fingerprint": None, "choices": [{**choice, "finish_reason": done.finish_reason}],
+                "usage": _usage(done)}
+
+    return app
+
+
+def _usage(done: Event) -> dict:
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens}
+
+
+async def _stream(events: AsyncIterator[Event], head: dict, chat: bool, include_usage: bool):
+    """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
+    head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+    if chat:
+        head["system_fingerprint"] = None
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(text: str | None, finish: str | None = None, role: bool = False) -> str:
+        if chat:
+            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return _dump({**head, "choices": [choice], **extra})
+
+    if chat:
+        yield chunk(None, role=True)
+    async with aclosing(events):
+        async for event in events:
+            if event.kind == "text":
+                yield chunk(event.text)
+            elif event.kind == "done":
+                yield chunk(None, event.finish_reason)
+                if include_usage:
+                    yield _dump({**head, "choices": [], "usage": _usage(event)})
+            else:
+                yield _dump(error_body(event.text, "server_error"))
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,202 @@
+"""Request bodies of the OpenAI-compatible API, and its error format.
+
+Fields are strict (a string is not a number, ``1`` is not ``true``); unknown
+fields are ignored, as OpenAI-compatible servers do. Options chattune does not
+implement are accepted only at their neutral value, so a client that asks for
+them gets a clear 400 rather than a silent no-op.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from chattune.data.records import RecordError, validate_messages
+
+STRICT = ConfigDict(strict=True, extra="ignore")
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's format: ``{"error": {message, type, param, code}}``."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error", headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type, self.headers = type, headers or {}
+
+    def body(self) -> dict:
+        """The JSON body."""
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    """OpenAI's error object."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _is_type_tag(part) -> bool:
+    """pydantic names the member of a union it tried (``str``, ``list[int]``) in the location."""
+    return isinstance(part, str) and (part in _TYPE_TAGS or "[" in part or "-" in part)
+
+
+def field_path(loc: tuple) -> str | None:
+    """pydantic's error location as the field a client wrote, ``messages[0].content``
+    (cut at a union's member); None for the body as a whole."""
+    path = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if _is_type_tag(part):
+            break
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or None
+
+
+def validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """One message and the field it is about, from pydantic's errors (the first field's)."""
+    first = errors[0]
+    param = field_path(tuple(first.get("loc", ())))
+    if first.get("type") == "json_invalid":
+        return f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}", None
+    same = [e for e in errors if field_path(tuple(e.get("loc", ()))) == param]
+    tags = [next((p for p in e["loc"] if _is_type_tag(p)), None) for e in same]
+    if len(same) > 1 and all(tags):
+        message = f"expected one of {', '.join(dict.fromkeys(tags))}"
+    else:
+        message = first["msg"]
+    return (f"{param}: {message}" if param else f"request body: {message}"), param
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content; only text parts are understood."""
+
+    model_config = STRICT
+    type: str
+    text: str | None = None
+
+
+class Message(BaseModel):
+    """A chat message. ``input`` (an Alpaca input, an extension) goes to templates that show it apart."""
+
+    model_config = STRICT
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+    input: str | None = None
+
+
+class StreamOptions(BaseModel):
+    """``stream_options``: a last chunk with the usage."""
+
+    model_config = STRICT
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """The fields chat and plain completions share."""
+
+    model_config = STRICT
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    user: str | None = None
+    repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool = False
+
+    def check_supported(self) -> None:
+        """Refuse options that are valid in the API but not implemented here."""
+        if self.n != 1:
+            raise APIError(400, "n: only n=1 is supported; send separate requests (they are batched)", param="n")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise APIError(400, f"{name}: not supported (use repetition_penalty)", param=name)
+        for i, stop in enumerate(self.stop_list()):
+            if not stop:
+                raise APIError(400, f"stop[{i}]: empty stop string", param="stop")
+        if len(self.stop_list()) > 16:
+            raise APIError(400, "stop: at most 16 stop strings", param="stop")
+
+    def stop_list(self) -> list[str]:
+        """``stop`` as a list."""
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class ChatCompletionRequest(SamplingFields):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    tools: list[dict] | None = None
+    response_format: dict | None = None
+
+    def check_supported(self) -> None:
+        """As for every request, plus logprobs, tools and structured output."""
+        super().check_supported()
+        if self.logprobs:
+            raise APIError(400, "logprobs: not supported", param="logprobs")
+        if self.tools:
+            raise APIError(400, "tools: not supported by chattune serve", param="tools")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise APIError(400, "response_format: only 'text' is supported", param="response_format")
+
+    def conversation(self) -> list[dict]:
+        """The messages as chattune's records (text content, ``developer`` as ``system``), checked
+        like training data: roles in order, no empty user message, ending with the user's turn."""
+        messages = []
+        for i, message in enumerate(self.messages):
+            content = message.content
+            if isinstance(content, list):
+                if any(part.type != "text" or part.text is None for part in content):
+                    raise APIError(400, f"messages[{i}].content: only text parts are supported",
+                                   param=f"messages[{i}].content")
+                content = "".join(part.text for part in content)
+            item = {"role": "system" if message.role == "developer" else message.role, "content": content}
+            if message.input:
+                item["input"] = message.input
+            messages.append(item)
+        try:
+            validate_messages(messages, "request", need_answer=False)
+        except RecordError as exc:
+            text = str(exc).removeprefix("request: ")
+            param = text.split(":", 1)[0] if text.startswith("messages[") else "messages"
+            raise APIError(400, text, param=param) from exc
+        if messages[-1]["role"] != "user":
+            raise APIError(400, f"messages[{len(messages) - 1}].role: the last message must be the user's",
+                           param=f"messages[{len(messages) - 1}].role")
+        return messages
+
+
+class CompletionRequest(SamplingFields):
+    """``POST /v1/completions``: a plain prompt, continued as it is (no template)."""
+
+    prompt: str | list[str] | list[int]
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+    logprobs: int | None = None
+
+    def check_supported(self) -> None:
+        """As for every request, plus the completion-only options."""
+        super().check_supported()
+        if self.echo:
+            raise APIError(400, "echo: not supported", param="echo")
+        if self.suffix:
+            raise APIError(400, "suffix: not supported", param="suffix")
+        if self.best_of not in (None, 1):
+            raise APIError(400, "best_of: only 1 is supported", param="best_of")
+        if self.logprobs is not None:
+            raise APIError(400, "logprobs: not supported", param="logprobs")
