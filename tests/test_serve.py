@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -500,7 +501,7 @@ def test_adapters_must_share_the_base_model_and_names_must_be_clear(runs, tmp_pa
         load_served(str(runs["a"]), [("other", str(other))])
     manifest["method"]["name"] = "ptuning"
     (other / "chattune.json").write_text(json.dumps(manifest))
-    with pytest.raises(ManifestError, match="ptuning"):
+    with pytest.raises(ManifestError, match="ptuning run.*serve it alone"):
         load_served(str(runs["a"]), [("other", str(other))])
     with pytest.raises(ConfigError, match="unique"):
         load_served(str(runs["a"]), [("base", str(runs["b"]))])
@@ -546,3 +547,34 @@ def test_chattune_serve_command(runs, tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_a_ptuning_run_is_served_alone_with_its_prefix_in_the_cache(runs, tiny_models):
+    """P-Tuning v2 through the engine (prefix keys/values seed each row's cache) gives the
+    greedy answers of ChatModel.generate, alone and when rows share a batch."""
+    from chattune.demo import demo_records
+    from chattune.generate import load_chat_model
+
+    prefixed = _train(tiny_models("glm4"), demo_records()[0][:8], runs["root"], "prefixed", method="ptuning",
+                      pre_seq_len=4, learning_rate=1e-2, max_steps=3, save_steps=3)
+    served = load_served(str(prefixed))
+    assert list(served.models) == ["prefixed"] and not served.uses_adapters
+    engine = Engine(served.model, pad_token_id=served.tokenizer.pad_token_id, max_batch=4, max_waiting=4)
+    assert engine.prefix == 4
+    engine.start()
+    app = ServerThread(create_app(served, engine)).start()
+    try:
+        client = openai.OpenAI(base_url=f"{app.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        chat = load_chat_model(str(prefixed))
+        questions = ["Who are you?", "What is the capital of Veloria?", "你好"]
+        expected = [chat.generate([[{"role": "user", "content": q}]], max_new_tokens=8)[0] for q in questions]
+        alone = [_chat(client, model="prefixed", messages=[{"role": "user", "content": q}], max_tokens=8)
+                 .choices[0].message.content for q in questions]
+        assert alone == expected
+        with ThreadPoolExecutor(3) as pool:
+            together = list(pool.map(lambda q: _chat(client, model="prefixed", max_tokens=8, messages=[
+                {"role": "user", "content": q}]).choices[0].message.content, questions))
+        assert together == expected
+    finally:
+        app.stop()
+        engine.stop()

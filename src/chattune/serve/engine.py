@@ -147,6 +147,10 @@ class Engine:
         params = inspect.signature(inner.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._keep_last = "logits_to_keep" in params
+        config = getattr(model, "active_peft_config", None)
+        # P-Tuning v2: every row's cache starts with the prefix keys/values, positions after them
+        self.prefix = config.num_virtual_tokens if getattr(config, "peft_type", None) == "PREFIX_TUNING" else 0
+        self._forward_model = inner if self.prefix else model
         self.observer: Callable[[Sequence, list[int]], None] | None = None
         self.counters = {"steps": 0, "peak_batch": 0, "completed": 0, "cancelled": 0, "tokens": 0}
         self._cond = threading.Condition()
@@ -255,7 +259,7 @@ class Engine:
         if self._keep_last:
             kwargs["logits_to_keep"] = 1
         kwargs.update(self._adapter_kwargs(seqs))
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
+        out = self._forward_model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
         new_cache = getattr(out, "cache", None)
         return out.logits[:, -1, :], (new_cache if new_cache is not None else out.past_key_values)
 
@@ -289,10 +293,14 @@ class Engine:
             if self.observer:
                 self.observer(seq, ids[i, longest - n:].tolist())
         ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        positions = (mask.cumsum(1) - 1).clamp(min=0) + self.prefix
         from transformers import DynamicCache
 
-        logits, cache = self._forward(ids, mask, positions, DynamicCache(), seqs)
+        cache = DynamicCache()
+        if self.prefix:
+            cache = self.model.get_prompt(len(seqs), max_cache_len=self.prefix + longest)
+            mask = torch.cat([mask.new_ones((len(seqs), self.prefix)), mask], 1)
+        logits, cache = self._forward(ids, mask, positions, cache, seqs)
         with self._cond:  # from waiting to running in one move, as submit() counts them
             self._join(cache_tensors(cache), mask, seqs)
             self._admitting = 0
@@ -314,7 +322,7 @@ class Engine:
     def _decode(self) -> None:
         rows = self._rows
         ids = torch.as_tensor([[seq.next_token] for seq in rows], device=self.device)
-        positions = torch.as_tensor([[seq.length] for seq in rows], device=self.device)
+        positions = torch.as_tensor([[seq.length + self.prefix] for seq in rows], device=self.device)
         mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], 1)
         logits, self._cache = self._forward(ids, mask, positions, self._cache, rows)
         self._mask = mask

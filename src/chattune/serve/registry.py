@@ -32,7 +32,7 @@ from chattune.serve.engine import BASE_ADAPTER
 
 BASE_NAME = "base"
 ADAPTER_METHODS = ("lora", "qlora")
-ALONE_METHODS = ("freeze", "full")
+ALONE_METHODS = ("freeze", "full", "ptuning")
 
 
 @dataclass
@@ -107,15 +107,13 @@ def _check_same_base(runs: list[_Run]) -> None:
 
 
 def _must_be_alone(run: _Run) -> bool:
-    """Runs that replace base weights (freeze, full) or that peft cannot mix in a batch (DoRA)."""
+    """Runs that replace base weights (freeze, full), change every layer's cache (ptuning),
+    or that peft cannot mix in a batch (DoRA)."""
     return run.method in ALONE_METHODS or bool(run.manifest["method"].get("use_dora"))
 
 
 def _check_methods(runs: list[_Run], alone_ok: bool) -> None:
     for run in runs:
-        if run.method == "ptuning":
-            raise ManifestError(f"{run.folder}: a ptuning (P-Tuning v2 prefix) run cannot be served by "
-                                "chattune serve yet; use chattune chat or predict for it")
         if run.method not in ADAPTER_METHODS + ALONE_METHODS:
             raise ManifestError(f"{run.folder}: method {run.method!r} is not supported by chattune serve")
         if _must_be_alone(run) and not alone_ok:
