@@ -197,7 +197,7 @@ def test_unknown_key_without_close_match_has_no_suggestion():
         ("save_total_limit=two", "save_total_limit"),
         ("lora_alpha=big", "lora_alpha"),
         ("dtype=float8", "dtype"),
-        ("method=qlora", "method"),
+        ("method=prompt_tuning", "method"),
     ],
 )
 def test_wrong_type_names_key(override, key):
@@ -558,7 +558,7 @@ def test_describe_keys_every_field_has_docstring_line():
 @pytest.mark.parametrize(
     ("key", "doc"),
     [
-        ("lora_rank", "LoRA rank r."),
+        ("lora_rank", "LoRA rank r (lora, qlora)."),
         ("fp16", "Mixed precision float16 (CUDA)."),
         ("learning_rate", "Peak learning rate."),
         ("save_total_limit", "Keep at most this many checkpoints"),

@@ -55,6 +55,9 @@ class ModelArgs:
     else float32 (LoRA weights stay float32)."""
     device_map: str | None = None
     """Passed to ``from_pretrained`` (e.g. ``auto``); None keeps the model on one device."""
+    attn_implementation: str | None = None
+    """Attention kernel for training, passed to ``from_pretrained``: ``sdpa``, ``eager``,
+    ``flash_attention_2`` (CUDA; packed rows then take its varlen path), ...; None: transformers' default."""
 
 
 @dataclass
@@ -73,6 +76,15 @@ class DataArgs:
     vicuna, default)."""
     max_seq_length: int = 512
     """Maximum tokens per row, prompt and answer together."""
+    packing: Literal["auto", "pack", "padding_free", "group_by_length", "pad"] = "auto"
+    """How rows are batched for training: ``pack`` (rows packed into ``pack_length`` bins, no
+    attention across rows), ``padding_free`` (each batch's rows in one sequence, best with
+    flash-attention), ``group_by_length`` (padded batches of similar lengths), ``pad`` (padded
+    to the longest row). ``auto``: pack where a probe on the model shows packed rows stay
+    apart, else group_by_length. In every mode a step carries the tokens of
+    per_device_train_batch_size rows on average."""
+    pack_length: int | None = None
+    """Tokens per packed bin (packing=pack); default max_seq_length."""
     train_on_prompt: bool = False
     """Also supervise the prompt tokens (usually off)."""
     train_last_turn_only: bool = False
@@ -130,9 +142,10 @@ class TrainArgs:
     output_dir: str = "output"
     """Run folder: checkpoints, final adapter, manifest, metrics.jsonl, TensorBoard logs."""
     per_device_train_batch_size: int = 4
-    """Rows per step on one device."""
+    """Rows per step on one device; when packing, the tokens of this many rows on average
+    (whole bins, so the number of steps per epoch stays as without packing)."""
     per_device_eval_batch_size: int = 8
-    """Rows per evaluation step."""
+    """Rows per evaluation step (when packing, their tokens on average)."""
     gradient_accumulation_steps: int = 1
     """Steps whose gradients are summed before one optimizer update."""
     max_steps: int = -1
@@ -158,6 +171,14 @@ class TrainArgs:
     """Mixed precision bfloat16."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    loss: Literal["auto", "chunked", "plain"] = "auto"
+    """``chunked``: cross-entropy from the last hidden states, loss_chunk_size tokens at a time,
+    without the full-vocabulary logits; ``plain``: from the model's logits. ``auto``: chunked
+    where a probe shows the model's logits are its output layer's, else plain."""
+    loss_chunk_size: int = 1024
+    """Tokens per chunk of the chunked loss (memory: about twice this many x vocabulary float32 logits)."""
+    torch_compile: bool = False
+    """Compile the model with torch.compile (inductor); the first steps take longer."""
     logging_steps: int = 10
     """Log loss, learning rate, grad norm and tokens/s every this many steps."""
     save_steps: int = 500
@@ -170,8 +191,8 @@ class TrainArgs:
     """Seed for initialisation, data order, dropout and the eval split."""
     resume_from_checkpoint: str | None = None
     """``true`` resumes from the latest checkpoint in output_dir, or give a checkpoint path."""
-    dataloader_num_workers: int = 0
-    """DataLoader worker processes."""
+    dataloader_num_workers: int | None = None
+    """DataLoader worker processes; default 0 on CPU, 2-4 with CUDA (memory is pinned with CUDA)."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Logging integrations (``none`` for none)."""
 
@@ -429,7 +450,14 @@ def validate(config: RunConfig) -> None:
     _check(g.max_new_tokens >= 1, "max_new_tokens: must be >= 1")
     _check(g.temperature > 0, "temperature: must be > 0")
     _check(g.repetition_penalty > 0, "repetition_penalty: must be > 0")
-    _check(t.dataloader_num_workers >= 0, "dataloader_num_workers: must be >= 0")
+    _check(t.dataloader_num_workers is None or t.dataloader_num_workers >= 0,
+           "dataloader_num_workers: must be >= 0")
+    _check(d.pack_length is None or d.pack_length >= d.max_seq_length,
+           f"pack_length: must be >= max_seq_length ({d.max_seq_length}) so that every row fits a bin")
+    _check(t.loss_chunk_size >= 1, "loss_chunk_size: must be >= 1")
+    _check(not (m.method == "ptuning" and d.packing in ("pack", "padding_free")),
+           f"packing: {d.packing} is not possible with method=ptuning (its KV prefix stops transformers "
+           "from keeping packed rows apart); use packing=auto, group_by_length or pad")
     _check(0 < g.top_p <= 1, "top_p: must be in (0, 1]")
 
 

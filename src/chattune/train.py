@@ -4,15 +4,25 @@ transformers' Trainer does the loop, mixed precision, gradient accumulation,
 clipping, checkpoint rotation and exact resume (model, optimizer, scheduler,
 RNG and the position in the data order). chattune adds what it does not do:
 a manifest in every checkpoint, metrics.jsonl with tokens/s, refusing to
-overwrite checkpoints, and a clear word when the loss goes NaN.
+overwrite checkpoints, a clear word when the loss goes NaN, and speed:
+
+- batching (``packing``): rows packed into ``pack_length`` bins without cross-talk
+  (:mod:`chattune.data.packing`, checked on the real model before training), padding-free
+  batches, length-grouped batches or plain padding. Whatever the mode, a step carries
+  the tokens of ``per_device_train_batch_size`` rows on average, so steps, warm-up and
+  the learning-rate schedule mean the same thing with and without packing;
+- the loss (``loss``): token-weighted, chunked so that the full-vocabulary logits are
+  never built (:mod:`chattune.loss`), checked against the model's own logits;
+- the eval loss is the mean over all supervised tokens, however rows are batched.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,14 +31,25 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from chattune.config import ConfigError, RunConfig, resume_setting
 from chattune.data.encode import IGNORE_INDEX
+from chattune.data.packing import (
+    PackCollator,
+    PackedSteps,
+    check_packed_attention,
+    plan_packing,
+    use_varlen_sdpa,
+    uses_varlen_attention,
+)
 from chattune.data.prepare import PreparedData, format_audit, prepare_data
 from chattune.data.templates import resolve_template_name
+from chattune.loss import CausalLMLoss, HeadCapture, check_head_logits, output_layer
 from chattune.manifest import build_manifest, write_run_files
 from chattune.methods import apply_method, check_supported, count_parameters, quantization_config
 from chattune.model import base_model_fingerprint, load_model, load_tokenizer, resolve_dtype
 
 METRICS_NAME = "metrics.jsonl"
 AUDIT_NAME = "data_audit.json"
+COMPILE_BACKEND: str | None = None
+"""torch.compile backend with ``torch_compile: true`` (None: inductor); tests use aot_eager."""
 
 
 class PadCollator:
@@ -48,6 +69,96 @@ class PadCollator:
             labels[i, :n] = torch.as_tensor(row["labels"])
             attention[i, :n] = 1
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+
+
+def dropout_mask(shape: tuple[int, ...], p: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A CPU dropout mask: 0 where an element is dropped (each independently with probability
+    ``p``), ``1 / (1 - p)`` elsewhere.
+
+    For small ``p`` the dropped positions are drawn as the gaps between them (iid geometric:
+    exactly the same distribution as one Bernoulli draw per element), about p x the random
+    numbers: 3x faster than ``bernoulli_`` at p = 0.05, LoRA's usual dropout."""
+    scale = 1.0 / (1.0 - p)
+    if p > 0.25:
+        return (torch.rand(shape) >= p).to(dtype).mul_(scale)
+    n = math.prod(shape)
+    batch = int(n * p + 6 * math.sqrt(n * p) + 16)
+    positions = torch.empty(batch, dtype=torch.float64).geometric_(p).cumsum_(0).sub_(1)
+    while positions[-1] < n - 1:  # rare: draw on until the last element is decided
+        more = torch.empty(batch, dtype=torch.float64).geometric_(p).cumsum_(0).add_(positions[-1])
+        positions = torch.cat([positions, more])
+    mask = torch.full(shape, scale, dtype=dtype)
+    mask.view(-1)[positions[positions < n].long()] = 0
+    return mask
+
+
+class GapDropout(torch.nn.Dropout):
+    """``nn.Dropout`` whose CPU mask comes from :func:`dropout_mask` (same distribution,
+    fewer random numbers); on other devices it is nn.Dropout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Drop and rescale (training only)."""
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        return x * dropout_mask(tuple(x.shape), self.p, x.dtype)
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b``, computed as ``(b.T @ a.T).T`` when the product is tall and rank-narrow:
+    CPU BLAS runs a [4096, N] x [N, 8] product 5-8 times slower than its transpose."""
+    if b.shape[1] <= 16 and a.shape[0] > 4 * b.shape[1]:
+        return (b.t() @ a.t()).t()
+    return a @ b
+
+
+class _RankLinearFunction(torch.autograd.Function):
+    """``x @ weight.T`` and its gradients, each product oriented by :func:`_matmul`."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        flat = x.reshape(-1, x.shape[-1])
+        return _matmul(flat, weight.t()).reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        flat_grad = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _matmul(flat_grad, weight).reshape(x.shape)
+        if ctx.needs_input_grad[1]:
+            grad_weight = _matmul(flat_grad.t(), x.reshape(-1, x.shape[-1])).contiguous()
+        return grad_x, grad_weight
+
+
+class RankLinear(torch.nn.Linear):
+    """LoRA's rank-r projections (``lora_A``, ``lora_B``) on CPU in float32: the same product
+    as nn.Linear, with no matmul of the step oriented the slow way (see :func:`_matmul`);
+    anything else (a bias, another device, autocast) is nn.Linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ weight.T``."""
+        if (self.bias is not None or x.device.type != "cpu" or x.dtype != self.weight.dtype
+                or torch.is_autocast_enabled("cpu")):
+            return super().forward(x)
+        return _RankLinearFunction.apply(x, self.weight)
+
+
+def use_cpu_kernels(model) -> dict[str, int]:
+    """For training on CPU: every ``nn.Dropout`` becomes :class:`GapDropout` and every LoRA
+    rank-r ``nn.Linear`` a :class:`RankLinear` (same parameters, state dict and results,
+    faster). Returns how many modules of each kind were changed."""
+    counts = {"dropout": 0, "lora_linear": 0}
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Dropout and child.p > 0:
+                setattr(parent, name, GapDropout(child.p, child.inplace))
+                counts["dropout"] += 1
+            elif type(child) is torch.nn.Linear and parent_name.rsplit(".", 1)[-1] in ("lora_A", "lora_B"):
+                child.__class__ = RankLinear
+                counts["lora_linear"] += 1
+    return counts
 
 
 class MetricsLogger(TrainerCallback):
@@ -124,19 +235,166 @@ def _resume_path(config: RunConfig, output_dir: Path) -> str | None:
     return None
 
 
-def training_arguments(config: RunConfig, has_eval: bool) -> TrainingArguments:
-    """transformers TrainingArguments from the run config."""
+@dataclass
+class Batches:
+    """How training and evaluation data reach the model."""
+
+    mode: str
+    train: object
+    eval: object | None
+    collator: object
+    train_batch_size: int
+    eval_batch_size: int
+    summary: dict = field(default_factory=dict)
+
+
+def row_lengths(dataset) -> list[int]:
+    """Tokens of every row of an encoded data set (read from Arrow, not row by row)."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(dataset.with_format("arrow")[:]["input_ids"]).to_pylist()
+
+
+def resolve_packing(config: RunConfig, model, pad_token_id: int, vocab_size: int, log=print) -> str:
+    """The batching mode to train with: ``auto`` becomes ``pack`` where the model keeps packed
+    rows apart (checked on a probe), else ``group_by_length``; an explicit ``pack`` or
+    ``padding_free`` the model cannot honour is an error."""
+    wanted = config.data.packing
+    if wanted in ("pad", "group_by_length"):
+        return wanted
+    if config.method.method == "ptuning":
+        reason = ("P-Tuning v2 feeds every layer a KV prefix, and with a KV cache transformers "
+                  "does not build the packed attention mask")
+    else:
+        collator = PackCollator(pad_token_id, flatten=wanted == "padding_free" or uses_varlen_attention(model))
+        reason = check_packed_attention(model, collator, vocab_size)
+    if reason is None:
+        return "pack" if wanted == "auto" else wanted
+    if wanted == "auto":
+        log(f"packing: not packing ({reason}); batching rows grouped by length instead")
+        return "group_by_length"
+    raise ConfigError(f"packing: {wanted} is not possible here: {reason}. Use packing=group_by_length or pad.")
+
+
+def build_batches(mode: str, prepared: PreparedData, config: RunConfig, pad_token_id: int,
+                  flatten: bool) -> Batches:
+    """Datasets, collator and Trainer batch sizes for a batching mode.
+
+    ``pack``: Trainer items are whole steps (bins grouped to carry the tokens of
+    ``per_device_train_batch_size`` average rows), so its batch size is 1.
+    ``padding_free``: batches of rows, concatenated into one sequence.
+    ``group_by_length`` / ``pad``: batches of rows padded to the longest (with an attention mask).
+    """
+    t, d = config.train, config.data
+    if mode == "pack":
+        capacity = d.pack_length or d.max_seq_length
+        train_plan = plan_packing(row_lengths(prepared.train), capacity, t.per_device_train_batch_size, t.seed)
+        train = PackedSteps(prepared.train, train_plan.steps)
+        summary = {"mode": mode, "train": train_plan.summary()}
+        evaluation = None
+        if prepared.eval is not None:
+            eval_plan = plan_packing(row_lengths(prepared.eval), capacity, t.per_device_eval_batch_size,
+                                     t.seed, shuffle=False)
+            evaluation = PackedSteps(prepared.eval, eval_plan.steps)
+            summary["eval"] = eval_plan.summary()
+        return Batches(mode, train, evaluation, PackCollator(pad_token_id, flatten, pad_to=capacity), 1, 1, summary)
+    train, evaluation = prepared.train, prepared.eval
+    if mode == "padding_free":
+        collator = PackCollator(pad_token_id, flatten=True)
+    else:
+        collator = PadCollator(pad_token_id)
+    if mode == "group_by_length":
+        train = train.add_column("length", row_lengths(train))
+    return Batches(mode, train, evaluation, collator, t.per_device_train_batch_size,
+                   t.per_device_eval_batch_size, {"mode": mode})
+
+
+def format_batches(batches: Batches) -> str:
+    """One line on how the data is batched (for the log)."""
+    if batches.mode != "pack":
+        return f"batching: {batches.mode}"
+    p = batches.summary["train"]
+    line = (f"packing: {p['rows']} rows into {p['bins']} bins of {p['pack_length']} tokens "
+            f"({p['fill']:.1%} full); {p['steps']} steps of {p['rows_per_step']} rows "
+            f"({p['bins_per_step'][0]}-{p['bins_per_step'][1]} bins) per epoch and device, "
+            f"as {p['rows_per_step_unpacked']} rows a step unpacked")
+    if p["rows_per_step"] > 1.25 * p["rows_per_step_unpacked"]:
+        line += ("; one bin holds more than a step's rows: lower pack_length (or raise "
+                 "per_device_train_batch_size) to keep steps as they are unpacked")
+    return line
+
+
+def resolve_loss(config: RunConfig, model, vocab_size: int, log=print) -> CausalLMLoss:
+    """The loss function: ``auto`` is chunked where the model's logits are exactly its output
+    layer applied to the last hidden states (checked on a probe), else plain."""
+    wanted = config.train.loss
+    if wanted == "plain":
+        return CausalLMLoss()
+    head = output_layer(model)
+    reason = "the model has no output layer chattune can find" if head is None else \
+        check_head_logits(model, head, vocab_size)
+    if reason is None:
+        return CausalLMLoss(HeadCapture(head), config.train.loss_chunk_size)
+    if wanted == "auto":
+        log(f"loss: plain ({reason})")
+        return CausalLMLoss()
+    raise ConfigError(f"loss: chunked is not possible for this model: {reason}. Use loss=plain.")
+
+
+class ChattuneTrainer(Trainer):
+    """transformers' Trainer with one change: the eval loss is the mean over every supervised
+    token of the eval set (the Trainer's own is a mean of per-batch means, which depends
+    on how rows are batched or packed)."""
+
+    def evaluation_loop(self, *args, **kwargs):
+        """The Trainer's evaluation loop, with ``<prefix>_loss`` token-weighted."""
+        loss = self.compute_loss_func
+        if isinstance(loss, CausalLMLoss):
+            loss.reset_eval()
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        if isinstance(loss, CausalLMLoss):
+            dtype = torch.float64 if self.args.device.type in ("cpu", "cuda") else torch.float32
+            totals = torch.tensor([loss.eval_sum, loss.eval_count], dtype=dtype, device=self.args.device)
+            totals = self.accelerator.reduce(totals, reduction="sum")
+            if totals[1] > 0:
+                output.metrics[f"{prefix}_loss"] = (totals[0] / totals[1]).item()
+        return output
+
+
+def dataloader_workers(setting: int | None) -> int:
+    """DataLoader workers: as set, else 2-4 on CUDA (batches are built while the GPU computes)
+    and 0 on CPU (workers would take cores from the compute)."""
+    if setting is not None:
+        return setting
+    if not torch.cuda.is_available():
+        return 0
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+def training_arguments(config: RunConfig, has_eval: bool, batches: Batches | None = None) -> TrainingArguments:
+    """transformers TrainingArguments from the run config (and the batching plan)."""
     t = config.train
     eval_steps = t.eval_steps or t.save_steps
     report = [r for r in t.report_to if r != "none"]
     fields = TrainingArguments.__dataclass_fields__
     # transformers 5 renamed gradient_checkpointing to activation_checkpointing
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    extra = {}
+    if batches is not None and batches.mode == "group_by_length":
+        if "train_sampling_strategy" in fields:
+            extra["train_sampling_strategy"] = "group_by_length"
+        else:  # transformers 4
+            extra["group_by_length"] = True
+    if t.torch_compile:
+        extra.update(torch_compile=True, torch_compile_backend=COMPILE_BACKEND or "inductor")
+    workers = dataloader_workers(t.dataloader_num_workers)
     return TrainingArguments(
         **{checkpointing: t.gradient_checkpointing},
+        **extra,
         output_dir=t.output_dir,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        per_device_train_batch_size=batches.train_batch_size if batches else t.per_device_train_batch_size,
+        per_device_eval_batch_size=batches.eval_batch_size if batches else t.per_device_eval_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         max_steps=t.max_steps,
         num_train_epochs=t.num_train_epochs,
@@ -158,7 +416,8 @@ def training_arguments(config: RunConfig, has_eval: bool) -> TrainingArguments:
         report_to=report or "none",
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
-        dataloader_num_workers=t.dataloader_num_workers,
+        dataloader_num_workers=workers,
+        dataloader_persistent_workers=workers > 0,
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),
     )
@@ -178,12 +437,13 @@ def train(config: RunConfig, *, log=print) -> TrainResult:
     template_name = resolve_template_name(config.data.template, tokenizer)
     prepared = prepare_data(config.data, tokenizer, template_name, config.train.seed)
     log(format_audit(prepared.audit))
-    (output_dir / AUDIT_NAME).write_text(json.dumps(prepared.audit, indent=2, ensure_ascii=False))
 
     dtype = resolve_dtype(config.model.dtype, config.train.fp16, config.train.bf16)
     extra = {"quantization_config": quantization_config(config.method)} if config.method.method == "qlora" else {}
+    if config.model.attn_implementation:
+        extra["attn_implementation"] = config.model.attn_implementation
     model = load_model(config.model, dtype, **extra)
-    model.config.use_cache = False  # a KV cache is never needed in training
+    model.config.use_cache = False  # a KV cache is never needed in training (and would break packing)
     if config.train.gradient_checkpointing:
         model.enable_input_require_grads()
     model = apply_method(model, config.method, config.train.gradient_checkpointing)
@@ -191,22 +451,53 @@ def train(config: RunConfig, *, log=print) -> TrainResult:
     log(f"method {config.method.method}: {trainable:,} trainable of {total:,} parameters "
         f"({trainable / total:.3%})")
 
+    if getattr(model, "hf_device_map", None) is None and config.method.method != "qlora":
+        from accelerate import PartialState
+
+        model.to(PartialState().device)  # where the Trainer would put it; the probes below run there
+    if next(model.parameters()).device.type == "cpu" and not config.train.torch_compile:
+        use_cpu_kernels(model)
+    vocab_size = model.get_input_embeddings().weight.shape[0]
+    # packed rows attend within their own span only (not over the whole bin) with SDPA;
+    # torch.compile keeps transformers' masked SDPA (the spans are data-dependent)
+    restore_attention = None if config.train.torch_compile else use_varlen_sdpa(model)
+    mode = resolve_packing(config, model, tokenizer.pad_token_id, vocab_size, log)
+    if mode not in ("pack", "padding_free") and restore_attention is not None:
+        restore_attention = restore_attention()  # back to SDPA, returns None
+    batches = build_batches(mode, prepared, config, tokenizer.pad_token_id, uses_varlen_attention(model))
+    log(format_batches(batches))
+    loss = resolve_loss(config, model, vocab_size, log)
+    log(f"loss: {loss.mode}")
+    audit = {**prepared.audit, "batching": {**batches.summary, "loss": loss.mode}}
+    (output_dir / AUDIT_NAME).write_text(json.dumps(audit, indent=2, ensure_ascii=False))
+
     base = base_model_fingerprint(config.model.model_name_or_path, config.model.trust_remote_code, tokenizer)
     manifest = build_manifest(config, base, template_name, tokenizer, prepared.fingerprint)
-    args = training_arguments(config, prepared.eval is not None)
-    trainer = Trainer(
+    args = training_arguments(config, batches.eval is not None, batches)
+    trainer = ChattuneTrainer(
         model=model,
         args=args,
-        train_dataset=prepared.train,
-        eval_dataset=prepared.eval,
-        data_collator=PadCollator(tokenizer.pad_token_id),
+        train_dataset=batches.train,
+        eval_dataset=batches.eval,
+        data_collator=batches.collator,
         processing_class=tokenizer,
+        compute_loss_func=loss,
         callbacks=[MetricsLogger(output_dir / METRICS_NAME), ManifestWriter(manifest, config)],
     )
-    result = trainer.train(resume_from_checkpoint=resume)
-    eval_loss = None
-    if prepared.eval is not None:
-        eval_loss = trainer.evaluate()["eval_loss"]
+    if loss.capture is not None:
+        loss.capture.install()
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+        eval_loss = None
+        if batches.eval is not None:  # the Trainer evaluates after the last step; else evaluate now
+            last = [log["eval_loss"] for log in trainer.state.log_history
+                    if "eval_loss" in log and log.get("step") == trainer.state.global_step]
+            eval_loss = last[-1] if last else trainer.evaluate()["eval_loss"]
+    finally:
+        if loss.capture is not None:
+            loss.capture.remove()
+        if restore_attention is not None:
+            restore_attention()
     trainer.save_model(str(output_dir))
     write_run_files(output_dir, manifest, config, {
         "global_step": trainer.state.global_step,
