@@ -176,7 +176,7 @@ def test_a_model_that_mixes_packed_rows_is_never_packed(tiny_models, demo_files,
 
 
 def test_cpu_dropout_mask_has_nn_dropouts_distribution():
-    from chattune.train import dropout_mask
+    from chattune.kernels import dropout_mask
 
     torch.manual_seed(0)
     for p in (0.05, 0.1, 0.5):
@@ -194,7 +194,7 @@ def test_cpu_kernels_give_the_same_gradients_also_under_checkpointing(tiny_model
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from chattune.train import GapDropout, RankLinear, use_cpu_kernels
+    from chattune.kernels import GapDropout, RankLinear, use_cpu_kernels
 
     path = tiny_models("glm4")  # built (with its own seeding) before the seeded runs
 

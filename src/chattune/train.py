@@ -13,7 +13,8 @@ overwrite checkpoints, a clear word when the loss goes NaN, and speed:
   the learning-rate schedule mean the same thing with and without packing;
 - the loss (``loss``): token-weighted, chunked so that the full-vocabulary logits are
   never built (:mod:`chattune.loss`), checked against the model's own logits;
-- the eval loss is the mean over all supervised tokens, however rows are batched.
+- the eval loss is the mean over all supervised tokens, however rows are batched;
+- on CPU, faster LoRA dropout and rank-r matmuls (:mod:`chattune.kernels`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from chattune.data.packing import (
 )
 from chattune.data.prepare import PreparedData, format_audit, prepare_data
 from chattune.data.templates import resolve_template_name
+from chattune.kernels import use_cpu_kernels
 from chattune.loss import CausalLMLoss, HeadCapture, check_head_logits, output_layer
 from chattune.manifest import build_manifest, write_run_files
 from chattune.methods import apply_method, check_supported, count_parameters, quantization_config
@@ -69,96 +71,6 @@ class PadCollator:
             labels[i, :n] = torch.as_tensor(row["labels"])
             attention[i, :n] = 1
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
-
-
-def dropout_mask(shape: tuple[int, ...], p: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A CPU dropout mask: 0 where an element is dropped (each independently with probability
-    ``p``), ``1 / (1 - p)`` elsewhere.
-
-    For small ``p`` the dropped positions are drawn as the gaps between them (iid geometric:
-    exactly the same distribution as one Bernoulli draw per element), about p x the random
-    numbers: 3x faster than ``bernoulli_`` at p = 0.05, LoRA's usual dropout."""
-    scale = 1.0 / (1.0 - p)
-    if p > 0.25:
-        return (torch.rand(shape) >= p).to(dtype).mul_(scale)
-    n = math.prod(shape)
-    batch = int(n * p + 6 * math.sqrt(n * p) + 16)
-    positions = torch.empty(batch, dtype=torch.float64).geometric_(p).cumsum_(0).sub_(1)
-    while positions[-1] < n - 1:  # rare: draw on until the last element is decided
-        more = torch.empty(batch, dtype=torch.float64).geometric_(p).cumsum_(0).add_(positions[-1])
-        positions = torch.cat([positions, more])
-    mask = torch.full(shape, scale, dtype=dtype)
-    mask.view(-1)[positions[positions < n].long()] = 0
-    return mask
-
-
-class GapDropout(torch.nn.Dropout):
-    """``nn.Dropout`` whose CPU mask comes from :func:`dropout_mask` (same distribution,
-    fewer random numbers); on other devices it is nn.Dropout."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Drop and rescale (training only)."""
-        if not self.training or self.p == 0 or x.device.type != "cpu":
-            return super().forward(x)
-        return x * dropout_mask(tuple(x.shape), self.p, x.dtype)
-
-
-def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b``, computed as ``(b.T @ a.T).T`` when the product is tall and rank-narrow:
-    CPU BLAS runs a [4096, N] x [N, 8] product 5-8 times slower than its transpose."""
-    if b.shape[1] <= 16 and a.shape[0] > 4 * b.shape[1]:
-        return (b.t() @ a.t()).t()
-    return a @ b
-
-
-class _RankLinearFunction(torch.autograd.Function):
-    """``x @ weight.T`` and its gradients, each product oriented by :func:`_matmul`."""
-
-    @staticmethod
-    def forward(ctx, x, weight):
-        ctx.save_for_backward(x, weight)
-        flat = x.reshape(-1, x.shape[-1])
-        return _matmul(flat, weight.t()).reshape(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        flat_grad = grad.reshape(-1, grad.shape[-1])
-        grad_x = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _matmul(flat_grad, weight).reshape(x.shape)
-        if ctx.needs_input_grad[1]:
-            grad_weight = _matmul(flat_grad.t(), x.reshape(-1, x.shape[-1])).contiguous()
-        return grad_x, grad_weight
-
-
-class RankLinear(torch.nn.Linear):
-    """LoRA's rank-r projections (``lora_A``, ``lora_B``) on CPU in float32: the same product
-    as nn.Linear, with no matmul of the step oriented the slow way (see :func:`_matmul`);
-    anything else (a bias, another device, autocast) is nn.Linear."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ weight.T``."""
-        if (self.bias is not None or x.device.type != "cpu" or x.dtype != self.weight.dtype
-                or torch.is_autocast_enabled("cpu")):
-            return super().forward(x)
-        return _RankLinearFunction.apply(x, self.weight)
-
-
-def use_cpu_kernels(model) -> dict[str, int]:
-    """For training on CPU: every ``nn.Dropout`` becomes :class:`GapDropout` and every LoRA
-    rank-r ``nn.Linear`` a :class:`RankLinear` (same parameters, state dict and results,
-    faster). Returns how many modules of each kind were changed."""
-    counts = {"dropout": 0, "lora_linear": 0}
-    for parent_name, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Dropout and child.p > 0:
-                setattr(parent, name, GapDropout(child.p, child.inplace))
-                counts["dropout"] += 1
-            elif type(child) is torch.nn.Linear and parent_name.rsplit(".", 1)[-1] in ("lora_A", "lora_B"):
-                child.__class__ = RankLinear
-                counts["lora_linear"] += 1
-    return counts
 
 
 class MetricsLogger(TrainerCallback):
@@ -423,6 +335,32 @@ def training_arguments(config: RunConfig, has_eval: bool, batches: Batches | Non
     )
 
 
+def _speed_setup(config: RunConfig, model, prepared: PreparedData, pad_token_id: int, log):
+    """Put the model where it trains, switch on the CPU kernels and per-row SDPA where they
+    apply, and settle (with probes on the model) how data is batched and the loss computed.
+    Returns the batches, the loss function and the function that restores the attention."""
+    if getattr(model, "hf_device_map", None) is None and config.method.method != "qlora":
+        from accelerate import PartialState
+
+        model.to(PartialState().device)  # where the Trainer would put it; the probes run there
+    vocab_size = model.get_input_embeddings().weight.shape[0]
+    eager_cpu = next(model.parameters()).device.type == "cpu" and not config.train.torch_compile
+    restore_attention = None
+    if eager_cpu:  # (torch.compile fuses on its own and keeps transformers' masked SDPA)
+        use_cpu_kernels(model)
+        # packed rows attend within their own span, not over the whole bin; on CUDA,
+        # attn_implementation=flash_attention_2 gives the varlen path
+        restore_attention = use_varlen_sdpa(model)
+    mode = resolve_packing(config, model, pad_token_id, vocab_size, log)
+    if mode not in ("pack", "padding_free") and restore_attention is not None:
+        restore_attention = restore_attention()  # back to SDPA; returns None
+    batches = build_batches(mode, prepared, config, pad_token_id, uses_varlen_attention(model))
+    log(format_batches(batches))
+    loss = resolve_loss(config, model, vocab_size, log)
+    log(f"loss: {loss.mode}")
+    return batches, loss, restore_attention
+
+
 def train(config: RunConfig, *, log=print) -> TrainResult:
     """Run one training job described by ``config``; return where its run folder is."""
     if not config.model.model_name_or_path:
@@ -451,23 +389,7 @@ def train(config: RunConfig, *, log=print) -> TrainResult:
     log(f"method {config.method.method}: {trainable:,} trainable of {total:,} parameters "
         f"({trainable / total:.3%})")
 
-    if getattr(model, "hf_device_map", None) is None and config.method.method != "qlora":
-        from accelerate import PartialState
-
-        model.to(PartialState().device)  # where the Trainer would put it; the probes below run there
-    if next(model.parameters()).device.type == "cpu" and not config.train.torch_compile:
-        use_cpu_kernels(model)
-    vocab_size = model.get_input_embeddings().weight.shape[0]
-    # packed rows attend within their own span only (not over the whole bin) with SDPA;
-    # torch.compile keeps transformers' masked SDPA (the spans are data-dependent)
-    restore_attention = None if config.train.torch_compile else use_varlen_sdpa(model)
-    mode = resolve_packing(config, model, tokenizer.pad_token_id, vocab_size, log)
-    if mode not in ("pack", "padding_free") and restore_attention is not None:
-        restore_attention = restore_attention()  # back to SDPA, returns None
-    batches = build_batches(mode, prepared, config, tokenizer.pad_token_id, uses_varlen_attention(model))
-    log(format_batches(batches))
-    loss = resolve_loss(config, model, vocab_size, log)
-    log(f"loss: {loss.mode}")
+    batches, loss, restore_attention = _speed_setup(config, model, prepared, tokenizer.pad_token_id, log)
     audit = {**prepared.audit, "batching": {**batches.summary, "loss": loss.mode}}
     (output_dir / AUDIT_NAME).write_text(json.dumps(audit, indent=2, ensure_ascii=False))
 
@@ -490,8 +412,8 @@ def train(config: RunConfig, *, log=print) -> TrainResult:
         result = trainer.train(resume_from_checkpoint=resume)
         eval_loss = None
         if batches.eval is not None:  # the Trainer evaluates after the last step; else evaluate now
-            last = [log["eval_loss"] for log in trainer.state.log_history
-                    if "eval_loss" in log and log.get("step") == trainer.state.global_step]
+            last = [entry["eval_loss"] for entry in trainer.state.log_history
+                    if "eval_loss" in entry and entry.get("step") == trainer.state.global_step]
             eval_loss = last[-1] if last else trainer.evaluate()["eval_loss"]
     finally:
         if loss.capture is not None:
