@@ -137,6 +137,14 @@ def test_each_option_trains(option, tiny_models, demo_files, tmp_path):
     assert (result.output_dir / "adapter_model.safetensors").is_file()
     if "packing" in option:
         assert batching["mode"] == option["packing"]
+    base = result.model.get_base_model()
+    checkpointing = getattr(base, "is_activation_checkpointing", None)
+    if checkpointing is None:  # transformers 4
+        checkpointing = base.is_gradient_checkpointing
+    assert checkpointing == ("gradient_checkpointing" in option)
+    frozen = next(p for name, p in base.named_parameters() if "lora_" not in name and "layers" in name)
+    expected = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    assert frozen.dtype == next((expected[k] for k in option if k in expected), torch.float32)
 
 
 def test_torch_compile_trains(tiny_models, demo_files, tmp_path, monkeypatch):

@@ -84,7 +84,8 @@ class DataArgs:
     apart, else group_by_length. In every mode a step carries the tokens of
     per_device_train_batch_size rows on average."""
     pack_length: int | None = None
-    """Tokens per packed bin (packing=pack); default max_seq_length."""
+    """Tokens per packed bin (packing=pack); default max_seq_length. Bins are cut to a step's
+    token budget when that is smaller, so that a step never carries more rows than asked."""
     train_on_prompt: bool = False
     """Also supervise the prompt tokens (usually off)."""
     train_last_turn_only: bool = False
@@ -143,7 +144,8 @@ class TrainArgs:
     """Run folder: checkpoints, final adapter, manifest, metrics.jsonl, TensorBoard logs."""
     per_device_train_batch_size: int = 4
     """Rows per step on one device; when packing, the tokens of this many rows on average
-    (whole bins, so the number of steps per epoch stays as without packing)."""
+    (whole bins, cut to that budget when it is below pack_length), so that the number of steps
+    per epoch stays about as without packing."""
     per_device_eval_batch_size: int = 8
     """Rows per evaluation step (when packing, their tokens on average)."""
     gradient_accumulation_steps: int = 1

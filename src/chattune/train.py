@@ -209,7 +209,8 @@ def build_batches(mode: str, prepared: PreparedData, config: RunConfig, pad_toke
                                      t.seed, shuffle=False)
             evaluation = PackedSteps(prepared.eval, eval_plan.steps)
             summary["eval"] = eval_plan.summary()
-        return Batches(mode, train, evaluation, PackCollator(pad_token_id, flatten, pad_to=capacity), 1, 1, summary)
+        collator = PackCollator(pad_token_id, flatten, pad_to=train_plan.pad_to)
+        return Batches(mode, train, evaluation, collator, 1, 1, summary)
     train, evaluation = prepared.train, prepared.eval
     if mode == "padding_free":
         collator = PackCollator(pad_token_id, flatten=True)
@@ -226,13 +227,15 @@ def format_batches(batches: Batches) -> str:
     if batches.mode != "pack":
         return f"batching: {batches.mode}"
     p = batches.summary["train"]
-    line = (f"packing: {p['rows']} rows into {p['bins']} bins of {p['pack_length']} tokens "
+    size = f"{p['bin_length']}" + (f" (a step's budget; pack_length {p['pack_length']})"
+                                  if p["bin_length"] < p["pack_length"] else "")
+    line = (f"packing: {p['rows']} rows into {p['bins']} bins of {size} tokens "
             f"({p['fill']:.1%} full); {p['steps']} steps of {p['rows_per_step']} rows "
             f"({p['bins_per_step'][0]}-{p['bins_per_step'][1]} bins) per epoch and device, "
             f"as {p['rows_per_step_unpacked']} rows a step unpacked")
-    if p["rows_per_step"] > 1.25 * p["rows_per_step_unpacked"]:
-        line += ("; one bin holds more than a step's rows: lower pack_length (or raise "
-                 "per_device_train_batch_size) to keep steps as they are unpacked")
+    if abs(p["rows_per_step"] - p["rows_per_step_unpacked"]) > 0.25 * p["rows_per_step_unpacked"]:
+        line += ("; steps hold a different number of rows than unpacked ones would, as some rows are "
+                 "much longer than a step's budget: raise per_device_train_batch_size or use packing=pad")
     return line
 
 

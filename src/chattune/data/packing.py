@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -89,18 +90,26 @@ class PackPlan:
     bins: int
     capacity: int
     rows_per_step: float
+    pack_length: int
+    slots: int
 
     @property
     def fill(self) -> float:
-        """Share of the bins' token slots that hold a row's token."""
-        return self.tokens / max(self.bins * self.capacity, 1)
+        """Share of the bins' token slots (each bin padded to ``capacity``, or to its own
+        row when that is longer) that hold a row's token."""
+        return self.tokens / max(self.slots, 1)
+
+    @property
+    def pad_to(self) -> int | None:
+        """The length every bin is padded to (static shapes); None at one row a step."""
+        return None if self.rows_per_step <= 1 else self.capacity
 
     def summary(self) -> dict:
         """The plan's numbers, for the audit and the log."""
         sizes = [len(step) for step in self.steps]
         return {
-            "rows": self.rows, "tokens": self.tokens, "bins": self.bins, "pack_length": self.capacity,
-            "fill": round(self.fill, 4), "steps": len(self.steps),
+            "rows": self.rows, "tokens": self.tokens, "bins": self.bins, "pack_length": self.pack_length,
+            "bin_length": self.capacity, "fill": round(self.fill, 4), "steps": len(self.steps),
             "rows_per_step": round(self.rows / max(len(self.steps), 1), 2),
             "rows_per_step_unpacked": self.rows_per_step,
             "bins_per_step": [min(sizes, default=0), max(sizes, default=0)],
@@ -110,15 +119,32 @@ class PackPlan:
 def plan_packing(lengths: Sequence[int], capacity: int, rows_per_step: int, seed: int,
                  shuffle: bool = True) -> PackPlan:
     """Pack rows into bins and the (seeded, shuffled) bins into steps that each carry the
-    tokens of ``rows_per_step`` average rows, so that a step means what it means unpacked."""
-    bins = pack_bins(lengths, capacity, seed)
+    tokens of ``rows_per_step`` average rows, so that a step means what it means unpacked.
+
+    When a step's token budget is smaller than ``capacity`` (few rows a step, or a long
+    pack_length), the bins are cut to the budget and a row longer than it gets a bin of its
+    own: with whole ``capacity`` bins every step would carry more rows than asked for. At one
+    row a step every row is its own bin and step, as unpacked (one row has no padding)."""
+    if max(lengths, default=0) > capacity:
+        raise ValueError(f"pack_length: a row of {max(lengths)} tokens does not fit in {capacity}")
+    total = sum(lengths)
+    if rows_per_step <= 1:
+        order = list(range(len(lengths)))
+        if shuffle:
+            random.Random(seed + 1).shuffle(order)
+        return PackPlan([[[i]] for i in order], len(lengths), total, len(order), max(lengths, default=0),
+                        rows_per_step, capacity, total)
+    per_step = rows_per_step * total / max(len(lengths), 1)
+    bin_length = min(capacity, math.ceil(per_step))
+    short = [i for i, n in enumerate(lengths) if n <= bin_length]
+    bins = [[short[j] for j in rows] for rows in pack_bins([lengths[i] for i in short], bin_length, seed)]
+    bins += [[i] for i, n in enumerate(lengths) if n > bin_length]
     if shuffle:
         random.Random(seed + 1).shuffle(bins)
     bin_tokens = [sum(lengths[i] for i in rows) for rows in bins]
-    total = sum(bin_tokens)
-    per_step = rows_per_step * total / max(len(lengths), 1)
     steps = [[bins[b] for b in step] for step in group_steps(bin_tokens, per_step)]
-    return PackPlan(steps, len(lengths), total, len(bins), capacity, rows_per_step)
+    slots = sum(max(bin_length, tokens) for tokens in bin_tokens)
+    return PackPlan(steps, len(lengths), total, len(bins), bin_length, rows_per_step, capacity, slots)
 
 
 class PackedSteps(torch.utils.data.Dataset):
