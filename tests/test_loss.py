@@ -168,3 +168,19 @@ def test_probe_refuses_soft_capped_logits():
     model = Gemma2ForCausalLM(config)
     reason = check_head_logits(model, output_layer(model), 128)
     assert reason is not None and "post-processes" in reason
+
+
+def test_without_gradients_only_the_loss_is_computed(monkeypatch):
+    """Evaluation of a trainable head: no vocabulary x hidden gradient buffer is built."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50)
+    hidden, targets = torch.randn(37, 16), torch.randint(0, 50, (37,))
+    expected = F.cross_entropy(head(hidden), targets, reduction="sum")
+
+    def refuse(*args):
+        raise AssertionError("gradients computed under no_grad")
+
+    monkeypatch.setattr(LinearCrossEntropy, "apply", refuse)
+    with torch.no_grad():
+        got = chunked_head_loss(hidden, head, targets, chunk_size=8)
+    torch.testing.assert_close(got, expected, rtol=RTOL, atol=1e-6)

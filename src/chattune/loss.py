@@ -81,11 +81,12 @@ def chunked_head_loss(hidden: torch.Tensor, head: torch.nn.Module, targets: torc
     every target valid), ``chunk_size`` rows of logits at a time.
 
     ``head_forward`` is the head's own forward when it is temporarily replaced (see
-    :class:`HeadCapture`); a plain ``nn.Linear`` head uses :class:`LinearCrossEntropy`.
+    :class:`HeadCapture`); a plain ``nn.Linear`` head uses :class:`LinearCrossEntropy` when
+    gradients are wanted (without, evaluation, only the loss is computed).
     """
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0
-    if type(head) is torch.nn.Linear:
+    if type(head) is torch.nn.Linear and torch.is_grad_enabled():
         weight = head.weight
         hidden = hidden.to(weight.device)
         return LinearCrossEntropy.apply(hidden, weight, head.bias, targets.to(weight.device), chunk_size)
@@ -200,9 +201,10 @@ class CausalLMLoss:
         targets = labels[..., 1:]
         supervised = targets != IGNORE_INDEX
         if self.capture is not None:
-            hidden = self.capture.take()[..., :-1, :][supervised.to(labels.device)]
-            total = chunked_head_loss(hidden, self.capture.head, targets[supervised], self.chunk_size,
-                                      self.capture.original)
+            hidden = self.capture.take()
+            hidden = hidden[..., :-1, :][supervised.to(hidden.device)]
+            total = chunked_head_loss(hidden, self.capture.head, targets[supervised].to(hidden.device),
+                                      self.chunk_size, self.capture.original)
         else:
             logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
             logits = logits[..., :-1, :][supervised.to(logits.device)]
