@@ -16,7 +16,7 @@ def _columns(text: str | None) -> dict[str, str] | None:
         return None
     pairs = [item.split("=", 1) for item in text.split(",") if item]
     if any(len(p) != 2 for p in pairs):
-        from chattune.config import ConfigError
+        from chattune.errors import ConfigError
 
         raise ConfigError(f"--columns: expected target=column pairs like prompt=content,response=summary, got {text!r}")
     return {k.strip(): v.strip() for k, v in pairs}
@@ -259,18 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``chattune`` console script."""
-    from chattune.config import ConfigError
-    from chattune.data.formats import DataFileError
-    from chattune.data.records import RecordError
-    from chattune.data.templates import TemplateError
-    from chattune.manifest import ManifestError
-    from chattune.model import ModelLoadError
+    from chattune.errors import ChattuneError
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataFileError, RecordError, TemplateError, ManifestError, ModelLoadError) as exc:
+    except ChattuneError as exc:
         print(f"chattune: error: {exc}", file=sys.stderr)
         return 2
 

@@ -20,9 +20,9 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from chattune.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration key is unknown, mistyped or out of range."""
+__all__ = ["ConfigError"]
 
 
 @dataclass
@@ -457,9 +457,12 @@ def validate(config: RunConfig) -> None:
     _check(d.pack_length is None or d.pack_length >= d.max_seq_length,
            f"pack_length: must be >= max_seq_length ({d.max_seq_length}) so that every row fits a bin")
     _check(t.loss_chunk_size >= 1, "loss_chunk_size: must be >= 1")
-    _check(not (m.method == "ptuning" and d.packing in ("pack", "padding_free")),
-           f"packing: {d.packing} is not possible with method=ptuning (its KV prefix stops transformers "
-           "from keeping packed rows apart); use packing=auto, group_by_length or pad")
+    from chattune.methods import get_method  # the table imports this module
+
+    refusal = get_method(m.method).packing_refusal
+    _check(not (refusal and d.packing in ("pack", "padding_free")),
+           f"packing: {d.packing} is not possible with method={m.method} ({refusal}); "
+           "use packing=auto, group_by_length or pad")
     _check(0 < g.top_p <= 1, "top_p: must be in (0, 1]")
 
 

@@ -19,15 +19,12 @@ import yaml
 from chattune import __version__
 from chattune.config import RunConfig
 from chattune.data.templates import template_provenance
-from chattune.methods import method_settings
+from chattune.errors import ManifestError
+from chattune.methods import get_method
 from chattune.model import base_model_fingerprint
 
 MANIFEST_NAME = "chattune.json"
 CONFIG_NAME = "chattune.yaml"
-
-
-class ManifestError(RuntimeError):
-    """A run folder is missing its manifest, or does not match what it was made from."""
 
 
 def build_manifest(config: RunConfig, base: dict, template_name: str, tokenizer,
@@ -37,7 +34,7 @@ def build_manifest(config: RunConfig, base: dict, template_name: str, tokenizer,
         "chattune_version": __version__,
         "base_model": base,
         "template": template_provenance(template_name, tokenizer),
-        "method": method_settings(config.method),
+        "method": get_method(config.method.method).manifest_settings(config.method),
         "max_seq_length": config.data.max_seq_length,
         "data_fingerprint": data_fingerprint,
         "generation": asdict(config.generate),

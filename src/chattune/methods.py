@@ -1,4 +1,4 @@
-"""Fine-tuning methods: what each trains, how it is saved, how it is put back.
+"""Fine-tuning methods, as one table: what each needs, trains, saves and how it is put back.
 
 | method  | trains                                    | run folder holds                      |
 |---------|-------------------------------------------|---------------------------------------|
@@ -8,6 +8,10 @@
 | ptuning | P-Tuning v2 prefix encoder                | peft prefix-tuning adapter            |
 | full    | every parameter                           | a complete Hugging Face model         |
 
+Each :class:`Method` declares once whether it needs CUDA, whether its rows may be
+packed, how it is applied to a base model, how a run folder of it is loaded, how
+the memory plan counts it, and whether a server can batch it beside other
+adapters. The rest of chattune asks :func:`get_method`, never the method's name.
 peft is the engine for lora, qlora and ptuning; freeze and full are plain
 ``requires_grad`` choices on the base model.
 """
@@ -15,44 +19,83 @@ peft is the engine for lora, qlora and ptuning; freeze and full are plain
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from chattune.config import CUDA_OPTIMIZERS, ConfigError, MethodArgs
+from chattune.config import CUDA_OPTIMIZERS, MethodArgs
+from chattune.errors import ConfigError, ManifestError
 from chattune.model import default_lora_targets
 
-PEFT_METHODS = ("lora", "qlora", "ptuning")
 FREEZE_CONFIG_NAME = "freeze_config.json"
 FREEZE_WEIGHTS_NAME = "model.safetensors"
 
-_SETTINGS = {
-    "lora": ("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_dora", "use_rslora",
-             "modules_to_save"),
-    "freeze": ("freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules"),
-    "ptuning": ("pre_seq_len", "prefix_projection", "prefix_hidden_size"),
-    "full": (),
-}
-_SETTINGS["qlora"] = _SETTINGS["lora"] + ("quantization_bit",)
+LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_dora", "use_rslora",
+                 "modules_to_save")
 
 
-def method_settings(args: MethodArgs) -> dict:
-    """The method's name and the settings that matter for it (for the manifest)."""
-    values = asdict(args)
-    return {"name": args.method, **{k: values[k] for k in _SETTINGS[args.method]}}
+@dataclass(frozen=True)
+class Method:
+    """One fine-tuning method, as every stage of chattune needs to know it."""
 
+    name: str
+    settings: tuple[str, ...]
+    """The MethodArgs keys that matter for it (recorded in the manifest)."""
+    apply: Callable[[object, MethodArgs, bool], object]
+    """(base model, settings, gradient checkpointing) -> the model to train."""
+    load: Callable[[object, Path], object] | None
+    """(base model, run folder) -> the model for inference; None when the run folder is
+    itself a complete model (``run_is_model``)."""
+    needs_cuda: bool = False
+    quantized_base: bool = False
+    """The base is loaded in 4/8-bit (bitsandbytes) for training and, on CUDA, inference."""
+    packing_refusal: str | None = None
+    """Why rows cannot be packed with this method; None where they can."""
+    run_is_model: bool = False
+    """The run folder holds a complete Hugging Face model (loaded instead of the base)."""
+    trains_base_weights: bool = False
+    """Base weights themselves train (gradients and optimizer state in the load dtype)."""
+    activations: Literal["frozen_blocks", "trained_blocks", "all_blocks"] = "frozen_blocks"
+    """How the memory plan counts saved activations: gradients flow through frozen blocks to
+    adapters or a prefix; only blocks from the first trained one on; every block trained."""
+    batches_with_adapters: bool = False
+    """A server may batch its rows beside other LoRA adapters and the bare base model."""
+    plan_apply: Callable[[object, MethodArgs, bool], object] | None = None
+    """``apply`` for the memory plan on the meta device, where it differs (qlora: the k-bit
+    preparation needs CUDA; the LoRA shapes are the same)."""
 
-def check_supported(args: MethodArgs, optim: str = "adamw_torch") -> None:
-    """Refuse, before any model is loaded, what this machine cannot run."""
-    if args.method == "qlora" and not torch.cuda.is_available():
-        raise ConfigError(
-            "method: qlora loads the base model in 4/8-bit with bitsandbytes, which needs a CUDA GPU, "
-            "and none is present. Use method=lora here (optionally dtype=bfloat16 to halve memory), "
-            "or run on a CUDA machine."
-        )
-    if optim in CUDA_OPTIMIZERS and not torch.cuda.is_available():
-        raise ConfigError(f"optim: {optim} is a bitsandbytes optimizer and needs a CUDA GPU; use adamw_torch here")
+    def manifest_settings(self, args: MethodArgs) -> dict:
+        """The method's name and the settings that matter for it (for the manifest)."""
+        values = asdict(args)
+        return {"name": self.name, **{k: values[k] for k in self.settings}}
+
+    def served_alone(self, settings: dict) -> bool:
+        """Whether a run with these (manifest) settings must be served without other adapters:
+        it replaces base weights (freeze, full), changes every layer's cache (ptuning), or
+        peft cannot mix it in a batch (DoRA)."""
+        return not self.batches_with_adapters or bool(settings.get("use_dora"))
+
+    def base_load_kwargs(self, settings: dict) -> dict:
+        """Extra ``from_pretrained`` arguments for the base model of a run (qlora on CUDA:
+        the quantization it was trained with; elsewhere the base loads unquantized)."""
+        if not self.quantized_base or not torch.cuda.is_available():
+            return {}
+        known = {k: v for k, v in settings.items() if k in MethodArgs.__dataclass_fields__}
+        return {"quantization_config": quantization_config(MethodArgs(**known))}
+
+    def check_supported(self, optim: str = "adamw_torch") -> None:
+        """Refuse, before any model is loaded, what this machine cannot run."""
+        if self.needs_cuda and not torch.cuda.is_available():
+            raise ConfigError(
+                f"method: {self.name} loads the base model in 4/8-bit with bitsandbytes, which needs a "
+                "CUDA GPU, and none is present. Use method=lora here (optionally dtype=bfloat16 to halve "
+                "memory), or run on a CUDA machine."
+            )
+        if optim in CUDA_OPTIMIZERS and not torch.cuda.is_available():
+            raise ConfigError(f"optim: {optim} is a bitsandbytes optimizer and needs a CUDA GPU; use adamw_torch here")
 
 
 def quantization_config(args: MethodArgs):
@@ -103,7 +146,8 @@ def block_list(model) -> torch.nn.ModuleList:
     count = getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", None)
     candidates = [m for _, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == count]
     if not candidates:
-        raise ValueError(f"freeze: cannot find the list of {count} transformer blocks in {type(model).__name__}")
+        raise ConfigError(f"method: freeze needs the model's list of transformer blocks, and no list of {count} "
+                          f"modules (the config's num_hidden_layers) was found in {type(model).__name__}")
     return candidates[0]
 
 
@@ -111,16 +155,13 @@ def freeze_parameter_names(model, args: MethodArgs) -> list[str]:
     """Names of the parameters the freeze method trains."""
     blocks = block_list(model)
     n = args.freeze_trainable_layers
-    chosen = range(len(blocks) - n, len(blocks)) if n > 0 else range(0, -n)
     if n > len(blocks) or -n > len(blocks):
         raise ConfigError(f"freeze_trainable_layers: {n} but the model has {len(blocks)} blocks")
+    chosen = range(len(blocks) - n, len(blocks)) if n > 0 else range(0, -n)
     block_ids = {id(blocks[i]): i for i in chosen}
-    names = set()
-    block_prefix = {}
-    for name, module in model.named_modules():
-        if id(module) in block_ids:
-            block_prefix[name] = block_ids[id(module)]
+    block_prefix = {name: block_ids[id(module)] for name, module in model.named_modules() if id(module) in block_ids}
     wanted = set(args.freeze_trainable_modules)
+    names = set()
     for name, _ in model.named_parameters():
         for prefix in block_prefix:
             if name.startswith(prefix + "."):
@@ -152,57 +193,92 @@ def _save_trained_tensors(model, names: list[str]):
     return save_pretrained
 
 
-def apply_method(model, args: MethodArgs, gradient_checkpointing: bool = False):
-    """Make the loaded base model trainable in the configured way; return the model to train."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+def _apply_lora(model, args: MethodArgs, gradient_checkpointing: bool):
+    from peft import get_peft_model
 
-    method = args.method
-    if method == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    if method in ("lora", "qlora"):
-        try:
-            return get_peft_model(model, lora_config(args, model.config.model_type))
-        except ValueError as exc:
-            raise ConfigError(f"lora_target: {exc}") from exc
-    if method == "ptuning":
-        return get_peft_model(model, prefix_config(args))
-    if method == "freeze":
-        names = set(freeze_parameter_names(model, args))
-        for name, param in model.named_parameters():
-            param.requires_grad_(name in names)
-        model.save_pretrained = _save_trained_tensors(model, sorted(names))
-        return model
-    if method == "full":
-        for param in model.parameters():
-            param.requires_grad_(True)
-        return model
-    raise ConfigError(f"method: unknown method {method!r}")
+    try:
+        return get_peft_model(model, lora_config(args, model.config.model_type))
+    except ValueError as exc:
+        raise ConfigError(f"lora_target: {exc}") from exc
 
 
-def load_trained(base_model, run_dir: str | Path, method: str):
-    """Put a run folder's trained weights back on a loaded base model (inference mode).
+def _apply_qlora(model, args: MethodArgs, gradient_checkpointing: bool):
+    from peft import prepare_model_for_kbit_training
 
-    For ``full`` the run folder is itself the model: load it with
-    :func:`chattune.model.load_model` instead and skip this.
-    """
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    return _apply_lora(model, args, gradient_checkpointing)
+
+
+def _apply_ptuning(model, args: MethodArgs, gradient_checkpointing: bool):
+    from peft import get_peft_model
+
+    return get_peft_model(model, prefix_config(args))
+
+
+def _apply_freeze(model, args: MethodArgs, gradient_checkpointing: bool):
+    names = set(freeze_parameter_names(model, args))
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in names)
+    model.save_pretrained = _save_trained_tensors(model, sorted(names))
+    return model
+
+
+def _apply_full(model, args: MethodArgs, gradient_checkpointing: bool):
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return model
+
+
+def _load_peft(base_model, run_dir: Path):
     from peft import PeftModel
 
-    run_dir = Path(run_dir)
-    if method in PEFT_METHODS:
-        return PeftModel.from_pretrained(base_model, str(run_dir), is_trainable=False)
-    if method == "freeze":
-        from safetensors.torch import load_file
+    return PeftModel.from_pretrained(base_model, str(run_dir), is_trainable=False)
 
-        tensors = load_file(str(run_dir / FREEZE_WEIGHTS_NAME))
-        params = dict(base_model.named_parameters())
-        unknown = sorted(set(tensors) - set(params))
-        if unknown:
-            raise ValueError(f"{run_dir}: trained tensors not found in the base model: {unknown[:5]}")
-        with torch.no_grad():
-            for name, tensor in tensors.items():
-                params[name].copy_(tensor.to(params[name].dtype))
-        return base_model
-    raise ValueError(f"run folder {run_dir}: method {method!r} is not supported by this chattune")
+
+def _load_freeze(base_model, run_dir: Path):
+    from safetensors.torch import load_file
+
+    path = run_dir / FREEZE_WEIGHTS_NAME
+    if not path.is_file():
+        raise ManifestError(f"{run_dir}: no {FREEZE_WEIGHTS_NAME}; a freeze run folder holds its trained tensors there")
+    tensors = load_file(str(path))
+    params = dict(base_model.named_parameters())
+    unknown = sorted(set(tensors) - set(params))
+    if unknown:
+        raise ManifestError(f"{path}: trained tensors not found in the base model: {unknown[:5]}")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if params[name].shape != tensor.shape:
+                raise ManifestError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, the base model's "
+                                    f"{tuple(params[name].shape)}")
+            params[name].copy_(tensor.to(params[name].dtype))
+    return base_model
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("lora", LORA_SETTINGS, _apply_lora, _load_peft, batches_with_adapters=True),
+    Method("qlora", LORA_SETTINGS + ("quantization_bit",), _apply_qlora, _load_peft, needs_cuda=True,
+           quantized_base=True, batches_with_adapters=True, plan_apply=_apply_lora),
+    Method("freeze", ("freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules"),
+           _apply_freeze, _load_freeze, activations="trained_blocks"),
+    Method("ptuning", ("pre_seq_len", "prefix_projection", "prefix_hidden_size"), _apply_ptuning, _load_peft,
+           packing_refusal="P-Tuning v2 feeds every layer a KV prefix, and with a KV cache transformers "
+                           "does not keep packed rows apart"),
+    Method("full", (), _apply_full, None, run_is_model=True, trains_base_weights=True, activations="all_blocks"),
+)}
+
+
+def get_method(name: str) -> Method:
+    """The method called ``name``, or an error listing the known ones."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(f"method: unknown method {name!r}; expected one of {', '.join(METHODS)}") from None
+
+
+def apply_method(model, args: MethodArgs, gradient_checkpointing: bool = False):
+    """Make the loaded base model trainable in the configured way; return the model to train."""
+    return get_method(args.method).apply(model, args, gradient_checkpointing)
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -210,8 +286,3 @@ def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
-
-
-def trainable_names(model) -> list[str]:
-    """Names of the parameters that require gradients."""
-    return [name for name, p in model.named_parameters() if p.requires_grad]

@@ -9,14 +9,11 @@ from pathlib import Path
 import torch
 
 from chattune.config import ModelArgs
+from chattune.errors import ModelLoadError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype",
                          "_commit_hash", "_attn_implementation_autoset", "use_cache"}
-
-
-class ModelLoadError(RuntimeError):
-    """The base model or tokenizer could not be loaded; the message says why."""
 
 
 def _explain(path: str, exc: Exception) -> ModelLoadError:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from chattune.config import RunConfig
-from chattune.methods import apply_method, block_list, count_parameters
+from chattune.methods import Method, block_list, count_parameters, get_method
 from chattune.model import resolve_dtype
 
 GIB = 1024 ** 3
@@ -64,15 +64,11 @@ def meta_model(config: RunConfig):
                                               trust_remote_code=config.model.trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.model.trust_remote_code)
-    method = config.method
-    if method.method == "qlora":  # the k-bit preparation needs CUDA; the LoRA shape is the same
-        from dataclasses import replace
-
-        method = replace(method, method="lora")
-    return apply_method(model, method), model_config
+    method = get_method(config.method.method)
+    return (method.plan_apply or method.apply)(model, config.method, False), model_config
 
 
-def activation_bytes(model, model_config, tokens: int, element_bytes: int, method: str,
+def activation_bytes(model, model_config, tokens: int, element_bytes: int, method: Method,
                      checkpointing: bool) -> float:
     """Estimated bytes autograd keeps for the backward pass of one step.
 
@@ -87,9 +83,9 @@ def activation_bytes(model, model_config, tokens: int, element_bytes: int, metho
     norms = sum(1 for m in blocks[0].modules() if "norm" in type(m).__name__.lower())
     frozen = (4 + 1.5 * norms) * hidden + 4.0 * inner
     trained = (5.5 + 2.5 * norms) * hidden + 4.0 * inner
-    if method == "full":
+    if method.activations == "all_blocks":
         per_block = [trained] * layers
-    elif method == "freeze":
+    elif method.activations == "trained_blocks":
         first = min(i for i, block in enumerate(blocks) if any(p.requires_grad for p in block.parameters()))
         if all(p.requires_grad for p in blocks[first].parameters()):
             head, rest = trained, trained
@@ -109,18 +105,18 @@ def activation_bytes(model, model_config, tokens: int, element_bytes: int, metho
 def estimate(config: RunConfig) -> MemoryPlan:
     """Parameters and memory of the configured run, without loading weights."""
     model, model_config = meta_model(config)
-    method = config.method.method
+    method = get_method(config.method.method)
     load_dtype = resolve_dtype(config.model.dtype, config.train.fp16, config.train.bf16)
     trainable, total = count_parameters(model)
     weights = 0.0
     for name, param in model.named_parameters():
-        if param.requires_grad and method != "full":
+        if param.requires_grad and not method.trains_base_weights:
             weights += param.numel() * 4  # adapters and freeze-trained tensors stay float32
-        elif method == "qlora" and param.ndim == 2 and ".layers." in name and "embed" not in name:
+        elif method.quantized_base and param.ndim == 2 and ".layers." in name and "embed" not in name:
             weights += param.numel() * (0.5 + 0.016 if config.method.quantization_bit == 4 else 1.0 + 0.008)
         else:
             weights += param.numel() * _bytes(load_dtype)
-    trained_bytes = _bytes(load_dtype) if method == "full" else 4
+    trained_bytes = _bytes(load_dtype) if method.trains_base_weights else 4
     gradients = trainable * trained_bytes
     optim = config.train.optim
     state = {"sgd": 0, "adafactor": 1}.get(optim, 2)
@@ -130,7 +126,7 @@ def estimate(config: RunConfig) -> MemoryPlan:
     tokens = config.train.per_device_train_batch_size * config.data.max_seq_length
     activations = activation_bytes(model, model_config, tokens, 2 if mixed else 4, method,
                                    checkpointing=config.train.gradient_checkpointing)
-    return MemoryPlan(method, trainable, total, weights, gradients, optimizer, activations, tokens)
+    return MemoryPlan(method.name, trainable, total, weights, gradients, optimizer, activations, tokens)
 
 
 def format_plan(plan: MemoryPlan, config: RunConfig) -> str:

@@ -45,7 +45,7 @@ from chattune.data.templates import resolve_template_name
 from chattune.kernels import use_cpu_kernels
 from chattune.loss import CausalLMLoss, HeadCapture, check_head_logits, output_layer
 from chattune.manifest import build_manifest, write_run_files
-from chattune.methods import apply_method, check_supported, count_parameters, quantization_config
+from chattune.methods import apply_method, count_parameters, get_method, quantization_config
 from chattune.model import base_model_fingerprint, load_model, load_tokenizer, resolve_dtype
 
 METRICS_NAME = "metrics.jsonl"
@@ -174,10 +174,8 @@ def resolve_packing(config: RunConfig, model, pad_token_id: int, vocab_size: int
     wanted = config.data.packing
     if wanted in ("pad", "group_by_length"):
         return wanted
-    if config.method.method == "ptuning":
-        reason = ("P-Tuning v2 feeds every layer a KV prefix, and with a KV cache transformers "
-                  "does not build the packed attention mask")
-    else:
+    reason = get_method(config.method.method).packing_refusal
+    if reason is None:
         collator = PackCollator(pad_token_id, flatten=wanted == "padding_free" or uses_varlen_attention(model))
         reason = check_packed_attention(model, collator, vocab_size)
     if reason is None:
@@ -342,7 +340,7 @@ def _speed_setup(config: RunConfig, model, prepared: PreparedData, pad_token_id:
     """Put the model where it trains, switch on the CPU kernels and per-row SDPA where they
     apply, and settle (with probes on the model) how data is batched and the loss computed.
     Returns the batches, the loss function and the function that restores the attention."""
-    if getattr(model, "hf_device_map", None) is None and config.method.method != "qlora":
+    if getattr(model, "hf_device_map", None) is None and not get_method(config.method.method).quantized_base:
         from accelerate import PartialState
 
         model.to(PartialState().device)  # where the Trainer would put it; the probes run there
@@ -368,7 +366,8 @@ def train(config: RunConfig, *, log=print) -> TrainResult:
     """Run one training job described by ``config``; return where its run folder is."""
     if not config.model.model_name_or_path:
         raise ConfigError("model_name_or_path: no base model given")
-    check_supported(config.method, config.train.optim)
+    method = get_method(config.method.method)
+    method.check_supported(config.train.optim)
     output_dir = Path(config.train.output_dir)
     resume = _resume_path(config, output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -380,7 +379,7 @@ def train(config: RunConfig, *, log=print) -> TrainResult:
     log(format_audit(prepared.audit))
 
     dtype = resolve_dtype(config.model.dtype, config.train.fp16, config.train.bf16)
-    extra = {"quantization_config": quantization_config(config.method)} if config.method.method == "qlora" else {}
+    extra = {"quantization_config": quantization_config(config.method)} if method.quantized_base else {}
     if config.model.attn_implementation:
         extra["attn_implementation"] = config.model.attn_implementation
     model = load_model(config.model, dtype, **extra)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from chattune.data.records import Record, RecordError, validate_messages
+from chattune.errors import ChattuneError
 
 FORMATS = ("auto", "alpaca", "sharegpt", "openai", "columns")
 COLUMN_TARGETS = ("prompt", "query", "response", "system", "history")
@@ -29,7 +30,7 @@ SHAREGPT_ROLES = {
 }
 
 
-class DataFileError(ValueError):
+class DataFileError(ChattuneError, ValueError):
     """A data file cannot be read at all (missing, malformed JSON, unknown type)."""
 
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from chattune.errors import ChattuneError
+
 ROLES = ("system", "user", "assistant")
 
 
-class RecordError(ValueError):
+class RecordError(ChattuneError, ValueError):
     """A record is malformed; the message names where and what was expected."""
 
 

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from chattune.data.records import user_text
+from chattune.errors import ChattuneError
 
 TRAINED_ROLES = ("assistant", "answer_end", "eos")
 
@@ -46,7 +47,7 @@ class Piece:
         return self.role in TRAINED_ROLES
 
 
-class TemplateError(ValueError):
+class TemplateError(ChattuneError, ValueError):
     """A template cannot render a conversation (or does not exist)."""
 
 
