@@ -102,24 +102,25 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _load_chat(args):
-    from chattune.generate import load_chat_model
+def _load_run(args):
+    from chattune.runs import LoadOptions, load_run
 
-    return load_chat_model(args.run_dir, base_model=args.base_model, force=args.force,
-                           template=args.template, trust_remote_code=args.trust_remote_code,
-                           warn=lambda m: print(m, file=sys.stderr))
+    options = LoadOptions(base_model=args.base_model, template=args.template, force=args.force,
+                          trust_remote_code=args.trust_remote_code)
+    return load_run(args.run_dir, options, warn=lambda m: print(m, file=sys.stderr))
 
 
 def _overrides(args) -> dict:
-    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-            "top_p": args.top_p, "do_sample": args.do_sample}
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+            "top_k": args.top_k, "repetition_penalty": args.repetition_penalty, "do_sample": args.do_sample,
+            "seed": args.seed}
 
 
 def cmd_chat(args) -> int:
     """Chat in the terminal with a run folder (or a bare base model)."""
-    from chattune.generate import chat_loop
+    from chattune.chat import chat_loop
 
-    chat_loop(_load_chat(args), **_overrides(args))
+    chat_loop(_load_run(args), **_overrides(args))
     return 0
 
 
@@ -127,8 +128,7 @@ def cmd_predict(args) -> int:
     """Batched greedy generation over a data file, written as JSONL."""
     from chattune.predict import predict_file
 
-    chat = _load_chat(args)
-    count = predict_file(chat, args.data, args.out, fmt=args.format, columns=_columns(args.columns),
+    count = predict_file(_load_run(args), args.data, args.out, fmt=args.format, columns=_columns(args.columns),
                          batch_size=args.batch_size, limit=args.limit)
     print(f"wrote {count} predictions to {args.out}")
     return 0
@@ -176,6 +176,9 @@ def _add_inference(parser):
     parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--top-p", type=float)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--repetition-penalty", type=float)
+    parser.add_argument("--seed", type=int, help="seed of the sampler (with --do-sample or --temperature)")
     parser.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=None)
 
 

@@ -19,8 +19,8 @@ import yaml
 from chattune.config import load_config
 from chattune.data.encode import EncodeOptions, PieceEncoder, encode_all
 from chattune.data.formats import read_rows, to_record
-from chattune.data.templates import resolve_template_name
-from chattune.generate import load_chat_model
+from chattune.generate import generate
+from chattune.runs import LoadOptions, load_run
 from chattune.tiny import build_tiny_model
 from chattune.train import PadCollator, train
 
@@ -63,24 +63,24 @@ def demo_records() -> tuple[list[dict], list[dict]]:
     return taught, held_out
 
 
-def _exact_match(chat, records) -> tuple[float, list[str]]:
+def _exact_match(run, records) -> tuple[float, list[str]]:
     conversations = [r.messages[:-1] for r in records]
     answers = []
     for start in range(0, len(conversations), 16):
-        answers += chat.generate(conversations[start:start + 16], do_sample=False)
+        answers += generate(run, conversations[start:start + 16], do_sample=False, max_new_tokens=40)
     hits = sum(a == r.messages[-1]["content"] for a, r in zip(answers, records, strict=True))
     return hits / len(records), answers
 
 
 @torch.no_grad()
-def _eval_loss(chat, records, max_len: int) -> float:
-    encoder = PieceEncoder(chat.tokenizer)
-    encoded = encode_all([r.messages for r in records], chat.template, encoder, EncodeOptions(max_len))
-    batch = PadCollator(chat.tokenizer.pad_token_id)(
+def _eval_loss(run, records, max_len: int) -> float:
+    encoder = PieceEncoder(run.tokenizer)
+    encoded = encode_all([r.messages for r in records], run.profile().template, encoder, EncodeOptions(max_len))
+    batch = PadCollator(run.tokenizer.pad_token_id)(
         [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded if not e.dropped]
     )
-    batch = {k: v.to(chat.device) for k, v in batch.items()}
-    return float(chat.model(**batch).loss)
+    batch = {k: v.to(run.device) for k, v in batch.items()}
+    return float(run.model(**batch).loss)
 
 
 def _read(path: Path):
@@ -123,23 +123,22 @@ def run_demo(workdir: str = "chattune-demo", *, max_steps: int = 400, log=print)
 
         shutil.rmtree(run_dir)
 
-    base = load_chat_model(str(model_dir), template=config.data.template)
-    base.generation["max_new_tokens"] = 40
+    base = load_run(str(model_dir), LoadOptions(template=config.data.template))
     taught_records, held_records = _read(data_dir / "demo_train.json"), _read(data_dir / "demo_eval.json")
     em_before, _ = _exact_match(base, taught_records)
     loss_before = _eval_loss(base, held_records, 128)
     del base
     log(f"[3/4] fine-tuning with LoRA (config {config_path}) ...")
     result = train(config, log=lambda *_: None)
-    chat = load_chat_model(str(run_dir))
-    em_after, answers = _exact_match(chat, taught_records)
-    loss_after = _eval_loss(chat, held_records, 128)
+    tuned = load_run(str(run_dir))
+    em_after, answers = _exact_match(tuned, taught_records)
+    loss_after = _eval_loss(tuned, held_records, 128)
     seconds = time.perf_counter() - started
     log("[4/4] results")
     log(f"{'':<34}{'before':>10}{'after':>10}")
     log(f"{'exact match, taught (n=' + str(len(taught_records)) + ')':<34}{em_before:>10.1%}{em_after:>10.1%}")
     log(f"{'eval loss, held-out (n=' + str(len(held_records)) + ')':<34}{loss_before:>10.3f}{loss_after:>10.3f}")
-    log(f"template {resolve_template_name('auto', chat.tokenizer)}, {result.global_step} steps, "
+    log(f"template {tuned.profile().template}, {result.global_step} steps, "
         f"{seconds:.0f} s in all")
     log("\nsample generations:")
     for record, answer in list(zip(taught_records, answers, strict=True))[::9]:

@@ -5,19 +5,20 @@ base model (path and hashes of its config and tokenizer), the template (name,
 source, and its rendering of a fixed probe conversation), the method and its
 settings, the maximum length, the data fingerprint, chattune's version and the
 generation defaults. ``chattune.yaml`` beside it is the resolved config.
-Everything downstream reads these instead of asking the user again.
+Everything downstream reads a :class:`Manifest` instead of asking the user again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import asdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from chattune import __version__
-from chattune.config import RunConfig
+from chattune.config import GenerateArgs, RunConfig
 from chattune.data.templates import template_provenance
 from chattune.errors import ManifestError
 from chattune.methods import get_method
@@ -25,35 +26,144 @@ from chattune.model import base_model_fingerprint
 
 MANIFEST_NAME = "chattune.json"
 CONFIG_NAME = "chattune.yaml"
+RESULT_KEYS = ("global_step", "train_loss", "eval_loss", "trainable_parameters")
+
+
+@dataclass(frozen=True)
+class BaseModelRecord:
+    """The base model a run was trained on."""
+
+    path: str
+    config_sha256: str
+    tokenizer_sha256: str
+    model_type: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class TemplateRecord:
+    """The template a run was trained with, and its rendering of the probe conversation."""
+
+    name: str
+    probe_rendering: str
+    source: str = ""
+    chat_template: str | None = None
+    stop_strings: tuple[str, ...] = ()
+    stop_tokens: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A run folder's ``chattune.json``, typed."""
+
+    base_model: BaseModelRecord
+    template: TemplateRecord
+    method: str
+    method_settings: dict
+    max_seq_length: int
+    data_fingerprint: str
+    generation: GenerateArgs
+    chattune_version: str = __version__
+    results: dict = field(default_factory=dict)
+    """What training reported: global_step, train_loss, eval_loss, trainable_parameters."""
+
+    def to_json(self) -> dict:
+        """The manifest as written to ``chattune.json``."""
+        return {
+            "chattune_version": self.chattune_version,
+            "base_model": dataclasses.asdict(self.base_model),
+            "template": {**dataclasses.asdict(self.template), "stop_strings": list(self.template.stop_strings),
+                         "stop_tokens": list(self.template.stop_tokens)},
+            "method": {"name": self.method, **self.method_settings},
+            "max_seq_length": self.max_seq_length,
+            "data_fingerprint": self.data_fingerprint,
+            "generation": dataclasses.asdict(self.generation),
+            **self.results,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict, where: str = MANIFEST_NAME) -> Manifest:
+        """A manifest from its JSON, or an error naming the key that is missing or wrong."""
+        if not isinstance(data, dict):
+            raise ManifestError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        method = dict(_section(data, "method", where))
+        name = method.pop("name", None)
+        if not isinstance(name, str):
+            raise ManifestError(f"{where}: method.name: expected the method's name, got {name!r}")
+        generation_fields = {f.name for f in dataclasses.fields(GenerateArgs)}
+        generation = {k: v for k, v in _section(data, "generation", where).items() if k in generation_fields}
+        return cls(
+            base_model=_record(BaseModelRecord, _section(data, "base_model", where), "base_model", where),
+            template=_record(TemplateRecord, _section(data, "template", where), "template", where),
+            method=name,
+            method_settings=method,
+            max_seq_length=_value(data, "max_seq_length", int, where),
+            data_fingerprint=_value(data, "data_fingerprint", str, where),
+            generation=GenerateArgs(**generation),
+            chattune_version=str(data.get("chattune_version", "unknown")),
+            results={k: data[k] for k in RESULT_KEYS if k in data},
+        )
+
+
+def _section(data: dict, key: str, where: str) -> dict:
+    value = data.get(key)
+    if not isinstance(value, dict):
+        raise ManifestError(f"{where}: {key}: expected an object, got {value!r}")
+    return value
+
+
+def _value(data: dict, key: str, kind: type, where: str):
+    value = data.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ManifestError(f"{where}: {key}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _record(kind, values: dict, key: str, where: str):
+    names = {f.name: f for f in dataclasses.fields(kind)}
+    missing = [n for n, f in names.items()
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and n not in values]
+    if missing:
+        raise ManifestError(f"{where}: {key}.{missing[0]}: missing")
+    kept = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names}
+    return kind(**kept)
 
 
 def build_manifest(config: RunConfig, base: dict, template_name: str, tokenizer,
-                   data_fingerprint: str) -> dict:
-    """The manifest of a run, as a JSON-ready dict."""
-    return {
-        "chattune_version": __version__,
-        "base_model": base,
-        "template": template_provenance(template_name, tokenizer),
-        "method": get_method(config.method.method).manifest_settings(config.method),
-        "max_seq_length": config.data.max_seq_length,
-        "data_fingerprint": data_fingerprint,
-        "generation": asdict(config.generate),
-    }
+                   data_fingerprint: str) -> Manifest:
+    """The manifest of a run about to train."""
+    method = get_method(config.method.method)
+    settings = method.manifest_settings(config.method)
+    settings.pop("name")
+    template = template_provenance(template_name, tokenizer)
+    return Manifest(
+        base_model=_record(BaseModelRecord, base, "base_model", "manifest"),
+        template=_record(TemplateRecord, template, "template", "manifest"),
+        method=method.name,
+        method_settings=settings,
+        max_seq_length=config.data.max_seq_length,
+        data_fingerprint=data_fingerprint,
+        generation=dataclasses.replace(config.generate),
+    )
 
 
-def write_run_files(folder: str | Path, manifest: dict, config: RunConfig, extra: dict | None = None) -> None:
-    """Write the manifest and the resolved config into a run folder."""
+def write_run_files(folder: str | Path, manifest: Manifest, config: RunConfig, extra: dict | None = None) -> None:
+    """Write the manifest (with ``extra`` results) and the resolved config into a run folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    data = dict(manifest)
-    if extra:
-        data.update(extra)
+    data = manifest.to_json()
+    data.update(extra or {})
     (folder / MANIFEST_NAME).write_text(json.dumps(data, indent=2, ensure_ascii=False))
     flat = config.to_flat_dict()
     (folder / CONFIG_NAME).write_text(yaml.safe_dump(flat, sort_keys=False, allow_unicode=True))
 
 
-def read_manifest(folder: str | Path) -> dict:
+def is_run_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a folder holding a manifest."""
+    return (Path(path) / MANIFEST_NAME).is_file()
+
+
+def read_manifest(folder: str | Path) -> Manifest:
     """Read a run folder's manifest, or explain what the folder is missing."""
     folder = Path(folder)
     path = folder / MANIFEST_NAME
@@ -64,33 +174,37 @@ def read_manifest(folder: str | Path) -> dict:
             f"{folder}: no {MANIFEST_NAME}; this is not a chattune run folder "
             "(pass a base model with --base-model to chat without an adapter)"
         )
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{path}: not valid JSON: {exc}") from exc
+    return Manifest.from_json(data, str(path))
 
 
-def verify_base_model(manifest: dict, base_path: str, tokenizer=None) -> list[str]:
+def verify_base_model(manifest: Manifest, base_path: str, tokenizer=None) -> list[str]:
     """Compare the base model found at ``base_path`` with the manifest's; list the differences."""
-    recorded = manifest["base_model"]
-    found = base_model_fingerprint(base_path, recorded.get("trust_remote_code", False), tokenizer)
+    recorded = manifest.base_model
+    found = base_model_fingerprint(base_path, recorded.trust_remote_code, tokenizer)
     problems = []
-    if found["config_sha256"] != recorded["config_sha256"]:
+    if found["config_sha256"] != recorded.config_sha256:
         problems.append(
             f"base model config at {base_path} differs from the one the adapter was trained on "
-            f"(sha256 {found['config_sha256'][:12]} != {recorded['config_sha256'][:12]})"
+            f"(sha256 {found['config_sha256'][:12]} != {recorded.config_sha256[:12]})"
         )
-    if found["tokenizer_sha256"] != recorded["tokenizer_sha256"]:
+    if found["tokenizer_sha256"] != recorded.tokenizer_sha256:
         problems.append(
             f"tokenizer at {base_path} differs from the one used in training "
-            f"(sha256 {found['tokenizer_sha256'][:12]} != {recorded['tokenizer_sha256'][:12]})"
+            f"(sha256 {found['tokenizer_sha256'][:12]} != {recorded.tokenizer_sha256[:12]})"
         )
     return problems
 
 
-def verify_template(manifest: dict, tokenizer) -> list[str]:
+def verify_template(manifest: Manifest, tokenizer) -> list[str]:
     """Check that the template renders the probe conversation as it did in training."""
-    recorded = manifest["template"]
-    now = template_provenance(recorded["name"], tokenizer)
-    if now["probe_rendering"] != recorded["probe_rendering"]:
-        return [f"template {recorded['name']!r} now renders differently from training "
-                f"(template drift):\n  trained: {recorded['probe_rendering']!r}\n  now:     "
+    recorded = manifest.template
+    now = template_provenance(recorded.name, tokenizer)
+    if now["probe_rendering"] != recorded.probe_rendering:
+        return [f"template {recorded.name!r} now renders differently from training "
+                f"(template drift):\n  trained: {recorded.probe_rendering!r}\n  now:     "
                 f"{now['probe_rendering']!r}"]
     return []

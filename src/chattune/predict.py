@@ -7,10 +7,11 @@ from pathlib import Path
 
 from chattune.data.formats import read_rows, to_record
 from chattune.data.records import RecordError, split_prompt
-from chattune.generate import ChatModel
+from chattune.generate import generate
+from chattune.runs import LoadedRun
 
 
-def predict_file(chat: ChatModel, data_path: str, out_path: str, *, fmt: str = "auto",
+def predict_file(run: LoadedRun, data_path: str, out_path: str, *, fmt: str = "auto",
                  columns: dict[str, str] | None = None, batch_size: int = 8,
                  limit: int | None = None, log=print) -> int:
     """Greedy-answer every record of ``data_path``; write one JSON line per record.
@@ -39,7 +40,7 @@ def predict_file(chat: ChatModel, data_path: str, out_path: str, *, fmt: str = "
                 items.append(item)
                 prompts.append((item, messages))
             if prompts:
-                answers = chat.generate([m for _, m in prompts], do_sample=False)
+                answers = generate(run, [m for _, m in prompts], do_sample=False)
                 for (item, _), answer in zip(prompts, answers, strict=True):
                     item["prediction"] = answer
             for item in items:

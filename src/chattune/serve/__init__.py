@@ -1,8 +1,8 @@
 """``chattune serve``: an OpenAI-compatible HTTP API over run folders, batched.
 
-- :mod:`chattune.serve.registry` loads the base model once with every adapter;
-- :mod:`chattune.serve.engine` decodes all requests together in one worker thread;
-- :mod:`chattune.serve.text` turns tokens into text that is safe to stream;
+- :func:`chattune.runs.load_run` loads the base model once with every adapter;
+- :mod:`chattune.serve.engine` decodes all requests together in one worker thread, through
+  :class:`chattune.decoding.Decoder` (which ``chat`` and ``predict`` use too);
 - :mod:`chattune.serve.schema` and :mod:`chattune.serve.app` are the HTTP side.
 
 ``chattune serve`` (its options are in :mod:`chattune.cli`) calls :func:`serve`.
@@ -11,49 +11,19 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
-import threading
+
+from chattune.errors import ConfigError
 
 API_KEY_ENV = "CHATTUNE_API_KEY"
 
 
-class ServerThread:
-    """A uvicorn server for ``app`` on a loopback port, in a background thread (tests, benchmarks)."""
-
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        import uvicorn
-
-        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.socket.bind((host, port))
-        self.host, self.port = host, self.socket.getsockname()[1]
-        config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
-
-    @property
-    def url(self) -> str:
-        """``http://host:port``."""
-        return f"http://{self.host}:{self.port}"
-
-    def start(self, timeout: float = 30.0) -> ServerThread:
-        """Start serving; return once the server accepts connections."""
-        import time
-
-        self.thread.start()
-        end = time.monotonic() + timeout
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > end:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        """Stop serving and wait for the thread."""
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.socket.close()
+def parse_adapter(text: str) -> tuple[str, str]:
+    """``NAME=RUN_DIR`` from the command line."""
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise ConfigError(f"--adapter: expected NAME=RUN_DIR, got {text!r}")
+    return name.strip(), path.strip()
 
 
 def set_threads(threads: int | None) -> None:
@@ -69,14 +39,14 @@ def set_threads(threads: int | None) -> None:
 
 def build(args, warn=print):
     """Load what ``args`` names and return (served, engine, app); the engine is started."""
+    from chattune.runs import LoadOptions, load_run
     from chattune.serve.app import create_app
     from chattune.serve.engine import Engine
-    from chattune.serve.registry import load_served, parse_adapter
 
-    adapters = [parse_adapter(text) for text in args.adapter]
+    options = LoadOptions(base_model=args.base_model, force=args.force, trust_remote_code=args.trust_remote_code,
+                          name=args.name, adapters=[parse_adapter(text) for text in args.adapter])
     set_threads(args.threads)
-    served = load_served(args.run_dir, adapters, name=args.name, base_model=args.base_model, force=args.force,
-                         trust_remote_code=args.trust_remote_code, warn=warn)
+    served = load_run(args.run_dir, options, warn=warn)
     engine = Engine(served.model, pad_token_id=served.tokenizer.pad_token_id, max_batch=args.max_batch,
                     max_waiting=args.max_queue, use_adapters=served.uses_adapters)
     engine.start()
@@ -89,8 +59,6 @@ def serve(args) -> int:
     """Run the server in the foreground until interrupted (``chattune serve``)."""
     import uvicorn
 
-    from chattune.config import ConfigError
-
     for option in ("max_batch", "max_queue", "max_body_bytes", "threads"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             raise ConfigError(f"--{option.replace('_', '-')}: must be >= 1")
@@ -99,7 +67,7 @@ def serve(args) -> int:
     loopback = args.host in ("127.0.0.1", "localhost", "::1")
     if not key and not loopback:
         print(f"warning: serving on {args.host} without an API key (--api-key or ${API_KEY_ENV})", file=sys.stderr)
-    print(f"chattune serve: models {', '.join(served.models)} (default {served.default}); "
+    print(f"chattune serve: models {', '.join(served.profiles)} (default {served.default}); "
           f"OpenAI API at http://{args.host}:{args.port}/v1" + (" (API key required)" if key else ""),
           file=sys.stderr)
     try:

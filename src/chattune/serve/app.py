@@ -23,8 +23,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from chattune.data.templates import TemplateError
-from chattune.serve.engine import Engine, Event, QueueFull, SamplingParams, Sequence
-from chattune.serve.registry import Served, ServedModel
+from chattune.decoding import BASE_ADAPTER, Event, Sequence
+from chattune.runs import LoadedRun, Profile
+from chattune.sampling import SamplingParams, params_from_defaults
+from chattune.serve.engine import Engine, QueueFull
 from chattune.serve.schema import (
     APIError,
     ChatCompletionRequest,
@@ -33,7 +35,7 @@ from chattune.serve.schema import (
     error_body,
     validation_message,
 )
-from chattune.serve.text import TextStream
+from chattune.textstream import TextStream
 
 
 async def _send_error(scope, receive, send, status: int, body: dict, headers: dict | None = None) -> None:
@@ -99,10 +101,9 @@ def _status_type(status: int) -> str:
         status, "server_error" if status >= 500 else "invalid_request_error")
 
 
-def _sampling(model: ServedModel, body: SamplingFields, prompt_tokens: int, limit: int,
+def _sampling(profile: Profile, body: SamplingFields, prompt_tokens: int, limit: int,
               prompt_field: str) -> SamplingParams:
     """Request settings over the run's generation defaults, checked against the context length."""
-    defaults = model.chat.generation
     room = limit - prompt_tokens
     if room < 1:
         raise APIError(400, f"{prompt_field}: the prompt is {prompt_tokens} tokens and the model's context is "
@@ -114,16 +115,11 @@ def _sampling(model: ServedModel, body: SamplingFields, prompt_tokens: int, limi
         raise APIError(400, f"{field}: {requested} tokens asked for, but the model's context is {limit} tokens "
                        f"and the prompt takes {prompt_tokens}: at most {room}", param=field,
                        code="context_length_exceeded")
-    sampled = defaults.get("do_sample", False)
-    return SamplingParams(
-        max_tokens=requested or min(int(defaults.get("max_new_tokens", 256)), room),
-        temperature=body.temperature if body.temperature is not None else
-        (defaults.get("temperature", 1.0) if sampled else 0.0),
-        top_p=body.top_p if body.top_p is not None else defaults.get("top_p", 1.0),
-        seed=body.seed,
-        repetition_penalty=body.repetition_penalty or defaults.get("repetition_penalty", 1.0),
-        ignore_eos=body.ignore_eos,
-    )
+    params = params_from_defaults(profile.generation, requested, temperature=body.temperature, top_p=body.top_p,
+                                  top_k=body.top_k, repetition_penalty=body.repetition_penalty, seed=body.seed,
+                                  ignore_eos=body.ignore_eos)
+    params.max_tokens = min(params.max_tokens, room)
+    return params
 
 
 def _dump(payload: dict) -> str:
@@ -152,7 +148,7 @@ async def _events(request: Request, queue: asyncio.Queue, seq: Sequence, engine:
         engine.cancel(seq)
 
 
-def create_app(served: Served, engine: Engine, *, api_key: str | None = None,
+def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
                max_body_bytes: int = 1 << 20) -> FastAPI:
     """The API over a loaded model and a running engine (neither is started or stopped here)."""
     app = FastAPI(title="chattune", docs_url=None, redoc_url=None, openapi_url=None)
@@ -179,30 +175,33 @@ def create_app(served: Served, engine: Engine, *, api_key: str | None = None,
         return JSONResponse(error_body(message, _status_type(exc.status_code)), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
-    def pick(name: str | None) -> ServedModel:
-        """The model a request names (the default when it names none), or 404."""
-        model = served.models.get(name or served.default)
-        if model is None:
-            raise APIError(404, f"The model '{name}' does not exist; this server has: "
-                           f"{', '.join(served.models)}", param="model", code="model_not_found")
-        return model
+    created = int(time.time())
 
-    def card(model: ServedModel) -> dict:
+    def pick(name: str | None) -> Profile:
+        """The model a request names (the default when it names none), or 404."""
+        profile = served.profiles.get(name or served.default)
+        if profile is None:
+            raise APIError(404, f"The model '{name}' does not exist; this server has: "
+                           f"{', '.join(served.profiles)}", param="model", code="model_not_found")
+        return profile
+
+    def card(profile: Profile) -> dict:
         """A model as /v1/models lists it."""
-        return {"id": model.name, "object": "model", "created": model.created, "owned_by": "chattune",
-                "root": model.run_dir, "parent": None if model.adapter == "__base__" else "base",
-                "template": model.chat.template, "context_length": served.context_length}
+        return {"id": profile.name, "object": "model", "created": created, "owned_by": "chattune",
+                "root": str(profile.run_dir) if profile.run_dir else None,
+                "parent": None if profile.adapter == BASE_ADAPTER else "base",
+                "template": profile.template, "context_length": served.context_length}
 
     @app.get("/health")
     async def health():
         """Liveness and load; needs no API key."""
-        body = {"status": "ok" if engine.alive else "stopped", **engine.stats(), "models": list(served.models)}
+        body = {"status": "ok" if engine.alive else "stopped", **engine.stats(), "models": list(served.profiles)}
         return JSONResponse(body, status_code=200 if engine.alive else 503)
 
     @app.get("/v1/models")
     async def list_models():
         """Every name the ``model`` field may take."""
-        return {"object": "list", "data": [card(m) for m in served.models.values()]}
+        return {"object": "list", "data": [card(p) for p in served.profiles.values()]}
 
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str):
@@ -216,12 +215,11 @@ def create_app(served: Served, engine: Engine, *, api_key: str | None = None,
         model = pick(body.model)
         messages = body.conversation()
         try:
-            with served.tokenizer_lock:
-                ids = model.prompt_ids(messages)
+            ids = served.prompt_ids(messages, model)
         except TemplateError as exc:
             raise APIError(400, f"messages: {exc}", param="messages") from exc
         params = _sampling(model, body, len(ids), served.context_length, "messages")
-        stops = model.chat.stop_strings + body.stop_list()
+        stops = model.stop_strings + body.stop_list()
         return await _respond(request, model, ids, params, stops, body, chat=True)
 
     @app.post("/v1/completions")
@@ -247,12 +245,7 @@ def create_app(served: Served, engine: Engine, *, api_key: str | None = None,
         params = _sampling(model, body, len(ids), served.context_length, "prompt")
         return await _respond(request, model, ids, params, body.stop_list(), body, chat=False)
 
-    def decode(ids: list[int]) -> str:
-        """Token ids to text (the tokenizer is shared with request threads, hence the lock)."""
-        with served.tokenizer_lock:
-            return served.tokenizer.decode(ids, skip_special_tokens=True)
-
-    async def _respond(request, model: ServedModel, ids, params, stops, body, *, chat: bool):
+    async def _respond(request, model: Profile, ids, params, stops, body, *, chat: bool):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -262,8 +255,8 @@ def create_app(served: Served, engine: Engine, *, api_key: str | None = None,
             except RuntimeError:  # the event loop is closed: nobody is listening
                 pass
 
-        seq = Sequence(ids, params, TextStream(decode, stops, strip=chat), emit, adapter=model.adapter,
-                       stop_token_ids=frozenset(model.chat.stop_token_ids))
+        seq = Sequence(ids, params, TextStream(served.decode, stops, strip=chat), emit, adapter=model.adapter,
+                       stop_token_ids=model.stop_token_ids)
         try:
             engine.submit(seq)
         except QueueFull as exc:

@@ -112,6 +112,7 @@ class SamplingFields(BaseModel):
     frequency_penalty: float = 0.0
     user: str | None = None
     repetition_penalty: float | None = Field(None, gt=0)
+    top_k: int | None = Field(None, ge=0)
     ignore_eos: bool = False
 
     def check_supported(self) -> None:

@@ -3,7 +3,7 @@
 A stream may only send text that the final answer will begin with. So the
 text held back is: a tail that could still become a stop string, an
 incomplete UTF-8 character (decoded as U+FFFD), and, for chat answers (which
-are stripped, as ``ChatModel.generate`` strips them), leading and trailing
+are stripped), leading and trailing
 whitespace.
 """
 
@@ -36,7 +36,7 @@ class TextStream:
     ``strip`` the whole answer is stripped of surrounding whitespace. While
     tokens come, only the newest few are decoded (each with a little context
     before it, so that tokenizers which drop a leading space decode alike);
-    the final answer is one decode of them all, as ``ChatModel.generate`` does.
+    the final answer is one decode of them all.
     """
 
     def __init__(self, decode: Callable[[list[int]], str], stops: list[str], strip: bool):
