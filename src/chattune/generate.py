@@ -33,17 +33,24 @@ def _decoder(run: LoadedRun) -> Decoder:
     return Decoder(run.model, pad_token_id=run.tokenizer.pad_token_id, use_adapters=run.uses_adapters)
 
 
-def generate(run: LoadedRun, conversations: list[list[dict]], profile: str | None = None,
-             **overrides) -> list[str]:
-    """Answer every conversation (each ending with the user's message), decoded together in one
-    batch; ``overrides`` are :func:`sampling_params`' (max_new_tokens, temperature, ...)."""
+def answer(run: LoadedRun, conversations: list[list[dict]], profile: str | None = None,
+           **overrides) -> list[Sequence]:
+    """Decode an answer to every conversation (each ending with the user's message), all in one
+    batch; return the finished sequences (``.generated`` token ids, ``.text.text`` the answer).
+    ``overrides`` are :func:`sampling_params`' (max_new_tokens, temperature, top_k, seed, ...)."""
     chosen = run.profile(profile)
     seqs = [_sequence(run, chosen, messages, sampling_params(chosen, **overrides), _ignore)
             for messages in conversations]
     if seqs:
         for _ in run_to_end(_decoder(run), seqs):
             pass
-    return [seq.text.text for seq in seqs]
+    return seqs
+
+
+def generate(run: LoadedRun, conversations: list[list[dict]], profile: str | None = None,
+             **overrides) -> list[str]:
+    """The answers' text, as :func:`answer` decodes them."""
+    return [seq.text.text for seq in answer(run, conversations, profile, **overrides)]
 
 
 def stream(run: LoadedRun, messages: list[dict], profile: str | None = None, **overrides) -> Iterator[str]:
