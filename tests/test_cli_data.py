@@ -305,3 +305,253 @@ class TestBadInput:
         stdout = capsys.readouterr().out
         assert summary_row(stdout, "in.csv") == ["2", "1", "1", "0", "1"]
         assert f"e.g. {src}:2.hist: history is not a JSON list of pairs" in stdout
+
+
+# --------------------------------------------------------------------------- hostile input, one line each
+
+
+def one_error_line(argv, capsys) -> str:
+    """Run the CLI expecting exit status 2, one ``chattune: error:`` line on stderr and no
+    traceback; return the message."""
+    capsys.readouterr()  # drop what fixtures printed (progress bars of building a tiny model)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("chattune: error: "), err
+    assert "Traceback" not in err
+    return lines[0].removeprefix("chattune: error: ")
+
+
+class TestHostileConvertAndInspect:
+    @pytest.mark.parametrize("command", ["inspect", "convert"])
+    def test_a_directory(self, tmp_path, capsys, command):
+        folder = tmp_path / "data.jsonl"
+        folder.mkdir()
+        extra = ["--out", str(tmp_path / "o.jsonl")] if command == "convert" else []
+        err = one_error_line(["data", command, str(folder), *extra], capsys)
+        assert err == f"{folder}: is a directory; expected a data file (.json, .jsonl, .csv or .parquet)"
+
+    @pytest.mark.parametrize(
+        "name,content,expected",
+        [
+            ("garbage.json", bytes(range(128, 256)) * 4, ": not UTF-8 text (invalid start byte at byte 0)"),
+            ("utf16.jsonl", '{"instruction": "a", "output": "b"}\n'.encode("utf-16"), ": not UTF-8 text"),
+            ("n.json", b"42", ": expected a JSON array or object, got int"),
+            ("deep.json", b"[" * 100_000 + b"]" * 100_000, ": JSON nested too deeply to read"),
+            ("big.jsonl", b'{"instruction": ' + b"1" * 5000 + b', "output": "a"}\n',
+             ":1: unreadable JSON value: Exceeds the limit (4300 digits)"),
+            ("fake.parquet", b"not parquet at all", ": not a readable Parquet file"),
+        ],
+    )
+    def test_unreadable_files(self, tmp_path, capsys, name, content, expected):
+        src = tmp_path / name
+        src.write_bytes(content)
+        err = one_error_line(["data", "inspect", str(src)], capsys)
+        assert err.startswith(f"{src}{expected}")
+
+    def test_csv_without_header_is_summarised_not_a_crash(self, tmp_path, capsys):
+        src = tmp_path / "noheader.csv"
+        src.write_text("q1,a1\nq2,a2\n")
+        assert main(["data", "inspect", str(src)]) == 0
+        stdout = capsys.readouterr().out
+        assert summary_row(stdout, "noheader.csv") == ["1", "0", "1", "0", "0"]
+        assert f"e.g. {src}:2: unknown format: keys ['a1', 'q1']" in stdout
+
+    def test_csv_with_more_cells_than_header(self, tmp_path, capsys):
+        src = tmp_path / "ragged.csv"
+        src.write_text("a,b\n1,2,3\n")
+        assert main(["data", "inspect", str(src)]) == 0
+        assert "keys ['(cells past the header)', 'a', 'b']" in capsys.readouterr().out
+
+    def test_unpaired_surrogate_is_skipped_and_convert_still_writes(self, tmp_path, capsys):
+        src = tmp_path / "s.jsonl"
+        src.write_text('{"instruction": "x\\ud800", "output": "y"}\n{"instruction": "q", "output": "a"}\n')
+        out = tmp_path / "o.jsonl"
+        assert main(["data", "convert", str(src), "--out", str(out)]) == 0
+        assert "skipped 1 x not valid Unicode text" in capsys.readouterr().out
+        assert len(read_jsonl(out)) == 1
+
+
+@pytest.fixture
+def prepare_setup(tiny_models, tmp_path):
+    """(config path, good data path, tiny model path) for ``chattune data prepare``."""
+    model = tiny_models("glm4")
+    data = write_jsonl(tmp_path / "good.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(6)])
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model_name_or_path: {model}\ntrain_files: [{data}]\n", encoding="utf-8")
+    return config, data, model
+
+
+def damaged_copy(model: Path, tmp_path: Path, name: str) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(model, tmp_path / name))
+
+
+class TestPrepare:
+    def test_encodes_then_reuses(self, prepare_setup, capsys):
+        config, _, _ = prepare_setup
+        capsys.readouterr()
+        assert main(["data", "prepare", str(config)]) == 0
+        first = capsys.readouterr().out
+        assert "[train] rows in 6, out 6" in first and "encoded and cached data set at" in first
+        assert main(["data", "prepare", str(config)]) == 0
+        assert "reused cached data set at" in capsys.readouterr().out
+
+    def prepare_error(self, prepare_setup, capsys, *overrides) -> str:
+        config, _, _ = prepare_setup
+        return one_error_line(["data", "prepare", str(config), *overrides], capsys)
+
+    # model and tokenizer
+
+    def test_model_path_is_a_file(self, prepare_setup, tmp_path, capsys):
+        path = tmp_path / "weights.bin"
+        path.write_bytes(b"xx")
+        err = self.prepare_error(prepare_setup, capsys, f"model_name_or_path={path}")
+        assert err.startswith(f"could not load the tokenizer '{path}': it is a file; expected a model folder")
+
+    def test_model_path_is_an_empty_folder(self, prepare_setup, tmp_path, capsys):
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        err = self.prepare_error(prepare_setup, capsys, f"model_name_or_path={empty}")
+        assert err.startswith(f"could not load the tokenizer '{empty}': empty folder; expected config.json")
+
+    def test_model_path_missing(self, prepare_setup, tmp_path, capsys):
+        err = self.prepare_error(prepare_setup, capsys, f"model_name_or_path={tmp_path / 'nope'}")
+        assert err.startswith(f"could not load the tokenizer '{tmp_path / 'nope'}': no such folder")
+
+    def test_no_model_given(self, prepare_setup, capsys):
+        err = self.prepare_error(prepare_setup, capsys, "model_name_or_path=")
+        assert err.startswith("model_name_or_path: no base model given")
+
+    def test_corrupt_config_json(self, prepare_setup, tmp_path, capsys):
+        model = damaged_copy(prepare_setup[2], tmp_path, "corrupt")
+        (model / "config.json").write_text("{not json")
+        err = self.prepare_error(prepare_setup, capsys, f"model_name_or_path={model}")
+        assert err == (f"could not load the tokenizer '{model}': {model / 'config.json'}: not valid JSON "
+                       "(Expecting property name enclosed in double quotes at line 1 column 2); expected a JSON object")
+
+    def test_tokenizer_without_eos(self, prepare_setup, tmp_path, capsys):
+        model = damaged_copy(prepare_setup[2], tmp_path, "no-eos")
+        config = json.loads((model / "tokenizer_config.json").read_text())
+        config.pop("eos_token")
+        config.pop("pad_token")
+        (model / "tokenizer_config.json").write_text(json.dumps(config))
+        err = self.prepare_error(prepare_setup, capsys, f"model_name_or_path={model}", "template=alpaca")
+        assert err.startswith(f"tokenizer {model}: has no EOS token, which ends every trained answer; "
+                              "expected eos_token set in its tokenizer_config.json")
+
+    def test_template_tokenizer_without_chat_template(self, prepare_setup, tmp_path, capsys):
+        model = damaged_copy(prepare_setup[2], tmp_path, "no-template")
+        (model / "chat_template.jinja").unlink()
+        err = self.prepare_error(prepare_setup, capsys, f"model_name_or_path={model}", "template=tokenizer")
+        assert err.startswith(f"template 'tokenizer': the tokenizer {model} has no chat template; "
+                              "choose a named template (alpaca,")
+
+    def test_chat_template_that_raises(self, prepare_setup, tmp_path, capsys):
+        model = damaged_copy(prepare_setup[2], tmp_path, "raising")
+        (model / "chat_template.jinja").write_text("{{ raise_exception('System role not supported') }}")
+        err = self.prepare_error(prepare_setup, capsys, f"model_name_or_path={model}")
+        assert err == ("template 'tokenizer', rendering a probe conversation (a system message and two turns): "
+                       "the tokenizer's chat template failed: TemplateError: System role not supported; "
+                       "fix the template or choose a named template")
+
+    def test_unknown_template(self, prepare_setup, capsys):
+        err = self.prepare_error(prepare_setup, capsys, "template=alpacca")
+        assert err.startswith("unknown template 'alpacca'; expected 'auto', 'tokenizer' or one of ['alpaca'")
+
+    # data
+
+    @pytest.mark.parametrize(
+        "name,content,expected",
+        [
+            ("garbage.json", bytes(range(128, 256)) * 4, ": not UTF-8 text"),
+            ("n.json", b"42", ": expected a JSON array or object, got int"),
+            ("fake.parquet", b"not parquet", ": not a readable Parquet file"),
+        ],
+    )
+    def test_unreadable_train_file(self, prepare_setup, tmp_path, capsys, name, content, expected):
+        src = tmp_path / name
+        src.write_bytes(content)
+        err = self.prepare_error(prepare_setup, capsys, f"train_files=[{src}]")
+        assert err.startswith(f"{src}{expected}")
+
+    def test_empty_train_file(self, prepare_setup, tmp_path, capsys):
+        src = tmp_path / "empty.jsonl"
+        src.write_text("")
+        err = self.prepare_error(prepare_setup, capsys, f"train_files=[{src}]")
+        assert err == (f"train_files: no training rows left after reading and encoding: {src}: "
+                       "no rows (empty file, or a CSV with a header only)")
+
+    def test_csv_without_header(self, prepare_setup, tmp_path, capsys):
+        src = tmp_path / "noheader.csv"
+        src.write_text("q1,a1\nq2,a2\n")
+        err = self.prepare_error(prepare_setup, capsys, f"train_files=[{src}]")
+        assert err.startswith(f"train_files: no training rows left after reading and encoding: {src}: "
+                              f"1 row read, 1 skipped (1 x unknown format); first error: {src}:2: unknown "
+                              "format: keys ['a1', 'q1']")
+
+    def test_every_row_dropped_by_max_seq_length(self, prepare_setup, capsys):
+        data = prepare_setup[1]
+        err = self.prepare_error(prepare_setup, capsys, "template=alpaca", "max_seq_length=10")
+        assert err == (f"train_files: no training rows left after reading and encoding: {data}: 6 rows read; "
+                       "all 6 rows were dropped at encoding (6 x prompt fills max_seq_length: no answer token "
+                       "would remain) with max_seq_length=10; raise max_seq_length or choose a template with "
+                       "shorter markers")
+
+    def test_column_map_naming_missing_columns(self, prepare_setup, capsys):
+        data = prepare_setup[1]
+        err = self.prepare_error(prepare_setup, capsys,
+                                 f"train_files=[{{path: {data}, columns: {{prompt: content, response: summary}}}}]")
+        assert err.startswith(f"train_files: no training rows left after reading and encoding: {data}: "
+                              "6 rows read, 6 skipped (6 x missing or empty column 'content' (mapped to prompt))")
+
+    def test_train_files_is_a_directory(self, prepare_setup, tmp_path, capsys):
+        err = self.prepare_error(prepare_setup, capsys, f"train_files=[{tmp_path}]")
+        assert err == f"{tmp_path}: is a directory; expected a data file (.json, .jsonl, .csv or .parquet)"
+
+    def test_missing_eval_file(self, prepare_setup, tmp_path, capsys):
+        err = self.prepare_error(prepare_setup, capsys, f"eval_files=[{tmp_path / 'eval.jsonl'}]")
+        assert err == f"{tmp_path / 'eval.jsonl'}: no such file"
+
+    def test_no_train_files(self, prepare_setup, capsys):
+        err = self.prepare_error(prepare_setup, capsys, "train_files=[]")
+        assert err.startswith("train_files: no training data given")
+
+    def test_eval_fraction_leaving_no_train_rows(self, prepare_setup, tmp_path, capsys):
+        src = write_jsonl(tmp_path / "two.jsonl", [{"instruction": "q", "output": "a"},
+                                                   {"instruction": "q2", "output": "a2"}])
+        err = self.prepare_error(prepare_setup, capsys, f"train_files=[{src}]", "eval_fraction=0.9")
+        assert err.startswith("eval_fraction: 0.9 holds out all 2 training records")
+
+    def test_all_duplicates_leave_one_row(self, prepare_setup, tmp_path, capsys):
+        src = write_jsonl(tmp_path / "dup.jsonl", [{"instruction": "q", "output": "a"}] * 3)
+        config = prepare_setup[0]
+        capsys.readouterr()
+        assert main(["data", "prepare", str(config), f"train_files=[{src}]"]) == 0
+        out = capsys.readouterr().out
+        assert "[train] rows in 1, out 1" in out
+        assert summary_row(out, "dup.jsonl") == ["3", "1", "0", "2", "1"]
+
+    def test_cache_dir_is_a_file(self, prepare_setup, tmp_path, capsys):
+        blocker = tmp_path / "blocker"
+        blocker.write_text("x")
+        err = self.prepare_error(prepare_setup, capsys, f"cache_dir={blocker}")
+        assert err == (f"cache_dir: cannot write the encoded data set to {blocker}/datasets (from cache_dir): "
+                       "Not a directory; set cache_dir to a writable folder")
+
+
+def test_convert_to_an_unwritable_path_is_one_error_line(tmp_path, capsys):
+    source = tmp_path / "in.json"
+    source.write_text('[{"instruction": "hi", "output": "there"}]')
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    for out in (tmp_path, blocker / "under" / "out.jsonl"):
+        assert main(["data", "convert", str(source), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("chattune: error:") == 1 and "--out" in err and "Traceback" not in err
+
+
+def test_train_without_a_config_is_one_error_line(capsys):
+    assert main(["train"]) == 2
+    assert "give a config file" in capsys.readouterr().err

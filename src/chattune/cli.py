@@ -33,13 +33,18 @@ def _read_for_cli(args):
 def cmd_data_convert(args) -> int:
     """Convert data files to canonical JSONL (one {"messages": [...]} per line)."""
     from chattune.data.sources import format_summary
+    from chattune.errors import ConfigError
 
     records, summaries = _read_for_cli(args)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot write the converted data there ({exc.strerror or exc}); "
+                          "expected a writable file path") from exc
     print(format_summary(summaries))
     print(f"wrote {len(records)} records to {out}")
     return 0
@@ -83,7 +88,9 @@ def cmd_train(args) -> int:
         print(describe_keys(markdown=args.markdown))
         return 0
     if args.config is None:
-        raise SystemExit("train: give a config file (chattune train CONFIG.yaml [key=value ...])")
+        from chattune.errors import ConfigError
+
+        raise ConfigError("train: give a config file (chattune train CONFIG.yaml [key=value ...])")
     config_path = args.config
     overrides = list(args.overrides)
     if "=" in config_path and not Path(config_path).exists():

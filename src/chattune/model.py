@@ -9,32 +9,92 @@ from pathlib import Path
 import torch
 
 from chattune.config import ModelArgs
-from chattune.errors import ModelLoadError
+from chattune.errors import ConfigError, ModelLoadError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype",
                          "_commit_hash", "_attn_implementation_autoset", "use_cache"}
 
 
-def _explain(path: str, exc: Exception) -> ModelLoadError:
+_TOKENIZER_JSON_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "config.json")
+_SAVED_MODEL = "config.json, weights and tokenizer files, as save_pretrained writes them"
+
+
+def _looks_local(path: str) -> bool:
+    """Whether ``path`` can only be a filesystem path, not a Hub id (``name`` or ``org/name``)."""
+    return (path.startswith(("/", ".", "~")) or "\\" in path or path.count("/") > 1
+            or Path(path).suffix in (".json", ".bin", ".safetensors", ".gguf"))
+
+
+def _json_problem(file: Path) -> str | None:
+    """Why a JSON file of a model folder is unusable, or None."""
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        return f"not UTF-8 text ({exc.reason} at byte {exc.start}); expected a JSON object"
+    except json.JSONDecodeError as exc:
+        return f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); expected a JSON object"
+    except (OSError, ValueError, RecursionError) as exc:
+        return f"cannot be read ({exc}); expected a JSON object"
+    if not isinstance(value, dict):
+        return f"expected a JSON object, got {type(value).__name__}"
+    return None
+
+
+def _is_tokenizer_file(name: str) -> bool:
+    return (name.startswith(("tokenizer", "vocab", "spiece", "sentencepiece")) or name == "merges.txt"
+            or name.endswith((".model", ".tiktoken")))
+
+
+def load_error(path: str, exc: Exception, what: str = "model") -> ModelLoadError:
+    """A one-line ModelLoadError for a failed ``from_pretrained`` of ``what`` (``model``,
+    ``config`` or ``tokenizer``) at ``path``: it says what is wrong with the folder
+    (missing, a file, empty, a corrupt JSON file, no config or tokenizer files) when
+    that can be seen, else passes on transformers' reason."""
+    head = f"could not load the {what} {path!r}"
+    detail = " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
     local = Path(path).expanduser()
     if not local.exists():
+        if _looks_local(path):
+            return ModelLoadError(f"{head}: no such folder; expected a model folder ({_SAVED_MODEL}) "
+                                  "or a Hugging Face Hub id such as org/name")
         return ModelLoadError(
-            f"could not load {path!r}: it is not a local directory, and loading it as a Hugging Face "
-            f"Hub id failed (offline or not cached?): {exc}. Download the model where the Hub is "
-            "reachable and pass its local path."
+            f"{head}: it is not a local folder, and loading it as a Hugging Face Hub id failed "
+            f"(offline or not cached?): {detail}. Download the model where the "
+            "Hub is reachable and pass its local path."
         )
-    return ModelLoadError(f"could not load {path!r}: {exc}")
+    if not local.is_dir():
+        return ModelLoadError(f"{head}: it is a file; expected a model folder ({_SAVED_MODEL})")
+    names = {child.name for child in local.iterdir()}
+    if not names:
+        return ModelLoadError(f"{head}: empty folder; expected {_SAVED_MODEL}")
+    for name in _TOKENIZER_JSON_FILES if what == "tokenizer" else ("config.json",):
+        problem = _json_problem(local / name) if name in names else None
+        if problem:
+            return ModelLoadError(f"{head}: {local / name}: {problem}")
+    if what != "tokenizer" and "config.json" not in names:
+        return ModelLoadError(f"{head}: no config.json in the folder; expected {_SAVED_MODEL}")
+    if what == "tokenizer" and not any(_is_tokenizer_file(name) for name in names):
+        return ModelLoadError(f"{head}: no tokenizer files in the folder (tokenizer.json, "
+                              "tokenizer_config.json, tokenizer.model, vocab files); expected the "
+                              "tokenizer saved beside the model (tokenizer.save_pretrained)")
+    return ModelLoadError(f"{head}: {detail}")
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
-    """The model's tokenizer (fast when available), with a pad token set."""
+    """The model's tokenizer (fast when available), with a pad token set.
+
+    Raises ConfigError for an empty path and ModelLoadError (see :func:`load_error`)
+    when the tokenizer cannot be loaded.
+    """
     from transformers import AutoTokenizer
 
+    if not path:
+        raise ConfigError("model_name_or_path: no base model given; set it to a model folder")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # from_pretrained raises OSError, ValueError, ...
-        raise _explain(path, exc) from exc
+        raise load_error(path, exc, "tokenizer") from exc
     if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -52,18 +112,22 @@ def resolve_dtype(dtype: str, fp16: bool = False, bf16: bool = False) -> torch.d
 
 
 def load_model(args: ModelArgs, dtype: torch.dtype = torch.float32, **extra):
-    """The base causal LM from a path (or cached hub id); ``extra`` goes to from_pretrained."""
+    """The base causal LM from a path (or cached hub id); ``extra`` goes to from_pretrained.
+
+    Raises ConfigError for an empty path and ModelLoadError (see :func:`load_error`)
+    when the model cannot be loaded.
+    """
     from transformers import AutoModelForCausalLM
 
     if not args.model_name_or_path:
-        raise ModelLoadError("model_name_or_path: no base model given")
+        raise ConfigError("model_name_or_path: no base model given; set it to a model folder")
     kwargs = {"dtype": dtype, "trust_remote_code": args.trust_remote_code, **extra}
     if args.device_map:
         kwargs["device_map"] = args.device_map
     try:
         return AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **kwargs)
     except Exception as exc:
-        raise _explain(args.model_name_or_path, exc) from exc
+        raise load_error(args.model_name_or_path, exc) from exc
 
 
 def _sha256_json(value) -> str:
@@ -86,13 +150,16 @@ def tokenizer_hash(tokenizer) -> str:
 
 
 def base_model_fingerprint(path: str, trust_remote_code: bool = False, tokenizer=None) -> dict:
-    """What a manifest records of a base model: its path and the two hashes."""
+    """What a manifest records of a base model: its path and the two hashes.
+
+    Raises ModelLoadError when its config (or, without ``tokenizer``, its tokenizer) cannot be loaded.
+    """
     from transformers import AutoConfig
 
     try:
         model_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:
-        raise _explain(path, exc) from exc
+        raise load_error(path, exc, "config") from exc
     tokenizer = tokenizer or load_tokenizer(path, trust_remote_code)
     resolved = str(Path(path).expanduser().resolve()) if Path(path).expanduser().exists() else path
     return {

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from chattune.errors import ConfigError, ModelLoadError
+
 ARCHS = ("glm4", "glm", "llama", "qwen2")
 
 GLM_SPECIALS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>",
@@ -61,14 +63,55 @@ def train_tokenizer(out_dir: str | Path, arch: str, extra_text: list[str] | None
     return fast
 
 
+def check_sizes(hidden_size: int, num_layers: int, num_heads: int = 4) -> None:
+    """Raise ConfigError unless ``hidden_size`` splits into ``num_heads`` heads of an even
+    size (rotary embeddings rotate pairs) and there is at least one layer."""
+    if hidden_size < 2 * num_heads or hidden_size % (2 * num_heads):
+        raise ConfigError(f"--hidden-size: expected a positive multiple of {2 * num_heads} "
+                          f"({num_heads} heads of an even size), got {hidden_size}")
+    if num_layers < 1:
+        raise ConfigError(f"--num-layers: expected at least 1, got {num_layers}")
+
+
+def _output_folder(out_dir: str | Path) -> Path:
+    """``out_dir`` created as a folder, or ConfigError saying why it cannot be."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: is a file; expected a folder to write the tiny model to")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{out}: cannot create the output folder: {exc.strerror or exc}") from exc
+    return out
+
+
+def _reused_tokenizer(path: str):
+    """The tokenizer of another model for ``--tokenizer-from``; ModelLoadError when it
+    cannot be loaded or has no EOS token."""
+    from transformers import AutoTokenizer
+
+    from chattune.model import load_error
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    except Exception as exc:  # from_pretrained raises OSError, ValueError, ...
+        raise load_error(path, exc, "tokenizer") from exc
+    if tokenizer.eos_token_id is None:
+        raise ModelLoadError(f"--tokenizer-from {path}: the tokenizer has no EOS token; expected one "
+                             "(set eos_token in its tokenizer_config.json)")
+    return tokenizer
+
+
 def tiny_config(arch: str, vocab_size: int, pad_id: int, eos_id: int, *, hidden_size: int = 256,
                 num_layers: int = 4, num_heads: int = 4, num_kv_heads: int = 2):
-    """A small config of a real transformers architecture."""
+    """A small config of a real transformers architecture; ConfigError for an unknown ``arch``
+    or sizes the architecture cannot take."""
     from transformers import Glm4Config, GlmConfig, LlamaConfig, Qwen2Config
 
     classes = {"glm4": Glm4Config, "glm": GlmConfig, "llama": LlamaConfig, "qwen2": Qwen2Config}
     if arch not in classes:
-        raise ValueError(f"--arch: expected one of {list(ARCHS)}, got {arch!r}")
+        raise ConfigError(f"--arch: expected one of {list(ARCHS)}, got {arch!r}")
+    check_sizes(hidden_size, num_layers, num_heads)
     return classes[arch](
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
         num_hidden_layers=num_layers, num_attention_heads=num_heads,
@@ -81,14 +124,20 @@ def tiny_config(arch: str, vocab_size: int, pad_id: int, eos_id: int, *, hidden_
 def build_tiny_model(out_dir: str | Path, arch: str = "glm4", *, tokenizer_from: str | None = None,
                      extra_text: list[str] | None = None, hidden_size: int = 256, num_layers: int = 4,
                      seed: int = 0) -> Path:
-    """Write a random model of ``arch`` plus tokenizer to ``out_dir``; return the path."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    """Write a random model of ``arch`` plus tokenizer to ``out_dir``; return the path.
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    Raises ConfigError for an unknown ``arch``, impossible sizes or an ``out_dir`` that
+    cannot be a folder, and ModelLoadError for a ``tokenizer_from`` that cannot be used.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    if arch not in ARCHS:
+        raise ConfigError(f"--arch: expected one of {list(ARCHS)}, got {arch!r}")
+    check_sizes(hidden_size, num_layers)
+    out = _output_folder(out_dir)
     if tokenizer_from:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_from, trust_remote_code=True)
+        tokenizer = _reused_tokenizer(tokenizer_from)
         tokenizer.save_pretrained(out)
     else:
         tokenizer = train_tokenizer(out, arch, extra_text)

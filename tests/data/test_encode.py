@@ -167,3 +167,46 @@ def test_chat_template_labels_on_a_real_tokenizer(tiny_models):
     encoded = encode_conversation(turns(("hello", "world")), "tokenizer", encoder, EncodeOptions(512))
     assert tokenizer.decode(encoded.input_ids) == "[gMASK]<sop><|user|>\nhello<|assistant|>\nworld<|endoftext|>"
     assert tokenizer.decode(supervised(encoded)) == "world<|endoftext|>"
+
+
+def fresh_char_tokenizer(char_tokenizer, **kwargs):
+    """A new tokenizer over the same vocabulary, with the given special tokens and chat template."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    chat_template = kwargs.pop("chat_template", None)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(char_tokenizer.backend_tokenizer.to_str()), **kwargs
+    )
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def test_a_tokenizer_without_eos_is_a_model_load_error(char_tokenizer):
+    from chattune.errors import ModelLoadError
+
+    tokenizer = fresh_char_tokenizer(char_tokenizer, bos_token="<s>")
+    tokenizer.name_or_path = "/models/no-eos"
+    assert tokenizer.eos_token_id is None
+    with pytest.raises(ModelLoadError, match="tokenizer /models/no-eos: has no EOS token.*eos_token"):
+        PieceEncoder(tokenizer)
+
+
+def test_a_chat_template_failing_on_one_row_names_that_row(char_tokenizer):
+    from chattune.data.templates import TemplateError
+
+    tokenizer = fresh_char_tokenizer(
+        char_tokenizer, eos_token="</s>",
+        chat_template="{% for m in messages %}{% if m['content'] == 'boom' %}{{ raise_exception('no boom') }}"
+                      "{% endif %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                      "{% if add_generation_prompt %}assistant: {% endif %}",
+    )
+    encoder = PieceEncoder(tokenizer)
+    conversations = [alpaca("fine", "ok"), alpaca("boom", "ok")]
+    with pytest.raises(TemplateError, match=r"^data\.jsonl:2: the tokenizer's chat template failed: "
+                                            r"TemplateError: no boom"):
+        encode_all(conversations, "tokenizer", encoder, EncodeOptions(64), sources=["data.jsonl:1", "data.jsonl:2"])
+    with pytest.raises(TemplateError, match=r"^conversation 1: "):
+        encode_all(conversations, "tokenizer", encoder, EncodeOptions(64))
+    (encoded,) = encode_all(conversations[:1], "tokenizer", encoder, EncodeOptions(64))
+    assert decode(tokenizer, supervised(encoded)) == "ok\n</s>"

@@ -676,3 +676,127 @@ class TestErrors:
             RecordError, match=re.escape("f.json#0.conversations[0].from: expected one of")
         ):
             rec(value)
+
+
+# --------------------------------------------------------------------------- hostile files
+
+
+class TestHostileFiles:
+    """Input that once escaped as a traceback: each now a DataFileError/RecordError naming where."""
+
+    def test_directory_is_named_as_such(self, tmp_path):
+        folder = tmp_path / "train.jsonl"
+        folder.mkdir()
+        with pytest.raises(DataFileError, match=loc(folder, ": is a directory; expected a data file")):
+            list(read_rows(folder))
+
+    def test_device_file_is_not_a_regular_file(self):
+        if not Path("/dev/null").exists():
+            pytest.skip("no /dev/null here")
+        with pytest.raises(DataFileError, match="/dev/null: not a regular file; expected a data file"):
+            list(read_rows("/dev/null"))
+
+    @pytest.mark.parametrize("name", ["garbage.json", "garbage.jsonl", "garbage.csv", "garbage"])
+    def test_binary_garbage_is_not_utf8(self, tmp_path, name):
+        path = tmp_path / name
+        path.write_bytes(b"\x00\x81\xfe\xff" + bytes(range(256)) * 4)
+        with pytest.raises(DataFileError, match=loc(path, ": not UTF-8 text")):
+            list(read_rows(path))
+
+    def test_utf16_json_is_not_utf8(self, tmp_path):
+        path = tmp_path / "u16.json"
+        path.write_bytes(json.dumps([ALPACA]).encode("utf-16"))
+        with pytest.raises(DataFileError, match=loc(path, ": not UTF-8 text")):
+            list(read_rows(path))
+
+    @pytest.mark.parametrize("value,kind", [('"text"', "str"), ("null", "NoneType"), ("true", "bool")])
+    def test_json_top_level_non_container(self, tmp_path, value, kind):
+        path = tmp_path / "v.json"
+        path.write_text(value)
+        with pytest.raises(DataFileError, match=loc(path, f": expected a JSON array or object, got {kind}")):
+            list(read_rows(path))
+
+    def test_json_nested_too_deeply(self, tmp_path):
+        path = tmp_path / "deep.json"
+        path.write_text("[" * 100_000 + "]" * 100_000)
+        with pytest.raises(DataFileError, match=loc(path, ": JSON nested too deeply to read")):
+            list(read_rows(path))
+
+    def test_jsonl_nested_too_deeply_names_the_line(self, tmp_path):
+        path = tmp_path / "deep.jsonl"
+        path.write_text(json.dumps(ALPACA) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+        with pytest.raises(DataFileError, match=loc(path, ":2: JSON nested too deeply")):
+            list(read_rows(path))
+
+    def test_integer_too_long_for_python(self, tmp_path):
+        path = tmp_path / "big.jsonl"
+        path.write_text('{"instruction": ' + "9" * 5000 + ', "output": "a"}\n')
+        with pytest.raises(DataFileError, match=loc(path, ":1: unreadable JSON value: Exceeds the limit")):
+            list(read_rows(path))
+
+    def test_empty_csv_and_header_only_csv_have_no_rows(self, tmp_path):
+        empty = tmp_path / "empty.csv"
+        empty.write_text("")
+        header = tmp_path / "header.csv"
+        header.write_text("instruction,output\n")
+        assert list(read_rows(empty)) == [] and list(read_rows(header)) == []
+
+    def test_csv_without_header_names_the_first_line_as_keys(self, tmp_path):
+        path = tmp_path / "noheader.csv"
+        path.write_text("q1,a1\nq2,a2\n")
+        (row,) = list(read_rows(path))
+        with pytest.raises(RecordError, match=loc(path, ":2: unknown format: keys ['a1', 'q1']")):
+            to_record(row, "auto")
+
+    def test_csv_cells_past_the_header_are_named_not_a_type_error(self, tmp_path):
+        path = tmp_path / "ragged.csv"
+        path.write_text("a,b\n1,2,3\n")
+        (row,) = list(read_rows(path))
+        with pytest.raises(RecordError, match=re.escape("keys ['(cells past the header)', 'a', 'b']")):
+            to_record(row, "auto")
+
+    def test_csv_extra_cells_do_not_stop_a_known_layout(self, tmp_path):
+        path = tmp_path / "extra.csv"
+        path.write_text("instruction,output\nq,a,stray\n")
+        (record,) = convert_all(path)
+        assert record.messages == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+
+    def test_csv_cell_longer_than_the_csv_module_default(self, tmp_path):
+        import csv
+
+        before = csv.field_size_limit()
+        path = tmp_path / "long.csv"
+        path.write_text("instruction,output\n" + "x" * 300_000 + ",y\n")
+        (record,) = convert_all(path)
+        assert len(record.messages[0]["content"]) == 300_000
+        assert csv.field_size_limit() == before
+
+    def test_malformed_csv_names_the_line(self, tmp_path, monkeypatch):
+        import csv
+
+        from chattune.data import formats
+
+        before = csv.field_size_limit()
+        monkeypatch.setattr(formats, "CSV_FIELD_LIMIT", 15)
+        path = tmp_path / "m.csv"
+        path.write_text("instruction,output\nq,a\n" + "x" * 20 + ",a\n")
+        with pytest.raises(DataFileError, match=loc(path, ":3: malformed CSV: field larger than field limit")):
+            list(read_rows(path))
+        assert csv.field_size_limit() == before
+
+    def test_parquet_suffix_on_text(self, tmp_path):
+        pytest.importorskip("pyarrow")
+        path = tmp_path / "fake.parquet"
+        path.write_text(json.dumps([ALPACA]))
+        with pytest.raises(DataFileError, match=loc(path, ": not a readable Parquet file")):
+            list(read_rows(path))
+
+    @pytest.mark.parametrize("field", ["instruction", "input", "output"])
+    def test_unpaired_surrogate_is_a_record_error(self, tmp_path, field):
+        value = dict(ALPACA, input="x")
+        path = tmp_path / "s.jsonl"
+        path.write_text(json.dumps(value).replace(f'"{field}": "', f'"{field}": "\\ud800'), encoding="utf-8")
+        (row,) = list(read_rows(path))
+        index, key = {"instruction": (0, "content"), "input": (0, "input"), "output": (1, "content")}[field]
+        with pytest.raises(RecordError, match=loc(path, f":1: messages[{index}].{key}: not valid Unicode text")):
+            to_record(row, "auto")

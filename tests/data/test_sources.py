@@ -415,3 +415,58 @@ class TestSplitEval:
         assert len(held) in (99, 100)  # 10 % of 992, rounded
         assert len(train) + len(held) == 992
         assert not {r.source for r in train} & {r.source for r in held}
+
+
+# --------------------------------------------------------------------------- hostile input
+
+
+class TestHostileInput:
+    def test_file_digest_of_a_missing_file_or_a_directory(self, tmp_path):
+        with pytest.raises(DataFileError, match=re.escape(f"{tmp_path / 'nope.jsonl'}: no such file")):
+            file_digest(tmp_path / "nope.jsonl")
+        with pytest.raises(DataFileError, match=re.escape(f"{tmp_path}: is a directory; expected a data file")):
+            file_digest(tmp_path)
+
+    def test_file_digest_is_the_sha256_of_the_bytes(self, tmp_path):
+        import hashlib
+
+        path = tmp_path / "a.jsonl"
+        path.write_bytes(b"abc")
+        assert file_digest(path) == hashlib.sha256(b"abc").hexdigest()
+
+    def test_directory_in_sources_is_a_data_file_error(self, tmp_path):
+        with pytest.raises(DataFileError, match=re.escape(f"{tmp_path}: is a directory")):
+            load_records([DataSource(str(tmp_path))])
+
+    def test_rows_that_are_not_objects_are_skipped_with_a_clear_reason(self, tmp_path):
+        path = tmp_path / "scalars.jsonl"
+        path.write_text('null\n1\n"text"\n[1]\n' + json.dumps(alpaca(0)) + "\n")
+        records, summary = read_source(DataSource(str(path)))
+        assert len(records) == 1
+        assert summary.skipped == Counter({"expected a JSON object": 4})
+        assert summary.examples[0] == f"{path}:1: expected a JSON object, got NoneType"
+        check_invariant(summary)
+
+    def test_unpaired_surrogates_are_skipped_not_a_crash_in_dedup(self, tmp_path):
+        path = tmp_path / "s.jsonl"
+        path.write_text('{"instruction": "a\\udc00", "output": "b"}\n' + json.dumps(alpaca(0)) + "\n")
+        records, summary = read_source(DataSource(str(path)))
+        assert len(records) == 1
+        assert summary.skipped == Counter({"not valid Unicode text": 1})
+        assert "messages[0].content: not valid Unicode text" in summary.examples[0]
+        with pytest.raises(RecordError, match=re.escape(f"{path}:1: messages[0].content: not valid Unicode")):
+            read_source(DataSource(str(path)), strict=True)
+
+    def test_a_file_of_duplicates_keeps_the_first(self, tmp_path):
+        path = write_jsonl(tmp_path / "d.jsonl", [alpaca(0)] * 5)
+        records, summary = read_source(DataSource(str(path)))
+        assert len(records) == 1
+        assert (summary.read, summary.converted, summary.duplicated) == (5, 1, 4)
+
+    def test_a_csv_without_header_skips_every_row_naming_the_keys(self, tmp_path):
+        path = tmp_path / "noheader.csv"
+        path.write_text("q1,a1\nq2,a2\nq3,a3\n")
+        records, summary = read_source(DataSource(str(path)))
+        assert records == [] and summary.read == 2
+        assert summary.skipped == Counter({"unknown format": 2})
+        assert summary.examples[0].startswith(f"{path}:2: unknown format: keys ['a1', 'q1']")

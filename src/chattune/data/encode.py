@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from chattune.data.templates import Piece, render
+from chattune.data.templates import Piece, TemplateError, render
+from chattune.errors import ModelLoadError
 
 IGNORE_INDEX = -100
 
@@ -35,14 +36,21 @@ def special_token_ids(tokenizer) -> list[int]:
 
 
 class PieceEncoder:
-    """Tokenizes text pieces with a cache, batching the ones not seen yet."""
+    """Tokenizes text pieces with a cache, batching the ones not seen yet.
+
+    Raises ModelLoadError for a tokenizer without an EOS token: every answer ends with it.
+    """
 
     def __init__(self, tokenizer):
+        if tokenizer.eos_token_id is None:
+            name = getattr(tokenizer, "name_or_path", "") or "(unnamed)"
+            raise ModelLoadError(
+                f"tokenizer {name}: has no EOS token, which ends every trained answer; expected "
+                "eos_token set in its tokenizer_config.json (e.g. \"eos_token\": \"</s>\")"
+            )
         self.tokenizer = tokenizer
         self.cache: dict[str, list[int]] = {"": []}
         self.specials = special_token_ids(tokenizer)
-        if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no EOS token; set tokenizer.eos_token")
         self.eos = tokenizer.eos_token_id
 
     def warm(self, texts: list[str]) -> None:
@@ -175,10 +183,23 @@ def encode_prompt(messages: list[dict], template: str, encoder: PieceEncoder,
     return ids
 
 
+def _render_named(template: str, messages: list[dict], tokenizer, where: str) -> list[Piece]:
+    """render(), with a template failure naming the conversation it failed on."""
+    try:
+        return render(template, messages, tokenizer)
+    except TemplateError as exc:
+        raise TemplateError(f"{where}: {exc}") from exc
+
+
 def encode_all(conversations: list[list[dict]], template: str, encoder: PieceEncoder,
-               options: EncodeOptions) -> list[Encoded]:
-    """Encode many conversations: render each once, tokenize all pieces in batches."""
-    rendered = [render(template, messages, encoder.tokenizer) for messages in conversations]
+               options: EncodeOptions, sources: list[str] | None = None) -> list[Encoded]:
+    """Encode many conversations: render each once, tokenize all pieces in batches.
+
+    ``sources`` (each conversation's ``file:line``) names the row in a TemplateError.
+    """
+    rendered = [_render_named(template, messages, encoder.tokenizer,
+                              sources[i] if sources else f"conversation {i}")
+                for i, messages in enumerate(conversations)]
     encoder.warm([p.text for pieces in rendered for p in pieces if p.text])
     return [encode_conversation(messages, template, encoder, options, pieces)
             for messages, pieces in zip(conversations, rendered, strict=True)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +31,31 @@ SHAREGPT_ROLES = {
 }
 
 
+DATA_FILE_TYPES = ".json, .jsonl, .csv or .parquet"
+CSV_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
+"""Longest CSV cell read (the csv module's default, 128 KiB, is short for long documents)."""
+CSV_EXTRA_CELLS = "(cells past the header)"
+"""The key under which a CSV row keeps cells beyond its header's columns."""
+
+
 class DataFileError(ChattuneError, ValueError):
     """A data file cannot be read at all (missing, malformed JSON, unknown type)."""
+
+
+def check_data_file(path: str | Path) -> Path:
+    """``path`` as a Path if it is a readable regular file, else raise DataFileError saying what it is."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataFileError(f"{path}: is a directory; expected a data file ({DATA_FILE_TYPES})")
+    if not path.exists():
+        raise DataFileError(f"{path}: no such file")
+    if not path.is_file():
+        raise DataFileError(f"{path}: not a regular file; expected a data file ({DATA_FILE_TYPES})")
+    return path
+
+
+def _unreadable(path: Path, exc: OSError) -> DataFileError:
+    return DataFileError(f"{path}: cannot read: {exc.strerror or exc}")
 
 
 @dataclass
@@ -53,6 +77,8 @@ def _read_json_text(path: Path, text: str) -> Iterator[RawRow]:
             yield from _read_jsonl_text(path, text)
             return
         raise DataFileError(f"{path}:{exc.lineno}:{exc.colno}: malformed JSON: {exc.msg}") from exc
+    except (ValueError, RecursionError) as exc:
+        raise _unusable_json(str(path), exc) from exc
     if isinstance(whole, list):
         for i, value in enumerate(whole):
             yield RawRow(value, f"{path}#{i}")
@@ -71,18 +97,40 @@ def _read_jsonl_text(path: Path, text: str) -> Iterator[RawRow]:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataFileError(f"{path}:{lineno}:{exc.colno}: malformed JSON: {exc.msg}") from exc
+        except (ValueError, RecursionError) as exc:
+            raise _unusable_json(f"{path}:{lineno}", exc) from exc
         yield RawRow(value, f"{path}:{lineno}")
+
+
+def _unusable_json(where: str, exc: Exception) -> DataFileError:
+    """Well-formed JSON that Python's reader refuses: nesting too deep, an integer too long."""
+    if isinstance(exc, RecursionError):
+        return DataFileError(f"{where}: JSON nested too deeply to read; expected records of objects, "
+                             "lists and strings")
+    return DataFileError(f"{where}: unreadable JSON value: {exc}")
 
 
 def _read_csv(path: Path) -> Iterator[RawRow]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle, delimiter=delimiter)
-            for row in reader:
+            reader = csv.DictReader(handle, delimiter=delimiter, restkey=CSV_EXTRA_CELLS)
+            while True:
+                # the limit is the csv module's global: raised only while this reader parses
+                previous = csv.field_size_limit(CSV_FIELD_LIMIT)
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as exc:
+                    raise DataFileError(f"{path}:{reader.reader.line_num}: malformed CSV: {exc}") from exc
+                finally:
+                    csv.field_size_limit(previous)
                 yield RawRow(dict(row), f"{path}:{reader.line_num}")
     except UnicodeDecodeError as exc:
         raise DataFileError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except OSError as exc:
+        raise _unreadable(path, exc) from exc
 
 
 def _read_parquet(path: Path) -> Iterator[RawRow]:
@@ -100,15 +148,16 @@ def _read_parquet(path: Path) -> Iterator[RawRow]:
 
 def read_rows(path: str | Path) -> Iterator[RawRow]:
     """Yield every raw row of a file, detecting its type by extension and content."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataFileError(f"{path}: no such file")
+    path = check_data_file(path)
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         yield from _read_parquet(path)
         return
-    with path.open("rb") as handle:
-        head = handle.read(4)
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(4)
+    except OSError as exc:
+        raise _unreadable(path, exc) from exc
     if head.startswith(b"PAR1"):
         yield from _read_parquet(path)
         return
@@ -119,13 +168,15 @@ def read_rows(path: str | Path) -> Iterator[RawRow]:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataFileError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except OSError as exc:
+        raise _unreadable(path, exc) from exc
     if suffix in (".jsonl", ".ndjson"):
         yield from _read_jsonl_text(path, text)
     elif suffix == ".json" or text.lstrip()[:1] in ("[", "{"):
         yield from _read_json_text(path, text)
     else:
         raise DataFileError(
-            f"{path}: unknown file type {suffix or '(none)'}; expected .json, .jsonl, .csv or .parquet"
+            f"{path}: unknown file type {suffix or '(none)'}; expected {DATA_FILE_TYPES}"
         )
 
 
@@ -140,7 +191,7 @@ def detect_format(value: Any, where: str) -> str:
     if "instruction" in value and "output" in value:
         return "alpaca"
     raise RecordError(
-        f"{where}: unknown format: keys {sorted(value)}; expected alpaca (instruction, input, output), "
+        f"{where}: unknown format: keys {sorted(map(str, value))}; expected alpaca (instruction, input, output), "
         "sharegpt (conversations), openai (messages), or a column map (format: columns)"
     )
 

@@ -20,8 +20,9 @@ import numpy as np
 from chattune import __version__
 from chattune.config import DataArgs
 from chattune.data.encode import IGNORE_INDEX, EncodeOptions, PieceEncoder, encode_all
-from chattune.data.sources import file_digest, load_records, split_eval
+from chattune.data.sources import FileSummary, file_digest, load_records, split_eval
 from chattune.data.templates import template_provenance
+from chattune.errors import ConfigError, DataError
 from chattune.model import tokenizer_hash
 
 ENCODING_VERSION = 1
@@ -47,6 +48,7 @@ def default_cache_dir() -> Path:
 def data_fingerprint(data: DataArgs, template_name: str, tokenizer, seed: int) -> str:
     """A hash of everything the encoded data set depends on."""
     def source_key(source):
+        """What the encoded rows depend on of one data file: its path, bytes and read options."""
         return {"path": str(Path(source.path).resolve()), "sha256": file_digest(source.path),
                 "format": source.format, "columns": source.columns,
                 "max_samples": source.max_samples, "weight": source.weight}
@@ -72,7 +74,8 @@ def _percentiles(lengths: list[int]) -> dict:
 
 
 def _encode_split(records, template_name, encoder, options):
-    encoded = encode_all([r.messages for r in records], template_name, encoder, options)
+    encoded = encode_all([r.messages for r in records], template_name, encoder, options,
+                         sources=[r.source for r in records])
     rows = {"input_ids": [], "labels": []}
     dropped: Counter = Counter()
     dropped_examples = []
@@ -101,36 +104,112 @@ def _encode_split(records, template_name, encoder, options):
     return rows, audit
 
 
+def _counts(counter) -> str:
+    return ", ".join(f"{count} x {reason}" for reason, count in counter.most_common())
+
+
+def _why_no_rows(summaries: list[FileSummary], audit: dict | None, max_seq_length: int) -> str:
+    """What happened to every row of some files that left no row to use, as one line."""
+    parts = []
+    for s in summaries:
+        if s.read == 0:
+            parts.append(f"{s.path}: no rows (empty file, or a CSV with a header only)")
+            continue
+        bits = [f"{s.read} row{'s' if s.read != 1 else ''} read"]
+        if s.skipped_total:
+            bits.append(f"{s.skipped_total} skipped ({_counts(s.skipped)})")
+        if s.duplicated:
+            bits.append(f"{s.duplicated} duplicates")
+        if s.sampled_out:
+            bits.append(f"{s.sampled_out} sampled out")
+        text = f"{s.path}: " + ", ".join(bits)
+        if s.examples:
+            text += f"; first error: {s.examples[0]}"
+        parts.append(text)
+    if audit and audit["rows_in"]:
+        parts.append(f"all {audit['rows_in']} rows were dropped at encoding "
+                     f"({_counts(Counter(audit['dropped_reasons']))}) with max_seq_length={max_seq_length}; "
+                     "raise max_seq_length or choose a template with shorter markers")
+    return "; ".join(parts)
+
+
+def _cache_origin(cache_dir, data: DataArgs) -> str:
+    if cache_dir:
+        return "the cache_dir argument"
+    if data.cache_dir:
+        return "cache_dir"
+    return "$CHATTUNE_CACHE" if "CHATTUNE_CACHE" in os.environ else "the default cache folder"
+
+
+def _unwritable_cache(origin: str, where: Path, exc: OSError) -> ConfigError:
+    return ConfigError(f"cache_dir: cannot write the encoded data set to {where} "
+                       f"(from {origin}): {exc.strerror or exc}; set cache_dir to a writable folder")
+
+
+def _load_cached(root: Path, fingerprint: str) -> PreparedData | None:
+    """The cached data set at ``root``, or None when it is missing or unreadable (it is then re-encoded)."""
+    from datasets import load_from_disk
+
+    try:
+        audit = json.loads((root / "audit.json").read_text(encoding="utf-8"))
+        if not isinstance(audit, dict) or audit.get("fingerprint") != fingerprint:
+            return None
+        train = load_from_disk(str(root / "train"))
+        evaluation = load_from_disk(str(root / "eval")) if (root / "eval").exists() else None
+    except Exception:  # a damaged cache entry of any kind is rebuilt, not fatal
+        return None
+    return PreparedData(train, evaluation, audit, fingerprint, root, reused=True)
+
+
 def prepare_data(data: DataArgs, tokenizer, template_name: str, seed: int,
                  cache_dir: str | Path | None = None, force: bool = False) -> PreparedData:
-    """Encode (or reuse from the cache) the train and eval sets of a run."""
+    """Encode (or reuse from the cache) the train and eval sets of a run.
+
+    Raises ConfigError for a missing ``train_files`` or an unwritable cache folder,
+    DataFileError/RecordError for unreadable files or (strict) bad records, and
+    DataError when no training row (or, with ``eval_files``, no eval row) is left,
+    with what happened to each file's rows.
+    """
     from datasets import Dataset, disable_progress_bars, load_from_disk
 
     disable_progress_bars()
     if not data.train_files:
-        raise ValueError("train_files: no training data given")
+        raise ConfigError("train_files: no training data given; set train_files to one or more data files "
+                          "(train_files=[data.jsonl] on the command line)")
     fingerprint = data_fingerprint(data, template_name, tokenizer, seed)
     root = Path(cache_dir or data.cache_dir or default_cache_dir()) / "datasets" / fingerprint
-    audit_path = root / "audit.json"
-    if audit_path.is_file() and not force:
-        audit = json.loads(audit_path.read_text())
-        train = load_from_disk(str(root / "train"))
-        evaluation = load_from_disk(str(root / "eval")) if (root / "eval").exists() else None
-        return PreparedData(train, evaluation, audit, fingerprint, root, reused=True)
+    if (root / "audit.json").is_file() and not force:
+        cached = _load_cached(root, fingerprint)
+        if cached is not None:
+            return cached
+    origin = _cache_origin(cache_dir, data)
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _unwritable_cache(origin, root.parent, exc) from exc
+    encoder = PieceEncoder(tokenizer)
 
     records, summaries = load_records(data.train_files, strict=data.strict, dedup=data.dedup, seed=seed)
     if data.eval_files:
         eval_records, eval_summaries = load_records(data.eval_files, strict=data.strict,
                                                     dedup=data.dedup, seed=seed)
     else:
+        read = len(records)
         records, eval_records = split_eval(records, data.eval_fraction, seed)
         eval_summaries = []
-    encoder = PieceEncoder(tokenizer)
+        if read and not records:
+            raise DataError(f"eval_fraction: {data.eval_fraction} holds out all {read} training records "
+                            f"of {[s.path for s in data.train_files]}, leaving none to train on; "
+                            "lower eval_fraction, add data, or give eval_files")
     options = EncodeOptions(data.max_seq_length, data.train_on_prompt, data.train_last_turn_only)
     train_rows, train_audit = _encode_split(records, template_name, encoder, options)
     if not train_rows["input_ids"]:
-        raise ValueError(f"no training rows left after reading and encoding {[s.path for s in data.train_files]}")
+        raise DataError(f"train_files: no training rows left after reading and encoding: "
+                        f"{_why_no_rows(summaries, train_audit, data.max_seq_length)}")
     eval_rows, eval_audit = _encode_split(eval_records, template_name, encoder, options) if eval_records else (None, None)
+    if data.eval_files and not (eval_rows and eval_rows["input_ids"]):
+        raise DataError(f"eval_files: no evaluation rows left after reading and encoding: "
+                        f"{_why_no_rows(eval_summaries, eval_audit, data.max_seq_length)}")
     audit = {
         "fingerprint": fingerprint, "template": template_name, "max_seq_length": data.max_seq_length,
         "chattune_version": __version__,
@@ -138,17 +217,17 @@ def prepare_data(data: DataArgs, tokenizer, template_name: str, seed: int,
         "train": train_audit, "eval": eval_audit,
     }
     tmp = root.with_name(root.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    train = Dataset.from_dict(train_rows)
-    train.save_to_disk(str(tmp / "train"))
-    evaluation = None
-    if eval_rows and eval_rows["input_ids"]:
-        evaluation = Dataset.from_dict(eval_rows)
-        evaluation.save_to_disk(str(tmp / "eval"))
-    (tmp / "audit.json").write_text(json.dumps(audit, indent=2, ensure_ascii=False))
-    shutil.rmtree(root, ignore_errors=True)
-    tmp.rename(root)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        Dataset.from_dict(train_rows).save_to_disk(str(tmp / "train"))
+        if eval_rows and eval_rows["input_ids"]:
+            Dataset.from_dict(eval_rows).save_to_disk(str(tmp / "eval"))
+        (tmp / "audit.json").write_text(json.dumps(audit, indent=2, ensure_ascii=False), encoding="utf-8")
+        shutil.rmtree(root, ignore_errors=True)
+        tmp.rename(root)
+    except OSError as exc:
+        raise _unwritable_cache(origin, root, exc) from exc
     train = load_from_disk(str(root / "train"))
     evaluation = load_from_disk(str(root / "eval")) if (root / "eval").exists() else None
     return PreparedData(train, evaluation, audit, fingerprint, root, reused=False)

@@ -9,7 +9,7 @@ template sees :func:`user_text`, the instruction and input joined.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from chattune.errors import ChattuneError
 
@@ -26,7 +26,6 @@ class Record:
 
     messages: list[dict]
     source: str = ""
-    meta: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         """The canonical JSONL row: ``{"messages": [...], "source": ...}``."""
@@ -37,6 +36,18 @@ def user_text(message: dict) -> str:
     """A user message's full text: the instruction, then the Alpaca input if any."""
     parts = [message["content"], message.get("input") or ""]
     return "\n".join(part for part in parts if part)
+
+
+def _check_text(text: str, loc: str) -> None:
+    """Raise RecordError unless ``text`` can be written as UTF-8 (no unpaired surrogates,
+    which JSON's ``\\ud800`` escapes can produce)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RecordError(
+            f"{loc}: not valid Unicode text (unpaired surrogate {text[exc.start]!r} at character "
+            f"{exc.start}); expected text without lone \\ud800-\\udfff escapes"
+        ) from exc
 
 
 def validate_messages(messages: list[dict], where: str, *, need_answer: bool = True) -> None:
@@ -59,8 +70,11 @@ def validate_messages(messages: list[dict], where: str, *, need_answer: bool = T
             raise RecordError(f"{loc}.role: expected one of {list(ROLES)}, got {role!r}")
         if not isinstance(content, str):
             raise RecordError(f"{loc}.content: expected a string, got {type(content).__name__}")
-        if "input" in message and not isinstance(message["input"], str):
-            raise RecordError(f"{loc}.input: expected a string, got {type(message['input']).__name__}")
+        _check_text(content, f"{loc}.content")
+        if "input" in message:
+            if not isinstance(message["input"], str):
+                raise RecordError(f"{loc}.input: expected a string, got {type(message['input']).__name__}")
+            _check_text(message["input"], f"{loc}.input")
         if role == "system":
             if i != 0:
                 raise RecordError(f"{loc}: a system message may only come first (roles out of order)")

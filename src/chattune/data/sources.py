@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chattune.config import DataSource
-from chattune.data.formats import check_columns, read_rows, to_record
+from chattune.data.formats import (
+    DataFileError,
+    check_columns,
+    check_data_file,
+    read_rows,
+    to_record,
+)
 from chattune.data.records import Record, RecordError
 
 
@@ -54,8 +60,9 @@ def _reason(message: str) -> str:
     """A short reason class for a RecordError message (the part after the location)."""
     tail = message.split(": ", 1)[-1]
     for marker in ("missing field", "missing column", "expected a string", "empty response",
-                   "empty user message", "roles out of order", "unknown format",
-                   "the last message must be", "expected one of", "expected a"):
+                   "empty user message", "roles out of order", "unknown format", "not valid Unicode text",
+                   "the last message must be", "expected one of", "expected a JSON object",
+                   "expected a"):
         if marker in message:
             return marker
     return tail[:60]
@@ -140,11 +147,15 @@ def split_eval(records: list[Record], fraction: float, seed: int) -> tuple[list[
 
 
 def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes."""
+    """sha256 of a file's bytes; DataFileError when it is missing, a directory or unreadable."""
+    path = check_data_file(path)
     digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
+    try:
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as exc:
+        raise DataFileError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     return digest.hexdigest()
 
 

@@ -193,8 +193,9 @@ def render_chatglm3(messages: list[dict]) -> list[Piece]:
 
 
 def _move_newline_into_answer(pieces: list[Piece]) -> list[Piece]:
-    """ChatGLM3's answer starts with the newline after ``<|assistant|>``: the model
-    generates it, so it is trained as part of the answer."""
+    """An ``answer_end`` piece just before its answer becomes part of the answer: template
+    text the model generates first (ChatGLM3's newline after ``<|assistant|>``, or a chat
+    template's text between the generation prompt and the answer) is trained with it."""
     result: list[Piece] = []
     for piece in pieces:
         if piece.role == "assistant" and result and result[-1].role == "answer_end":
@@ -278,12 +279,24 @@ def render_with_chat_template(tokenizer, messages: list[dict]) -> list[Piece]:
     whole (true of nearly all chat templates); otherwise this raises.
     """
     if not getattr(tokenizer, "chat_template", None):
-        raise TemplateError("the tokenizer has no chat template; choose a named template")
+        name = getattr(tokenizer, "name_or_path", "") or "(unnamed)"
+        raise TemplateError(f"template 'tokenizer': the tokenizer {name} has no chat template; "
+                            f"choose a named template ({', '.join(sorted(NAMED_TEMPLATES))}) or 'auto'")
     plain = [{"role": m["role"], "content": user_text(m) if m["role"] == "user" else m["content"]}
              for m in messages]
 
     def apply(msgs: list[dict], generation: bool) -> str:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation)
+        """The chat template's text of ``msgs``; TemplateError when the template fails."""
+        try:
+            text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation)
+        except Exception as exc:  # jinja2 syntax/undefined errors, the template's raise_exception()
+            detail = " ".join(str(exc).split())
+            raise TemplateError(f"the tokenizer's chat template failed: {type(exc).__name__}: {detail}; "
+                                "fix the template or choose a named template") from exc
+        if not isinstance(text, str):
+            raise TemplateError(f"the tokenizer's chat template rendered {type(text).__name__}, "
+                                "expected text; choose a named template")
+        return text
 
     ends_with_answer = plain[-1]["role"] == "assistant"
     pieces: list[Piece] = []
@@ -324,16 +337,13 @@ def render_with_chat_template(tokenizer, messages: list[dict]) -> list[Piece]:
     return [p for p in pieces if p.text or p.role in ("eos", "specials")]
 
 
-def _merge_answer_lead(pieces: list[Piece]) -> list[Piece]:
-    """An ``answer_end`` before its answer (template text the model must generate
-    first, e.g. a newline) becomes part of the answer."""
-    return _move_newline_into_answer(pieces)
-
-
 def get_template(name: str) -> Template | None:
     """The named template, or None for the tokenizer's chat template (``tokenizer``)."""
     if name == "tokenizer":
         return None
+    if name == "auto":
+        raise TemplateError("template 'auto' is chosen per tokenizer: resolve it with "
+                            "resolve_template_name() before rendering")
     if name not in NAMED_TEMPLATES:
         raise TemplateError(
             f"unknown template {name!r}; expected 'auto', 'tokenizer' or one of {sorted(NAMED_TEMPLATES)}"
@@ -353,7 +363,7 @@ def render(name: str, messages: list[dict], tokenizer=None) -> list[Piece]:
     """Render a conversation with the template ``name`` (resolved, not ``auto``)."""
     template = get_template(name)
     if template is None:
-        return _merge_answer_lead(render_with_chat_template(tokenizer, messages))
+        return _move_newline_into_answer(render_with_chat_template(tokenizer, messages))
     return template.render_fn(messages)
 
 
@@ -373,7 +383,13 @@ def render_text(pieces: list[Piece], eos: str = "", specials: str = "") -> str:
 def template_provenance(name: str, tokenizer) -> dict:
     """What a run folder records about its template, enough to detect drift later."""
     template = get_template(name)
-    pieces = render(name, PROBE_CONVERSATION, tokenizer)
+    try:
+        pieces = render(name, PROBE_CONVERSATION, tokenizer)
+    except TemplateError as exc:
+        if template is not None or not getattr(tokenizer, "chat_template", None):
+            raise
+        raise TemplateError(f"template {name!r}, rendering a probe conversation (a system message "
+                            f"and two turns): {exc}") from exc
     return {
         "name": name,
         "chat_template": tokenizer.chat_template if template is None else None,
