@@ -1,14 +1,18 @@
 """The chunked loss equals the plain one: loss and gradients, with a plain Linear head, a
-peft-wrapped head, a bias, under bf16 autocast, through a real peft model; and the probe
-refuses models whose logits are not their output layer's."""
+peft-wrapped head, a bias, under bf16 autocast, through a real peft model; the probe
+refuses models whose logits are not their output layer's, and resolve_loss falls back to
+(or insists on) what the config asks; the head capture holds within a ``with`` block only."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from chattune.data.encode import IGNORE_INDEX
+from chattune.errors import ConfigError
 from chattune.loss import (
     CausalLMLoss,
     HeadCapture,
@@ -16,6 +20,7 @@ from chattune.loss import (
     check_head_logits,
     chunked_head_loss,
     output_layer,
+    resolve_loss,
 )
 
 RTOL = 1e-5  # float32: chunked vs plain (differences are summation order only)
@@ -130,14 +135,12 @@ def test_chunked_equals_plain_and_the_models_own_loss_through_peft(arch, lora, t
 
     head = output_layer(model)
     assert head is not None and check_head_logits(model, head, model.config.vocab_size) is None
-    capture = HeadCapture(head)
-    capture.install()
-    try:
+    loss = CausalLMLoss(HeadCapture(head), chunk_size=5)
+    with loss.capturing():
         assert model(input_ids=ids, use_cache=False).logits.shape == (3, 21, 0)
-        chunked, chunked_grads = loss_and_grads(model, CausalLMLoss(capture, chunk_size=5), ids, labels, num_items)
-    finally:
-        capture.remove()
+        chunked, chunked_grads = loss_and_grads(model, loss, ids, labels, num_items)
     assert model(input_ids=ids, use_cache=False).logits.shape[-1] == model.config.vocab_size
+    assert "forward" not in head.__dict__  # the head's own (class) forward again
     torch.testing.assert_close(chunked, plain, rtol=RTOL, atol=1e-6)
     assert chunked_grads.keys() == plain_grads.keys() and len(plain_grads) > 4
     for name, grad in plain_grads.items():
@@ -184,3 +187,46 @@ def test_without_gradients_only_the_loss_is_computed(monkeypatch):
     with torch.no_grad():
         got = chunked_head_loss(hidden, head, targets, chunk_size=8)
     torch.testing.assert_close(got, expected, rtol=RTOL, atol=1e-6)
+
+
+def test_the_head_capture_holds_within_the_block_only_also_on_an_error():
+    class OwnForward(torch.nn.Linear):
+        pass
+
+    for head in (torch.nn.Linear(4, 6), OwnForward(4, 6)):
+        own = head.forward
+        if isinstance(head, OwnForward):  # an instance attribute forward (as hooks or wrappers set)
+            head.forward = own
+        had_own = "forward" in head.__dict__
+        capture = HeadCapture(head)
+        with capture as entered:
+            assert entered is capture
+            assert head(torch.zeros(2, 3, 4)).shape == (2, 3, 0)
+            assert capture.take().shape == (2, 3, 4)
+        assert head(torch.zeros(2, 4)).shape == (2, 6) and ("forward" in head.__dict__) == had_own
+        with pytest.raises(RuntimeError, match="inside"), capture:
+            raise RuntimeError("inside")
+        assert head(torch.zeros(2, 4)).shape == (2, 6) and capture.hidden is None
+    assert isinstance(CausalLMLoss().capturing(), contextlib.nullcontext)
+
+
+def loss_config(loss: str):
+    from chattune.config import build_config
+
+    return build_config({"model_name_or_path": "unused", "loss": loss, "loss_chunk_size": 7})
+
+
+def test_resolve_loss_chunks_where_the_probe_allows_and_falls_back_or_refuses(tiny_models, monkeypatch):
+    import chattune.loss
+
+    model = lora_model(tiny_models, "llama")
+    vocab = model.config.vocab_size
+    logged = []
+    chunked = resolve_loss(loss_config("auto"), model, vocab, logged.append)
+    assert chunked.mode == "chunked" and chunked.chunk_size == 7 and chunked.capture.head is output_layer(model)
+    assert resolve_loss(loss_config("plain"), model, vocab).mode == "plain"
+    monkeypatch.setattr(chattune.loss, "check_head_logits", lambda *a, **k: "logits are soft-capped")
+    assert resolve_loss(loss_config("auto"), model, vocab, logged.append).mode == "plain"
+    assert logged == ["loss: plain (logits are soft-capped)"]
+    with pytest.raises(ConfigError, match="loss: chunked is not possible for this model: logits are soft"):
+        resolve_loss(loss_config("chunked"), model, vocab)

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from chattune.config import ConfigError
-from chattune.generate import load_chat_model
+from chattune.generate import answer, generate, stream
 from chattune.methods import block_list
+from chattune.runs import load_run
 from chattune.train import train
 from tests.test_train import data_file, make_config  # noqa: F401  (module fixture)
 
@@ -47,7 +48,7 @@ def logits(model):
 
 
 def assert_reload_matches(result):
-    reloaded = load_chat_model(str(result.output_dir)).model
+    reloaded = load_run(str(result.output_dir)).model
     torch.testing.assert_close(logits(reloaded), logits(result.model), rtol=1e-5, atol=1e-5)
 
 
@@ -151,25 +152,24 @@ def test_ptuning_trains_only_the_prefix_encoder(arch, projection, tiny_models, d
 
 def test_ptuning_generation_with_the_kv_cache_equals_recomputing(tiny_models, data_file, tmp_path):  # noqa: F811
     result = run("ptuning", "llama", tiny_models, data_file, tmp_path, pre_seq_len=4, learning_rate=1e-2)
-    chat = load_chat_model(str(result.output_dir))
+    loaded = load_run(str(result.output_dir))
     messages = [{"role": "user", "content": "Who are you?"}]
-    fast = chat.generate([messages], max_new_tokens=8)[0]
-    ids = torch.tensor([chat.prompt_ids(messages)])
+    fast = answer(loaded, [messages], max_new_tokens=8)[0]
+    ids = torch.tensor([loaded.prompt_ids(messages)])
     slow = []
     for _ in range(8):  # no cache: the peft forward recomputes prefix + everything each step
         with torch.no_grad():
-            step = chat.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0, -1]
+            step = loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0, -1]
         token = int(step.argmax())
-        if token in chat.stop_token_ids:
-            break
         slow.append(token)
+        if token in loaded.profile().stop_token_ids:
+            break
         ids = torch.cat([ids, torch.tensor([[token]])], 1)
-    assert fast == chat.cut_at_stop(chat.tokenizer.decode(slow, skip_special_tokens=True)).strip()
-    streamed = "".join(chat.stream(messages, max_new_tokens=8)).strip()
-    assert streamed == fast
-    batch = chat.generate([messages, [{"role": "user", "content": "What is the capital of Veloria?"}]],
-                          max_new_tokens=8)
-    assert batch[0] == fast
+    assert fast.generated == slow[:len(fast.generated)]  # equal until a stop string (if any) ends it
+    assert "".join(stream(loaded, messages, max_new_tokens=8)) == fast.text.text
+    batch = generate(loaded, [messages, [{"role": "user", "content": "What is the capital of Veloria?"}]],
+                     max_new_tokens=8)
+    assert batch[0] == fast.text.text
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -231,8 +231,8 @@ def test_qlora_trains_on_cuda(bits, tiny_models, data_file, tmp_path):  # noqa: 
     result = run("qlora", "llama", tiny_models, data_file, tmp_path, quantization_bit=bits, bf16="true")
     assert losses(result)[-1] < losses(result)[0]
     assert all(".lora_" in n for n in trained(result.model))
-    chat = load_chat_model(str(result.output_dir))
-    assert isinstance(chat.generate([[{"role": "user", "content": "hi"}]], max_new_tokens=4)[0], str)
+    loaded = load_run(str(result.output_dir))
+    assert isinstance(generate(loaded, [[{"role": "user", "content": "hi"}]], max_new_tokens=4)[0], str)
 
 
 @pytest.mark.gpu

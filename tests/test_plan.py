@@ -8,9 +8,32 @@ import torch
 from chattune.cli import main
 from chattune.config import build_config
 from chattune.methods import apply_method
-from chattune.plan import estimate, measure_training_memory
+from chattune.plan import estimate
 
 BATCH, SEQ = 2, 96
+
+
+def measure_training_memory(model, batch: dict, optimizer) -> dict:
+    """Bytes actually held in one training step: parameters, gradients, optimizer state,
+    and the tensors autograd saved for backward (counted by storage, parameters excluded)."""
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**batch).loss
+    activations = sum(n for ptr, n in saved.items() if ptr not in param_ptrs)
+    loss.backward()
+    optimizer.step()
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                if torch.is_tensor(t) and t.ndim > 0)
+    return {"weights": params, "gradients": grads, "optimizer": state, "activations": activations}
 
 
 def measured(config):

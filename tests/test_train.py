@@ -130,13 +130,14 @@ def test_save_total_limit_keeps_the_newest_checkpoints(tiny_models, data_file, t
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "glm"])
 def test_other_architectures_train_and_reload(arch, tiny_models, data_file, tmp_path):
-    from chattune.generate import load_chat_model
+    from chattune.generate import generate
+    from chattune.runs import load_run
 
     config = make_config(tiny_models(arch), data_file, tmp_path / arch, max_steps=4, save_steps=4,
                          eval_fraction=0.0, report_to=["none"])
     result = train(config, log=lambda *_: None)
-    chat = load_chat_model(str(result.output_dir))
-    answers = chat.generate([[{"role": "user", "content": "Who are you?"}]], max_new_tokens=4)
+    run = load_run(str(result.output_dir))
+    answers = generate(run, [[{"role": "user", "content": "Who are you?"}]], max_new_tokens=4)
     assert len(answers) == 1 and isinstance(answers[0], str)
 
 

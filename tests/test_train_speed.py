@@ -1,7 +1,8 @@
 """Training speed features end to end: packing by default (checked, with a fallback), the
-same eval loss with and without packing, a token-weighted eval loss however rows are
-batched, and each option (bf16, fp16, gradient checkpointing, torch.compile, padding-free,
-length-grouped) trains."""
+same eval loss with and without packing, each option (bf16, fp16, gradient checkpointing,
+torch.compile, padding-free, length-grouped) trains, and the model comes back unpatched.
+(The token-weighted eval loss is checked in tests/test_trainer.py, the CPU kernels in
+tests/test_kernels.py.)"""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from chattune import train as train_module
+import chattune.batching
+import chattune.loss
+import chattune.train
 from chattune.config import ConfigError
 from chattune.demo import demo_records
 from chattune.train import train
@@ -51,7 +54,18 @@ def test_default_packs_checks_and_chunks(tiny_models, demo_files, tmp_path):
     assert plan["steps"] == 10  # 37 rows, 4 a step, as unpacked
     assert "packing: 37 rows into" in log
     assert len(losses) == 4 and all(loss == loss for loss in losses)
-    assert result.model.get_output_embeddings().forward.__self__ is result.model.get_output_embeddings()
+    assert_unpatched(result.model)
+
+
+def assert_unpatched(model):
+    """The model a run returns has every patch of training undone: its own head forward,
+    PyTorch's dropout and linear classes, transformers' SDPA."""
+    from chattune.kernels import GapDropout, RankLinear
+
+    head = model.get_output_embeddings()
+    assert head.forward.__self__ is head and "forward" not in head.__dict__
+    assert not any(isinstance(m, (GapDropout, RankLinear)) for m in model.modules())
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_packed_and_padded_training_end_at_the_same_eval_loss(tiny_models, demo_files, tmp_path):
@@ -73,54 +87,6 @@ def test_packed_and_padded_training_end_at_the_same_eval_loss(tiny_models, demo_
         (packed.eval_loss, padded.eval_loss)
 
 
-def test_eval_loss_is_token_weighted_whatever_the_batching(tiny_models, demo_files, tmp_path):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from chattune.data.encode import IGNORE_INDEX
-    from chattune.data.prepare import prepare_data
-    from chattune.loss import CausalLMLoss, HeadCapture, output_layer
-    from chattune.model import load_tokenizer
-    from chattune.train import ChattuneTrainer, build_batches, training_arguments
-
-    train_file, eval_file = demo_files
-    model_path = tiny_models("glm4")
-    config = make_config(model_path, train_file, tmp_path / "eval", eval_fraction=0.0,
-                         eval_files=[str(eval_file)], per_device_eval_batch_size=3, report_to=["none"])
-    tokenizer = load_tokenizer(str(model_path))
-    prepared = prepare_data(config.data, tokenizer, "tokenizer", 7)
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
-    model.eval()
-    total = count = 0.0
-    with torch.no_grad():
-        for row in prepared.eval:
-            logits = model(input_ids=torch.tensor([row["input_ids"]]), use_cache=False).logits[0]
-            labels = torch.tensor(row["labels"][1:])
-            total += torch.nn.functional.cross_entropy(logits[:-1], labels, ignore_index=IGNORE_INDEX,
-                                                       reduction="sum").item()
-            count += (labels != IGNORE_INDEX).sum().item()
-    expected = total / count
-    got = {}
-    for mode in ("pack", "padding_free", "group_by_length", "pad"):
-        for chunked in (False, True):
-            batches = build_batches(mode, prepared, config, tokenizer.pad_token_id, flatten=False)
-            capture = HeadCapture(output_layer(model)) if chunked else None
-            trainer = ChattuneTrainer(model=model, args=training_arguments(config, True, batches),
-                                      eval_dataset=batches.eval, data_collator=batches.collator,
-                                      compute_loss_func=CausalLMLoss(capture, 7))
-            if capture:
-                capture.install()
-            try:
-                got[mode, chunked] = trainer.evaluate()["eval_loss"]
-            finally:
-                if capture:
-                    capture.remove()
-    for key, value in got.items():
-        assert value == pytest.approx(expected, rel=1e-5), (key, got, expected)
-
-
 @pytest.mark.parametrize("option", [
     {"bf16": "true"},
     {"fp16": "true"},
@@ -137,6 +103,7 @@ def test_each_option_trains(option, tiny_models, demo_files, tmp_path):
     assert (result.output_dir / "adapter_model.safetensors").is_file()
     if "packing" in option:
         assert batching["mode"] == option["packing"]
+    assert_unpatched(result.model)
     base = result.model.get_base_model()
     checkpointing = getattr(base, "is_activation_checkpointing", None)
     if checkpointing is None:  # transformers 4
@@ -149,7 +116,15 @@ def test_each_option_trains(option, tiny_models, demo_files, tmp_path):
 
 def test_torch_compile_trains(tiny_models, demo_files, tmp_path, monkeypatch):
     # aot_eager: dynamo + AOTAutograd as inductor sees them, without a minute of C++ codegen
-    monkeypatch.setattr(train_module, "COMPILE_BACKEND", "aot_eager")
+    configured = chattune.train.training_arguments
+
+    def aot_eager(*args, **kwargs):
+        arguments = configured(*args, **kwargs)
+        assert arguments.torch_compile and arguments.torch_compile_backend == "inductor"
+        arguments.torch_compile_backend = "aot_eager"
+        return arguments
+
+    monkeypatch.setattr(chattune.train, "training_arguments", aot_eager)
     result, losses, batching, _ = run(tiny_models, demo_files, tmp_path / "out", torch_compile="true",
                                       max_steps=4, learning_rate=5e-3)
     assert batching["mode"] == "pack" and len(losses) == 4
@@ -172,8 +147,8 @@ def test_ptuning_falls_back_to_length_grouping(tiny_models, demo_files, tmp_path
 
 
 def test_a_model_that_mixes_packed_rows_is_never_packed(tiny_models, demo_files, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_module, "check_packed_attention", lambda *a, **k: "rows attend to each other")
-    monkeypatch.setattr(train_module, "check_head_logits", lambda *a, **k: "logits are soft-capped")
+    monkeypatch.setattr(chattune.batching, "check_packed_attention", lambda *a, **k: "rows attend to each other")
+    monkeypatch.setattr(chattune.loss, "check_head_logits", lambda *a, **k: "logits are soft-capped")
     _, _, batching, log = run(tiny_models, demo_files, tmp_path / "auto", max_steps=1)
     assert batching["mode"] == "group_by_length" and batching["loss"] == "plain"
     assert "rows attend to each other" in log and "soft-capped" in log
@@ -181,58 +156,3 @@ def test_a_model_that_mixes_packed_rows_is_never_packed(tiny_models, demo_files,
         run(tiny_models, demo_files, tmp_path / "pack", max_steps=1, packing="pack")
     with pytest.raises(ConfigError, match="loss: chunked is not possible"):
         run(tiny_models, demo_files, tmp_path / "chunked", max_steps=1, packing="pad", loss="chunked")
-
-
-def test_cpu_dropout_mask_has_nn_dropouts_distribution():
-    from chattune.kernels import dropout_mask
-
-    torch.manual_seed(0)
-    for p in (0.05, 0.1, 0.5):
-        mask = torch.cat([dropout_mask((300, 301), p).flatten() for _ in range(20)])
-        values = mask.unique().tolist()
-        assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / (1 - p))
-        dropped = (mask == 0).float()
-        assert dropped.mean().item() == pytest.approx(p, abs=0.004)
-        # independent: two neighbours are dropped together p^2 of the time, and the last element too
-        assert (dropped[:-1] * dropped[1:]).mean().item() == pytest.approx(p * p, abs=0.003)
-        assert dropped.view(20, -1)[:, -1000:].mean().item() == pytest.approx(p, abs=0.02)
-
-
-def test_cpu_kernels_give_the_same_gradients_also_under_checkpointing(tiny_models):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from chattune.kernels import GapDropout, RankLinear, use_cpu_kernels
-
-    path = tiny_models("glm4")  # built (with its own seeding) before the seeded runs
-
-    def model_and_grads(swap: bool, dropout: float, checkpointing: bool = False):
-        torch.manual_seed(0)
-        base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", lora_dropout=dropout,
-                                                init_lora_weights=False))
-        if swap:
-            counts = use_cpu_kernels(model)
-            assert counts["lora_linear"] > 0 and counts["dropout"] == (counts["lora_linear"] // 2 if dropout else 0)
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
-        model.train()
-        ids = torch.randint(20, 500, (2, 33), generator=torch.Generator().manual_seed(1))
-        torch.manual_seed(5)
-        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-        return model, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-
-    plain_model, plain = model_and_grads(False, 0.0)
-    fast_model, fast = model_and_grads(True, 0.0)
-    assert plain.keys() == fast.keys()
-    for name in plain:
-        torch.testing.assert_close(fast[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
-    assert plain_model.state_dict().keys() == fast_model.state_dict().keys()
-    assert any(isinstance(m, RankLinear) for m in fast_model.modules())
-    # with dropout: checkpointing replays the same masks (the CPU RNG state is restored)
-    dropped_model, dropped = model_and_grads(True, 0.1)
-    assert any(isinstance(m, GapDropout) for m in dropped_model.modules())
-    _, recomputed = model_and_grads(True, 0.1, checkpointing=True)
-    for name in dropped:
-        torch.testing.assert_close(recomputed[name], dropped[name], rtol=1e-4, atol=1e-6, msg=name)

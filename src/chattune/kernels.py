@@ -7,13 +7,16 @@
   backward pass the way round CPU BLAS is fast at: ``[out, N] x [N, r]`` (the gradient
   of ``lora_B``) runs 5-8x slower than its transpose.
 
-:func:`use_cpu_kernels` swaps them into a model in place: parameters, state dict and
-saved adapters are unchanged. On other devices both are PyTorch's own.
+:func:`use_cpu_kernels` swaps them into a model for the time of a ``with`` block (training)
+and back: parameters, state dict and saved adapters are unchanged. On other devices both
+are PyTorch's own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -63,12 +66,14 @@ class _RankLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight):
+        """``x @ weight.T``, keeping both for the backward pass."""
         ctx.save_for_backward(x, weight)
         flat = x.reshape(-1, x.shape[-1])
         return _matmul(flat, weight.t()).reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad):
+        """Gradients of ``x`` and ``weight``, each product oriented by :func:`_matmul`."""
         x, weight = ctx.saved_tensors
         flat_grad = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_weight = None
@@ -92,17 +97,27 @@ class RankLinear(torch.nn.Linear):
         return _RankLinearFunction.apply(x, self.weight)
 
 
-def use_cpu_kernels(model) -> dict[str, int]:
-    """For training on CPU: every ``nn.Dropout`` becomes :class:`GapDropout` and every LoRA
-    rank-r ``nn.Linear`` a :class:`RankLinear` (same parameters, state dict and results,
-    faster). Returns how many modules of each kind were changed."""
+@contextlib.contextmanager
+def use_cpu_kernels(model) -> Iterator[dict[str, int]]:
+    """For training on CPU, within the block: every ``nn.Dropout`` is a :class:`GapDropout`
+    and every LoRA rank-r ``nn.Linear`` a :class:`RankLinear` (the same module objects, their
+    class swapped: parameters, state dict, hooks and results unchanged, faster). Yields how
+    many modules of each kind were changed; on leaving the block every one is given its
+    class back, so the model is plain PyTorch / peft again."""
+    swapped: list[tuple[torch.nn.Module, type]] = []
     counts = {"dropout": 0, "lora_linear": 0}
-    for parent_name, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Dropout and child.p > 0:
-                setattr(parent, name, GapDropout(child.p, child.inplace))
-                counts["dropout"] += 1
-            elif type(child) is torch.nn.Linear and parent_name.rsplit(".", 1)[-1] in ("lora_A", "lora_B"):
-                child.__class__ = RankLinear
-                counts["lora_linear"] += 1
-    return counts
+    try:
+        for parent_name, parent in list(model.named_modules()):
+            for child in parent.children():
+                if type(child) is torch.nn.Dropout and child.p > 0:
+                    swapped.append((child, type(child)))
+                    child.__class__ = GapDropout
+                    counts["dropout"] += 1
+                elif type(child) is torch.nn.Linear and parent_name.rsplit(".", 1)[-1] in ("lora_A", "lora_B"):
+                    swapped.append((child, type(child)))
+                    child.__class__ = RankLinear
+                    counts["lora_linear"] += 1
+        yield counts
+    finally:
+        for module, original in reversed(swapped):
+            module.__class__ = original

@@ -19,13 +19,18 @@ count, from which the trainer reports the token-weighted eval loss.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from chattune.data.encode import IGNORE_INDEX
+from chattune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from chattune.config import RunConfig
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -35,6 +40,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size):
+        """The summed loss; the gradients, computed chunk by chunk, are kept for backward."""
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
@@ -62,6 +68,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        """The kept gradients, scaled by the upstream gradient."""
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         weight_dtype, bias_dtype = ctx.dtypes
         scale = grad_output.float()
@@ -102,8 +109,9 @@ def chunked_head_loss(hidden: torch.Tensor, head: torch.nn.Module, targets: torc
 
 
 class HeadCapture:
-    """While installed, the model's output layer keeps its input and returns an empty
-    ``[..., 0]`` placeholder instead of the logits; :meth:`take` hands the input over."""
+    """Within a ``with`` block, the model's output layer keeps its input and returns an empty
+    ``[..., 0]`` placeholder instead of the logits; :meth:`take` hands the input over. On
+    leaving the block the layer has its own forward back."""
 
     def __init__(self, head: torch.nn.Module):
         self.head = head
@@ -115,12 +123,11 @@ class HeadCapture:
         self.hidden = hidden
         return hidden.new_empty(*hidden.shape[:-1], 0)
 
-    def install(self) -> None:
-        """Replace the head's forward (for this module instance only)."""
-        self.head.forward = self._forward
+    def __enter__(self) -> HeadCapture:
+        self.head.forward = self._forward  # this module instance only
+        return self
 
-    def remove(self) -> None:
-        """Give the head its own forward back."""
+    def __exit__(self, *exc) -> None:
         if self._had_own_forward:
             self.head.forward = self.original
         else:
@@ -196,6 +203,10 @@ class CausalLMLoss:
         """``chunked`` or ``plain``."""
         return "chunked" if self.capture is not None else "plain"
 
+    def capturing(self) -> contextlib.AbstractContextManager:
+        """The context to compute this loss in: the head capture when chunked, else nothing."""
+        return self.capture if self.capture is not None else contextlib.nullcontext()
+
     def loss_sum(self, outputs, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of the token losses, number of supervised tokens) of one batch."""
         targets = labels[..., 1:]
@@ -225,3 +236,20 @@ class CausalLMLoss:
     def reset_eval(self) -> None:
         """Forget the evaluation sums (at the start of an evaluation)."""
         self.eval_sum, self.eval_count = 0.0, 0
+
+
+def resolve_loss(config: RunConfig, model, vocab_size: int, log=print) -> CausalLMLoss:
+    """The loss function: ``auto`` is chunked where the model's logits are exactly its output
+    layer applied to the last hidden states (checked on a probe), else plain."""
+    wanted = config.train.loss
+    if wanted == "plain":
+        return CausalLMLoss()
+    head = output_layer(model)
+    reason = "the model has no output layer chattune can find" if head is None else \
+        check_head_logits(model, head, vocab_size)
+    if reason is None:
+        return CausalLMLoss(HeadCapture(head), config.train.loss_chunk_size)
+    if wanted == "auto":
+        log(f"loss: plain ({reason})")
+        return CausalLMLoss()
+    raise ConfigError(f"loss: chunked is not possible for this model: {reason}. Use loss=plain.")

@@ -5,7 +5,7 @@ read), the method is applied, and memory is estimated for weights, gradients,
 optimizer state and activations at the configured batch and sequence length.
 
 Activations per token and per block were fitted to what autograd actually saves
-(``measure_training_memory``, Llama and GLM-4 blocks with SDPA, fit error under 1%):
+(measured by ``tests/test_plan.py``, Llama and GLM-4 blocks with SDPA, fit error under 1%):
 see :func:`activation_bytes`. Gradient checkpointing keeps one ``h`` per token per
 block plus one block's worth.
 """
@@ -148,26 +148,3 @@ def format_plan(plan: MemoryPlan, config: RunConfig) -> str:
         f"activations{gib(plan.activations)}",
         f"total      {gib(plan.total_bytes)}  (+ about 0.5-1 GiB CUDA context and allocator slack)",
     ])
-
-
-def measure_training_memory(model, batch: dict, optimizer) -> dict:
-    """Bytes actually held in one training step: parameters, gradients, optimizer state,
-    and the tensors autograd saved for backward (counted by storage, parameters excluded)."""
-    saved: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(**batch).loss
-    activations = sum(n for ptr, n in saved.items() if ptr not in param_ptrs)
-    loss.backward()
-    optimizer.step()
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
-    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
-    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
-                if torch.is_tensor(t) and t.ndim > 0)
-    return {"weights": params, "gradients": grads, "optimizer": state, "activations": activations}

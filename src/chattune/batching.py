@@ -1,0 +1,114 @@
+"""Batching: how training and evaluation rows reach the model, step by step.
+
+``packing`` chooses the mode: rows packed into ``pack_length`` bins without cross-talk
+(``pack``, checked on the real model before training), padding-free batches
+(``padding_free``), length-grouped batches (``group_by_length``) or plain padding
+(``pad``). Whatever the mode, a step carries the tokens of
+``per_device_train_batch_size`` rows on average, so steps, warm-up and the
+learning-rate schedule mean the same thing with and without packing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from chattune.attention import check_packed_attention, uses_varlen_attention
+from chattune.collate import PackCollator, PackedSteps, PadCollator
+from chattune.config import RunConfig
+from chattune.data.packing import plan_packing
+from chattune.data.prepare import PreparedData
+from chattune.errors import ConfigError
+from chattune.methods import get_method
+
+PACKED_MODES = ("pack", "padding_free")
+"""Modes whose batches hold several rows in one sequence (told apart by ``position_ids``)."""
+
+
+@dataclass
+class Batches:
+    """How training and evaluation data reach the model."""
+
+    mode: str
+    train: object
+    eval: object | None
+    collator: object
+    train_batch_size: int
+    eval_batch_size: int
+    summary: dict = field(default_factory=dict)
+
+
+def row_lengths(dataset) -> list[int]:
+    """Tokens of every row of an encoded data set (read from Arrow, not row by row)."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(dataset.with_format("arrow")[:]["input_ids"]).to_pylist()
+
+
+def resolve_packing(config: RunConfig, model, pad_token_id: int, vocab_size: int, log=print) -> str:
+    """The batching mode to train with: ``auto`` becomes ``pack`` where the model keeps packed
+    rows apart (checked on a probe), else ``group_by_length``; an explicit ``pack`` or
+    ``padding_free`` the model cannot honour is an error."""
+    wanted = config.data.packing
+    if wanted in ("pad", "group_by_length"):
+        return wanted
+    reason = get_method(config.method.method).packing_refusal
+    if reason is None:
+        collator = PackCollator(pad_token_id, flatten=wanted == "padding_free" or uses_varlen_attention(model))
+        reason = check_packed_attention(model, collator, vocab_size)
+    if reason is None:
+        return "pack" if wanted == "auto" else wanted
+    if wanted == "auto":
+        log(f"packing: not packing ({reason}); batching rows grouped by length instead")
+        return "group_by_length"
+    raise ConfigError(f"packing: {wanted} is not possible here: {reason}. Use packing=group_by_length or pad.")
+
+
+def build_batches(mode: str, prepared: PreparedData, config: RunConfig, pad_token_id: int,
+                  flatten: bool) -> Batches:
+    """Datasets, collator and Trainer batch sizes for a batching mode.
+
+    ``pack``: Trainer items are whole steps (bins grouped to carry the tokens of
+    ``per_device_train_batch_size`` average rows), so its batch size is 1.
+    ``padding_free``: batches of rows, concatenated into one sequence.
+    ``group_by_length`` / ``pad``: batches of rows padded to the longest (with an attention mask).
+    """
+    t, d = config.train, config.data
+    if mode == "pack":
+        capacity = d.pack_length or d.max_seq_length
+        train_plan = plan_packing(row_lengths(prepared.train), capacity, t.per_device_train_batch_size, t.seed)
+        train = PackedSteps(prepared.train, train_plan.steps)
+        summary = {"mode": mode, "train": train_plan.summary()}
+        evaluation = None
+        if prepared.eval is not None:
+            eval_plan = plan_packing(row_lengths(prepared.eval), capacity, t.per_device_eval_batch_size,
+                                     t.seed, shuffle=False)
+            evaluation = PackedSteps(prepared.eval, eval_plan.steps)
+            summary["eval"] = eval_plan.summary()
+        collator = PackCollator(pad_token_id, flatten, pad_to=train_plan.pad_to)
+        return Batches(mode, train, evaluation, collator, 1, 1, summary)
+    train, evaluation = prepared.train, prepared.eval
+    if mode == "padding_free":
+        collator = PackCollator(pad_token_id, flatten=True)
+    else:
+        collator = PadCollator(pad_token_id)
+    if mode == "group_by_length":
+        train = train.add_column("length", row_lengths(train))
+    return Batches(mode, train, evaluation, collator, t.per_device_train_batch_size,
+                   t.per_device_eval_batch_size, {"mode": mode})
+
+
+def format_batches(batches: Batches) -> str:
+    """One line on how the data is batched (for the log)."""
+    if batches.mode != "pack":
+        return f"batching: {batches.mode}"
+    p = batches.summary["train"]
+    size = f"{p['bin_length']}" + (f" (a step's budget; pack_length {p['pack_length']})"
+                                  if p["bin_length"] < p["pack_length"] else "")
+    line = (f"packing: {p['rows']} rows into {p['bins']} bins of {size} tokens "
+            f"({p['fill']:.1%} full); {p['steps']} steps of {p['rows_per_step']} rows "
+            f"({p['bins_per_step'][0]}-{p['bins_per_step'][1]} bins) per epoch and device, "
+            f"as {p['rows_per_step_unpacked']} rows a step unpacked")
+    if abs(p["rows_per_step"] - p["rows_per_step_unpacked"]) > 0.25 * p["rows_per_step_unpacked"]:
+        line += ("; steps hold a different number of rows than unpacked ones would, as some rows are "
+                 "much longer than a step's budget: raise per_device_train_batch_size or use packing=pad")
+    return line
