@@ -240,3 +240,77 @@ def test_qlora_trains_on_cuda(bits, tiny_models, data_file, tmp_path):  # noqa: 
 def test_full_with_paged_8bit_optimizer_on_cuda(tiny_models, data_file, tmp_path):  # noqa: F811
     result = run("full", "llama", tiny_models, data_file, tmp_path, optim="paged_adamw_8bit", learning_rate=1e-3)
     assert losses(result)[-1] < losses(result)[0]
+
+
+# -- the table, and bad input reaching a method ---------------------------------------------
+
+def test_the_table_declares_each_method_once():
+    from chattune.methods import METHODS, get_method
+
+    assert list(METHODS) == ["lora", "qlora", "freeze", "ptuning", "full"]
+    assert [m.name for m in METHODS.values() if m.needs_cuda] == ["qlora"]
+    assert [m.name for m in METHODS.values() if m.packing_refusal] == ["ptuning"]
+    assert [m.name for m in METHODS.values() if m.run_is_model] == ["full"]
+    assert {m.name for m in METHODS.values() if not m.served_alone({})} == {"lora", "qlora"}
+    assert get_method("lora").served_alone({"use_dora": True})
+    if not torch.cuda.is_available():  # the base of a qlora run loads unquantized without CUDA
+        assert get_method("qlora").base_load_kwargs({"quantization_bit": 4}) == {}
+    with pytest.raises(ConfigError, match="unknown method 'magic'; expected one of lora, qlora"):
+        get_method("magic")
+
+
+def test_a_model_without_a_block_list_is_a_config_error():
+    from chattune.config import MethodArgs
+    from chattune.methods import apply_method
+
+    class Flat(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = type("Config", (), {"num_hidden_layers": 3})()
+            self.proj = torch.nn.Linear(4, 4)
+
+    with pytest.raises(ConfigError, match="freeze needs the model's list of transformer blocks.*Flat"):
+        apply_method(Flat(), MethodArgs(method="freeze"))
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"freeze_trainable_layers": 5}, "freeze_trainable_layers: 5 but the model has 2 blocks"),
+    ({"freeze_trainable_modules": ["nothing_here"]}, "freeze_trainable_modules: none of \\['nothing_here'\\]"),
+])
+def test_freeze_settings_the_model_cannot_honour(tiny_models, settings, message):
+    from chattune.config import MethodArgs
+    from chattune.methods import apply_method
+
+    with pytest.raises(ConfigError, match=message):
+        apply_method(fresh_base(tiny_models("glm4")), MethodArgs(method="freeze", **settings))
+
+
+def test_a_lora_target_the_model_lacks_is_a_config_error(tiny_models, data_file, tmp_path, capsys):  # noqa: F811
+    from chattune.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model_name_or_path: {tiny_models('glm4')}\ntrain_files: [{data_file}]\n"
+                      f"output_dir: {tmp_path / 'out'}\nlora_target: [no_such_proj]\nreport_to: [none]\n")
+    assert main(["train", str(config)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("chattune: error: lora_target:") and "no_such_proj" in last
+
+
+def test_a_freeze_run_folder_that_does_not_fit_its_base(tiny_models, data_file, tmp_path):  # noqa: F811
+    from safetensors.torch import load_file, save_file
+
+    from chattune.errors import ManifestError
+
+    result = run("freeze", "glm4", tiny_models, data_file, tmp_path, freeze_trainable_layers=1)
+    weights = result.output_dir / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = next(iter(tensors))
+    save_file({**tensors, name: tensors[name][:1]}, str(weights))
+    with pytest.raises(ManifestError, match=f"tensor {name} has shape"):
+        load_run(str(result.output_dir))
+    save_file({"model.no_such.weight": tensors[name]}, str(weights))
+    with pytest.raises(ManifestError, match="trained tensors not found in the base model"):
+        load_run(str(result.output_dir))
+    weights.unlink()
+    with pytest.raises(ManifestError, match="no model.safetensors"):
+        load_run(str(result.output_dir))
