@@ -131,7 +131,7 @@ HEADER = (f"{'clients':<22}{'reqs':>6}{'req/s':>8}{'out tok/s':>10}{'p50 ms':>9}
 
 def tiny_run(workdir: Path) -> Path:
     """A tiny GLM-4 model (chattune tiny-model's default size) with a LoRA adapter trained for a few steps."""
-    from chattune.config import load_config
+    from chattune.config_io import load_config
     from chattune.demo import demo_records
     from chattune.tiny import build_tiny_model
     from chattune.train import train

@@ -103,7 +103,7 @@ def split_data(data: Path, root: Path, train_rows: int, eval_rows: int) -> tuple
 
 def chattune_config(spec: dict, model: Path, out: Path, **overrides):
     """The run config of a chattune arm: defaults, plus the benchmark's common settings."""
-    from chattune.config import build_config
+    from chattune.config_io import build_config
 
     values = {
         "model_name_or_path": str(model), "train_files": [spec["train"]], "eval_files": [spec["eval"]],

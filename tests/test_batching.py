@@ -11,7 +11,7 @@ import torch
 
 from chattune.batching import Batches, build_batches, format_batches, resolve_packing, row_lengths
 from chattune.collate import PackCollator, PackedSteps, PadCollator
-from chattune.config import build_config
+from chattune.config_io import build_config
 from chattune.errors import ConfigError, DataError
 from tests.test_collate import rows_of
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import yaml
 
 from chattune.callbacks import ManifestWriter, MetricsLogger
-from chattune.config import build_config
+from chattune.config_io import build_config
 
 
 def test_metrics_logger_appends_every_event_with_tokens_per_second(tmp_path, capsys):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from chattune.cli import main
-from chattune.config import load_config
+from chattune.config_io import load_config
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
 

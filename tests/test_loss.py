@@ -211,7 +211,7 @@ def test_the_head_capture_holds_within_the_block_only_also_on_an_error():
 
 
 def loss_config(loss: str):
-    from chattune.config import build_config
+    from chattune.config_io import build_config
 
     return build_config({"model_name_or_path": "unused", "loss": loss, "loss_chunk_size": 7})
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from chattune.config import build_config
+from chattune.config_io import build_config
 from chattune.data.templates import template_provenance
 from chattune.errors import ManifestError
 from chattune.manifest import (

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from chattune.config import ConfigError
+from chattune.errors import ConfigError
 from chattune.generate import answer, generate, stream
 from chattune.methods import block_list
 from chattune.runs import load_run

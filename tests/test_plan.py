@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from chattune.cli import main
-from chattune.config import build_config
+from chattune.config_io import build_config
 from chattune.methods import apply_method
 from chattune.plan import estimate
 

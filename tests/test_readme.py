@@ -19,7 +19,7 @@ def test_config_reference_lists_every_key():
 
 def test_config_reference_is_current():
     """Regenerate with: chattune train --help-config --markdown"""
-    from chattune.config import describe_keys
+    from chattune.config_io import describe_keys
 
     assert describe_keys(markdown=True) in README
 

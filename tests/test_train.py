@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from chattune.config import ConfigError, load_config
+from chattune.config_io import load_config
 from chattune.demo import demo_records
+from chattune.errors import ConfigError
 from chattune.train import train
 
 

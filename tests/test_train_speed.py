@@ -15,8 +15,8 @@ import torch
 import chattune.batching
 import chattune.loss
 import chattune.train
-from chattune.config import ConfigError
 from chattune.demo import demo_records
+from chattune.errors import ConfigError
 from chattune.train import train
 from tests.test_train import make_config
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from chattune.batching import build_batches
-from chattune.config import build_config
+from chattune.config_io import build_config
 from chattune.data.encode import IGNORE_INDEX
 from chattune.errors import ConfigError
 from chattune.loss import CausalLMLoss, HeadCapture, output_layer

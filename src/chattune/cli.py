@@ -64,7 +64,7 @@ def cmd_data_inspect(args) -> int:
 
 def cmd_data_prepare(args) -> int:
     """Encode a config's data (or reuse the cache) and print the audit."""
-    from chattune.config import load_config
+    from chattune.config_io import load_config
     from chattune.data.prepare import format_audit, prepare_data
     from chattune.data.templates import resolve_template_name
     from chattune.model import load_tokenizer
@@ -81,7 +81,7 @@ def cmd_data_prepare(args) -> int:
 
 def cmd_train(args) -> int:
     """Fine-tune: ``chattune train CONFIG.yaml [key=value ...]``."""
-    from chattune.config import describe_keys, load_config
+    from chattune.config_io import describe_keys, load_config
     from chattune.train import train
 
     if args.help_config:

@@ -1,28 +1,29 @@
-"""Typed run configuration: flat YAML keys plus ``key=value`` overrides.
+"""The run configuration as typed dataclasses, one per group of keys, each checking itself.
 
-A config file is one flat mapping, as the tutorial's command-line flags were
+A config is one flat mapping, as the tutorial's command-line flags were
 (``lora_rank: 8``, ``per_device_train_batch_size: 6``, ...). Each key belongs to
 exactly one group dataclass below; the docstring under each field is the
-documentation ``chattune train --help-config`` prints. Unknown keys, wrong types
-and impossible values raise :class:`ConfigError` naming the key.
+documentation ``chattune train --help-config`` prints. Reading YAML and ``key=value``
+overrides into these is :mod:`chattune.config_io`; impossible values raise
+:class:`ConfigError` naming the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Union
-
-import yaml
+from typing import Any, Literal
 
 from chattune.errors import ConfigError
 
-__all__ = ["ConfigError"]
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adafactor",
+              "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+CUDA_OPTIMIZERS = ("adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
 
 
 @dataclass
@@ -97,6 +98,13 @@ class DataArgs:
     cache_dir: str | None = None
     """Where encoded data sets are cached; default ``$CHATTUNE_CACHE`` or ``~/.cache/chattune``."""
 
+    def validate(self) -> None:
+        """Reject impossible values, naming the key."""
+        _check(self.max_seq_length >= 8, "max_seq_length: must be >= 8")
+        _check(0.0 <= self.eval_fraction < 1.0, "eval_fraction: must be in [0, 1)")
+        _check(self.pack_length is None or self.pack_length >= self.max_seq_length,
+               f"pack_length: must be >= max_seq_length ({self.max_seq_length}) so that every row fits a bin")
+
 
 @dataclass
 class MethodArgs:
@@ -134,6 +142,15 @@ class MethodArgs:
     """ptuning: pass the prefix through a two-layer MLP (P-Tuning v2's projection)."""
     prefix_hidden_size: int = 512
     """ptuning: hidden size of that MLP."""
+
+    def validate(self) -> None:
+        """Reject impossible values, naming the key."""
+        _check(self.lora_rank >= 1, "lora_rank: must be >= 1")
+        _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout: must be in [0, 1)")
+        _check(self.quantization_bit in (4, 8), "quantization_bit: must be 4 or 8")
+        _check(self.freeze_trainable_layers != 0, "freeze_trainable_layers: must not be 0")
+        _check(self.pre_seq_len >= 1, "pre_seq_len: must be >= 1")
+        _check(self.prefix_hidden_size >= 1, "prefix_hidden_size: must be >= 1")
 
 
 @dataclass
@@ -198,6 +215,26 @@ class TrainArgs:
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Logging integrations (``none`` for none)."""
 
+    def validate(self) -> None:
+        """Reject impossible values, naming the key."""
+        _check(self.per_device_train_batch_size >= 1, "per_device_train_batch_size: must be >= 1")
+        _check(self.per_device_eval_batch_size >= 1, "per_device_eval_batch_size: must be >= 1")
+        _check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps: must be >= 1")
+        _check(self.max_steps == -1 or self.max_steps >= 1, "max_steps: must be >= 1 (or -1 for epochs)")
+        _check(self.num_train_epochs > 0, "num_train_epochs: must be > 0")
+        _check(self.learning_rate > 0, "learning_rate: must be > 0")
+        _check(self.warmup_steps >= 0, "warmup_steps: must be >= 0")
+        _check(self.logging_steps >= 1, "logging_steps: must be >= 1")
+        _check(self.save_steps >= 1, "save_steps: must be >= 1")
+        _check(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit: must be >= 1")
+        _check(self.eval_steps is None or self.eval_steps >= 1, "eval_steps: must be >= 1")
+        _check(not (self.fp16 and self.bf16), "fp16 and bf16: choose one")
+        _check(self.max_grad_norm >= 0, "max_grad_norm: must be >= 0")
+        _check(self.optim in OPTIMIZERS, f"optim: expected one of {list(OPTIMIZERS)}")
+        _check(self.dataloader_num_workers is None or self.dataloader_num_workers >= 0,
+               "dataloader_num_workers: must be >= 0")
+        _check(self.loss_chunk_size >= 1, "loss_chunk_size: must be >= 1")
+
 
 @dataclass
 class GenerateArgs:
@@ -214,6 +251,13 @@ class GenerateArgs:
     repetition_penalty: float = 1.0
     """Penalty on repeated tokens (1.0 = none)."""
 
+    def validate(self) -> None:
+        """Reject impossible values, naming the key."""
+        _check(self.max_new_tokens >= 1, "max_new_tokens: must be >= 1")
+        _check(self.temperature > 0, "temperature: must be > 0")
+        _check(0 < self.top_p <= 1, "top_p: must be in (0, 1]")
+        _check(self.repetition_penalty > 0, "repetition_penalty: must be > 0")
+
 
 @dataclass
 class RunConfig:
@@ -224,6 +268,17 @@ class RunConfig:
     method: MethodArgs = field(default_factory=MethodArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
     generate: GenerateArgs = field(default_factory=GenerateArgs)
+
+    def validate(self) -> None:
+        """Check every group, then what depends on several (raises ConfigError naming the key)."""
+        for group in (self.data, self.method, self.train, self.generate):
+            group.validate()
+        from chattune.methods import get_method  # the method table imports this module
+
+        refusal = get_method(self.method.method).packing_refusal
+        _check(not (refusal and self.data.packing in ("pack", "padding_free")),
+               f"packing: {self.data.packing} is not possible with method={self.method.method} ({refusal}); "
+               "use packing=auto, group_by_length or pad")
 
     def to_flat_dict(self) -> dict[str, Any]:
         """The config as one flat mapping, the shape of a YAML file."""
@@ -240,266 +295,3 @@ GROUPS: dict[str, type] = {
     "train": TrainArgs,
     "generate": GenerateArgs,
 }
-
-_KEY_TO_GROUP: dict[str, str] = {
-    f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)
-}
-
-OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adafactor",
-              "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
-CUDA_OPTIMIZERS = ("adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
-
-_TRUE = {"true", "yes", "on", "1", "y", "t"}
-_FALSE = {"false", "no", "off", "0", "n", "f"}
-
-
-def parse_bool(value: Any, key: str) -> bool:
-    """Parse a boolean the way a user means it: "false", "no", "0" are False."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str):
-        low = value.strip().lower()
-        if low in _TRUE:
-            return True
-        if low in _FALSE:
-            return False
-    raise ConfigError(f"{key}: expected a boolean (true/false), got {value!r}")
-
-
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Convert ``value`` to ``annotation`` or raise ConfigError naming ``key``."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none")):
-            if type(None) in args:
-                return None
-        non_none = [a for a in args if a is not type(None)]
-        errors = []
-        for option in non_none:
-            try:
-                return _coerce(value, option, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {non_none}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
-        return value
-    if annotation is bool:
-        return parse_bool(value, key)
-    if annotation is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if annotation is str:
-        if value is None:
-            raise ConfigError(f"{key}: expected a string, got null")
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    if origin is list:
-        (item_type,) = args
-        if isinstance(value, str):
-            text = value.strip()
-            value = yaml.safe_load(text) if text.startswith("[") else [v.strip() for v in text.split(",") if v.strip()]
-        if not isinstance(value, list):
-            value = [value]
-        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if isinstance(value, str):
-            value = dict(item.strip().split("=", 1) for item in value.split(",") if "=" in item)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return {str(k): str(v) for k, v in value.items()}
-    if annotation is DataSource:
-        return data_source(value, key)
-    raise ConfigError(f"{key}: unsupported type {annotation}")  # pragma: no cover
-
-
-def data_source(value: Any, key: str = "train_files") -> DataSource:
-    """Build a DataSource from a path string or a mapping, checking its keys."""
-    if isinstance(value, str):
-        return DataSource(path=value)
-    if isinstance(value, DataSource):
-        return value
-    if not isinstance(value, dict):
-        raise ConfigError(f"{key}: expected a path or a mapping with 'path', got {value!r}")
-    hints = typing.get_type_hints(DataSource)
-    known = set(hints)
-    for name in value:
-        if name not in known:
-            raise ConfigError(f"{key}: unknown key {name!r}; expected {sorted(known)}")
-    if "path" not in value:
-        raise ConfigError(f"{key}: missing 'path'")
-    kwargs = {k: _coerce(v, hints[k], f"{key}.{k}") for k, v in value.items()}
-    source = DataSource(**kwargs)
-    if not (math.isfinite(source.weight) and source.weight > 0):
-        raise ConfigError(f"{key}.weight: must be a finite number > 0, got {source.weight}")
-    if source.max_samples is not None and source.max_samples < 1:
-        raise ConfigError(f"{key}.max_samples: must be >= 1, got {source.max_samples}")
-    return source
-
-
-def _unknown_key_error(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, list(_KEY_TO_GROUP), n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return ConfigError(f"unknown config key {key!r}{hint}")
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """Turn ``["key=value", ...]`` into a mapping; values stay strings for typed coercion."""
-    result: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value")
-        key, value = item.split("=", 1)
-        result[key.strip()] = value
-    return result
-
-
-def build_config(values: dict[str, Any]) -> RunConfig:
-    """Build and validate a RunConfig from a flat mapping of keys to values."""
-    grouped: dict[str, dict[str, Any]] = {name: {} for name in GROUPS}
-    for key, value in values.items():
-        if key not in _KEY_TO_GROUP:
-            raise _unknown_key_error(key)
-        group = _KEY_TO_GROUP[key]
-        hints = typing.get_type_hints(GROUPS[group])
-        grouped[group][key] = _coerce(value, hints[key], key)
-    config = RunConfig(**{name: GROUPS[name](**kw) for name, kw in grouped.items()})
-    validate(config)
-    return config
-
-
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config file (may be None) and apply ``key=value`` overrides."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
-        values.update(loaded)
-    values.update(parse_overrides(overrides or []))
-    try:
-        return build_config(values)
-    except ConfigError as exc:
-        where = f"{path}: " if path is not None else ""
-        raise ConfigError(f"{where}{exc}") from exc
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
-def validate(config: RunConfig) -> None:
-    """Reject impossible values, naming the key."""
-    t, d, m = config.train, config.data, config.method
-    _check(t.per_device_train_batch_size >= 1, "per_device_train_batch_size: must be >= 1")
-    _check(t.per_device_eval_batch_size >= 1, "per_device_eval_batch_size: must be >= 1")
-    _check(t.gradient_accumulation_steps >= 1, "gradient_accumulation_steps: must be >= 1")
-    _check(t.max_steps == -1 or t.max_steps >= 1, "max_steps: must be >= 1 (or -1 for epochs)")
-    _check(t.num_train_epochs > 0, "num_train_epochs: must be > 0")
-    _check(t.learning_rate > 0, "learning_rate: must be > 0")
-    _check(t.warmup_steps >= 0, "warmup_steps: must be >= 0")
-    _check(t.logging_steps >= 1, "logging_steps: must be >= 1")
-    _check(t.save_steps >= 1, "save_steps: must be >= 1")
-    _check(t.save_total_limit is None or t.save_total_limit >= 1, "save_total_limit: must be >= 1")
-    _check(t.eval_steps is None or t.eval_steps >= 1, "eval_steps: must be >= 1")
-    _check(not (t.fp16 and t.bf16), "fp16 and bf16: choose one")
-    _check(t.max_grad_norm >= 0, "max_grad_norm: must be >= 0")
-    _check(d.max_seq_length >= 8, "max_seq_length: must be >= 8")
-    _check(0.0 <= d.eval_fraction < 1.0, "eval_fraction: must be in [0, 1)")
-    _check(m.lora_rank >= 1, "lora_rank: must be >= 1")
-    _check(m.quantization_bit in (4, 8), "quantization_bit: must be 4 or 8")
-    _check(m.freeze_trainable_layers != 0, "freeze_trainable_layers: must not be 0")
-    _check(m.pre_seq_len >= 1, "pre_seq_len: must be >= 1")
-    _check(m.prefix_hidden_size >= 1, "prefix_hidden_size: must be >= 1")
-    _check(t.optim in OPTIMIZERS, f"optim: expected one of {list(OPTIMIZERS)}")
-    _check(0.0 <= m.lora_dropout < 1.0, "lora_dropout: must be in [0, 1)")
-    g = config.generate
-    _check(g.max_new_tokens >= 1, "max_new_tokens: must be >= 1")
-    _check(g.temperature > 0, "temperature: must be > 0")
-    _check(g.repetition_penalty > 0, "repetition_penalty: must be > 0")
-    _check(t.dataloader_num_workers is None or t.dataloader_num_workers >= 0,
-           "dataloader_num_workers: must be >= 0")
-    _check(d.pack_length is None or d.pack_length >= d.max_seq_length,
-           f"pack_length: must be >= max_seq_length ({d.max_seq_length}) so that every row fits a bin")
-    _check(t.loss_chunk_size >= 1, "loss_chunk_size: must be >= 1")
-    from chattune.methods import get_method  # the table imports this module
-
-    refusal = get_method(m.method).packing_refusal
-    _check(not (refusal and d.packing in ("pack", "padding_free")),
-           f"packing: {d.packing} is not possible with method={m.method} ({refusal}); "
-           "use packing=auto, group_by_length or pad")
-    _check(0 < g.top_p <= 1, "top_p: must be in (0, 1]")
-
-
-def resume_setting(config: RunConfig) -> bool | str | None:
-    """``resume_from_checkpoint`` as the user meant it: True (latest), a path, or None."""
-    value = config.train.resume_from_checkpoint
-    if value is None:
-        return None
-    low = value.strip().lower()
-    if low in _TRUE:
-        return True
-    if low in _FALSE:
-        return None
-    return value
-
-
-def describe_keys(markdown: bool = False) -> str:
-    """Every config key with its default and docstring, for ``--help-config``
-    (``markdown``: as the README's table)."""
-    import ast
-    import inspect
-
-    lines = ["| key | default | meaning |", "|---|---|---|"] if markdown else []
-    for group, cls in GROUPS.items():
-        body = ast.parse(inspect.getsource(cls)).body[0].body  # type: ignore[attr-defined]
-        docs: dict[str, str] = {}
-        for node, after in zip(body, body[1:], strict=False):
-            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr):
-                docs[node.target.id] = " ".join(str(after.value.value).split())  # type: ignore[union-attr]
-        if not markdown:
-            lines.append(f"[{group}]")
-        defaults = cls()
-        for f in dataclasses.fields(cls):
-            default = getattr(defaults, f.name)
-            doc = docs.get(f.name, "")
-            if markdown:
-                lines.append(f"| `{f.name}` | `{default!r}` | {doc.replace('|', '/')} ({group}) |")
-            else:
-                lines += [f"  {f.name} (default: {default!r})", f"      {doc}"]
-    return "\n".join(lines)

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from chattune.collate import PadCollator
-from chattune.config import load_config
+from chattune.config_io import load_config
 from chattune.data.encode import EncodeOptions, PieceEncoder, encode_all
 from chattune.data.formats import read_rows, to_record
 from chattune.generate import generate

@@ -16,7 +16,8 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from chattune.batching import Batches
-from chattune.config import RunConfig, resume_setting
+from chattune.config import RunConfig
+from chattune.config_io import resume_setting
 from chattune.errors import ConfigError
 from chattune.loss import CausalLMLoss
 from chattune.methods import Method

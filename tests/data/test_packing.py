@@ -60,7 +60,7 @@ def test_a_step_carries_about_the_configured_rows_whatever_the_pack_length(pack_
 
 
 def encoded_alpaca(tiny_models, shared_data, tmp_path):
-    from chattune.config import load_config
+    from chattune.config_io import load_config
     from chattune.data.prepare import prepare_data
     from chattune.model import load_tokenizer
 

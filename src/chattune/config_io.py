@@ -1,0 +1,234 @@
+"""Reading a run configuration: flat YAML plus ``key=value`` overrides, typed and checked.
+
+Values are coerced to each key's annotated type (``fp16=false`` is False, ``lora_target=q,v``
+a list); unknown keys (with a close match suggested), wrong types and impossible values raise
+:class:`ConfigError` naming the key. ``describe_keys`` documents every key from the
+dataclasses' own field docstrings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from chattune.config import GROUPS, DataSource, RunConfig
+from chattune.errors import ConfigError
+
+_KEY_TO_GROUP: dict[str, str] = {
+    f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)
+}
+
+
+_TRUE = {"true", "yes", "on", "1", "y", "t"}
+_FALSE = {"false", "no", "off", "0", "n", "f"}
+
+
+def parse_bool(value: Any, key: str) -> bool:
+    """Parse a boolean the way a user means it: "false", "no", "0" are False."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+    raise ConfigError(f"{key}: expected a boolean (true/false), got {value!r}")
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert ``value`` to ``annotation`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none")):
+            if type(None) in args:
+                return None
+        non_none = [a for a in args if a is not type(None)]
+        errors = []
+        for option in non_none:
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {non_none}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
+        return value
+    if annotation is bool:
+        return parse_bool(value, key)
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if annotation is str:
+        if value is None:
+            raise ConfigError(f"{key}: expected a string, got null")
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if origin is list:
+        (item_type,) = args
+        if isinstance(value, str):
+            text = value.strip()
+            value = yaml.safe_load(text) if text.startswith("[") else [v.strip() for v in text.split(",") if v.strip()]
+        if not isinstance(value, list):
+            value = [value]
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if isinstance(value, str):
+            value = dict(item.strip().split("=", 1) for item in value.split(",") if "=" in item)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    if annotation is DataSource:
+        return data_source(value, key)
+    raise ConfigError(f"{key}: unsupported type {annotation}")  # pragma: no cover
+
+
+def data_source(value: Any, key: str = "train_files") -> DataSource:
+    """Build a DataSource from a path string or a mapping, checking its keys."""
+    if isinstance(value, str):
+        return DataSource(path=value)
+    if isinstance(value, DataSource):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a path or a mapping with 'path', got {value!r}")
+    hints = typing.get_type_hints(DataSource)
+    known = set(hints)
+    for name in value:
+        if name not in known:
+            raise ConfigError(f"{key}: unknown key {name!r}; expected {sorted(known)}")
+    if "path" not in value:
+        raise ConfigError(f"{key}: missing 'path'")
+    kwargs = {k: _coerce(v, hints[k], f"{key}.{k}") for k, v in value.items()}
+    source = DataSource(**kwargs)
+    if not (math.isfinite(source.weight) and source.weight > 0):
+        raise ConfigError(f"{key}.weight: must be a finite number > 0, got {source.weight}")
+    if source.max_samples is not None and source.max_samples < 1:
+        raise ConfigError(f"{key}.max_samples: must be >= 1, got {source.max_samples}")
+    return source
+
+
+def _unknown_key_error(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(_KEY_TO_GROUP), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ``["key=value", ...]`` into a mapping; values stay strings for typed coercion."""
+    result: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        result[key.strip()] = value
+    return result
+
+
+def build_config(values: dict[str, Any]) -> RunConfig:
+    """Build and validate a RunConfig from a flat mapping of keys to values."""
+    grouped: dict[str, dict[str, Any]] = {name: {} for name in GROUPS}
+    for key, value in values.items():
+        if key not in _KEY_TO_GROUP:
+            raise _unknown_key_error(key)
+        group = _KEY_TO_GROUP[key]
+        hints = typing.get_type_hints(GROUPS[group])
+        grouped[group][key] = _coerce(value, hints[key], key)
+    config = RunConfig(**{name: GROUPS[name](**kw) for name, kw in grouped.items()})
+    config.validate()
+    return config
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config file (may be None) and apply ``key=value`` overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+        values.update(loaded)
+    values.update(parse_overrides(overrides or []))
+    try:
+        return build_config(values)
+    except ConfigError as exc:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{exc}") from exc
+
+
+def resume_setting(config: RunConfig) -> bool | str | None:
+    """``resume_from_checkpoint`` as the user meant it: True (latest), a path, or None."""
+    value = config.train.resume_from_checkpoint
+    if value is None:
+        return None
+    low = value.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return None
+    return value
+
+
+def describe_keys(markdown: bool = False) -> str:
+    """Every config key with its default and docstring, for ``--help-config``
+    (``markdown``: as the README's table)."""
+    import ast
+    import inspect
+
+    lines = ["| key | default | meaning |", "|---|---|---|"] if markdown else []
+    for group, cls in GROUPS.items():
+        body = ast.parse(inspect.getsource(cls)).body[0].body  # type: ignore[attr-defined]
+        docs: dict[str, str] = {}
+        for node, after in zip(body, body[1:], strict=False):
+            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr):
+                docs[node.target.id] = " ".join(str(after.value.value).split())  # type: ignore[union-attr]
+        if not markdown:
+            lines.append(f"[{group}]")
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            default = getattr(defaults, f.name)
+            doc = docs.get(f.name, "")
+            if markdown:
+                lines.append(f"| `{f.name}` | `{default!r}` | {doc.replace('|', '/')} ({group}) |")
+            else:
+                lines += [f"  {f.name} (default: {default!r})", f"      {doc}"]
+    return "\n".join(lines)
