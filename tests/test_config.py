@@ -23,6 +23,7 @@ def test_the_defaults_are_valid():
     (TrainArgs, {"fp16": True, "bf16": True}, "fp16 and bf16"),
     (TrainArgs, {"optim": "adamw_magic"}, "optim"),
     (TrainArgs, {"loss_chunk_size": 0}, "loss_chunk_size"),
+    (TrainArgs, {"lr_scheduler_type": "bogus"}, "lr_scheduler_type"),
     (DataArgs, {"max_seq_length": 4}, "max_seq_length"),
     (DataArgs, {"max_seq_length": 512, "pack_length": 256}, "pack_length"),
     (DataArgs, {"eval_fraction": 1.0}, "eval_fraction"),

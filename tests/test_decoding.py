@@ -67,10 +67,10 @@ class Server:
         self.hold = 0
         prefill, admit = self.engine.decoder.prefill, self.engine._admit
 
-        def recording_prefill(seqs):
+        def recording_prefill(seqs, *args):
             self.seen.extend(seqs)
             self.prefills.append(len(seqs))
-            return prefill(seqs)
+            return prefill(seqs, *args)
 
         def held_admit():
             if len(self.engine._waiting) < self.hold:
@@ -174,8 +174,10 @@ def test_rows_of_a_cache_that_cannot_be_merged_stay_until_the_batch_ends(trained
     opaque = tokens(lengths)
     assert opaque == merged and [len(t) for t in opaque] == lengths
     decoder = Decoder(run.model, pad_token_id=run.tokenizer.pad_token_id)
-    decoder.prefill([_seq(prompts[0])])
+    decoder.prefill([_seq(prompts[0], 1), _seq(prompts[1])])
     assert not decoder.can_join
+    decoder.retire()
+    assert len(decoder.rows) == 2 and decoder.running == 1  # the ended row stays, and is not counted
 
 
 def test_an_engine_with_such_a_cache_admits_requests_once_the_batch_is_empty(trained, monkeypatch):

@@ -67,6 +67,13 @@ def test_checks_against_the_base_model_and_template(made):
     (lambda d: d["method"].pop("name"), "method.name: expected the method's name"),
     (lambda d: d.update(max_seq_length="long"), "max_seq_length: expected int"),
     (lambda d: d.update(generation=None), "generation: expected an object"),
+    (lambda d: d["base_model"].update(path=5), "base_model.path: expected str, got 5"),
+    (lambda d: d["base_model"].update(config_sha256=5), "base_model.config_sha256: expected str"),
+    (lambda d: d["template"].update(stop_strings="</s>"), "template.stop_strings: expected tuple"),
+    (lambda d: d["generation"].update(max_new_tokens="abc"), "generation.max_new_tokens: expected int"),
+    (lambda d: d["generation"].update(temperature="hot"), "generation.temperature: expected float"),
+    (lambda d: d["generation"].update(do_sample=1), "generation.do_sample: expected bool"),
+    (lambda d: d["generation"].update(max_new_tokens=-3), "generation.max_new_tokens: must be >= 1"),
 ])
 def test_a_broken_manifest_names_the_key(made, tmp_path, change, message):
     _, _, config, manifest = made

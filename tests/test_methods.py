@@ -261,7 +261,7 @@ def test_the_table_declares_each_method_once():
 
 def test_a_model_without_a_block_list_is_a_config_error():
     from chattune.config import MethodArgs
-    from chattune.methods import apply_method
+    from chattune.methods import get_method
 
     class Flat(torch.nn.Module):
         def __init__(self):
@@ -270,7 +270,7 @@ def test_a_model_without_a_block_list_is_a_config_error():
             self.proj = torch.nn.Linear(4, 4)
 
     with pytest.raises(ConfigError, match="freeze needs the model's list of transformer blocks.*Flat"):
-        apply_method(Flat(), MethodArgs(method="freeze"))
+        get_method("freeze").apply(Flat(), MethodArgs(method="freeze"), False)
 
 
 @pytest.mark.parametrize(("settings", "message"), [
@@ -279,10 +279,10 @@ def test_a_model_without_a_block_list_is_a_config_error():
 ])
 def test_freeze_settings_the_model_cannot_honour(tiny_models, settings, message):
     from chattune.config import MethodArgs
-    from chattune.methods import apply_method
+    from chattune.methods import get_method
 
     with pytest.raises(ConfigError, match=message):
-        apply_method(fresh_base(tiny_models("glm4")), MethodArgs(method="freeze", **settings))
+        get_method("freeze").apply(fresh_base(tiny_models("glm4")), MethodArgs(method="freeze", **settings), False)
 
 
 def test_a_lora_target_the_model_lacks_is_a_config_error(tiny_models, data_file, tmp_path, capsys):  # noqa: F811

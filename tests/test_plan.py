@@ -7,7 +7,7 @@ import torch
 
 from chattune.cli import main
 from chattune.config_io import build_config
-from chattune.methods import apply_method
+from chattune.methods import get_method
 from chattune.plan import estimate
 
 BATCH, SEQ = 2, 96
@@ -42,7 +42,7 @@ def measured(config):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(config.model.model_name_or_path)
     model.config.use_cache = False
-    model = apply_method(model, config.method)
+    model = get_method(config.method.method).apply(model, config.method, False)
     model.train()
     vocab = model.config.vocab_size if hasattr(model.config, "vocab_size") else model.get_base_model().config.vocab_size
     ids = torch.randint(0, vocab, (BATCH, SEQ))

@@ -53,3 +53,17 @@ def test_predict_limit_and_a_missing_file(run_dir, tmp_path, capsys):  # noqa: F
     assert len(out.read_text().splitlines()) == 2
     assert main(["predict", str(run_dir), "--data", str(tmp_path / "nope.json"), "--out", str(out)]) == 2
     assert "nope.json" in capsys.readouterr().err
+
+
+def test_predict_takes_the_generation_flags(run_dir, run, tmp_path):  # noqa: F811
+    data = tmp_path / "in.jsonl"
+    data.write_text(json.dumps({"instruction": "What is the capital of Veloria?", "output": "x"}) + "\n")
+    out = tmp_path / "pred.jsonl"
+    asked = [[{"role": "user", "content": "What is the capital of Veloria?"}]]
+    for flags, settings in ((["--max-new-tokens", "1"], {"max_new_tokens": 1}),
+                            (["--max-new-tokens", "6", "--repetition-penalty", "1.3"],
+                             {"max_new_tokens": 6, "repetition_penalty": 1.3}),
+                            (["--temperature", "1.0", "--top-k", "5", "--seed", "3"],
+                             {"temperature": 1.0, "top_k": 5, "seed": 3})):
+        assert main(["predict", str(run_dir), "--data", str(data), "--out", str(out), *flags]) == 0
+        assert json.loads(out.read_text())["prediction"] == generate(run, asked, **settings)[0]

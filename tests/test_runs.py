@@ -102,3 +102,36 @@ def test_a_broken_manifest_names_the_key(run_dir, tmp_path, capsys):  # noqa: F8
     (broken / "chattune.json").write_text("{not json")
     with pytest.raises(ManifestError, match="not valid JSON"):
         load_run(str(broken))
+
+
+@pytest.mark.parametrize(("folder", "name"), [("base", "run"), ("my run", "my-run")])
+def test_a_run_folder_s_name_becomes_a_usable_model_name(run_dir, tmp_path, folder, name):  # noqa: F811
+    copy = tmp_path / folder
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("checkpoint-*", "runs"))
+    assert list(load_run(str(copy)).profiles) == [name, "base"]
+
+
+def _copy(source, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(source, copy, ignore=shutil.ignore_patterns("checkpoint-*", "runs"))
+    return copy
+
+
+def test_broken_trained_weights_are_a_manifest_error(run_dir, tmp_path, capsys):  # noqa: F811
+    copy = _copy(run_dir, tmp_path)
+    (copy / "adapter_model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ManifestError, match=r"copy: could not load its trained weights \(lora\)"):
+        load_run(str(copy))
+    (copy / "adapter_config.json").unlink()
+    assert main(["predict", str(copy), "--data", "x.json", "--out", str(tmp_path / "p.jsonl")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("chattune: error:") and "could not load its trained weights" in last
+
+
+@pytest.mark.parametrize("flag", [["--batch-size", "0"], ["--max-new-tokens", "0"], ["--top-p", "1.5"],
+                                  ["--repetition-penalty", "0"], ["--top-k", "-1"], ["--temperature", "-1"]])
+def test_impossible_flags_are_refused_before_loading(run_dir, tmp_path, capsys, flag):  # noqa: F811
+    data = tmp_path / "in.json"
+    data.write_text('[{"instruction": "hi", "output": "x"}]')
+    assert main(["predict", str(run_dir), "--data", str(data), "--out", str(tmp_path / "p.jsonl"), *flag]) == 2
+    assert flag[0] in capsys.readouterr().err

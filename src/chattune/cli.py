@@ -118,6 +118,16 @@ def _load_run(args):
 
 
 def _overrides(args) -> dict:
+    """The generation flags given, checked (None: the run's default)."""
+    from chattune.errors import ConfigError
+
+    checks = {"max_new_tokens": (lambda v: v >= 1, ">= 1"), "temperature": (lambda v: v >= 0, ">= 0"),
+              "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "top_k": (lambda v: v >= 0, ">= 0"),
+              "repetition_penalty": (lambda v: v > 0, "> 0")}
+    for key, (ok, expected) in checks.items():
+        value = getattr(args, key)
+        if value is not None and not ok(value):
+            raise ConfigError(f"--{key.replace('_', '-')}: must be {expected}, got {value}")
     return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
             "top_k": args.top_k, "repetition_penalty": args.repetition_penalty, "do_sample": args.do_sample,
             "seed": args.seed}
@@ -127,16 +137,18 @@ def cmd_chat(args) -> int:
     """Chat in the terminal with a run folder (or a bare base model)."""
     from chattune.chat import chat_loop
 
-    chat_loop(_load_run(args), **_overrides(args))
+    overrides = _overrides(args)
+    chat_loop(_load_run(args), **overrides)
     return 0
 
 
 def cmd_predict(args) -> int:
-    """Batched greedy generation over a data file, written as JSONL."""
+    """Batched generation (greedy unless sampling flags say otherwise) over a data file, as JSONL."""
     from chattune.predict import predict_file
 
+    overrides = _overrides(args)
     count = predict_file(_load_run(args), args.data, args.out, fmt=args.format, columns=_columns(args.columns),
-                         batch_size=args.batch_size, limit=args.limit)
+                         batch_size=args.batch_size, limit=args.limit, **overrides)
     print(f"wrote {count} predictions to {args.out}")
     return 0
 
@@ -181,7 +193,7 @@ def _add_inference(parser):
     parser.add_argument("--force", action="store_true", help="load even if the base model or template differs")
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--max-new-tokens", type=int)
-    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--temperature", type=float, help="sample at this temperature (0: greedy)")
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--repetition-penalty", type=float)

@@ -234,6 +234,11 @@ class TrainArgs:
         _check(self.dataloader_num_workers is None or self.dataloader_num_workers >= 0,
                "dataloader_num_workers: must be >= 0")
         _check(self.loss_chunk_size >= 1, "loss_chunk_size: must be >= 1")
+        from transformers import SchedulerType
+
+        schedulers = [kind.value for kind in SchedulerType]
+        _check(self.lr_scheduler_type in schedulers, f"lr_scheduler_type: expected one of {schedulers}, "
+               f"got {self.lr_scheduler_type!r}")
 
 
 @dataclass

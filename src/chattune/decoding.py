@@ -15,9 +15,9 @@ a batch of one adapter just makes it the active one. A P-Tuning v2 prefix seeds
 every row's cache with its keys and values, positions continuing after it, as in
 training.
 
-Caches that are not plain per-layer key/value tensors (sliding windows, remote code)
-still decode: requests then join only an empty batch and finished rows stay in it,
-ignored, until the batch ends.
+Caches that are not plain per-layer key/value tensors (a model's own cache classes,
+remote code) still decode: requests then join only an empty batch and finished rows
+stay in it, ignored, until the batch ends.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import inspect
 import random
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -121,6 +122,11 @@ class Decoder:
         self._active: str | None = None
 
     @property
+    def running(self) -> int:
+        """Rows still generating."""
+        return sum(not seq.finished for seq in self.rows)
+
+    @property
     def can_join(self) -> bool:
         """Whether new rows may join now (always, unless the cache cannot be merged and rows run)."""
         return self._mergeable or not self.rows
@@ -130,10 +136,15 @@ class Decoder:
         self.rows, self._cache, self._mask = [], None, None
 
     @torch.no_grad()
-    def prefill(self, seqs: list[Sequence]) -> None:
+    def prefill(self, seqs: list[Sequence], joining: Callable[[], AbstractContextManager] = nullcontext) -> None:
         """Run the prompts of ``seqs`` (left-padded together), add them to the batch and pick
-        each one's first token."""
-        seqs = [seq for seq in seqs if not seq.cancelled]
+        each one's first token. The rows join the batch inside ``joining()`` (the engine's
+        lock, so that a request counts as either admitting or running, never both)."""
+        for seq in seqs:
+            if seq.cancelled and not seq.finished:
+                seq.finished = True
+                self.counters["cancelled"] += 1
+        seqs = [seq for seq in seqs if not seq.finished]
         if not seqs:
             return
         longest = max(len(seq.prompt_ids) for seq in seqs)
@@ -155,7 +166,8 @@ class Decoder:
             cache = self.model.get_prompt(len(seqs), max_cache_len=self.prefix + longest)
             mask = torch.cat([mask.new_ones((len(seqs), self.prefix)), mask], 1)
         logits, cache = self._forward(ids, mask, positions, cache, seqs)
-        self._join(cache, mask, seqs)
+        with joining():
+            self._join(cache, mask, seqs)
         self._pick(logits, seqs)
 
     @torch.no_grad()
@@ -169,9 +181,10 @@ class Decoder:
         logits, self._cache = self._forward(ids, mask, positions, self._cache, rows)
         self._mask = mask
         self.counters["steps"] += 1
-        self.counters["peak_batch"] = max(self.counters["peak_batch"], len(rows))
+        self.counters["peak_batch"] = max(self.counters["peak_batch"], self.running)
         for seq in rows:
-            seq.length += 1
+            if not seq.finished:  # (an opaque cache keeps ended rows, ignored, until the batch ends)
+                seq.length += 1
         self._pick(logits, rows)
 
     def retire(self) -> None:

@@ -98,10 +98,12 @@ def run_demo(workdir: str = "chattune-demo", *, max_steps: int = 400, log=print)
     (data_dir / "demo_train.json").write_text(json.dumps(taught, ensure_ascii=False, indent=1))
     (data_dir / "demo_eval.json").write_text(json.dumps(held_out, ensure_ascii=False, indent=1))
     log(f"[1/4] wrote {len(taught)} taught and {len(held_out)} held-out Alpaca records to {data_dir}")
+    timings = {"data": time.perf_counter() - started}
 
     model_dir = root / "tiny-glm4"
     corpus = [f"{r['instruction']} {r['input']} {r['output']}" for r in taught + held_out]
     build_tiny_model(model_dir, "glm4", extra_text=corpus * 4)
+    timings["tiny model"] = time.perf_counter() - started - sum(timings.values())
     log(f"[2/4] built a tiny random GLM-4 model (4 layers, 256 wide) at {model_dir}")
 
     run_dir = root / "run"
@@ -129,18 +131,21 @@ def run_demo(workdir: str = "chattune-demo", *, max_steps: int = 400, log=print)
     em_before, _ = _exact_match(base, taught_records)
     loss_before = _eval_loss(base, held_records, 128)
     del base
+    timings["eval before"] = time.perf_counter() - started - sum(timings.values())
     log(f"[3/4] fine-tuning with LoRA (config {config_path}) ...")
     result = train(config, log=lambda *_: None)
+    timings["training"] = time.perf_counter() - started - sum(timings.values())
     tuned = load_run(str(run_dir))
     em_after, answers = _exact_match(tuned, taught_records)
     loss_after = _eval_loss(tuned, held_records, 128)
     seconds = time.perf_counter() - started
+    timings["eval after"] = seconds - sum(timings.values())
     log("[4/4] results")
     log(f"{'':<34}{'before':>10}{'after':>10}")
     log(f"{'exact match, taught (n=' + str(len(taught_records)) + ')':<34}{em_before:>10.1%}{em_after:>10.1%}")
     log(f"{'eval loss, held-out (n=' + str(len(held_records)) + ')':<34}{loss_before:>10.3f}{loss_after:>10.3f}")
     log(f"template {tuned.profile().template}, {result.global_step} steps, "
-        f"{seconds:.0f} s in all")
+        f"{seconds:.0f} s in all ({', '.join(f'{k} {v:.1f} s' for k, v in timings.items())})")
     log("\nsample generations:")
     for record, answer in list(zip(taught_records, answers, strict=True))[::9]:
         log(f"  Q: {record.messages[-2]['content']}  {record.messages[-2].get('input', '')}".rstrip())
@@ -149,4 +154,5 @@ def run_demo(workdir: str = "chattune-demo", *, max_steps: int = 400, log=print)
         f"     chattune predict {run_dir} --data {data_dir / 'demo_eval.json'} --out {root / 'pred.jsonl'}")
     return {"exact_match_before": em_before, "exact_match_after": em_after,
             "eval_loss_before": loss_before, "eval_loss_after": loss_after,
-            "steps": result.global_step, "seconds": seconds, "run_dir": str(run_dir)}
+            "steps": result.global_step, "seconds": seconds, "timings": timings,
+            "run_dir": str(run_dir)}

@@ -20,7 +20,7 @@ import yaml
 from chattune import __version__
 from chattune.config import GenerateArgs, RunConfig
 from chattune.data.templates import template_provenance
-from chattune.errors import ManifestError
+from chattune.errors import ConfigError, ManifestError
 from chattune.methods import get_method
 from chattune.model import base_model_fingerprint
 
@@ -90,8 +90,6 @@ class Manifest:
         name = method.pop("name", None)
         if not isinstance(name, str):
             raise ManifestError(f"{where}: method.name: expected the method's name, got {name!r}")
-        generation_fields = {f.name for f in dataclasses.fields(GenerateArgs)}
-        generation = {k: v for k, v in _section(data, "generation", where).items() if k in generation_fields}
         return cls(
             base_model=_record(BaseModelRecord, _section(data, "base_model", where), "base_model", where),
             template=_record(TemplateRecord, _section(data, "template", where), "template", where),
@@ -99,7 +97,7 @@ class Manifest:
             method_settings=method,
             max_seq_length=_value(data, "max_seq_length", int, where),
             data_fingerprint=_value(data, "data_fingerprint", str, where),
-            generation=GenerateArgs(**generation),
+            generation=_generation(_section(data, "generation", where), where),
             chattune_version=str(data.get("chattune_version", "unknown")),
             results={k: data[k] for k in RESULT_KEYS if k in data},
         )
@@ -119,14 +117,40 @@ def _value(data: dict, key: str, kind: type, where: str):
     return value
 
 
+_JSON_TYPES = {"str": (str,), "str | None": (str, type(None)), "bool": (bool,), "int": (int,),
+               "float": (int, float), "tuple[str, ...]": (list, tuple)}
+
+
+def _typed(name: str, value, annotation: str, key: str, where: str):
+    """``value`` if it has the field's JSON type, else an error naming ``key.name``."""
+    kinds = _JSON_TYPES[annotation]
+    wrong = not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)
+    if not wrong and annotation == "tuple[str, ...]":
+        wrong = not all(isinstance(item, str) for item in value)
+        value = tuple(value)
+    if wrong:
+        raise ManifestError(f"{where}: {key}.{name}: expected {annotation}, got {value!r}")
+    return value
+
+
 def _record(kind, values: dict, key: str, where: str):
     names = {f.name: f for f in dataclasses.fields(kind)}
     missing = [n for n, f in names.items()
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and n not in values]
     if missing:
         raise ManifestError(f"{where}: {key}.{missing[0]}: missing")
-    kept = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names}
-    return kind(**kept)
+    return kind(**{k: _typed(k, v, names[k].type, key, where) for k, v in values.items() if k in names})
+
+
+def _generation(values: dict, where: str) -> GenerateArgs:
+    fields = {f.name: f for f in dataclasses.fields(GenerateArgs)}
+    typed = {k: _typed(k, v, fields[k].type, "generation", where) for k, v in values.items() if k in fields}
+    generation = GenerateArgs(**typed)
+    try:
+        generation.validate()
+    except ConfigError as exc:
+        raise ManifestError(f"{where}: generation.{exc}") from None
+    return generation
 
 
 def build_manifest(config: RunConfig, base: dict, template_name: str, tokenizer,

@@ -276,11 +276,6 @@ def get_method(name: str) -> Method:
         raise ConfigError(f"method: unknown method {name!r}; expected one of {', '.join(METHODS)}") from None
 
 
-def apply_method(model, args: MethodArgs, gradient_checkpointing: bool = False):
-    """Make the loaded base model trainable in the configured way; return the model to train."""
-    return get_method(args.method).apply(model, args, gradient_checkpointing)
-
-
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -7,18 +7,25 @@ from pathlib import Path
 
 from chattune.data.formats import read_rows, to_record
 from chattune.data.records import RecordError, split_prompt
+from chattune.errors import ConfigError
 from chattune.generate import generate
 from chattune.runs import LoadedRun
 
 
 def predict_file(run: LoadedRun, data_path: str, out_path: str, *, fmt: str = "auto",
                  columns: dict[str, str] | None = None, batch_size: int = 8,
-                 limit: int | None = None, log=print) -> int:
-    """Greedy-answer every record of ``data_path``; write one JSON line per record.
+                 limit: int | None = None, log=print, **overrides) -> int:
+    """Answer every record of ``data_path`` (greedily, unless ``overrides`` say otherwise:
+    max_new_tokens, temperature, ...); write one JSON line per record.
 
     A row that cannot be read is written with its error instead of a prediction,
     so the output has exactly one line per input row.
     """
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size: must be >= 1, got {batch_size}")
+    settings = {k: v for k, v in overrides.items() if v is not None}
+    if "temperature" not in settings:
+        settings.setdefault("do_sample", False)  # greedy unless asked to sample
     rows = list(read_rows(data_path))
     if limit is not None:
         rows = rows[:limit]
@@ -40,7 +47,7 @@ def predict_file(run: LoadedRun, data_path: str, out_path: str, *, fmt: str = "a
                 items.append(item)
                 prompts.append((item, messages))
             if prompts:
-                answers = generate(run, [m for _, m in prompts], do_sample=False)
+                answers = generate(run, [m for _, m in prompts], **settings)
                 for (item, _), answer in zip(prompts, answers, strict=True):
                     item["prediction"] = answer
             for item in items:

@@ -16,6 +16,7 @@ P-Tuning v2, DoRA) is loaded alone.
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from chattune.config import GenerateArgs, ModelArgs
 from chattune.data.encode import PieceEncoder, encode_prompt
 from chattune.data.templates import get_template, resolve_template_name
 from chattune.decoding import BASE_ADAPTER
-from chattune.errors import ConfigError, ManifestError
+from chattune.errors import ChattuneError, ConfigError, ManifestError
 from chattune.manifest import (
     Manifest,
     is_run_folder,
@@ -46,7 +47,8 @@ class LoadOptions:
     base_model: str | None = None
     """The base model's path, instead of the manifest's."""
     template: str | None = None
-    """The template of the main run (or of a bare base model), instead of the manifest's."""
+    """The template of ``target`` (a run folder's, instead of its manifest's; or a bare base
+    model's, instead of its tokenizer's chat template)."""
     force: bool = False
     """Load even when the base model or the template differs from training's (with a warning)."""
     trust_remote_code: bool = False
@@ -156,6 +158,12 @@ class _Run:
                                 "chattune") from None
 
 
+def default_name(folder: Path) -> str:
+    """A run folder's name as a model name: its folder's, spaces as dashes (``run`` for ``base``)."""
+    name = "-".join(folder.resolve().name.split())
+    return name if name and name != BASE_NAME else "run"
+
+
 def _check_names(runs: list[_Run]) -> None:
     seen = set()
     for run in runs:
@@ -187,13 +195,14 @@ def _check_same_base(runs: list[_Run]) -> None:
                 )
 
 
-def _verify(runs: list[_Run], base_path: str, tokenizer, options: LoadOptions, warn) -> None:
+def _verify(runs: list[_Run], base_path: str, tokenizer, templates: dict[str, str], options: LoadOptions,
+            warn) -> None:
     first = runs[0]
     problems = []
     if not (first.method.run_is_model and not Path(base_path).exists()):
         problems += verify_base_model(first.manifest, base_path)
-    for i, run in enumerate(runs):
-        if i == 0 and options.template:
+    for run in runs:
+        if run.name in templates:  # the user chose this run's template
             continue
         found = verify_template(run.manifest, tokenizer)
         problems += [f"{run.name}: {p}" for p in found] if len(runs) > 1 else found
@@ -220,13 +229,29 @@ def _load_runs(runs: list[_Run], base_path: str, alone: bool):
     extra = first.method.base_load_kwargs(first.manifest.method_settings)
     model = load_model(ModelArgs(model_name_or_path=base_path, trust_remote_code=remote), **extra)
     if alone:
-        return first.method.load(model, first.folder)
+        with _trained_weights(first):
+            return first.method.load(model, first.folder)
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(model, str(first.folder), adapter_name="a0", is_trainable=False)
+    with _trained_weights(first):
+        model = PeftModel.from_pretrained(model, str(first.folder), adapter_name="a0", is_trainable=False)
     for i, run in enumerate(runs[1:], start=1):
-        model.load_adapter(str(run.folder), adapter_name=f"a{i}", is_trainable=False)
+        with _trained_weights(run):
+            model.load_adapter(str(run.folder), adapter_name=f"a{i}", is_trainable=False)
     return model
+
+
+@contextmanager
+def _trained_weights(run: _Run):
+    """Loading a run's trained weights: what fails there is the run folder's fault."""
+    try:
+        yield
+    except ChattuneError:
+        raise
+    except Exception as exc:  # peft and safetensors raise ValueError, OSError, SafetensorError, ...
+        message = " ".join(str(exc).split())
+        raise ManifestError(f"{run.folder}: could not load its trained weights ({run.method.name}): "
+                            f"{message}") from exc
 
 
 def _finish(model) -> object:
@@ -255,8 +280,13 @@ def load_run(target: str, options: LoadOptions | None = None, *, warn=print) -> 
     options = options or LoadOptions()
     folder = Path(target)
     runs: list[_Run] = []
+    chosen: dict[str, str] = {}  # profile name -> template the user asked for
     if is_run_folder(folder):
-        runs.append(_Run(options.name or folder.resolve().name, folder, read_manifest(folder)))
+        runs.append(_Run(options.name or default_name(folder), folder, read_manifest(folder)))
+        if options.template:
+            chosen[runs[0].name] = options.template
+    elif options.template:
+        chosen[BASE_NAME] = options.template
     elif not folder.exists() and options.base_model is None and (
             folder.is_absolute() or target.startswith(".") or "/" not in target):
         raise ManifestError(f"{target}: no such run folder or model")
@@ -265,22 +295,22 @@ def load_run(target: str, options: LoadOptions | None = None, *, warn=print) -> 
         return _load_bare(target, options)
     _check_names(runs)
     first = runs[0]
-    alone = len(runs) == 1 and first.method.served_alone(first.manifest.method_settings)
+    alone = len(runs) == 1 and not options.adapters and first.method.served_alone(first.manifest.method_settings)
     if not alone:
         _check_batchable(runs)
         _check_same_base(runs)
     base_path = options.base_model or first.manifest.base_model.path
     tokenizer_path = str(first.folder) if (first.folder / "tokenizer_config.json").is_file() else base_path
     tokenizer = load_tokenizer(tokenizer_path, first.manifest.base_model.trust_remote_code)
-    _verify(runs, base_path, tokenizer, options, warn)
+    _verify(runs, base_path, tokenizer, chosen, options, warn)
     model = _finish(_load_runs(runs, base_path, alone))
     profiles = {}
     for i, run in enumerate(runs):
-        template = options.template if i == 0 and options.template else run.manifest.template.name
+        template = chosen.get(run.name, run.manifest.template.name)
         adapter = BASE_ADAPTER if alone else f"a{i}"
         profiles[run.name] = make_profile(run.name, tokenizer, template, run.manifest.generation, adapter,
                                           run.folder, run.manifest)
     if not alone:
-        profiles[BASE_NAME] = make_profile(BASE_NAME, tokenizer, resolve_template_name("auto", tokenizer),
-                                           GenerateArgs())
+        template = resolve_template_name(chosen.get(BASE_NAME, "auto"), tokenizer)
+        profiles[BASE_NAME] = make_profile(BASE_NAME, tokenizer, template, GenerateArgs())
     return LoadedRun(model, tokenizer, profiles, first.name, context_length(model.config), uses_adapters=not alone)

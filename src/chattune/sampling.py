@@ -43,11 +43,11 @@ def params_from_defaults(generation, max_tokens: int | None = None, *, temperatu
     elif do_sample is False:
         temperature = 0.0
     return SamplingParams(
-        max_tokens=max_tokens or generation.max_new_tokens,
+        max_tokens=generation.max_new_tokens if max_tokens is None else max_tokens,
         temperature=temperature,
         top_p=top_p if top_p is not None else generation.top_p,
-        top_k=top_k or 0,
-        repetition_penalty=repetition_penalty or generation.repetition_penalty,
+        top_k=0 if top_k is None else top_k,
+        repetition_penalty=generation.repetition_penalty if repetition_penalty is None else repetition_penalty,
         seed=seed,
         ignore_eos=ignore_eos,
     )

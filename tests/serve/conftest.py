@@ -93,9 +93,9 @@ def prefilled(server, monkeypatch) -> list[tuple[str, list[int]]]:
     prefill = decoder.prefill
     seen: list[tuple[str, list[int]]] = []
 
-    def recording(seqs):
+    def recording(seqs, *args):
         seen.extend((seq.adapter, list(seq.prompt_ids)) for seq in seqs)
-        return prefill(seqs)
+        return prefill(seqs, *args)
 
     monkeypatch.setattr(decoder, "prefill", recording)
     return seen

@@ -143,3 +143,25 @@ def test_the_queue_holds_max_batch_plus_max_waiting_requests(server, slow_steps)
     wait_for(lambda: engine.stats()["running"] == engine.stats()["waiting"] == 0)
     assert engine.counters["cancelled"] == cancelled + 2
     assert all(event.kind != "error" for event in list(events.queue))
+
+
+def test_joining_requests_count_once_while_their_first_token_is_picked(server, monkeypatch):
+    """A request counts as admitting or as running, never both: while the rows that just
+    joined pick their first token, /health and the queue limit see each of them once."""
+    served, engine = server.served, server.engine
+    seen = []
+    pick = engine.decoder._pick
+
+    def watching_pick(logits, seqs):
+        seen.append(engine.stats()["running"])
+        return pick(logits, seqs)
+
+    monkeypatch.setattr(engine.decoder, "_pick", watching_pick)
+    done = queue.Queue()
+    seqs = [Sequence(served.prompt_ids(ASK, served.profiles["a"]), SamplingParams(max_tokens=1, ignore_eos=True),
+                     TextStream(lambda t: "", [], True), done.put, adapter=served.profiles["a"].adapter)
+            for _ in range(2)]
+    engine.submit(*seqs)
+    assert [done.get(timeout=30).kind for _ in seqs] == ["done", "done"]
+    wait_for(lambda: engine.stats()["running"] == 0)
+    assert seen[0] == 2  # (the old engine said 4 here and could refuse requests with 429)

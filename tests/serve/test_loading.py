@@ -55,6 +55,8 @@ def test_a_freeze_run_is_served_alone(runs, tiny_models):
     assert list(served.profiles) == ["frozen"] and not served.uses_adapters
     with pytest.raises(ManifestError, match="serve it alone"):
         load_run(str(runs["a"]), LoadOptions(adapters=[("frozen", str(frozen))]))
+    with pytest.raises(ManifestError, match="serve it alone"):  # BASE --adapter frozen=RUN: not silently alone
+        load_run(str(tiny_models("glm4")), LoadOptions(adapters=[("frozen", str(frozen))]))
 
 
 def test_a_ptuning_run_is_served_alone_with_its_prefix_in_the_cache(runs, tiny_models):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from contextlib import contextmanager
 
 import torch
 
@@ -72,9 +73,9 @@ class Engine:
         with self._cond:
             if self._stopping or self._thread is None:
                 raise QueueFull("the engine is not running")
-            held = len(self.decoder.rows) + self._admitting + len(self._waiting)
+            held = self.decoder.running + self._admitting + len(self._waiting)
             if held + len(seqs) > self.max_batch + self.max_waiting:
-                raise QueueFull(f"{len(self.decoder.rows) + self._admitting} requests running and "
+                raise QueueFull(f"{self.decoder.running + self._admitting} requests running and "
                                 f"{len(self._waiting)} waiting, the most this server holds")
             self._waiting.extend(seqs)
             self._cond.notify_all()
@@ -98,7 +99,7 @@ class Engine:
     def stats(self) -> dict:
         """Running and waiting requests, limits and counters."""
         with self._cond:
-            return {"running": len(self.decoder.rows) + self._admitting, "waiting": len(self._waiting),
+            return {"running": self.decoder.running + self._admitting, "waiting": len(self._waiting),
                     "max_batch": self.max_batch, "max_waiting": self.max_waiting, **self.counters}
 
     # -- the worker ---------------------------------------------------------------------
@@ -106,10 +107,17 @@ class Engine:
     def _admit(self) -> list[Sequence]:
         joining: list[Sequence] = []
         if self.decoder.can_join:
-            while self._waiting and len(self.decoder.rows) + len(joining) < self.max_batch:
+            while self._waiting and self.decoder.running + len(joining) < self.max_batch:
                 joining.append(self._waiting.popleft())
         self._admitting = len(joining)
         return joining
+
+    @contextmanager
+    def _joining(self):
+        """From admitting to running in one move, as :meth:`submit` counts them."""
+        with self._cond:
+            yield
+            self._admitting = 0
 
     def _run(self) -> None:
         decoder = self.decoder
@@ -124,9 +132,7 @@ class Engine:
                 with torch.no_grad():
                     decoder.retire()
                     if joining:
-                        decoder.prefill(joining)  # until it returns they count as admitting
-                        with self._cond:
-                            self._admitting = 0
+                        decoder.prefill(joining, self._joining)
                         decoder.retire()
                     if decoder.rows:
                         decoder.step()
