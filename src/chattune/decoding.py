@@ -250,7 +250,8 @@ class Decoder:
         live = [(i, seq) for i, seq in enumerate(seqs) if not seq.finished]
         if not live:
             return
-        rows = [(seq.params, seq.prompt_ids + seq.generated, seq.generator) for _, seq in live]
+        rows = [(seq.params, seq.prompt_ids + seq.generated if seq.params.repetition_penalty != 1.0 else [],
+                 seq.generator) for _, seq in live]
         picked = logits if len(live) == len(seqs) else logits[[i for i, _ in live]]
         for (_, seq), token in zip(live, sample(picked, rows), strict=True):
             self._accept(seq, token)

@@ -83,8 +83,9 @@ def sample(logits: torch.Tensor, rows: list[tuple[SamplingParams, list[int], tor
     settings, the tokens it has seen so far (prompt and generated, for the penalty) and its
     generator."""
     logits = logits.float()
-    tokens = []
+    tokens = logits.argmax(-1).tolist()  # greedy rows without a penalty need nothing more
     for i, (params, seen, generator) in enumerate(rows):
-        row = penalize_repeats(logits[i], seen, params.repetition_penalty)
-        tokens.append(sample_row(row, params, generator))
+        if params.temperature > 0 or params.repetition_penalty != 1.0:
+            row = penalize_repeats(logits[i], seen, params.repetition_penalty)
+            tokens[i] = sample_row(row, params, generator)
     return tokens
