@@ -1,14 +1,15 @@
 """Callbacks: metrics.jsonl gets every log event with tokens/s and a word on a NaN loss; every
-checkpoint the Trainer saves gets the manifest and config."""
+checkpoint the Trainer saves gets the manifest and config; a collapsed model is warned about."""
 
 from __future__ import annotations
 
 import json
+import math
 from types import SimpleNamespace
 
 import yaml
 
-from chattune.callbacks import ManifestWriter, MetricsLogger
+from chattune.callbacks import CollapseWatch, ManifestWriter, MetricsLogger
 from chattune.config_io import build_config
 
 
@@ -30,14 +31,30 @@ def test_metrics_logger_appends_every_event_with_tokens_per_second(tmp_path, cap
     assert "loss is nan at step 3" in capsys.readouterr().out
 
 
-def test_manifest_writer_makes_each_saved_checkpoint_a_run_folder(tmp_path):
+def test_manifest_writer_writes_the_run_files_into_a_checkpoint_being_saved(tmp_path):
     config = build_config({"model_name_or_path": "base", "output_dir": str(tmp_path)})
     manifest = SimpleNamespace(to_json=lambda: {"chattune_version": "test"})
     writer = ManifestWriter(manifest, config)
-    (tmp_path / "checkpoint-4").mkdir()
-    writer.on_save(SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(global_step=4), None)
-    written = json.loads((tmp_path / "checkpoint-4" / "chattune.json").read_text())
+    staging = tmp_path / "tmp-checkpoint-4"
+    staging.mkdir()
+    writer.write_checkpoint_files(staging, SimpleNamespace(global_step=4))
+    written = json.loads((staging / "chattune.json").read_text())
     assert written == {"chattune_version": "test", "global_step": 4}
-    assert yaml.safe_load((tmp_path / "checkpoint-4" / "chattune.yaml").read_text())["model_name_or_path"] == "base"
-    writer.on_save(SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(global_step=8), None)
-    assert not (tmp_path / "checkpoint-8").exists()  # no checkpoint saved at that step: nothing written
+    assert yaml.safe_load((staging / "chattune.yaml").read_text())["model_name_or_path"] == "base"
+
+
+def test_collapse_watch_warns_once_after_patience_dead_logging_steps():
+    lines = []
+    watch = CollapseWatch(878, 1e3, patience=3, log=lines.append)
+    state = SimpleNamespace(global_step=0)
+    dead = {"loss": math.log(878) + 0.01, "grad_norm": 0.0}
+    for step, logs in enumerate([dead, dead, {"loss": 6.0, "grad_norm": 0.0}, dead, dead, {"eval_loss": 1.0},
+                                 dead, dead, dead], start=1):
+        state.global_step = step
+        watch.on_log(None, state, None, logs=logs)
+    assert len(lines) == 1
+    assert "collapsed by step 7" in lines[0] and "ln(878)" in lines[0] and "learning_rate=1000 is too high" in lines[0]
+    quiet = CollapseWatch(878, 1e-4, log=lines.append)  # a fresh model sits at ln(V) too, but it learns
+    for step in range(5):
+        quiet.on_log(None, SimpleNamespace(global_step=step), None, logs={"loss": math.log(878), "grad_norm": 0.9})
+    assert len(lines) == 1

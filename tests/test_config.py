@@ -20,6 +20,10 @@ def test_the_defaults_are_valid():
 @pytest.mark.parametrize(("group", "values", "key"), [
     (TrainArgs, {"per_device_train_batch_size": 0}, "per_device_train_batch_size"),
     (TrainArgs, {"max_steps": 0}, "max_steps"),
+    (TrainArgs, {"num_train_epochs": float("inf")}, "num_train_epochs"),
+    (TrainArgs, {"learning_rate": 1e38}, "learning_rate"),
+    (TrainArgs, {"learning_rate": float("inf")}, "learning_rate"),
+    (TrainArgs, {"weight_decay": float("nan")}, "weight_decay"),
     (TrainArgs, {"fp16": True, "bf16": True}, "fp16 and bf16"),
     (TrainArgs, {"optim": "adamw_magic"}, "optim"),
     (TrainArgs, {"loss_chunk_size": 0}, "loss_chunk_size"),

@@ -297,11 +297,24 @@ def test_file_errors_name_the_file(tmp_path, text):
     assert str(path) in str(info.value)
 
 
-def test_override_errors_name_the_file_and_key(tutorial_file):
+@pytest.mark.parametrize("override", ["max_steps=abc", "lora_rnak=4", "num_train_epochs=inf", "learning_rate=1e38",
+                                      "train_files=[{path: a.json, weight: 0}]", "bf16=true"])
+def test_override_errors_name_the_command_line_not_the_file(tutorial_file, override):
     with pytest.raises(ConfigError) as info:
-        load_config(tutorial_file, ["max_steps=abc"])
-    assert str(tutorial_file) in str(info.value)
-    assert "max_steps" in str(info.value)
+        load_config(tutorial_file, [override])
+    assert str(info.value).startswith("command line: ")
+    assert str(tutorial_file) not in str(info.value)
+    assert override.split("=")[0].replace("lora_rnak", "'lora_rnak'") in str(info.value)
+
+
+def test_the_config_remembers_where_each_key_came_from(tutorial_file):
+    from chattune.config_io import source_prefix
+
+    config = load_config(tutorial_file, ["max_steps=3"])
+    assert source_prefix(config, "max_steps") == "command line: "
+    assert source_prefix(config, "lora_rank") == f"{tutorial_file}: "
+    assert source_prefix(config, "weight_decay") == ""  # a default
+    assert source_prefix(load_config(None, ["max_steps=3"]), "max_steps") == ""
 
 
 def test_errors_without_file_have_no_path_prefix():

@@ -210,3 +210,47 @@ def test_a_prefix_seeds_every_row_s_cache(trained):
     seq = _seq(ids[0].tolist(), 1)
     decoder.prefill([seq])
     assert seq.generated == [expected]
+
+
+# -- one row's failure is that row's alone ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bare(tiny_models):
+    """A tiny base model and its tokenizer, no run."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tiny_models("glm4")
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def _row(tokenizer, events, name, decode=None, max_tokens=6, **params):
+    emit = lambda event: events.setdefault(name, []).append(event)  # noqa: E731
+    text = TextStream(decode or (lambda ids: tokenizer.decode(ids)), [], strip=False)
+    return Sequence(tokenizer("hello there")["input_ids"], SamplingParams(max_tokens=max_tokens, **params), text,
+                    emit, stop_token_ids=frozenset())
+
+
+@pytest.mark.parametrize("fault", ["seed", "decode", "sample"])
+def test_a_row_that_fails_ends_alone_and_its_neighbours_get_their_tokens(bare, fault):
+    model, tokenizer = bare
+    events: dict[str, list] = {}
+    alone = _row(tokenizer, {}, "alone", temperature=0.8, seed=5)
+    list(run_to_end(Decoder(model, pad_token_id=tokenizer.pad_token_id or 0), [alone]))
+    calls = []
+
+    def broken_decode(ids):
+        calls.append(ids)
+        if len(calls) > 3:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "boom")
+        return tokenizer.decode(ids)
+
+    bad = {"seed": lambda: _row(tokenizer, events, "bad", temperature=0.8, seed=2**64),
+           "decode": lambda: _row(tokenizer, events, "bad", decode=broken_decode),
+           "sample": lambda: _row(tokenizer, events, "bad", temperature=5e-324)}[fault]()
+    good = [_row(tokenizer, events, "greedy"), _row(tokenizer, events, "seeded", temperature=0.8, seed=5)]
+    list(run_to_end(Decoder(model, pad_token_id=tokenizer.pad_token_id or 0), [good[0], bad, good[1]]))
+    assert [e.kind for e in events["bad"]][-1] == "error" and bad.finished
+    for name in ("greedy", "seeded"):
+        assert events[name][-1].kind == "done" and events[name][-1].completion_tokens == 6
+    assert good[1].generated == alone.generated  # the same tokens as alone, generator untouched

@@ -89,7 +89,8 @@ def test_packed_and_padded_training_end_at_the_same_eval_loss(tiny_models, demo_
 
 @pytest.mark.parametrize("option", [
     {"bf16": "true"},
-    {"fp16": "true"},
+    pytest.param({"fp16": "true"}, marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="fp16 is refused on CPU (tests/test_faults_training.py)")]),
     {"gradient_checkpointing": "true"},
     {"packing": "padding_free"},
     {"packing": "group_by_length"},

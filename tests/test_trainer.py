@@ -96,4 +96,8 @@ def test_resume_path_never_overwrites_checkpoints(tmp_path):
     (out / "checkpoint-4").mkdir(parents=True)
     with pytest.raises(ConfigError, match="already holds checkpoints.*resume_from_checkpoint=true"):
         resume_path(config_of(tmp_path), out)
-    assert resume_path(config_of(tmp_path, resume_from_checkpoint="true"), out) == str(out / "checkpoint-4")
+    with pytest.raises(ConfigError, match="no complete checkpoint-.*; checkpoint-4: empty folder"):
+        resume_path(config_of(tmp_path, resume_from_checkpoint="true"), out)
+    with pytest.raises(ConfigError, match="is not a complete checkpoint .empty folder"):
+        resume_path(config_of(tmp_path, resume_from_checkpoint=str(out / "checkpoint-4")), out)
+    assert (out / "checkpoint-4").is_dir()  # a refused resume moves nothing

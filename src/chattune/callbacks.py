@@ -3,7 +3,10 @@
 - :class:`MetricsLogger`: every log event as a line of ``metrics.jsonl``, with tokens/s,
   and a clear word when the loss goes NaN;
 - :class:`ManifestWriter`: the manifest and config in every checkpoint, so that each one
-  is a self-describing run folder.
+  is a self-describing run folder (written by the trainer into the checkpoint before it is
+  renamed into place, so that a checkpoint is never without them);
+- :class:`CollapseWatch`: a warning when the model has collapsed (gradient norm 0 and the
+  loss at ln(vocabulary size), the loss of a uniform guess) for several logging steps.
 """
 
 from __future__ import annotations
@@ -57,8 +60,41 @@ class ManifestWriter(TrainerCallback):
         self.manifest = manifest
         self.config = config
 
-    def on_save(self, args, state, control, **kwargs):
-        """Write the run files into the checkpoint the Trainer has just saved."""
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if folder.is_dir():
-            write_run_files(folder, self.manifest, self.config, {"global_step": state.global_step})
+    def write_checkpoint_files(self, folder: Path, state) -> None:
+        """Write the run files into a checkpoint being saved (called by
+        :meth:`chattune.trainer.ChattuneTrainer._save_checkpoint` before the rename)."""
+        write_run_files(folder, self.manifest, self.config, {"global_step": state.global_step})
+
+
+class CollapseWatch(TrainerCallback):
+    """Warns once when the model looks dead: for ``patience`` logging steps in a row the
+    gradient norm is 0 and the loss is within ``tolerance`` of ln(vocab_size), the loss of a
+    uniform guess over the vocabulary; training goes on, but nothing is being learnt."""
+
+    def __init__(self, vocab_size: int, learning_rate: float, patience: int = 3, tolerance: float = 0.02,
+                 log=print):
+        self.uniform_loss = math.log(vocab_size)
+        self.vocab_size = vocab_size
+        self.learning_rate = learning_rate
+        self.patience = patience
+        self.tolerance = tolerance
+        self.log = log
+        self.streak = 0
+        self.warned = False
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """Count logging steps in a row that look collapsed; warn at ``patience`` of them."""
+        logs = logs or {}
+        loss, norm = logs.get("loss"), logs.get("grad_norm")
+        if loss is None or norm is None:
+            return
+        dead = (abs(float(norm)) <= 1e-12
+                and abs(float(loss) - self.uniform_loss) <= self.tolerance * self.uniform_loss)
+        self.streak = self.streak + 1 if dead else 0
+        if self.streak >= self.patience and not self.warned:
+            self.warned = True
+            self.log(f"chattune: warning: the model has collapsed by step {state.global_step}: for "
+                     f"{self.streak} logging steps the gradient norm is 0 and the loss {float(loss):.4f} is "
+                     f"ln({self.vocab_size}) = {self.uniform_loss:.4f}, a uniform guess; it no longer learns. "
+                     f"Likely cause: learning_rate={self.learning_rate:g} is too high; lower it "
+                     "(LoRA usually 1e-5 to 1e-3) and start again")

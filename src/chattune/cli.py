@@ -102,7 +102,13 @@ def cmd_train(args) -> int:
 
         print(format_plan(estimate(config), config))
         return 0
-    result = train(config)
+    from chattune.errors import TrainingError
+
+    try:
+        result = train(config)
+    except TrainingError:
+        print(file=sys.stderr)  # the error starts its own line, after the progress bar's
+        raise
     print(f"done: {result.global_step} steps, train loss {result.train_loss:.4f}"
           + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
           + f"\nrun folder: {result.output_dir}")

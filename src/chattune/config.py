@@ -11,6 +11,7 @@ overrides into these is :mod:`chattune.config_io`; impossible values raise
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -18,6 +19,8 @@ from chattune.errors import ConfigError
 
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adafactor",
               "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+MAX_LEARNING_RATE = 1e30
+"""Above this, Adam's first step (learning_rate / (1 - beta1)) overflows float32."""
 CUDA_OPTIMIZERS = ("adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 
 
@@ -222,7 +225,15 @@ class TrainArgs:
         _check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps: must be >= 1")
         _check(self.max_steps == -1 or self.max_steps >= 1, "max_steps: must be >= 1 (or -1 for epochs)")
         _check(self.num_train_epochs > 0, "num_train_epochs: must be > 0")
+        _check(math.isfinite(self.num_train_epochs),
+               f"num_train_epochs: must be a finite number, got {self.num_train_epochs}; "
+               "for a run of a set length use max_steps")
         _check(self.learning_rate > 0, "learning_rate: must be > 0")
+        _check(self.learning_rate <= MAX_LEARNING_RATE,
+               f"learning_rate: {self.learning_rate:g} is beyond what a float32 optimizer can compute with; "
+               f"expected a finite number up to {MAX_LEARNING_RATE:g} (LoRA usually 1e-5 to 1e-3)")
+        _check(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+               "weight_decay: must be a finite number >= 0")
         _check(self.warmup_steps >= 0, "warmup_steps: must be >= 0")
         _check(self.logging_steps >= 1, "logging_steps: must be >= 1")
         _check(self.save_steps >= 1, "save_steps: must be >= 1")

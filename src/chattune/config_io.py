@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -171,8 +172,24 @@ def build_config(values: dict[str, Any]) -> RunConfig:
     return config
 
 
+COMMAND_LINE = "command line"
+_LEADING_KEYS = re.compile(r"^(?:unknown config key '([^']+)'|([A-Za-z_]\w*)(?: and ([A-Za-z_]\w*))?)")
+
+
+def _named_keys(message: str) -> list[str]:
+    """The config keys an error message starts with (``lora_rank: ...``, ``train_files[0]: ...``,
+    ``fp16 and bf16: ...``)."""
+    match = _LEADING_KEYS.match(message)
+    return [key for key in match.groups() if key] if match else []
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config file (may be None) and apply ``key=value`` overrides."""
+    """Read a YAML config file (may be None) and apply ``key=value`` overrides.
+
+    An error names where the value at fault came from: ``<file>: key: ...`` for the file,
+    ``command line: key: ...`` for an override given beside a file (without a file, just
+    ``key: ...``). The config remembers each key's source for later errors
+    (:func:`source_prefix`)."""
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -187,12 +204,30 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
         values.update(loaded)
-    values.update(parse_overrides(overrides or []))
+    sources = {str(key): str(path) for key in values}
+    given = parse_overrides(overrides or [])
+    sources.update({key: COMMAND_LINE for key in given})
+    values.update(given)
     try:
-        return build_config(values)
+        config = build_config(values)
     except ConfigError as exc:
-        where = f"{path}: " if path is not None else ""
+        named = [sources.get(key) for key in _named_keys(str(exc))]
+        if path is None:
+            where = ""
+        elif COMMAND_LINE in named:
+            where = f"{COMMAND_LINE}: "
+        else:
+            where = f"{path}: "
         raise ConfigError(f"{where}{exc}") from exc
+    config.sources = sources if path is not None else {}
+    return config
+
+
+def source_prefix(config: RunConfig, key: str) -> str:
+    """``"<file>: "`` or ``"command line: "`` for a key whose value came from there (as read
+    by :func:`load_config` with a file), else ``""``: the start of an error about that key."""
+    source = getattr(config, "sources", {}).get(key)
+    return f"{source}: " if source else ""
 
 
 def resume_setting(config: RunConfig) -> bool | str | None:

@@ -15,6 +15,10 @@ a batch of one adapter just makes it the active one. A P-Tuning v2 prefix seeds
 every row's cache with its keys and values, positions continuing after it, as in
 training.
 
+A failure in one row's own work (its generator's seed, sampling its token, decoding
+its text) ends that row alone with an ``error`` event; only a failure of the shared
+forward pass, which cannot be laid at one row's door, fails the whole batch.
+
 Caches that are not plain per-layer key/value tensors (a model's own cache classes,
 remote code) still decode: requests then join only an empty batch and finished rows
 stay in it, ignored, until the batch ends.
@@ -115,7 +119,7 @@ class Decoder:
         self.prefix = prefix_length(model)
         self._forward_model = inner if self.prefix else model
         self.rows: list[Sequence] = []
-        self.counters = {"steps": 0, "peak_batch": 0, "completed": 0, "cancelled": 0, "tokens": 0}
+        self.counters = {"steps": 0, "peak_batch": 0, "completed": 0, "cancelled": 0, "failed": 0, "tokens": 0}
         self._cache = None
         self._mask: torch.Tensor | None = None
         self._mergeable = True
@@ -144,6 +148,13 @@ class Decoder:
             if seq.cancelled and not seq.finished:
                 seq.finished = True
                 self.counters["cancelled"] += 1
+        for seq in seqs:
+            if not seq.finished:
+                try:
+                    seed = seq.params.seed if seq.params.seed is not None else random.getrandbits(63)
+                    seq.generator = torch.Generator(device=self.device).manual_seed(seed)
+                except Exception as exc:  # (a seed out of the generator's range) this row alone
+                    self.fail_row(seq, f"seed {seq.params.seed}: {exc}")
         seqs = [seq for seq in seqs if not seq.finished]
         if not seqs:
             return
@@ -155,8 +166,6 @@ class Decoder:
             ids[i, longest - n:] = torch.as_tensor(seq.prompt_ids)
             mask[i, longest - n:] = 1
             seq.length = n
-            seed = seq.params.seed if seq.params.seed is not None else random.getrandbits(63)
-            seq.generator = torch.Generator(device=self.device).manual_seed(seed)
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(1) - 1).clamp(min=0) + self.prefix
         from transformers import DynamicCache
@@ -253,8 +262,35 @@ class Decoder:
         rows = [(seq.params, seq.prompt_ids + seq.generated if seq.params.repetition_penalty != 1.0 else [],
                  seq.generator) for _, seq in live]
         picked = logits if len(live) == len(seqs) else logits[[i for i, _ in live]]
-        for (_, seq), token in zip(live, sample(picked, rows), strict=True):
-            self._accept(seq, token)
+        states = [seq.generator.get_state() if seq.generator is not None and seq.params.temperature > 0 else None
+                  for _, seq in live]
+        try:
+            tokens: list[int | None] = sample(picked, rows)
+        except Exception:  # one row's settings broke the sampler: sample each alone, from where it was
+            tokens = []
+            for i, ((_, seq), row, state) in enumerate(zip(live, rows, states, strict=True)):
+                if state is not None:
+                    seq.generator.set_state(state)
+                try:
+                    tokens.append(sample(picked[i:i + 1], [row])[0])
+                except Exception as exc:
+                    self.fail_row(seq, f"sampling failed: {exc}")
+                    tokens.append(None)
+        for (_, seq), token in zip(live, tokens, strict=True):
+            if token is None:
+                continue
+            try:
+                self._accept(seq, token)
+            except Exception as exc:  # (decoding its text) this row alone
+                self.fail_row(seq, f"decoding the answer failed: {exc}")
+
+    def fail_row(self, seq: Sequence, message: str) -> None:
+        """End one row with an ``error`` event; the rest of the batch goes on (it leaves at :meth:`retire`)."""
+        if seq.finished:
+            return
+        seq.finished = True
+        self.counters["failed"] += 1
+        seq.emit(Event("error", text=message))
 
     def _accept(self, seq: Sequence, token: int) -> None:
         """Record a sampled token; send the text it makes safe; end the request when due."""

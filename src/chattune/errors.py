@@ -27,3 +27,9 @@ class ModelLoadError(ChattuneError, RuntimeError):
 
 class ManifestError(ChattuneError, RuntimeError):
     """A run folder is missing its manifest, or does not match what it was made from."""
+
+
+class TrainingError(ChattuneError, RuntimeError):
+    """Training stopped: it diverged (a non-finite loss, gradient or weight), or the run folder
+    could not be written (disk full, read-only, no permission); the message says which and
+    what to do."""

@@ -89,7 +89,7 @@ class LoadedRun:
     tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self):
-        self.encoder = PieceEncoder(self.tokenizer)
+        self.encoder = PieceEncoder(self.tokenizer, max_entries=4096, max_chars=1 << 20)  # long-lived: bounded
 
     @property
     def device(self) -> torch.device:

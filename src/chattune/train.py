@@ -3,6 +3,9 @@
 transformers' Trainer does the loop, mixed precision, accumulation, clipping, checkpoint
 rotation and exact resume (:mod:`chattune.trainer`); chattune adds a manifest in every
 checkpoint and metrics.jsonl (:mod:`chattune.callbacks`), never overwrites checkpoints,
+writes each one whole or not at all and resumes from the newest complete one
+(:mod:`chattune.checkpoints`), stops a diverged run on its step without saving NaN weights,
+ends a full disk with one line,
 and trains fast: rows packed without cross-talk (:mod:`chattune.batching`, checked on the
 model by :mod:`chattune.attention`), a chunked token-weighted loss (:mod:`chattune.loss`),
 and on CPU faster LoRA kernels (:mod:`chattune.kernels`) and per-row SDPA.
@@ -18,12 +21,15 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import set_seed
 
 from chattune.attention import use_varlen_sdpa, uses_varlen_attention
 from chattune.batching import PACKED_MODES, Batches, build_batches, format_batches, resolve_packing
-from chattune.callbacks import ManifestWriter, MetricsLogger
+from chattune.callbacks import CollapseWatch, ManifestWriter, MetricsLogger
+from chattune.checkpoints import storage_error
 from chattune.config import RunConfig
+from chattune.config_io import source_prefix
 from chattune.data.prepare import PreparedData, format_audit, prepare_data
 from chattune.data.templates import resolve_template_name
 from chattune.errors import ConfigError
@@ -89,14 +95,42 @@ def speed_setup(config: RunConfig, model, prepared: PreparedData, pad_token_id: 
     return batches, loss
 
 
+def check_machine(config: RunConfig) -> None:
+    """Refuse, naming the key and where it was set, what this machine cannot honour:
+    fp16 without CUDA (float16 mixed precision on a CPU runs about 12x slower than float32),
+    and an output_dir that is an existing file."""
+    if config.train.fp16 and not torch.cuda.is_available():
+        raise ConfigError(f"{source_prefix(config, 'fp16')}fp16: float16 mixed precision needs a CUDA GPU; on "
+                          "this CPU it would run about 12x slower than float32. Set fp16=false (or bf16=true)")
+    output_dir = Path(config.train.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"{source_prefix(config, 'output_dir')}output_dir: {output_dir} is a file; expected "
+                          "a folder for the run (it is created if missing)")
+
+
 def train(config: RunConfig, *, log=print) -> TrainResult:
-    """Run one training job described by ``config``; return where its run folder is."""
+    """Run one training job described by ``config``; return where its run folder is.
+
+    Raises ConfigError / DataError / ModelLoadError for bad input, and TrainingError when the
+    run diverges or its folder cannot be written (disk full, read-only); a checkpoint saved
+    before either stays as it was."""
     if not config.model.model_name_or_path:
         raise ConfigError("model_name_or_path: no base model given")
     method = get_method(config.method.method)
     method.check_supported(config.train.optim)
+    check_machine(config)
     output_dir = Path(config.train.output_dir)
-    resume = resume_path(config, output_dir)
+    try:
+        return _train(config, method, output_dir, log)
+    except OSError as exc:
+        error = storage_error(exc, output_dir)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainResult:
+    resume = resume_path(config, output_dir, log)
     output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(config.train.seed)
 
@@ -115,21 +149,22 @@ def train(config: RunConfig, *, log=print) -> TrainResult:
         (output_dir / AUDIT_NAME).write_text(json.dumps(audit, indent=2, ensure_ascii=False))
         base = base_model_fingerprint(config.model.model_name_or_path, config.model.trust_remote_code, tokenizer)
         manifest = build_manifest(config, base, template_name, tokenizer, prepared.fingerprint)
+        vocab_size = model.get_input_embeddings().weight.shape[0]
         trainer = ChattuneTrainer(
             model=model, args=training_arguments(config, batches.eval is not None, batches),
             train_dataset=batches.train, eval_dataset=batches.eval, data_collator=batches.collator,
-            processing_class=tokenizer, compute_loss_func=loss,
-            callbacks=[MetricsLogger(output_dir / METRICS_NAME), ManifestWriter(manifest, config)],
+            processing_class=tokenizer, compute_loss_func=loss, log=log,
+            callbacks=[MetricsLogger(output_dir / METRICS_NAME), ManifestWriter(manifest, config),
+                       CollapseWatch(vocab_size, config.train.learning_rate, log=log)],
         )
         patches.enter_context(loss.capturing())
         result = trainer.train(resume_from_checkpoint=resume)
         eval_loss = trainer.final_eval_loss()
-    trainer.save_model(str(output_dir))
-    write_run_files(output_dir, manifest, config, {
+    trainer.save_final(output_dir, lambda folder: write_run_files(folder, manifest, config, {
         "global_step": trainer.state.global_step,
         "train_loss": result.training_loss,
         "eval_loss": eval_loss,
         "trainable_parameters": trainable,
-    })
+    }))
     model.eval()
     return TrainResult(output_dir, trainer.state.global_step, result.training_loss, eval_loss, prepared, model)

@@ -15,6 +15,7 @@ from chattune.data.encode import (
     encode_prompt,
     special_token_ids,
 )
+from chattune.data.templates import Piece
 
 
 def alpaca(instruction, output, extra=""):
@@ -210,3 +211,16 @@ def test_a_chat_template_failing_on_one_row_names_that_row(char_tokenizer):
         encode_all(conversations, "tokenizer", encoder, EncodeOptions(64))
     (encoded,) = encode_all(conversations[:1], "tokenizer", encoder, EncodeOptions(64))
     assert decode(tokenizer, supervised(encoded)) == "ok\n</s>"
+
+
+def test_a_bounded_encoder_keeps_the_most_recently_used_texts_within_its_bounds(char_tokenizer):
+    bounded = PieceEncoder(char_tokenizer, max_entries=3, max_chars=10)
+    unbounded = PieceEncoder(char_tokenizer)
+    for text in ["abc", "defg", "hij", "abc", "klmno", "x" * 50, "pq"]:
+        piece = Piece(text, "user")
+        assert bounded.ids(piece) == unbounded.ids(piece)
+        assert len(bounded.cache) <= 3 and bounded.chars == sum(map(len, bounded.cache)) <= 10
+    assert list(bounded.cache) == ["abc", "klmno", "pq"]  # abc was used again, so defg and hij left first
+    assert "x" * 50 not in bounded.cache and "x" * 50 in unbounded.cache
+    bounded.warm([f"t{i}" for i in range(20)])
+    assert len(bounded.cache) <= 3 and bounded.chars <= 10

@@ -12,6 +12,7 @@ from the right. A row whose last answer would vanish is dropped and counted.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from chattune.data.templates import Piece, TemplateError, render
@@ -38,10 +39,15 @@ def special_token_ids(tokenizer) -> list[int]:
 class PieceEncoder:
     """Tokenizes text pieces with a cache, batching the ones not seen yet.
 
+    Unbounded by default (one ``prepare`` run: every text once, as fast as possible). A
+    long-lived process (the server, the terminal chat) passes ``max_entries`` and/or
+    ``max_chars``: the cache then keeps the most recently used texts within those bounds
+    (least recently used first out) and never a text longer than ``max_chars`` itself.
+
     Raises ModelLoadError for a tokenizer without an EOS token: every answer ends with it.
     """
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, *, max_entries: int | None = None, max_chars: int | None = None):
         if tokenizer.eos_token_id is None:
             name = getattr(tokenizer, "name_or_path", "") or "(unnamed)"
             raise ModelLoadError(
@@ -49,7 +55,11 @@ class PieceEncoder:
                 "eos_token set in its tokenizer_config.json (e.g. \"eos_token\": \"</s>\")"
             )
         self.tokenizer = tokenizer
-        self.cache: dict[str, list[int]] = {"": []}
+        self.max_entries, self.max_chars = max_entries, max_chars
+        self.bounded = max_entries is not None or max_chars is not None
+        self.cache: dict[str, list[int]] = OrderedDict() if self.bounded else {}
+        self.cache[""] = []
+        self.chars = 0  # of the texts cached (counted when bounded)
         self.specials = special_token_ids(tokenizer)
         self.eos = tokenizer.eos_token_id
 
@@ -59,7 +69,11 @@ class PieceEncoder:
         for start in range(0, len(missing), 1024):
             batch = missing[start:start + 1024]
             ids = self.tokenizer(batch, add_special_tokens=False)["input_ids"]
-            self.cache.update(zip(batch, ids, strict=True))
+            if not self.bounded:
+                self.cache.update(zip(batch, ids, strict=True))
+                continue
+            for text, text_ids in zip(batch, ids, strict=True):
+                self._keep(text, text_ids)
 
     def ids(self, piece: Piece) -> list[int]:
         """The token ids of one piece."""
@@ -67,9 +81,32 @@ class PieceEncoder:
             return [self.eos]
         if piece.role == "specials":
             return list(self.specials)
-        if piece.text not in self.cache:
-            self.warm([piece.text])
-        return list(self.cache[piece.text])
+        text = piece.text
+        found = self.cache.get(text)
+        if found is None:
+            found = self.tokenizer([text], add_special_tokens=False)["input_ids"][0]
+            if self.bounded:
+                self._keep(text, found)
+            else:
+                self.cache[text] = found
+        elif self.bounded:
+            self.cache.move_to_end(text)
+        return list(found)
+
+    def _keep(self, text: str, ids: list[int]) -> None:
+        """Cache one text within the bounds, dropping the least recently used."""
+        if self.max_chars is not None and len(text) > self.max_chars:
+            return
+        if text in self.cache:
+            self.cache.move_to_end(text)
+            return
+        self.cache[text] = ids
+        self.chars += len(text)
+        while len(self.cache) > 1 and (
+                (self.max_entries is not None and len(self.cache) > self.max_entries)
+                or (self.max_chars is not None and self.chars > self.max_chars)):
+            old, _ = self.cache.popitem(last=False)
+            self.chars -= len(old)
 
 
 @dataclass

@@ -96,6 +96,9 @@ class LimitBody:
         await self.app(scope, replay, send)
 
 
+MIN_TEMPERATURE = 1e-5
+
+
 def _status_type(status: int) -> str:
     return {401: "authentication_error", 404: "invalid_request_error", 429: "rate_limit_error"}.get(
         status, "server_error" if status >= 500 else "invalid_request_error")
@@ -119,6 +122,8 @@ def _sampling(profile: Profile, body: SamplingFields, prompt_tokens: int, limit:
                                   top_k=body.top_k, repetition_penalty=body.repetition_penalty, seed=body.seed,
                                   ignore_eos=body.ignore_eos)
     params.max_tokens = min(params.max_tokens, room)
+    if params.temperature < MIN_TEMPERATURE:  # logits / 1e-300 overflow: so small a temperature is greedy
+        params.temperature = 0.0
     return params
 
 
@@ -167,6 +172,13 @@ def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
         """pydantic's 422 as a 400 naming the field."""
         message, param = validation_message(list(exc.errors()))
         return JSONResponse(error_body(message, param=param), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request, exc: Exception):
+        """Anything else: a 500 in OpenAI's format, never a dropped connection (starlette still
+        raises it on, so the server logs the traceback)."""
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"),
+                            status_code=500)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):

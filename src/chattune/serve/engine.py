@@ -5,7 +5,8 @@ together and merged into the running batch) and runs one decode step for all run
 requests, through :class:`chattune.decoding.Decoder`, the decoder ``chat`` and
 ``predict`` use too. Each request leaves the batch the step it ends (end token,
 stop string, ``max_tokens``, or its client gone), so a short request never waits
-for a long one and a new one starts at the next step.
+for a long one and a new one starts at the next step. A request whose own work fails
+(seeding, sampling, decoding its text) ends alone with an error; its neighbours go on.
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ class Engine:
                     if decoder.rows:
                         decoder.step()
                         decoder.retire()
-            except Exception as exc:  # a failed step fails its requests, not the server
+            except Exception as exc:  # the shared forward pass failed: its requests fail, not the server
                 log.exception("generation step failed")
                 self._fail([*decoder.rows, *joining], f"generation failed: {exc}")
             finally:
@@ -152,5 +153,6 @@ class Engine:
         for seq in seqs:
             if not seq.finished:
                 seq.finished = True
+                self.counters["failed"] += 1
                 seq.emit(Event("error", text=message))
         self.decoder.clear()

@@ -3,18 +3,44 @@
 Fields are strict (a string is not a number, ``1`` is not ``true``); unknown
 fields are ignored, as OpenAI-compatible servers do. Options chattune does not
 implement are accepted only at their neutral value, so a client that asks for
-them gets a clear 400 rather than a silent no-op.
+them gets a clear 400 rather than a silent no-op. Every field is checked to the
+range the engine can take: floats are finite, ``seed`` fits a 64-bit generator
+seed, and text must be valid Unicode (JSON's ``\\ud800`` escapes can write a lone
+surrogate, which no tokenizer or UTF-8 encoder takes).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from chattune.data.records import RecordError, validate_messages
 
-STRICT = ConfigDict(strict=True, extra="ignore")
+STRICT = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+SEED_MIN, SEED_END = -2**63, 2**64  # what torch.Generator.manual_seed takes
+
+
+def unicode_text(text: str) -> str:
+    """``text`` unchanged if it can be written as UTF-8; else a ValueError naming the lone surrogate."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"not valid Unicode text (unpaired surrogate {text[exc.start]!r} at character "
+                         f"{exc.start})") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(unicode_text)]
+
+
+def printable(text: str) -> str:
+    """``text`` safe to write as UTF-8 (a lone surrogate echoed from a request becomes an escape)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class APIError(Exception):
@@ -33,8 +59,9 @@ class APIError(Exception):
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
-    """OpenAI's error object."""
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    """OpenAI's error object (any text a request put in it made safe to write as UTF-8)."""
+    return {"error": {"message": printable(message), "type": type, "param": param and printable(param),
+                      "code": code}}
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
@@ -64,7 +91,10 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
         return f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}", None
     same = [e for e in errors if field_path(tuple(e.get("loc", ()))) == param]
     tags = [next((p for p in e["loc"] if _is_type_tag(p)), None) for e in same]
-    if len(same) > 1 and all(tags):
+    checked = [e for e in same if e.get("type") == "value_error"]  # our own check said why
+    if checked:
+        message = checked[0]["msg"].removeprefix("Value error, ")
+    elif len(same) > 1 and all(tags):
         message = f"expected one of {', '.join(dict.fromkeys(tags))}"
     else:
         message = first["msg"]
@@ -75,8 +105,8 @@ class ContentPart(BaseModel):
     """One part of a message's content; only text parts are understood."""
 
     model_config = STRICT
-    type: str
-    text: str | None = None
+    type: Text
+    text: Text | None = None
 
 
 class Message(BaseModel):
@@ -84,8 +114,8 @@ class Message(BaseModel):
 
     model_config = STRICT
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
-    input: str | None = None
+    content: Text | list[ContentPart]
+    input: Text | None = None
 
 
 class StreamOptions(BaseModel):
@@ -99,19 +129,19 @@ class SamplingFields(BaseModel):
     """The fields chat and plain completions share."""
 
     model_config = STRICT
-    model: str | None = None
+    model: Text | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, lt=SEED_END)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    user: str | None = None
-    repetition_penalty: float | None = Field(None, gt=0)
+    user: Text | None = None
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100)
     top_k: int | None = Field(None, ge=0)
     ignore_eos: bool = False
 
@@ -184,7 +214,7 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     """``POST /v1/completions``: a plain prompt, continued as it is (no template)."""
 
-    prompt: str | list[str] | list[int]
+    prompt: Text | list[Text] | list[int]
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
