@@ -79,3 +79,16 @@ def test_request_settings_over_the_run_s_defaults(kw, expected):
     assert (params.max_tokens, params.temperature, params.top_p, params.top_k, params.repetition_penalty) == expected
     sampled = params_from_defaults(GenerateArgs(do_sample=True, temperature=0.3), 4)
     assert (sampled.max_tokens, sampled.temperature) == (4, 0.3)
+
+
+def test_a_row_that_breaks_the_sampler_fails_alone():
+    logits = torch.zeros(3, 100)
+    good = SamplingParams(max_tokens=1, temperature=1.0)
+    broken = SamplingParams(max_tokens=1, temperature=1e-320)  # 0 in float32: logits / 0, no distribution
+    failed = []
+    tokens = sample(logits, [(good, [], _gen(1)), (broken, [], _gen(2)), (good, [], _gen(3))],
+                    on_error=lambda i, exc: failed.append(i))
+    assert failed == [1] and tokens[1] is None
+    assert [tokens[0], tokens[2]] == [sample(logits[:1], [(good, [], _gen(s))])[0] for s in (1, 3)]
+    with pytest.raises(RuntimeError):
+        sample(logits, [(broken, [], _gen(2))])

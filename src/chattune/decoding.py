@@ -262,20 +262,7 @@ class Decoder:
         rows = [(seq.params, seq.prompt_ids + seq.generated if seq.params.repetition_penalty != 1.0 else [],
                  seq.generator) for _, seq in live]
         picked = logits if len(live) == len(seqs) else logits[[i for i, _ in live]]
-        states = [seq.generator.get_state() if seq.generator is not None and seq.params.temperature > 0 else None
-                  for _, seq in live]
-        try:
-            tokens: list[int | None] = sample(picked, rows)
-        except Exception:  # one row's settings broke the sampler: sample each alone, from where it was
-            tokens = []
-            for i, ((_, seq), row, state) in enumerate(zip(live, rows, states, strict=True)):
-                if state is not None:
-                    seq.generator.set_state(state)
-                try:
-                    tokens.append(sample(picked[i:i + 1], [row])[0])
-                except Exception as exc:
-                    self.fail_row(seq, f"sampling failed: {exc}")
-                    tokens.append(None)
+        tokens = sample(picked, rows, on_error=lambda i, exc: self.fail_row(live[i][1], f"sampling failed: {exc}"))
         for (_, seq), token in zip(live, tokens, strict=True):
             if token is None:
                 continue

@@ -10,6 +10,7 @@ wherever it is sent.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -78,14 +79,22 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     return int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
 
 
-def sample(logits: torch.Tensor, rows: list[tuple[SamplingParams, list[int], torch.Generator | None]]) -> list[int]:
+def sample(logits: torch.Tensor, rows: list[tuple[SamplingParams, list[int], torch.Generator | None]],
+           on_error: Callable[[int, Exception], None] | None = None) -> list[int | None]:
     """The next token of each row of ``logits`` (``[rows, vocabulary]``); each row comes with its
     settings, the tokens it has seen so far (prompt and generated, for the penalty) and its
-    generator."""
+    generator. With ``on_error``, a row whose own settings break the sampler gets None and
+    ``on_error(row, exception)``; the other rows are sampled as if it were not there."""
     logits = logits.float()
-    tokens = logits.argmax(-1).tolist()  # greedy rows without a penalty need nothing more
+    tokens: list[int | None] = logits.argmax(-1).tolist()  # greedy rows without a penalty need nothing more
     for i, (params, seen, generator) in enumerate(rows):
         if params.temperature > 0 or params.repetition_penalty != 1.0:
-            row = penalize_repeats(logits[i], seen, params.repetition_penalty)
-            tokens[i] = sample_row(row, params, generator)
+            try:
+                row = penalize_repeats(logits[i], seen, params.repetition_penalty)
+                tokens[i] = sample_row(row, params, generator)
+            except Exception as exc:
+                if on_error is None:
+                    raise
+                tokens[i] = None
+                on_error(i, exc)
     return tokens
