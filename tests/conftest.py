@@ -38,6 +38,18 @@ def tiny_models(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory) -> Path:
+    """The demo's taught records (identity and facts, English and Chinese) as an Alpaca JSON file."""
+    import json
+
+    from chattune.demo import demo_records
+
+    path = tmp_path_factory.mktemp("data") / "train.json"
+    path.write_text(json.dumps(demo_records()[0], ensure_ascii=False))
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Each test gets its own encoded-data cache."""

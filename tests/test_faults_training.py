@@ -20,18 +20,9 @@ from safetensors.torch import load_file
 from chattune.checkpoints import checkpoint_problems
 from chattune.cli import main
 from chattune.config_io import load_config
-from chattune.demo import demo_records
 from chattune.train import train
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    taught, _ = demo_records()
-    path = tmp_path_factory.mktemp("data") / "train.json"
-    path.write_text(json.dumps(taught, ensure_ascii=False))
-    return path
 
 
 def overrides(model: Path, data: Path, out: Path, **extra) -> list[str]:

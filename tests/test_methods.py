@@ -14,7 +14,7 @@ from chattune.generate import answer, generate, stream
 from chattune.methods import block_list
 from chattune.runs import load_run
 from chattune.train import train
-from tests.test_train import data_file, make_config  # noqa: F401  (module fixture)
+from tests.test_train import make_config
 
 ARCHS = ["glm4", "llama"]
 PROBE = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
@@ -26,7 +26,7 @@ def fresh_base(path):
     return AutoModelForCausalLM.from_pretrained(path).eval()
 
 
-def run(method, arch, tiny_models, data_file, tmp_path, **extra):  # noqa: F811
+def run(method, arch, tiny_models, data_file, tmp_path, **extra):
     config = make_config(tiny_models(arch), data_file, tmp_path / f"{method}-{arch}", method=method,
                          max_steps=6, save_steps=6, logging_steps=1, eval_fraction=0.0,
                          report_to=["none"], lora_dropout=0.0, **extra)
@@ -68,7 +68,7 @@ def assert_base_untouched(result, base_path, trained_names=()):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_lora_trains_exactly_the_adapters_of_every_linear_projection(arch, tiny_models, data_file, tmp_path):  # noqa: F811
+def test_lora_trains_exactly_the_adapters_of_every_linear_projection(arch, tiny_models, data_file, tmp_path):
     base = fresh_base(tiny_models(arch))
     blocks = block_list(base)
     linears = {f"{n}": m for n, m in blocks.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -85,7 +85,7 @@ def test_lora_trains_exactly_the_adapters_of_every_linear_projection(arch, tiny_
     assert_base_untouched(result, tiny_models(arch))
 
 
-def test_lora_variants_dora_rslora_targets_and_modules_to_save(tiny_models, data_file, tmp_path):  # noqa: F811
+def test_lora_variants_dora_rslora_targets_and_modules_to_save(tiny_models, data_file, tmp_path):
     result = run("lora", "llama", tiny_models, data_file, tmp_path, use_dora="true", use_rslora="true",
                  lora_target=["q_proj", "v_proj"], modules_to_save=["lm_head"])
     names = trained(result.model)
@@ -101,7 +101,7 @@ def test_lora_variants_dora_rslora_targets_and_modules_to_save(tiny_models, data
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_freeze_trains_the_mlps_of_the_last_blocks_and_saves_only_them(arch, tiny_models, data_file, tmp_path):  # noqa: F811
+def test_freeze_trains_the_mlps_of_the_last_blocks_and_saves_only_them(arch, tiny_models, data_file, tmp_path):
     from safetensors.torch import load_file
 
     base = fresh_base(tiny_models(arch))
@@ -117,7 +117,7 @@ def test_freeze_trains_the_mlps_of_the_last_blocks_and_saves_only_them(arch, tin
     assert_base_untouched(result, tiny_models(arch), trained_names=set(expected))
 
 
-def test_freeze_negative_layers_count_from_the_first_block_and_extra_modules(tiny_models, data_file, tmp_path):  # noqa: F811
+def test_freeze_negative_layers_count_from_the_first_block_and_extra_modules(tiny_models, data_file, tmp_path):
     result = run("freeze", "llama", tiny_models, data_file, tmp_path, freeze_trainable_layers=-1,
                  freeze_trainable_modules=["self_attn"], freeze_extra_modules=["lm_head"])
     names = set(trained(result.model))
@@ -127,7 +127,7 @@ def test_freeze_negative_layers_count_from_the_first_block_and_extra_modules(tin
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("projection", [False, True])
-def test_ptuning_trains_only_the_prefix_encoder(arch, projection, tiny_models, data_file, tmp_path):  # noqa: F811
+def test_ptuning_trains_only_the_prefix_encoder(arch, projection, tiny_models, data_file, tmp_path):
     base = fresh_base(tiny_models(arch))
     c = base.config
     kv_dim = c.num_key_value_heads * c.head_dim  # peft sizes the prefix by the key/value width
@@ -150,7 +150,7 @@ def test_ptuning_trains_only_the_prefix_encoder(arch, projection, tiny_models, d
     assert_base_untouched(result, tiny_models(arch))
 
 
-def test_ptuning_generation_with_the_kv_cache_equals_recomputing(tiny_models, data_file, tmp_path):  # noqa: F811
+def test_ptuning_generation_with_the_kv_cache_equals_recomputing(tiny_models, data_file, tmp_path):
     result = run("ptuning", "llama", tiny_models, data_file, tmp_path, pre_seq_len=4, learning_rate=1e-2)
     loaded = load_run(str(result.output_dir))
     messages = [{"role": "user", "content": "Who are you?"}]
@@ -173,7 +173,7 @@ def test_ptuning_generation_with_the_kv_cache_equals_recomputing(tiny_models, da
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_full_trains_everything_and_saves_a_complete_model(arch, tiny_models, data_file, tmp_path):  # noqa: F811
+def test_full_trains_everything_and_saves_a_complete_model(arch, tiny_models, data_file, tmp_path):
     from transformers import AutoModelForCausalLM
 
     base = fresh_base(tiny_models(arch))
@@ -204,7 +204,7 @@ def test_8bit_optimizer_refuses_without_cuda(tmp_path):
         train(config, log=lambda *_: None)
 
 
-def test_freeze_resume_restores_the_trained_tensors(tiny_models, data_file, tmp_path):  # noqa: F811
+def test_freeze_resume_restores_the_trained_tensors(tiny_models, data_file, tmp_path):
     import shutil
 
     from safetensors.torch import load_file
@@ -227,7 +227,7 @@ def test_freeze_resume_restores_the_trained_tensors(tiny_models, data_file, tmp_
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and bitsandbytes")
 @pytest.mark.parametrize("bits", [4, 8])
-def test_qlora_trains_on_cuda(bits, tiny_models, data_file, tmp_path):  # noqa: F811
+def test_qlora_trains_on_cuda(bits, tiny_models, data_file, tmp_path):
     result = run("qlora", "llama", tiny_models, data_file, tmp_path, quantization_bit=bits, bf16="true")
     assert losses(result)[-1] < losses(result)[0]
     assert all(".lora_" in n for n in trained(result.model))
@@ -237,7 +237,7 @@ def test_qlora_trains_on_cuda(bits, tiny_models, data_file, tmp_path):  # noqa: 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and bitsandbytes")
-def test_full_with_paged_8bit_optimizer_on_cuda(tiny_models, data_file, tmp_path):  # noqa: F811
+def test_full_with_paged_8bit_optimizer_on_cuda(tiny_models, data_file, tmp_path):
     result = run("full", "llama", tiny_models, data_file, tmp_path, optim="paged_adamw_8bit", learning_rate=1e-3)
     assert losses(result)[-1] < losses(result)[0]
 
@@ -285,7 +285,7 @@ def test_freeze_settings_the_model_cannot_honour(tiny_models, settings, message)
         get_method("freeze").apply(fresh_base(tiny_models("glm4")), MethodArgs(method="freeze", **settings), False)
 
 
-def test_a_lora_target_the_model_lacks_is_a_config_error(tiny_models, data_file, tmp_path, capsys):  # noqa: F811
+def test_a_lora_target_the_model_lacks_is_a_config_error(tiny_models, data_file, tmp_path, capsys):
     from chattune.cli import main
 
     config = tmp_path / "c.yaml"
@@ -296,7 +296,7 @@ def test_a_lora_target_the_model_lacks_is_a_config_error(tiny_models, data_file,
     assert last.startswith("chattune: error: lora_target:") and "no_such_proj" in last
 
 
-def test_a_freeze_run_folder_that_does_not_fit_its_base(tiny_models, data_file, tmp_path):  # noqa: F811
+def test_a_freeze_run_folder_that_does_not_fit_its_base(tiny_models, data_file, tmp_path):
     from safetensors.torch import load_file, save_file
 
     from chattune.errors import ManifestError

@@ -11,17 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from chattune.config_io import load_config
-from chattune.demo import demo_records
 from chattune.errors import ConfigError
 from chattune.train import train
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    taught, _ = demo_records()
-    path = tmp_path_factory.mktemp("data") / "train.json"
-    path.write_text(json.dumps(taught, ensure_ascii=False))
-    return path
 
 
 def make_config(model: Path, data: Path, out: Path, **overrides):
