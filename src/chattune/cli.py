@@ -169,6 +169,25 @@ def cmd_tiny_model(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    """Convert a downloaded THUDM ChatGLM-6B / 2 / 3 folder into a native model folder."""
+    from chattune.chatglm import convert, native_model_path, thudm_family
+    from chattune.errors import ModelLoadError
+
+    family = thudm_family(args.source)
+    if family is None:
+        raise ModelLoadError(f"{args.source}: not a THUDM ChatGLM folder (its config.json has no "
+                             "model_type \"chatglm\"); expected a download of chatglm-6b, chatglm2-6b or chatglm3-6b")
+    if args.out:
+        target = convert(args.source, args.out, family)
+        print(f"{family}: native model folder at {target}\ntrain or chat with model_name_or_path={target}")
+    else:
+        target = native_model_path(args.source)
+        print(f"{family}: native model folder at {target}\n"
+              f"model_name_or_path={args.source} (or the folder above) now loads it without converting again")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """The whole pipeline on a tiny model, offline."""
     from chattune.demo import run_demo
@@ -259,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--hidden-size", type=int, default=256)
     tiny.add_argument("--num-layers", type=int, default=4)
     tiny.set_defaults(func=cmd_tiny_model)
+
+    convert_model = sub.add_parser("convert", help="convert a downloaded ChatGLM-6B/2/3 folder into a native one")
+    convert_model.add_argument("source", help="the folder downloaded from THUDM/chatglm-6b, chatglm2-6b or chatglm3-6b")
+    convert_model.add_argument("out", nargs="?",
+                               help="where to write it (default: the cache that runs naming SOURCE use)")
+    convert_model.set_defaults(func=cmd_convert)
 
     demo = sub.add_parser("demo", help="run the whole pipeline offline on a tiny model")
     demo.add_argument("--workdir", default="chattune-demo")

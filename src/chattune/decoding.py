@@ -67,6 +67,7 @@ class Sequence:
     length: int = 0
     next_token: int | None = None
     generator: torch.Generator | None = None
+    anchors: tuple[int, int] | None = None  # ChatGLM-6B: its [gMASK] position and context length
 
 
 def cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
@@ -118,6 +119,8 @@ class Decoder:
         self._keep_last = "logits_to_keep" in params
         self.prefix = prefix_length(model)
         self._forward_model = inner if self.prefix else model
+        self._config = getattr(inner, "config", None)
+        self._two_d = bool(getattr(self._config, "position_encoding_2d", False))
         self.rows: list[Sequence] = []
         self.counters = {"steps": 0, "peak_batch": 0, "completed": 0, "cancelled": 0, "failed": 0, "tokens": 0}
         self._cache = None
@@ -167,7 +170,11 @@ class Decoder:
             mask[i, longest - n:] = 1
             seq.length = n
         ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(1) - 1).clamp(min=0) + self.prefix
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        if self._two_d:
+            positions = self._two_d_prefill(ids, mask, positions, seqs)
+        else:
+            positions = positions + self.prefix
         from transformers import DynamicCache
 
         cache = DynamicCache()
@@ -185,7 +192,10 @@ class Decoder:
         rows = self.rows
         ids = torch.as_tensor([[seq.next_token if seq.next_token is not None else self.pad_token_id]
                                for seq in rows], device=self.device)
-        positions = torch.as_tensor([[seq.length + self.prefix] for seq in rows], device=self.device)
+        if self._two_d:
+            positions = self._two_d_step(rows)
+        else:
+            positions = torch.as_tensor([[seq.length + self.prefix] for seq in rows], device=self.device)
         mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], 1)
         logits, self._cache = self._forward(ids, mask, positions, self._cache, rows)
         self._mask = mask
@@ -217,6 +227,23 @@ class Decoder:
                    for k, v in tensors]
         self._cache, self._mask = make_cache(tensors), mask[:, first:]
         self.rows = [rows[i] for i in keep]
+
+    def _two_d_prefill(self, ids, mask, positions, seqs):
+        """ChatGLM-6B's 2D positions for the prompts; each row keeps its anchors for the steps.
+        (A P-Tuning v2 prefix does not shift them, as in THUDM's P-Tuning v2.)"""
+        from chattune.chatglm.glm6b import context_anchors, two_d_positions
+
+        mask_position, context = context_anchors(ids, mask.bool(), self._config)
+        for seq, anchor, length in zip(seqs, mask_position.tolist(), context.tolist(), strict=True):
+            seq.anchors = (anchor, length)
+        return two_d_positions(positions, mask_position, context)
+
+    def _two_d_step(self, rows):
+        from chattune.chatglm.glm6b import two_d_positions
+
+        anchors = torch.as_tensor([seq.anchors or (0, 0) for seq in rows], device=self.device)
+        lengths = torch.as_tensor([[seq.length] for seq in rows], device=self.device)
+        return two_d_positions(lengths, anchors[:, 0], anchors[:, 1])
 
     def _forward(self, ids, mask, positions, cache, seqs):
         kwargs = {self._cache_arg: cache, "use_cache": True}

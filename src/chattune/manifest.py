@@ -38,6 +38,8 @@ class BaseModelRecord:
     tokenizer_sha256: str
     model_type: str | None = None
     trust_remote_code: bool = False
+    native_path: str | None = None
+    """The converted folder chattune loaded for a THUDM ChatGLM folder at ``path``."""
 
 
 @dataclass(frozen=True)

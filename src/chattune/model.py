@@ -8,8 +8,11 @@ from pathlib import Path
 
 import torch
 
+from chattune import chatglm
 from chattune.config import ModelArgs
 from chattune.errors import ConfigError, ModelLoadError
+
+chatglm.register()
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype",
@@ -91,6 +94,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
     if not path:
         raise ConfigError("model_name_or_path: no base model given; set it to a model folder")
+    path = chatglm.native_model_path(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # from_pretrained raises OSError, ValueError, ...
@@ -124,10 +128,11 @@ def load_model(args: ModelArgs, dtype: torch.dtype = torch.float32, **extra):
     kwargs = {"dtype": dtype, "trust_remote_code": args.trust_remote_code, **extra}
     if args.device_map:
         kwargs["device_map"] = args.device_map
+    path = chatglm.native_model_path(args.model_name_or_path)
     try:
-        return AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as exc:
-        raise load_error(args.model_name_or_path, exc) from exc
+        raise load_error(path, exc) from exc
 
 
 def _sha256_json(value) -> str:
@@ -156,24 +161,29 @@ def base_model_fingerprint(path: str, trust_remote_code: bool = False, tokenizer
     """
     from transformers import AutoConfig
 
+    native = chatglm.native_model_path(path)
     try:
-        model_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model_config = AutoConfig.from_pretrained(native, trust_remote_code=trust_remote_code)
     except Exception as exc:
-        raise load_error(path, exc, "config") from exc
-    tokenizer = tokenizer or load_tokenizer(path, trust_remote_code)
+        raise load_error(native, exc, "config") from exc
+    tokenizer = tokenizer or load_tokenizer(native, trust_remote_code)
     resolved = str(Path(path).expanduser().resolve()) if Path(path).expanduser().exists() else path
-    return {
+    record = {
         "path": resolved,
         "model_type": model_config.model_type,
         "config_sha256": config_hash(model_config),
         "tokenizer_sha256": tokenizer_hash(tokenizer),
         "trust_remote_code": trust_remote_code,
     }
+    if native != path:
+        record["native_path"] = native
+    return record
 
 
 def default_lora_targets(model_type: str) -> list[str] | str:
-    """LoRA target modules by architecture: ChatGLM remote code fuses QKV in
-    ``query_key_value``; otherwise every linear projection (peft's ``all-linear``)."""
-    if model_type == "chatglm":
+    """LoRA target modules by architecture: ChatGLM-6B (THUDM's code and chattune's port)
+    fuses QKV in ``query_key_value``, as THUDM's LoRA recipes target; otherwise every
+    linear projection (peft's ``all-linear``)."""
+    if model_type in ("chatglm", "chatglm6b"):
         return ["query_key_value"]
     return "all-linear"

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from chattune import chatglm
 from chattune.config import RunConfig
 from chattune.methods import Method, block_list, count_parameters, get_method
 from chattune.model import resolve_dtype
@@ -60,8 +61,8 @@ def meta_model(config: RunConfig):
     """The configured model with the method applied, on the meta device (no weights read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    model_config = AutoConfig.from_pretrained(config.model.model_name_or_path,
-                                              trust_remote_code=config.model.trust_remote_code)
+    model_config = chatglm.native_config(config.model.model_name_or_path) or AutoConfig.from_pretrained(
+        config.model.model_name_or_path, trust_remote_code=config.model.trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.model.trust_remote_code)
     method = get_method(config.method.method)

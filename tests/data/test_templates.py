@@ -87,17 +87,17 @@ def test_chatglm_rounds_from_zero_with_history():
 
 def test_chatglm2_rounds_from_one():
     assert text("chatglm2", TWO_TURNS) == (
-        SP + "[Round 1]\n\n问：q1\n\n答：a1" + EOS + "\n\n[Round 2]\n\n问：q2\n\n答：a2" + EOS
-    )
+        SP + "[Round 1]\n\n问：q1\n\n答：a1\n\n[Round 2]\n\n问：q2\n\n答：a2" + EOS
+    )  # as build_prompt: no EOS inside the history, only after the answer trained last
     assert text("chatglm2", TWO_TURNS[2:3]) == SP + "[Round 1]\n\n问：q2\n\n答："
 
 
 def test_chatglm3_role_tokens():
     messages = [{"role": "system", "content": "S"}] + TWO_TURNS
     assert text("chatglm3", messages) == (
-        SP + "<|system|>\nS<|user|>\nq1<|assistant|>\na1" + EOS + "<|user|>\nq2<|assistant|>\na2" + EOS
-    )
-    assert text("chatglm3", messages[:4]) == SP + "<|system|>\nS<|user|>\nq1<|assistant|>\na1" + EOS + \
+        SP + "<|system|>\nS<|user|>\nq1<|assistant|>\na1<|user|>\nq2<|assistant|>\na2" + EOS
+    )  # as build_chat_input and the finetune demo: EOS ends the conversation, not each answer
+    assert text("chatglm3", messages[:4]) == SP + "<|system|>\nS<|user|>\nq1<|assistant|>\na1" + \
         "<|user|>\nq2<|assistant|>"
 
 
@@ -129,7 +129,8 @@ def test_generation_prompt_is_the_training_text_before_the_answer(name):
     training text up to the last answer."""
     full = render(name, PROBE_CONVERSATION)
     prompt = render(name, PROBE_CONVERSATION[:-1])
-    last_answer = max(i for i, p in enumerate(full) if p.role == "assistant")
+    last_turn = max(p.turn for p in full if p.role == "assistant")
+    last_answer = min(i for i, p in enumerate(full) if p.role == "assistant" and p.turn == last_turn)
     assert prompt == full[:last_answer]
 
 

@@ -5,6 +5,12 @@ the fast tokenizer, cached), so that a piece's tokens never merge with its
 neighbours: the boundary between prompt and answer is exact, and the prompt
 tokens at inference are the same as in training.
 
+A ``joined`` template (ChatGLM-6B, ChatGLM2: their code tokenized the whole prompt
+as one string) tokenizes each run of neighbouring text pieces that are trained alike
+as one text instead, which gives exactly the ids of the model's own code; the
+prompt/answer boundary stays exact because trained and untrained text never join.
+A row that has to be shortened is encoded piece by piece, as below.
+
 Truncation keeps each row within ``max_seq_length`` tokens in total: it drops
 the oldest turns first, then shortens the user's text, then cuts the answer
 from the right. A row whose last answer would vanish is dropped and counted.
@@ -15,7 +21,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from chattune.data.templates import Piece, TemplateError, render
+from chattune.data.templates import Piece, TemplateError, get_template, render
 from chattune.errors import ModelLoadError
 
 IGNORE_INDEX = -100
@@ -62,6 +68,7 @@ class PieceEncoder:
         self.chars = 0  # of the texts cached (counted when bounded)
         self.specials = special_token_ids(tokenizer)
         self.eos = tokenizer.eos_token_id
+        self.token_ids: dict[str, int | None] = {}
 
     def warm(self, texts: list[str]) -> None:
         """Tokenize every text not yet cached, in one batched call."""
@@ -81,6 +88,10 @@ class PieceEncoder:
             return [self.eos]
         if piece.role == "specials":
             return list(self.specials)
+        if piece.role == "token":
+            token_id = self._token_id(piece.text)
+            if token_id is not None:
+                return [token_id]
         text = piece.text
         found = self.cache.get(text)
         if found is None:
@@ -92,6 +103,17 @@ class PieceEncoder:
         elif self.bounded:
             self.cache.move_to_end(text)
         return list(found)
+
+    def _token_id(self, token: str) -> int | None:
+        """The id of a special token the tokenizer has (not its unknown token), else None."""
+        found = self.token_ids.get(token, -1)
+        if found == -1:
+            found = self.tokenizer.convert_tokens_to_ids(token)
+            unknown = self.tokenizer.unk_token_id
+            if not isinstance(found, int) or (found == unknown and token != self.tokenizer.unk_token):
+                found = None
+            self.token_ids[token] = found
+        return found
 
     def _keep(self, text: str, ids: list[int]) -> None:
         """Cache one text within the bounds, dropping the least recently used."""
@@ -138,17 +160,46 @@ def _user_turns(messages: list[dict]) -> int:
     return sum(1 for m in messages if m["role"] == "user")
 
 
-def _assemble(pieces: list[Piece], piece_ids: list[list[int]], options: EncodeOptions) -> Encoded:
+_ATOMIC_ROLES = ("specials", "eos", "token")
+
+
+def _trained(pieces: list[Piece], options: EncodeOptions) -> list[bool]:
+    """Whether each piece is supervised under ``options``."""
     last_turn = max((p.turn for p in pieces if p.role == "assistant"), default=0)
+    return [options.train_on_prompt or (piece.trained and (not options.train_last_turn_only or piece.turn == last_turn))
+            for piece in pieces]
+
+
+def join_pieces(pieces: list[Piece], trained: list[bool] | None = None) -> tuple[list[Piece], list[bool]]:
+    """Merge each run of neighbouring text pieces with the same ``trained`` flag into one
+    piece (special tokens and EOS stay apart), for a ``joined`` template. Without
+    ``trained`` (a prompt for generation) every text run joins."""
+    flags = trained if trained is not None else [False] * len(pieces)
+    merged: list[Piece] = []
+    merged_flags: list[bool] = []
+    for piece, flag in zip(pieces, flags, strict=True):
+        atomic = piece.role in _ATOMIC_ROLES
+        if (merged and not atomic and merged[-1].role not in _ATOMIC_ROLES and merged_flags[-1] == flag):
+            last = merged[-1]
+            merged[-1] = Piece(last.text + piece.text, "assistant" if flag else "template", piece.turn)
+        else:
+            merged.append(piece)
+            merged_flags.append(flag)
+    return merged, merged_flags
+
+
+def _assemble(pieces: list[Piece], piece_ids: list[list[int]], trained: list[bool]) -> Encoded:
     input_ids: list[int] = []
     labels: list[int] = []
-    for piece, ids in zip(pieces, piece_ids, strict=True):
-        trained = options.train_on_prompt or (
-            piece.trained and (not options.train_last_turn_only or piece.turn == last_turn)
-        )
+    for ids, flag in zip(piece_ids, trained, strict=True):
         input_ids += ids
-        labels += ids if trained else [IGNORE_INDEX] * len(ids)
+        labels += ids if flag else [IGNORE_INDEX] * len(ids)
     return Encoded(input_ids=input_ids, labels=labels)
+
+
+def _is_joined(template: str) -> bool:
+    named = get_template(template)
+    return bool(named and named.joined)
 
 
 def encode_conversation(messages: list[dict], template: str, encoder: PieceEncoder,
@@ -158,6 +209,16 @@ def encode_conversation(messages: list[dict], template: str, encoder: PieceEncod
     ``pieces`` may carry the conversation already rendered (saves a render).
     """
     limit = options.max_seq_length
+    if _is_joined(template):
+        rendered = pieces if pieces is not None else render(template, messages, encoder.tokenizer)
+        joined, flags = join_pieces(rendered, _trained(rendered, options))
+        joined_ids = [encoder.ids(p) for p in joined]
+        if sum(map(len, joined_ids)) <= limit:
+            encoded = _assemble(joined, joined_ids, flags)
+            if all(label == IGNORE_INDEX for label in encoded.labels):
+                return Encoded(dropped="no token is supervised")
+            return encoded
+        pieces = rendered
     turns_dropped = 0
     while True:
         if pieces is None:
@@ -180,7 +241,7 @@ def encode_conversation(messages: list[dict], template: str, encoder: PieceEncod
             if cut:
                 piece_ids[index] = piece_ids[index][: len(piece_ids[index]) - cut]
                 excess -= cut
-    encoded = _assemble(pieces, piece_ids, options)
+    encoded = _assemble(pieces, piece_ids, _trained(pieces, options))
     encoded.truncated = truncated
     encoded.turns_dropped = turns_dropped
     if excess > 0:
@@ -209,8 +270,11 @@ def encode_prompt(messages: list[dict], template: str, encoder: PieceEncoder,
     ``max_prompt_tokens`` is set, the oldest turns are dropped to fit, then the
     left of the prompt is cut.
     """
+    joined = _is_joined(template)
     while True:
         pieces = render(template, messages, encoder.tokenizer)
+        if joined:
+            pieces, _ = join_pieces(pieces)
         ids = [i for p in pieces for i in encoder.ids(p)]
         if max_prompt_tokens is None or len(ids) <= max_prompt_tokens or _user_turns(messages) <= 1:
             break
@@ -237,6 +301,10 @@ def encode_all(conversations: list[list[dict]], template: str, encoder: PieceEnc
     rendered = [_render_named(template, messages, encoder.tokenizer,
                               sources[i] if sources else f"conversation {i}")
                 for i, messages in enumerate(conversations)]
-    encoder.warm([p.text for pieces in rendered for p in pieces if p.text])
+    if _is_joined(template):
+        texts = [p.text for pieces in rendered for p in join_pieces(pieces, _trained(pieces, options))[0]]
+    else:
+        texts = [p.text for pieces in rendered for p in pieces]
+    encoder.warm([text for text in texts if text])
     return [encode_conversation(messages, template, encoder, options, pieces)
             for messages, pieces in zip(conversations, rendered, strict=True)]

@@ -15,7 +15,15 @@ A piece is a span of text with a role:
 - ``eos``: the tokenizer's EOS token (trained);
 - ``specials``: the special tokens the tokenizer itself adds to an encoded
   text (LLaMA's ``<s>``; ChatGLM2/3's ``[gMASK]`` ``sop``; ChatGLM-6B's
-  ``[gMASK]`` ``sop`` after the prompt), placed where that model expects them.
+  ``[gMASK]`` ``sop`` after the prompt), placed where that model expects them;
+- ``token``: one special token named by its text (ChatGLM3's ``<|user|>``), encoded
+  as that token's id where the tokenizer has it, else as text. Such a marker never
+  comes from message text: a user who types ``<|user|>`` gets the text.
+
+A template marked ``joined`` follows code that tokenized the whole prompt as one
+string (ChatGLM-6B ``chat()``, ChatGLM2 ``build_prompt``): its neighbouring text
+pieces are tokenized together (see ``data/encode.py``), so the ids are the ones
+that code produced.
 
 Named templates follow the models' published code, cited in
 ``tests/data/test_templates.py``. The ``tokenizer`` template uses the
@@ -60,6 +68,7 @@ class Template:
     stop_strings: tuple[str, ...] = ()
     stop_tokens: tuple[str, ...] = ()
     source: str = ""
+    joined: bool = False
 
 
 def _turns(messages: list[dict]) -> tuple[str, list[tuple[dict, str | None]]]:
@@ -171,25 +180,30 @@ def render_chatglm2(messages: list[dict]) -> list[Piece]:
     for i, (user, answer) in enumerate(turns):
         pieces += [Piece(f"[Round {i + 1}]\n\n问：", "template", i), Piece(user_text(user), "user", i),
                    Piece("\n\n答：", "template", i)]
-        pieces += _answer(answer, i)
-        if answer is not None and i < len(turns) - 1:
-            pieces.append(Piece("\n\n", "template", i))
+        if i == len(turns) - 1:
+            pieces += _answer(answer, i)
+        elif answer is not None:
+            pieces += [Piece(answer, "assistant", i), Piece("\n\n", "template", i)]
     return pieces
 
 
 def render_chatglm3(messages: list[dict]) -> list[Piece]:
-    """ChatGLM3-6B ``build_chat_input``: ``<|role|>`` + ``{metadata}\\n`` + text per
-    message, ending with ``<|assistant|>``; the answer is ``\\n{a}``."""
+    """ChatGLM3-6B ``build_chat_input``: per message the role token, ``{metadata}\\n``
+    and the text, each tokenized on its own (``build_single_message``), ending with
+    ``<|assistant|>``; the answer is ``\\n`` then the text, EOS after the last one
+    only (its finetune demo ends the conversation with EOS)."""
     system, turns = _turns(messages)
     pieces = [Piece("", "specials")]
     if system:
-        pieces += [Piece("<|system|>\n", "template"), Piece(system, "system")]
+        pieces += [Piece("<|system|>", "token"), Piece("\n", "template"), Piece(system, "system")]
     for i, (user, answer) in enumerate(turns):
-        pieces += [Piece("<|user|>\n", "template", i), Piece(user_text(user), "user", i),
-                   Piece("<|assistant|>", "template", i)]
+        pieces += [Piece("<|user|>", "token", i), Piece("\n", "template", i), Piece(user_text(user), "user", i),
+                   Piece("<|assistant|>", "token", i)]
         if answer is not None:
-            pieces += [Piece("\n", "answer_end", i)] + _answer(answer, i)
-    return _move_newline_into_answer(pieces)
+            pieces += [Piece("\n", "assistant", i), Piece(answer, "assistant", i)]
+            if i == len(turns) - 1:
+                pieces.append(Piece("", "eos", i))
+    return pieces
 
 
 def _move_newline_into_answer(pieces: list[Piece]) -> list[Piece]:
@@ -232,9 +246,10 @@ NAMED_TEMPLATES: dict[str, Template] = {
                  source="mymusise/ChatGLM-Tuning cover_alpaca2jsonl.py (the tutorial's text format)"),
         Template("chatglm-tuning", render_chatglm_tuning,
                  source="mymusise/ChatGLM-Tuning cover_alpaca2jsonl.py format_example"),
-        Template("chatglm", render_chatglm, stop_tokens=("<eop>", "eop"),
+        Template("chatglm", render_chatglm, stop_tokens=("<eop>", "eop"), joined=True,
                  source="THUDM/chatglm-6b modeling_chatglm.py chat()"),
-        Template("chatglm2", render_chatglm2, source="THUDM/chatglm2-6b tokenization_chatglm.py build_prompt"),
+        Template("chatglm2", render_chatglm2, joined=True,
+                 source="THUDM/chatglm2-6b tokenization_chatglm.py build_prompt"),
         Template("chatglm3", render_chatglm3, stop_tokens=("<|user|>", "<|observation|>"),
                  source="THUDM/chatglm3-6b tokenization_chatglm.py build_chat_input"),
         Template("vicuna", render_vicuna, stop_strings=("USER:",),
@@ -352,10 +367,15 @@ def get_template(name: str) -> Template | None:
 
 
 def resolve_template_name(name: str, tokenizer) -> str:
-    """``auto`` becomes ``tokenizer`` when the tokenizer has a chat template, else ``default``."""
+    """``auto`` becomes the template a converted model folder names (ChatGLM's, see
+    ``chattune.chatglm``), else ``tokenizer`` when the tokenizer has a chat template, else
+    ``default``."""
     if name != "auto":
         get_template(name)
         return name
+    named = (getattr(tokenizer, "init_kwargs", None) or {}).get("chattune_template")
+    if named in NAMED_TEMPLATES:
+        return named
     return "tokenizer" if getattr(tokenizer, "chat_template", None) else "default"
 
 
