@@ -21,6 +21,7 @@ with a cache needs them given as ``[batch, 2, length]`` (chattune's decoder and
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -30,6 +31,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 MODEL_TYPE = "chatglm6b"
+_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 class ChatGLM6BConfig(PretrainedConfig):
@@ -251,7 +253,7 @@ class ChatGLM6BForCausalLM(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache if use_cache else None})
 
     @staticmethod
     def _attention_mask(attention_mask, valid, context, past: int, dtype) -> torch.Tensor:
