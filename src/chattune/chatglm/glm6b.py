@@ -11,7 +11,9 @@ same logits as THUDM's code (``tests/chatglm`` checks both against it):
   index in the context; every token from ``<sop>`` on takes the ``[gMASK]`` index),
   the second half with the block position (0 in the context, 1, 2, ... from ``<sop>``);
   the inverse frequencies are rounded to float16 as THUDM's code stores them;
-- blocks scale the residual: ``x = ln(x) * sqrt(2 * layers) + f(ln(x))``; GELU (tanh form).
+- blocks scale the residual: ``x = ln(x) * sqrt(2 * 28) + f(ln(x))`` (28 whatever the
+  number of layers: THUDM's blocks never receive the config's); GELU (tanh form);
+- the LM head is tied to the embedding (transformers ties them when THUDM's model loads).
 
 Positions come from the tokens themselves: where a forward pass sees the prompt
 (training, a prefill) they are computed from ``<sop>`` and ``[gMASK]``; a decode step
@@ -31,6 +33,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 MODEL_TYPE = "chatglm6b"
+ALPHA_LAYERS = 28  # THUDM builds every GLMBlock with its default num_layers=28, whatever the config says
 _CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
@@ -58,8 +61,10 @@ class ChatGLM6BConfig(PretrainedConfig):
         self.use_cache = use_cache
         self.position_encoding_2d = True
         kwargs.pop("position_encoding_2d", None)
-        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                         tie_word_embeddings=False, **{k: v for k, v in kwargs.items() if k != "tie_word_embeddings"})
+        # THUDM's config leaves tie_word_embeddings at transformers' default, so its
+        # from_pretrained ties the LM head to the embedding: the port does the same
+        kwargs.setdefault("tie_word_embeddings", True)
+        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
@@ -123,6 +128,7 @@ class SelfAttention(nn.Module):
 
     def __init__(self, config: ChatGLM6BConfig, layer_idx: int):
         super().__init__()
+        self.config = config
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
@@ -137,8 +143,12 @@ class SelfAttention(nn.Module):
         query, key, value = (t.transpose(1, 2) for t in (query, key, value))
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
-        out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask,
-                                                         scale=1.0 / math.sqrt(self.head_dim))
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if self.config._attn_implementation == "eager":  # THUDM's arithmetic: the same logits to the bit
+            scores = torch.matmul(query * scale, key.transpose(-1, -2)) + mask
+            out = torch.matmul(torch.softmax(scores.float(), dim=-1).to(value.dtype), value)
+        else:
+            out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
         return self.dense(out.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -163,7 +173,7 @@ class GLMBlock(GradientCheckpointingLayer):
         self.attention = SelfAttention(config, layer_idx)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.mlp = MLP(config)
-        self.alpha = (2 * config.num_layers) ** 0.5
+        self.alpha = (2 * ALPHA_LAYERS) ** 0.5
 
     def forward(self, hidden, rotary, mask, cache=None):
         attention_input = self.input_layernorm(hidden)
@@ -191,6 +201,7 @@ class ChatGLM6BForCausalLM(PreTrainedModel, GenerationMixin):
     _no_split_modules = ["GLMBlock"]
     _supports_sdpa = True
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
+    _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
 
     def __init__(self, config: ChatGLM6BConfig):
         super().__init__(config)

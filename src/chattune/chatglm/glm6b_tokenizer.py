@@ -5,14 +5,17 @@ reads the sentencepiece model before creating it). This is the same tokenizer,
 sentencepiece-backed so that the ids are the same by construction: before
 sentencepiece sees a text, ``\\n`` becomes ``<n>``, a tab ``<|tab|>`` and a run of 2 to
 80 spaces ``<|blank_N|>``; sentencepiece then normalises (NFKC: ``，`` → ``,``) and
-adds its dummy prefix. Encoding appends ``[gMASK] <sop>``; the special tokens
-(``<sop> <eop> [MASK] [gMASK] <pad> <unk> </s>``) are split out of text as
-transformers' Python tokenizers do, and each text between them is encoded on its own.
+adds its dummy prefix. Encoding appends ``[gMASK] <sop>``. Text is split as
+transformers 4.27-4.33 split it for THUDM's tokenizer: at ``<sop> <eop> <unk> <pad>
+[MASK]`` (its registered special tokens), the whitespace around them dropped, and each
+text between them encoded on its own; ``[gMASK]`` is not one of them, sentencepiece
+matches it (a user-defined piece) inside the text.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 from transformers import PreTrainedTokenizer
@@ -48,16 +51,31 @@ class ChatGLM6BTokenizer(PreTrainedTokenizer):
         self.vocab_file = vocab_file
         self.num_image_tokens = num_image_tokens
         self.sp = sentencepiece.SentencePieceProcessor(model_file=vocab_file)
-        self.end_token = end_token
-        self.gmask_token = gmask_token
+        self.end_token = str(end_token)
+        self.gmask_token = str(gmask_token)
         kwargs.pop("do_lower_case", None)
         kwargs.pop("remove_space", None)
         kwargs.pop("auto_map", None)
         kwargs.pop("extra_special_tokens", None)
         super().__init__(bos_token=bos_token, eos_token=eos_token, mask_token=mask_token, pad_token=pad_token,
                          unk_token=unk_token, padding_side=padding_side, end_token=end_token,
-                         gmask_token=gmask_token, num_image_tokens=num_image_tokens,
-                         extra_special_tokens=[end_token, gmask_token], **kwargs)
+                         gmask_token=gmask_token, num_image_tokens=num_image_tokens, **kwargs)
+        splits = sorted({str(t) for t in (bos_token, eos_token, unk_token, pad_token, mask_token)}, key=len,
+                        reverse=True)
+        self._split = re.compile("(" + "|".join(re.escape(t) for t in splits) + ")")
+
+    def tokenize(self, text: str, **kwargs) -> list[str]:
+        """Pieces of ``text``: split at the special tokens (whitespace around them dropped),
+        each part between them through sentencepiece with its own dummy prefix."""
+        parts = self._split.split(text)
+        for i in range(1, len(parts), 2):
+            parts[i - 1] = parts[i - 1].rstrip()
+            parts[i + 1] = parts[i + 1].lstrip()
+        tokens: list[str] = []
+        for i, part in enumerate(parts):
+            if part:
+                tokens += [part] if i % 2 else self._tokenize(part)
+        return tokens
 
     @property
     def vocab_size(self) -> int:
@@ -98,17 +116,8 @@ class ChatGLM6BTokenizer(PreTrainedTokenizer):
         if skip_special_tokens:
             special = set(self.all_special_ids)
             ids = [i for i in ids if i not in special]
-        text, pieces = [], []
-        for index in ids:
-            token = self._convert_id_to_token(index)
-            if index in self.all_special_ids:
-                text.append(self.convert_tokens_to_string(pieces))
-                pieces = []
-                text.append(token)
-            else:
-                pieces.append(token)
-        text.append(self.convert_tokens_to_string(pieces))
-        return "".join(text)
+        # every token is a sentencepiece piece (the specials too): one decode, as THUDM's did
+        return self.convert_tokens_to_string([self._convert_id_to_token(i) for i in ids])
 
     def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
         """``A [gMASK] <sop>``, or ``A [gMASK] <sop> B <eop>`` for a pair (THUDM's layout)."""
