@@ -282,15 +282,18 @@ class ChatGLM6BForCausalLM(PreTrainedModel, GenerationMixin):
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None,
                                       inputs_embeds=None, use_cache=True, **kwargs):
-        """``generate``: the new tokens with their 2D positions, computed from the whole sequence."""
+        """``generate``: the new tokens with their 2D positions, computed from the whole sequence.
+        The mask may be longer than ``input_ids`` by a P-Tuning v2 prefix (peft prepends it)."""
         past_key_values = cache if cache is not None else kwargs.get("past_key_values")
+        length = input_ids.shape[1]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        valid = attention_mask.bool()
+        valid = attention_mask[:, -length:].bool()
         mask_position, context = context_anchors(input_ids, valid, self.config)
         positions = two_d_positions((valid.long().cumsum(1) - 1).clamp(min=0), mask_position, context)
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if past:
-            input_ids, positions = input_ids[:, past:], positions[:, :, past:]
+            new = max(attention_mask.shape[1] - past, 1)
+            input_ids, positions = input_ids[:, -new:], positions[:, :, -new:]
         return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions,
                 "cache": past_key_values, "use_cache": use_cache}
