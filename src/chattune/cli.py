@@ -159,6 +159,31 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    """Score a run on a data file (ROUGE, BLEU-4, exact match, loss), optionally beside the base or another run."""
+    from chattune import evaluate as ev
+
+    data = ev.read_eval_data(args.data, fmt=args.format, columns=_columns(args.columns), limit=args.limit)
+    settings = ev.generation_settings(**_overrides(args))
+    run = _load_run(args)
+    result, rows = ev.evaluate(run, data, batch_size=args.batch_size, log=_to_stderr, **settings)
+    other_rows = None
+    if args.compare:
+        other_run, other_name = ev.load_compare(run, args.compare, base_model=args.base_model, force=args.force,
+                                                warn=_to_stderr)
+        other_result, other_rows = ev.evaluate(other_run, data, profile=other_name, batch_size=args.batch_size,
+                                               log=_to_stderr, **settings)
+        result["compare"] = ev.compare(rows, other_rows, other_name, other_result["metrics"])
+    out = ev.write_eval(args.out or ev.default_out_dir(args.run_dir, args.data), result, rows, other_rows)
+    print(ev.format_eval(result))
+    print(f"wrote {out}/eval.json, generated_predictions.jsonl, predict_results.json, eval_rows.jsonl")
+    return 0
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 def cmd_tiny_model(args) -> int:
     """Write a tiny random model of a real architecture with a working tokenizer."""
     from chattune.tiny import build_tiny_model
@@ -270,6 +295,17 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=8)
     predict.add_argument("--limit", type=int, help="only the first N rows")
     predict.set_defaults(func=cmd_predict)
+
+    evaluation = sub.add_parser("eval", help="score a run on a data file: ROUGE-1/2/L, BLEU-4, exact match, loss")
+    _add_inference(evaluation)
+    evaluation.add_argument("--data", required=True, help="data file with prompts and reference answers")
+    evaluation.add_argument("--format", default="auto")
+    evaluation.add_argument("--columns", help="target=column pairs, e.g. prompt=content,response=summary")
+    evaluation.add_argument("--compare", help="'base' (the run's base model) or another run folder, side by side")
+    evaluation.add_argument("--limit", type=int, help="only the first N rows")
+    evaluation.add_argument("--batch-size", type=int, default=8)
+    evaluation.add_argument("--out", help="output folder (default RUN/eval/<data file name>)")
+    evaluation.set_defaults(func=cmd_eval)
 
     tiny = sub.add_parser("tiny-model", help="write a tiny random model of a real architecture")
     tiny.add_argument("out")

@@ -209,6 +209,13 @@ class TrainArgs:
     """Keep at most this many checkpoints (oldest deleted first)."""
     eval_steps: int | None = None
     """Evaluate every this many steps (default: save_steps) when eval data exists."""
+    eval_generate: bool = False
+    """At every evaluation also answer a fixed sample of the eval set greedily and log
+    ROUGE-1/2/L, BLEU-4, exact match and answer length (``eval_rouge-l`` ...) beside the loss."""
+    eval_generate_samples: int = 32
+    """Eval rows answered by eval_generate (the same rows every time)."""
+    eval_generate_max_new_tokens: int | None = None
+    """New tokens per answer for eval_generate (default: max_new_tokens)."""
     seed: int = 42
     """Seed for initialisation, data order, dropout and the eval split."""
     resume_from_checkpoint: str | None = None
@@ -239,6 +246,9 @@ class TrainArgs:
         _check(self.save_steps >= 1, "save_steps: must be >= 1")
         _check(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit: must be >= 1")
         _check(self.eval_steps is None or self.eval_steps >= 1, "eval_steps: must be >= 1")
+        _check(self.eval_generate_samples >= 1, "eval_generate_samples: must be >= 1")
+        _check(self.eval_generate_max_new_tokens is None or self.eval_generate_max_new_tokens >= 1,
+               "eval_generate_max_new_tokens: must be >= 1")
         _check(not (self.fp16 and self.bf16), "fp16 and bf16: choose one")
         _check(self.max_grad_norm >= 0, "max_grad_norm: must be >= 0")
         _check(self.optim in OPTIMIZERS, f"optim: expected one of {list(OPTIMIZERS)}")

@@ -134,6 +134,15 @@ class HeadCapture:
             self.head.__dict__.pop("forward", None)
         self.hidden = None
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Within the block the layer computes its logits again (generation during training)."""
+        self.__exit__(None, None, None)
+        try:
+            yield
+        finally:
+            self.__enter__()
+
     def take(self) -> torch.Tensor:
         """The hidden states of the last forward pass (once)."""
         hidden, self.hidden = self.hidden, None

@@ -108,6 +108,22 @@ def check_machine(config: RunConfig) -> None:
                           "a folder for the run (it is created if missing)")
 
 
+def generation_eval(config: RunConfig, prepared, tokenizer, template: str, log=print):
+    """With ``eval_generate``: a function model -> generation metrics on a fixed sample of the
+    eval set (None without it, or without eval rows)."""
+    if not config.train.eval_generate:
+        return None
+    if prepared.eval is None or len(prepared.eval) == 0:
+        log("eval_generate: no eval rows (set eval_files or eval_fraction); generation is not scored")
+        return None
+    from chattune.evaluate import generation_metrics, sample_rows
+
+    samples = sample_rows(prepared.eval, config.train.eval_generate_samples, config.train.seed)
+    max_new_tokens = config.train.eval_generate_max_new_tokens or config.generate.max_new_tokens
+    return lambda model: generation_metrics(model, tokenizer, template, samples, max_new_tokens=max_new_tokens,
+                                            batch_size=config.train.per_device_eval_batch_size)
+
+
 def train(config: RunConfig, *, log=print) -> TrainResult:
     """Run one training job described by ``config``; return where its run folder is.
 
@@ -154,6 +170,7 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
             model=model, args=training_arguments(config, batches.eval is not None, batches),
             train_dataset=batches.train, eval_dataset=batches.eval, data_collator=batches.collator,
             processing_class=tokenizer, compute_loss_func=loss, log=log,
+            generation_eval=generation_eval(config, prepared, tokenizer, template_name, log),
             callbacks=[MetricsLogger(output_dir / METRICS_NAME), ManifestWriter(manifest, config),
                        CollapseWatch(vocab_size, config.train.learning_rate, log=log)],
         )

@@ -11,6 +11,7 @@ non-finite weights.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -51,9 +52,10 @@ class ChattuneTrainer(Trainer):
     gradient norm or weight stops training with a :class:`TrainingError` (the Trainer's
     ``logging_nan_inf_filter`` would hide it)."""
 
-    def __init__(self, *args, log=print, **kwargs):
+    def __init__(self, *args, log=print, generation_eval=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.chattune_log = log
+        self.generation_eval = generation_eval  # model -> {metric: value}, added to each evaluation
 
     # --- divergence guard ------------------------------------------------------------------
 
@@ -197,6 +199,11 @@ class ChattuneTrainer(Trainer):
             loss.reset_eval()
         output = super().evaluation_loop(*args, **kwargs)
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        if self.generation_eval is not None and prefix == "eval":
+            capture = getattr(loss, "capture", None)
+            with capture.paused() if capture is not None else contextlib.nullcontext():
+                figures = self.generation_eval(self.model)
+            output.metrics.update({f"{prefix}_{name}": value for name, value in figures.items()})
         if isinstance(loss, CausalLMLoss):
             dtype = torch.float64 if self.args.device.type in ("cpu", "cuda") else torch.float32
             totals = torch.tensor([loss.eval_sum, loss.eval_count], dtype=dtype, device=self.args.device)
