@@ -14,8 +14,16 @@ def test_demo_learns_the_taught_instructions(tmp_path):
     assert result["exact_match_before"] <= 0.1
     assert result["exact_match_after"] >= 0.9
     assert result["eval_loss_after"] < result["eval_loss_before"]
+    assert result["rouge_l_after"] > result["rouge_l_before"] + 50
+    assert result["bleu_4_after"] > result["bleu_4_before"] + 50
     report = "\n".join(lines)
     assert "exact match, taught" in report and "eval loss, held-out" in report
+    assert "ROUGE-L, taught" in report and "BLEU-4, taught" in report
+    held_out = tmp_path / "demo" / "data" / "demo_eval.json"
+    assert main(["eval", result["run_dir"], "--data", str(held_out), "--compare", "base"]) == 0
+    evaluation = json.loads((tmp_path / "demo" / "run" / "eval" / "demo_eval" / "eval.json").read_text())
+    assert abs(evaluation["metrics"]["eval_loss"] - result["eval_loss_after"]) < 1e-4  # the demo's held-out loss
+    assert evaluation["compare"]["metrics"]["eval_loss"] > evaluation["metrics"]["eval_loss"]
     out = tmp_path / "pred.jsonl"
     data = tmp_path / "demo" / "data" / "demo_train.json"
     assert main(["predict", result["run_dir"], "--data", str(data), "--out", str(out), "--limit", "5"]) == 0

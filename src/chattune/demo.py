@@ -21,6 +21,7 @@ from chattune.config_io import load_config
 from chattune.data.encode import EncodeOptions, PieceEncoder, encode_all
 from chattune.data.formats import read_rows, to_record
 from chattune.generate import generate
+from chattune.metrics import average, similarity
 from chattune.runs import LoadOptions, load_run
 from chattune.tiny import build_tiny_model
 from chattune.train import train
@@ -64,13 +65,16 @@ def demo_records() -> tuple[list[dict], list[dict]]:
     return taught, held_out
 
 
-def _exact_match(run, records) -> tuple[float, list[str]]:
+def _answer_scores(run, records) -> tuple[dict[str, float], list[str]]:
+    """Exact match (share of rows), ROUGE-L and BLEU-4 (as ``chattune eval``) of greedy answers."""
     conversations = [r.messages[:-1] for r in records]
     answers = []
     for start in range(0, len(conversations), 16):
         answers += generate(run, conversations[start:start + 16], do_sample=False, max_new_tokens=40)
-    hits = sum(a == r.messages[-1]["content"] for a, r in zip(answers, records, strict=True))
-    return hits / len(records), answers
+    references = [r.messages[-1]["content"] for r in records]
+    scores = average([similarity(a, ref) for a, ref in zip(answers, references, strict=True)])
+    hits = sum(a == ref for a, ref in zip(answers, references, strict=True))
+    return {"exact_match": hits / len(records), "rouge-l": scores["rouge-l"], "bleu-4": scores["bleu-4"]}, answers
 
 
 @torch.no_grad()
@@ -128,7 +132,7 @@ def run_demo(workdir: str = "chattune-demo", *, max_steps: int = 400, log=print)
 
     base = load_run(str(model_dir), LoadOptions(template=config.data.template))
     taught_records, held_records = _read(data_dir / "demo_train.json"), _read(data_dir / "demo_eval.json")
-    em_before, _ = _exact_match(base, taught_records)
+    before, _ = _answer_scores(base, taught_records)
     loss_before = _eval_loss(base, held_records, 128)
     del base
     timings["eval before"] = time.perf_counter() - started - sum(timings.values())
@@ -136,13 +140,16 @@ def run_demo(workdir: str = "chattune-demo", *, max_steps: int = 400, log=print)
     result = train(config, log=lambda *_: None)
     timings["training"] = time.perf_counter() - started - sum(timings.values())
     tuned = load_run(str(run_dir))
-    em_after, answers = _exact_match(tuned, taught_records)
+    after, answers = _answer_scores(tuned, taught_records)
     loss_after = _eval_loss(tuned, held_records, 128)
     seconds = time.perf_counter() - started
     timings["eval after"] = seconds - sum(timings.values())
     log("[4/4] results")
     log(f"{'':<34}{'before':>10}{'after':>10}")
-    log(f"{'exact match, taught (n=' + str(len(taught_records)) + ')':<34}{em_before:>10.1%}{em_after:>10.1%}")
+    taught_label = f"taught (n={len(taught_records)})"
+    log(f"{'exact match, ' + taught_label:<34}{before['exact_match']:>10.1%}{after['exact_match']:>10.1%}")
+    log(f"{'ROUGE-L, ' + taught_label:<34}{before['rouge-l']:>10.2f}{after['rouge-l']:>10.2f}")
+    log(f"{'BLEU-4, ' + taught_label:<34}{before['bleu-4']:>10.2f}{after['bleu-4']:>10.2f}")
     log(f"{'eval loss, held-out (n=' + str(len(held_records)) + ')':<34}{loss_before:>10.3f}{loss_after:>10.3f}")
     log(f"template {tuned.profile().template}, {result.global_step} steps, "
         f"{seconds:.0f} s in all ({', '.join(f'{k} {v:.1f} s' for k, v in timings.items())})")
@@ -151,8 +158,12 @@ def run_demo(workdir: str = "chattune-demo", *, max_steps: int = 400, log=print)
         log(f"  Q: {record.messages[-2]['content']}  {record.messages[-2].get('input', '')}".rstrip())
         log(f"  A: {answer}")
     log(f"\nrun folder: {run_dir}\ntry: chattune chat {run_dir}\n"
-        f"     chattune predict {run_dir} --data {data_dir / 'demo_eval.json'} --out {root / 'pred.jsonl'}")
-    return {"exact_match_before": em_before, "exact_match_after": em_after,
+        f"     chattune predict {run_dir} --data {data_dir / 'demo_eval.json'} --out {root / 'pred.jsonl'}\n"
+        f"     chattune eval {run_dir} --data {data_dir / 'demo_eval.json'} --compare base\n"
+        f"     chattune report {run_dir}")
+    return {"exact_match_before": before["exact_match"], "exact_match_after": after["exact_match"],
+            "rouge_l_before": before["rouge-l"], "rouge_l_after": after["rouge-l"],
+            "bleu_4_before": before["bleu-4"], "bleu_4_after": after["bleu-4"],
             "eval_loss_before": loss_before, "eval_loss_after": loss_after,
             "steps": result.global_step, "seconds": seconds, "timings": timings,
             "run_dir": str(run_dir)}
