@@ -184,6 +184,15 @@ def _to_stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+def cmd_report(args) -> int:
+    """One self-contained HTML page about a run: training curves, data audit, config, evaluations."""
+    from chattune.report import write_report
+
+    path = write_report(args.run_dir, args.out)
+    print(f"wrote {path} (open it in a browser; no server or internet needed)")
+    return 0
+
+
 def cmd_tiny_model(args) -> int:
     """Write a tiny random model of a real architecture with a working tokenizer."""
     from chattune.tiny import build_tiny_model
@@ -306,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--batch-size", type=int, default=8)
     evaluation.add_argument("--out", help="output folder (default RUN/eval/<data file name>)")
     evaluation.set_defaults(func=cmd_eval)
+
+    report = sub.add_parser("report", help="write RUN/report.html: training curves, data audit, config, evaluations")
+    report.add_argument("run_dir", help="run folder")
+    report.add_argument("--out", help="HTML file (default RUN/report.html)")
+    report.set_defaults(func=cmd_report)
 
     tiny = sub.add_parser("tiny-model", help="write a tiny random model of a real architecture")
     tiny.add_argument("out")
