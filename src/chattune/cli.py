@@ -172,7 +172,8 @@ def cmd_eval(args) -> int:
         other_run, other_name = ev.load_compare(run, args.compare, base_model=args.base_model, force=args.force,
                                                 warn=_to_stderr)
         other_result, other_rows = ev.evaluate(other_run, data, profile=other_name, batch_size=args.batch_size,
-                                               log=_to_stderr, **settings)
+                                               max_seq_length=result["data"]["max_seq_length"], log=_to_stderr,
+                                               **settings)
         result["compare"] = ev.compare(rows, other_rows, other_name, other_result["metrics"])
     out = ev.write_eval(args.out or ev.default_out_dir(args.run_dir, args.data), result, rows, other_rows)
     print(ev.format_eval(result))
@@ -182,6 +183,21 @@ def cmd_eval(args) -> int:
 
 def _to_stderr(message: str) -> None:
     print(message, file=sys.stderr)
+
+
+def cmd_export(args) -> int:
+    """Merge a run into one standalone model folder (and optionally a GGUF file), checked against the run."""
+    from chattune.export import export_run, format_check
+
+    result = export_run(args.run_dir, args.out, dtype=args.dtype, shard_size=args.shard_size,
+                        overwrite=args.overwrite, force=args.force, base_model=args.base_model, log=_to_stderr)
+    print(f"exported {args.run_dir} to {result.out_dir}\ncheck: {format_check(result.check)}")
+    if args.gguf:
+        from chattune.gguf_export import export_gguf
+
+        for line in export_gguf(result.out_dir, args.gguf, log=_to_stderr):
+            print(line)
+    return 0
 
 
 def cmd_report(args) -> int:
@@ -315,6 +331,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--batch-size", type=int, default=8)
     evaluation.add_argument("--out", help="output folder (default RUN/eval/<data file name>)")
     evaluation.set_defaults(func=cmd_eval)
+
+    export = sub.add_parser("export", help="merge a run into one model folder any runtime loads (and GGUF)")
+    export.add_argument("run_dir", help="run folder (lora, dora, qlora, freeze or full)")
+    export.add_argument("--out", required=True, help="folder to write the model to")
+    export.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                        help="weights' dtype (auto: the base model's)")
+    export.add_argument("--shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    export.add_argument("--force", action="store_true", help="export even if the base model differs from training's")
+    export.add_argument("--base-model", help="base model path, overriding the manifest's")
+    export.add_argument("--gguf", choices=["f16", "q8_0"], help="also write a GGUF file and an Ollama Modelfile")
+    export.set_defaults(func=cmd_export)
 
     report = sub.add_parser("report", help="write RUN/report.html: training curves, data audit, config, evaluations")
     report.add_argument("run_dir", help="run folder")

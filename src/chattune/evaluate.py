@@ -87,6 +87,8 @@ def read_eval_data(path: str, *, fmt: str = "auto", columns: dict[str, str] | No
             unreadable.append(str(exc))
             continue
         messages, reference = split_prompt(record.messages)
+        if reference is not None and not reference.strip():
+            reference = None  # an empty answer is no reference: scoring it would reward empty output
         examples.append(EvalExample(rows - 1, row.where, messages, reference))
     if not examples:
         why = f"{rows} rows, none readable (first: {unreadable[0]})" if unreadable else "no rows"
@@ -203,6 +205,13 @@ def summarize(results: list[RowResult], loss: float | None, loss_tokens: int) ->
     return figures
 
 
+def eval_length(run: LoadedRun, profile: str | None = None) -> int:
+    """Tokens per reference row for the loss: the run's training ``max_seq_length`` (a compared
+    model is measured over the same tokens: pass it), else the model's context length."""
+    manifest = run.profile(profile).manifest
+    return (manifest.max_seq_length if manifest else None) or run.context_length
+
+
 def evaluate(run: LoadedRun, data: EvalData, *, profile: str | None = None, batch_size: int = 8,
              max_seq_length: int | None = None, log=print, **settings) -> tuple[dict, list[RowResult]]:
     """Generate, score and measure the references' loss for ``run``'s ``profile``; the
@@ -212,7 +221,7 @@ def evaluate(run: LoadedRun, data: EvalData, *, profile: str | None = None, batc
     results = generate_rows(run, chosen.name, data, batch_size=batch_size, log=log, **settings)
     runtime = time.perf_counter() - started
     manifest = chosen.manifest
-    limit = max_seq_length or (manifest.max_seq_length if manifest else None) or run.context_length
+    limit = max_seq_length or eval_length(run, profile)
     loss, loss_tokens = reference_loss(run, chosen, data, max_seq_length=limit, batch_size=batch_size)
     identity = {"name": chosen.name, "path": str(chosen.run_dir) if chosen.run_dir else None,
                 "template": chosen.template,
@@ -221,7 +230,8 @@ def evaluate(run: LoadedRun, data: EvalData, *, profile: str | None = None, batc
                 "base_model": dataclasses.asdict(manifest.base_model) if manifest else None}
     result = {
         "run": identity,
-        "data": {"path": data.path, "rows": data.rows, "scored": sum(r.scores is not None for r in results),
+        "data": {"path": data.path, "rows": data.rows, "max_seq_length": limit,
+                 "scored": sum(r.scores is not None for r in results),
                  "no_reference": sum(r.scores is None for r in results), "unreadable": len(data.unreadable),
                  "unreadable_reasons": data.unreadable[:5]},
         "generation": {**settings, "batch_size": batch_size},
@@ -422,4 +432,6 @@ def load_compare(run: LoadedRun, target: str, *, base_model: str | None = None, 
         raise ConfigError("--compare base: this is a bare model, it has no base to compare with; "
                           "give another run folder instead")
     other = load_run(base_path, LoadOptions(template=chosen.template, name="base"), warn=warn)
-    return other, other.profile().name
+    name = other.profile().name
+    profile = dataclasses.replace(other.profile(), generation=chosen.generation)  # answer as the run does
+    return dataclasses.replace(other, profiles={**other.profiles, name: profile}), name

@@ -276,13 +276,18 @@ def from_openai(value: dict, where: str) -> list[dict]:
     return messages
 
 
-def from_columns(value: dict, where: str, columns: dict[str, str]) -> list[dict]:
-    """Any layout through a column map such as ``{prompt: content, response: summary}``."""
+def from_columns(value: dict, where: str, columns: dict[str, str], need_answer: bool = True) -> list[dict]:
+    """Any layout through a column map such as ``{prompt: content, response: summary}``; without
+    ``need_answer`` a row may lack the response (the conversation then ends with the user)."""
     if not isinstance(value, dict):
         raise RecordError(f"{where}: expected an object, got {type(value).__name__}")
     names = {"prompt": "instruction", "query": "input", "response": "output",
              "system": "system", "history": "history"}
     mapped = {}
+    unanswered = not need_answer and not value.get(columns.get("response", ""))
+    if unanswered:
+        columns = {target: column for target, column in columns.items() if target != "response"}
+        mapped["output"] = ""
     for target, column in columns.items():
         cell = value.get(column)
         if cell is None or (cell == "" and target in ("prompt", "response")):
@@ -297,17 +302,18 @@ def from_columns(value: dict, where: str, columns: dict[str, str]) -> list[dict]
         elif target != "history" and not isinstance(cell, str):
             raise RecordError(f"{where}.{column}: expected a string, got {type(cell).__name__}")
         mapped[names[target]] = cell
-    return from_alpaca(mapped, where)
+    messages = from_alpaca(mapped, where)
+    return messages[:-1] if unanswered else messages
 
 
-def check_columns(columns: dict[str, str] | None, where: str) -> dict[str, str]:
-    """Validate a column map; it must map at least prompt and response."""
+def check_columns(columns: dict[str, str] | None, where: str, need_answer: bool = True) -> dict[str, str]:
+    """Validate a column map; it must map at least prompt and (with ``need_answer``) response."""
     if not columns:
         raise DataFileError(f"{where}: format 'columns' needs a column map, e.g. prompt=content,response=summary")
     for target in columns:
         if target not in COLUMN_TARGETS:
             raise DataFileError(f"{where}: column map target {target!r} unknown; expected {list(COLUMN_TARGETS)}")
-    for needed in ("prompt", "response"):
+    for needed in ("prompt", "response") if need_answer else ("prompt",):
         if needed not in columns:
             raise DataFileError(f"{where}: column map needs {needed!r}")
     return columns
@@ -335,6 +341,6 @@ def to_record(row: RawRow, fmt: str, columns: dict[str, str] | None = None, *,
     elif fmt == "openai":
         messages = from_openai(row.value, row.where)
     else:
-        messages = from_columns(row.value, row.where, check_columns(columns, row.where))
+        messages = from_columns(row.value, row.where, check_columns(columns, row.where, need_answer), need_answer)
     validate_messages(messages, row.where, need_answer=need_answer)
     return Record(messages=messages, source=row.where)
