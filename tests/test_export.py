@@ -143,8 +143,8 @@ def test_refusals_and_nothing_half_written(runs, root, capsys, monkeypatch):
     assert (out / "keep.txt").read_text() == "mine"
     import chattune.export as export
 
-    def failing(reference, exported, dtype):
-        return {**real(reference, exported, dtype), "passed": False}
+    def failing(reference, exported, dtype, gaps=None):
+        return {**real(reference, exported, dtype, gaps), "passed": False}
 
     real = export.compare_probes
     monkeypatch.setattr(export, "compare_probes", failing)
@@ -176,6 +176,18 @@ def test_small_shards_and_their_index(runs, root):
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 3 and sorted(p.name for p in out.glob("model-*.safetensors")) == shards
     AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_half_precision_divergence_only_at_a_near_tie_passes():
+    from chattune.export import compare_probes
+
+    logits = [torch.tensor([[1.0, 2.0]])]
+    reference, exported = (logits, [[1, 2, 3]]), (logits, [[1, 5, 6]])
+    tie = compare_probes(reference, exported, torch.bfloat16, gaps=[[3.0, 0.01, 2.0]])
+    assert tie["passed"] and tie["greedy_ties"] == [{"probe": 0, "step": 1, "top_gap": 0.01}]
+    clear = compare_probes(reference, exported, torch.bfloat16, gaps=[[3.0, 2.0, 2.0]])
+    assert not clear["passed"]
+    assert not compare_probes(reference, exported, torch.float32, gaps=[[3.0, 0.01, 2.0]])["passed"]
 
 
 def test_write_shard_is_read_by_safetensors(tmp_path):
