@@ -60,6 +60,7 @@ def test_export_is_a_standalone_model_equal_to_the_run(runs, root, method, capsy
     assert "check: float32: max |logit difference|" in printed and "identical on 3/3 probes" in printed
     check = json.loads((out / "export_check.json").read_text())
     assert check["passed"] and check["max_logit_difference"] <= 1e-4 and check["greedy_identical"] == 3
+    assert check["chat_template_matches"], check["chat_template_mismatches"]  # history and system too
     for name in ("config.json", "model.safetensors.index.json", "generation_config.json", "tokenizer_config.json"):
         assert (out / name).is_file(), name
     assert not list(out.glob("adapter_*")) and not (out / "chattune.json").exists()

@@ -180,7 +180,8 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         handle.write(encoded)
         for tensor in tensors.values():
             flat = tensor.detach().contiguous().view(-1)
-            handle.write(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+            if flat.numel():
+                handle.write(memoryview(flat.view(torch.uint8).numpy()))  # no copy of the tensor's bytes
 
 
 def write_weights(model, folder: Path, shard_size: int) -> dict:
@@ -211,6 +212,35 @@ def write_weights(model, folder: Path, shard_size: int) -> dict:
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return index
+
+
+@torch.no_grad()
+def merge_lora_in_place(model, rows: int = 256) -> bool:
+    """Add each plain LoRA layer's ``scaling * B @ A`` into its base weight in place, ``rows``
+    output rows at a time (peft's merge builds the whole delta in float32 first, the export's
+    memory peak), then drop the adapters; return False (nothing changed) when some layer is not
+    a plain LoRA ``Linear`` (DoRA, biases, embeddings, fan_in_fan_out): peft merges those."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    for layer in layers:
+        if type(layer) is not LoraLinear or layer.fan_in_fan_out:
+            return False
+        for name in layer.active_adapters:
+            if layer.use_dora.get(name) or (getattr(layer, "lora_bias", {}) or {}).get(name):
+                return False
+    for layer in layers:
+        weight = layer.get_base_layer().weight
+        for name in layer.active_adapters:
+            if name not in layer.lora_A:
+                continue
+            a = layer.lora_A[name].weight.float()
+            b = layer.lora_B[name].weight
+            for start in range(0, weight.shape[0], rows):
+                delta = (b[start:start + rows].float() @ a) * layer.scaling[name]
+                weight[start:start + rows] += delta.to(weight.dtype)
+    return True
 
 
 def _untie_touched_embeddings(model, log) -> None:
@@ -302,7 +332,7 @@ def export_run(run_dir: str, out: str, *, dtype: str = "auto", shard_size: str =
     gaps = [top_gaps(model, ids, tokens) for ids, tokens in zip(prompts, reference[1], strict=True)]
     _untie_touched_embeddings(model, log)
     if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
+        model = model.unload() if merge_lora_in_place(model) else model.merge_and_unload()
     _untie_if_trained(model, log)
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -354,7 +384,7 @@ def write_tokenizer(tokenizer, template: str, folder: Path) -> list[str]:
 
     from transformers import AutoTokenizer
 
-    from chattune.chat_templates import PROBE_CONVERSATIONS, chat_template
+    from chattune.chat_templates import PROBE_CONVERSATIONS, chat_template, role_pattern
 
     saved = copy.deepcopy(tokenizer)
     if getattr(saved, "split_special_tokens", False):
@@ -372,7 +402,18 @@ def write_tokenizer(tokenizer, template: str, folder: Path) -> list[str]:
         return [f"template {template!r}: the tokenizer has no chat template"]
     exported = AutoTokenizer.from_pretrained(folder)
     words = [[{"role": "user", "content": "Do people study philosophy or isopropyl alcohol?"}]]  # "sop" inside
-    return template_mismatches(exported, tokenizer, template, PROBES + PROBE_CONVERSATIONS + words)
+    probes = PROBES + PROBE_CONVERSATIONS + words
+    mismatches = template_mismatches(exported, tokenizer, template, probes)
+    if mismatches and template == "tokenizer":
+        # chattune trains an EOS after answers the tokenizer's template leaves unterminated: the
+        # export's template is chattune's rendering of it, as a prefix/text/suffix pattern
+        pattern = role_pattern(tokenizer, tokenizer.eos_token or "")
+        if pattern is not None:
+            exported.chat_template = pattern.jinja()
+            exported.save_pretrained(folder)
+            exported = AutoTokenizer.from_pretrained(folder)
+            mismatches = template_mismatches(exported, tokenizer, template, probes)
+    return mismatches
 
 
 def template_mismatches(exported, tokenizer, template: str, conversations: list[list[dict]]) -> list[str]:

@@ -37,9 +37,9 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
+from chattune.chat_templates import RolePattern, role_pattern
 from chattune.errors import ChattuneError, ConfigError
 
 SUPPORTED: dict[str, str] = {
@@ -339,101 +339,13 @@ def _named_go_template(name: str, eos: str, specials: str) -> str:
                       "alpaca, chatglm, chatglm-tuning, chatglm2, chatglm3, default, vicuna")
 
 
-@dataclass(frozen=True)
-class _RolePattern:
-    """A chat template that renders ``common + (system part | no-system part)`` then each
-    message as ``user_prefix + text + generation`` or ``text + answer_suffix``."""
-
-    common: str
-    with_system: str
-    system_suffix: str
-    without_system: str
-    user_prefix: str
-    generation: str
-    answer_suffix: str
-
-    def render(self, messages: list[dict]) -> str:
-        """What the Go template :meth:`go` renders for ``messages`` (checked against chattune)."""
-        system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
-        out = [self.common, f"{self.with_system}{system}{self.system_suffix}" if system else self.without_system]
-        for message in messages:
-            if message["role"] == "user":
-                out.append(self.user_prefix + message["content"] + self.generation)
-            elif message["role"] == "assistant":
-                out.append(message["content"] + self.answer_suffix)
-        return "".join(out)
-
-    def go(self) -> str:
-        without = _ELSE + _lit(self.without_system) if self.without_system else ""
-        return (_lit(self.common) + _IF_SYSTEM + _lit(self.with_system) + _SYSTEM
-                + _lit(self.system_suffix) + without + _END
-                + _messages(_lit(self.user_prefix) + _CONTENT + _lit(self.generation),
-                            _CONTENT + _lit(self.answer_suffix)))
-
-
-def _common_suffix(*texts: str) -> str:
-    size = 0
-    while all(len(t) > size for t in texts) and len({t[len(t) - size - 1] for t in texts}) == 1:
-        size += 1
-    return texts[0][len(texts[0]) - size:] if size else ""
-
-
-def _split(text: str, markers: list[str]) -> list[str] | None:
-    """``text`` cut at each marker in order (len(markers) + 1 segments), or None."""
-    segments, cursor = [], 0
-    for marker in markers:
-        at = text.find(marker, cursor)
-        if at < 0:
-            return None
-        segments.append(text[cursor:at])
-        cursor = at + len(marker)
-    return segments + [text[cursor:]]
-
-
-def _chat_template_pattern(tokenizer, eos: str, bos: str = "") -> _RolePattern | None:
-    """The tokenizer's chat template (as chattune renders it, EOS included, a leading ``bos``
-    left out) as a :class:`_RolePattern`, or None when it is not one (checked on longer
-    conversations)."""
-    from chattune.data.templates import TemplateError, render, render_text
-
-    def text(messages):
-        rendered = render_text(render("tokenizer", messages, tokenizer), eos=eos)
-        return rendered[len(bos):] if bos and rendered.startswith(bos) else rendered
-
-    s, u1, a1, u2, a2, u3 = "SYSTEMTEXT", "USERONE", "ANSWERONE", "USERTWO", "ANSWERTWO", "USERTHREE"
-    turns = [{"role": "user", "content": u1}, {"role": "assistant", "content": a1},
-             {"role": "user", "content": u2}]
-    try:
-        with_sys = _split(text([{"role": "system", "content": s}, *turns]), [s, u1, a1, u2])
-        without = _split(text(turns), [u1, a1, u2])
-    except TemplateError:
-        return None
-    if with_sys is None or without is None:
-        return None
-    head, sys_next, generation, between, tail = with_sys
-    if not (generation == tail == without[1] == without[3] and between == without[2]):
-        return None
-    user_prefix = _common_suffix(without[0], between, sys_next)
-    cut = len(user_prefix)
-    no_system = without[0][:len(without[0]) - cut]
-    common = head[:next((i for i, (x, y) in enumerate(zip(head, no_system, strict=False)) if x != y),
-                        min(len(head), len(no_system)))]
-    pattern = _RolePattern(common, head[len(common):], sys_next[:len(sys_next) - cut],
-                           no_system[len(common):], user_prefix, generation,
-                           between[:len(between) - cut])
-    probes = [
-        [{"role": "system", "content": s}, {"role": "user", "content": u1}],
-        [{"role": "user", "content": u1}],
-        [{"role": "system", "content": s}, *turns, {"role": "assistant", "content": a2},
-         {"role": "user", "content": u3}],
-        [*turns, {"role": "assistant", "content": a2}, {"role": "user", "content": u3}],
-    ]
-    try:
-        if all(pattern.render(m) == text(m) for m in probes):
-            return pattern
-    except TemplateError:
-        pass
-    return None
+def _go(pattern: RolePattern) -> str:
+    """The pattern in Ollama's Go-template syntax."""
+    without = _ELSE + _lit(pattern.without_system) if pattern.without_system else ""
+    return (_lit(pattern.common) + _IF_SYSTEM + _lit(pattern.with_system) + _SYSTEM
+            + _lit(pattern.system_suffix) + without + _END
+            + _messages(_lit(pattern.user_prefix) + _CONTENT + _lit(pattern.generation),
+                        _CONTENT + _lit(pattern.answer_suffix)))
 
 
 def ollama_template(template: str, tokenizer, *, add_bos: bool | None = None) -> tuple[str, str | None]:
@@ -452,10 +364,10 @@ def ollama_template(template: str, tokenizer, *, add_bos: bool | None = None) ->
     if template != "tokenizer":
         return _named_go_template(template, eos, specials), None
     runtime_bos = (tokenizer.bos_token or "") if add_bos is not False else ""
-    pattern = _chat_template_pattern(tokenizer, eos, runtime_bos)
+    pattern = role_pattern(tokenizer, eos, runtime_bos)
     if pattern is None:
         return _named_go_template("default", eos, specials), GENERIC_TEMPLATE_NOTE
-    return pattern.go(), None
+    return _go(pattern), None
 
 
 def _stops(template: str, tokenizer) -> list[str]:
