@@ -38,7 +38,8 @@ CONVERSATIONS = {
         {"role": "user", "content": "Now to German.", "input": "Good night"},
     ],
 }
-EXACT_ON_TINY = ("alpaca", "chatglm", "chatglm2", "chatglm3")
+JOINED_NEW = ("alpaca", "chinese-alpaca", "chinese-alpaca-2", "moss", "gpt4all")
+EXACT_ON_TINY = ("tutorial-alpaca", "chatglm", "chatglm2", "chatglm3", *JOINED_NEW)
 NOT_EXACT = ("default", "vicuna", "chatglm-tuning")
 
 
@@ -147,7 +148,7 @@ def test_a_space_before_a_message_is_reported_on_tiny_models(template, arch, tin
 
 
 def test_alpaca_input_is_rendered_as_chattune_renders_it(tiny):
-    text = rendered("alpaca", tiny("glm4"), CONVERSATIONS["alpaca input"])
+    text = rendered("tutorial-alpaca", tiny("glm4"), CONVERSATIONS["alpaca input"])
     assert text == ("### Instruction:\nIdentify the odd one out.\n\n### Input:\nTwitter, Instagram, Telegram"
                     "\n\n### Response:\n")
     # other templates put the input inside the user's text (records.user_text)
@@ -163,10 +164,37 @@ def test_history_answers_end_with_eos_where_the_template_trains_it(tiny):
     tokenizer = tiny("llama")
     history = CONVERSATIONS["history"]
     assert "Red, blue and yellow.<|im_end|>\nHuman: " in rendered("default", tokenizer, history)
-    assert "Red, blue and yellow.\nEND\n<|im_end|>### Instruction:" in rendered("alpaca", tokenizer, history)
+    assert "Red, blue and yellow.\nEND\n<|im_end|>### Instruction:" in rendered("tutorial-alpaca", tokenizer, history)
     assert "Red, blue and yellow.<|user|>" in rendered("chatglm3", tokenizer, history)  # EOS ends only the last
     assert rendered("chatglm2", tokenizer, history).endswith("[Round 3]\n\n问：中国的首都是哪里？\n\n答：")
     assert not rendered("chatglm2", tokenizer, history[:2], generation=False).endswith("答：")
+
+
+def test_stanford_alpaca_jinja_chooses_the_preamble_by_the_first_input(tiny):
+    tokenizer = tiny("qwen2")
+    assert rendered("alpaca", tokenizer, CONVERSATIONS["alpaca input"]) == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n### Instruction:\nIdentify the odd one "
+        "out.\n\n### Input:\nTwitter, Instagram, Telegram\n\n### Response:")
+    # a client that folded the input into the content gets prompt_no_input, as chattune renders it
+    folded = [{"role": "user", "content": "Identify the odd one out.\nTwitter, Instagram, Telegram"}]
+    assert rendered("alpaca", tokenizer, folded) == chattune_text("alpaca", tokenizer, folded)
+    assert rendered("alpaca", tokenizer, folded).startswith("Below is an instruction that describes a task. ")
+    history = CONVERSATIONS["history with input"]
+    assert "### Response:Bonjour<|im_end|>\n\n### Instruction:\nNow to German." in rendered("alpaca", tokenizer, history)
+
+
+def test_new_templates_history_as_their_code(tiny):
+    tokenizer = tiny("llama")  # EOS <|im_end|>, no special prefix
+    history = CONVERSATIONS["history"]
+    assert "### Response: Red, blue and yellow.\n\n### Instruction:\n你好" in rendered(
+        "chinese-alpaca", tokenizer, history)  # no EOS inside the history
+    assert "[/INST]Red, blue and yellow.<|im_end|>[INST] 你好 [/INST]" in rendered(
+        "chinese-alpaca-2", tokenizer, history)
+    assert "<|MOSS|>: Red, blue and yellow.<eom>\n<|Human|>: 你好<eoh>\n<|MOSS|>:" in rendered(
+        "moss", tokenizer, history)
+    assert "### Assistant:\nRed, blue and yellow.<|im_end|>### Human:\n你好\n### Assistant:\n" in rendered(
+        "gpt4all", tokenizer, history)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -206,19 +234,21 @@ def test_saved_and_reloaded_tokenizer_renders_chattunes_ids(tiny, tmp_path):
 
     tokenizer = tiny("qwen2")
     saved = AutoTokenizer.from_pretrained(tiny("qwen2").name_or_path)
-    saved.chat_template = chat_template("alpaca", tokenizer)
+    saved.chat_template = chat_template("tutorial-alpaca", tokenizer)
     saved.save_pretrained(tmp_path)
     reloaded = AutoTokenizer.from_pretrained(tmp_path)
     for name, messages in CONVERSATIONS.items():
         got = reloaded.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        assert list(got) == encode_prompt(messages, "alpaca", PieceEncoder(tokenizer)), name
+        assert list(got) == encode_prompt(messages, "tutorial-alpaca", PieceEncoder(tokenizer)), name
 
 
 # ---- the real ChatGLM tokenizers ------------------------------------------------------------
 
 @pytest.mark.parametrize("family,template", [("chatglm3-6b", "chatglm3"), ("chatglm2-6b", "chatglm2"),
-                                             ("chatglm3-6b", "alpaca"), ("chatglm2-6b", "chatglm3"),
-                                             ("chatglm3-6b", "chatglm")])
+                                             ("chatglm3-6b", "tutorial-alpaca"), ("chatglm2-6b", "chatglm3"),
+                                             ("chatglm3-6b", "chatglm"),
+                                             *[(family, name) for family in ("chatglm2-6b", "chatglm3-6b")
+                                               for name in JOINED_NEW if name != "moss"]])
 def test_exact_on_chatglm2_and_chatglm3(family, template, glm):
     tokenizer = glm(family)
     for name, messages in CONVERSATIONS.items():
@@ -227,6 +257,19 @@ def test_exact_on_chatglm2_and_chatglm3(family, template, glm):
     assert check_chat_template(template, tokenizer, list(CONVERSATIONS.values()), probes=False) == []
     assert tokenizer.split_special_tokens  # the check leaves the tokenizer as it was
     assert tokenizer("people", add_special_tokens=False)["input_ids"] == [705]
+
+
+@pytest.mark.parametrize("family", ["chatglm2-6b", "chatglm3-6b"])
+def test_moss_on_chatglm_is_exact_with_a_system_message_only(family, glm):
+    """MOSS's default meta_instruction says "people": the exported tokenizer reads its "eop"."""
+    tokenizer = glm(family)
+    with_system = [m for m in CONVERSATIONS.values() if m[0]["role"] == "system"]
+    assert len(with_system) == 2
+    for messages in with_system:
+        got, want = ids_both_ways("moss", tokenizer, messages)
+        assert got == want
+    problems = check_chat_template("moss", tokenizer, [CONVERSATIONS["one turn"]], probes=False)
+    assert len(problems) == 1 and "'eop'" in problems[0]
 
 
 def test_chatglm3_renders_thudms_format_with_the_dummy_prefix_spaces(glm):
@@ -250,7 +293,7 @@ def test_a_space_before_a_message_is_reported_on_chatglm3(template, glm):
     assert len(problems) == 1 and "'▁▁'" in problems[0]
 
 
-@pytest.mark.parametrize("template", ["chatglm3", "chatglm2", "alpaca"])
+@pytest.mark.parametrize("template", ["chatglm3", "chatglm2", "tutorial-alpaca"])
 def test_special_token_text_in_messages_is_reported_on_chatglm(template, glm):
     """The export reads special tokens from text (split_special_tokens=False): ``eop`` in
     ``people`` becomes a token, which chattune's tokenizer never does."""
@@ -309,7 +352,7 @@ def test_chatglm_tuning_on_chatglm_6b_is_exact_without_history_only(glm6b):
     assert len(problems) == 1 and "<eop>" in problems[0]
 
 
-@pytest.mark.parametrize("template", ["chatglm2", "chatglm3", "alpaca", "default", "vicuna"])
+@pytest.mark.parametrize("template", ["chatglm2", "chatglm3", "tutorial-alpaca", "default", "vicuna", *JOINED_NEW])
 def test_specials_first_cannot_be_exact_on_chatglm_6b(template, glm6b):
     """ChatGLM-6B's tokenizer puts '▁' before a '[gMASK]' that starts a text."""
     problems = check_chat_template(template, glm6b, [CONVERSATIONS["one turn"]], probes=False)

@@ -377,7 +377,8 @@ CONVERSATIONS = [
     [{"role": "user", "content": Q1}, {"role": "assistant", "content": A1}, {"role": "user", "content": Q2},
      {"role": "assistant", "content": A2}, {"role": "user", "content": Q3}],
 ]
-NAMED = ["default", "alpaca", "chatglm-tuning", "chatglm", "chatglm2", "chatglm3", "vicuna"]
+NAMED = ["default", "tutorial-alpaca", "chatglm-tuning", "chatglm", "chatglm2", "chatglm3", "vicuna", "alpaca",
+         "chinese-alpaca", "chinese-alpaca-2", "moss", "gpt4all"]
 
 
 def _modelfile_template(path: Path) -> str:
@@ -466,6 +467,49 @@ def test_chat_template_bos_is_left_to_the_runtime(tiny_models):
             if add_bos is not False:
                 want = want[len("<|endoftext|>"):]
             assert _ollama_render(go_template, messages) == want
+
+
+def test_a_bos_per_turn_is_written_after_the_first(tiny_models):
+    """chinese-alpaca-2 puts the tokenizer's BOS before every turn: the runtime adds only the
+    first one (add_bos_token), so the TEMPLATE writes the others."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models("qwen2"))
+    bos = "<|endoftext|>"
+    tokenizer.bos_token = bos
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tokenizer.convert_tokens_to_ids(bos))])
+    assert tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id
+    for add_bos in (True, False):
+        go_template, _ = ollama_template("chinese-alpaca-2", tokenizer, add_bos=add_bos)
+        for messages in CONVERSATIONS:
+            want = _chattune_prompt("chinese-alpaca-2", messages, tokenizer, specials=bos)
+            assert want.startswith(bos + "[INST] <<SYS>>")
+            if add_bos:
+                want = want[len(bos):]
+            assert _ollama_render(go_template, messages) == want
+    history = CONVERSATIONS[3]
+    assert _ollama_render(go_template, history).count(bos + "[INST] ") == 3
+
+
+def test_modelfile_stops_of_the_new_templates(tiny_models, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models("qwen2"))
+
+    def stops(template):
+        text = write_modelfile(tmp_path / template, "m.gguf", template, tokenizer, GenerateArgs()).read_text()
+        return [line.removeprefix("PARAMETER stop ") for line in text.splitlines() if line.startswith("PARAMETER stop")]
+
+    assert stops("alpaca") == ['"### Instruction:"', '"<|im_end|>"']
+    assert stops("chinese-alpaca-2") == ['"[INST]"', '"<|im_end|>"']
+    assert stops("moss") == ['"<eom>"', '"<eoh>"', '"<|Human|>:"', '"<|im_end|>"']
+    assert stops("gpt4all") == ['"### Human"', '"### Assistant"', '"<|im_end|>"']
+    moss = (tmp_path / "moss" / "Modelfile").read_text(encoding="utf-8")
+    assert "Capabilities and tools that MOSS can possess.{{ end }}\n" in moss  # its meta_instruction, quotes and all
+    assert '"in this context a human might say...", "some people might think..."' in _modelfile_template(
+        tmp_path / "moss" / "Modelfile")
 
 
 def test_untranslatable_chat_template_gets_the_generic_one(tiny_models, tmp_path, capsys):

@@ -92,3 +92,44 @@ def test_not_a_run_folder(tmp_path):
         read_manifest(tmp_path)
     with pytest.raises(ManifestError, match="expected a JSON object"):
         Manifest.from_json([1, 2])
+
+
+def test_a_run_folder_from_before_the_alpaca_rename_still_loads_and_renders_as_trained(
+        tiny_models, data_file, tmp_path):
+    """Until chattune 0.2 ``alpaca`` named the tutorial's variant (now ``tutorial-alpaca``). A run
+    folder written then records ``alpaca`` with that rendering: it loads without a drift error
+    and renders its prompts exactly as it was trained."""
+    from chattune.config_io import load_config
+    from chattune.data.encode import PieceEncoder, encode_prompt
+    from chattune.manifest import recorded_template
+    from chattune.runs import load_run
+    from chattune.train import train
+
+    base = tiny_models("glm4")
+    run = train(load_config(None, [f"model_name_or_path={base}", f"train_files=[{data_file}]", "max_steps=2",
+                                   "save_steps=2", "template=tutorial-alpaca", f"output_dir={tmp_path / 'run'}",
+                                   "report_to=[none]", f"cache_dir={tmp_path / 'cache'}"]),
+                log=lambda *_: None).output_dir
+    path = run / MANIFEST_NAME
+    data = json.loads(path.read_text())
+    data["template"]["name"] = "alpaca"  # as the older chattune wrote it: same rendering, the old name
+    data["template"]["source"] = "mymusise/ChatGLM-Tuning cover_alpaca2jsonl.py (the tutorial's text format)"
+    path.write_text(json.dumps(data))
+    tokenizer = load_tokenizer(str(base))
+    old = read_manifest(run)
+    assert recorded_template(old, tokenizer) == "tutorial-alpaca"
+    assert verify_template(old, tokenizer) == []
+    loaded = load_run(str(run))
+    assert loaded.profile().template == "tutorial-alpaca"
+    question = [{"role": "user", "content": "Give three tips."}]
+    expected = encode_prompt(question, "tutorial-alpaca", PieceEncoder(tokenizer))
+    assert loaded.prompt_ids(question) == expected
+    assert "### Instruction:\n" in tokenizer.decode(expected) and "Below is an instruction" not in tokenizer.decode(expected)
+
+
+def test_a_recorded_name_keeps_its_meaning_when_its_rendering_matches(made):
+    """A run trained with today's ``alpaca`` (Stanford's prompt) stays ``alpaca``."""
+    from chattune.manifest import recorded_template
+
+    _, tokenizer, _, manifest = made
+    assert recorded_template(manifest, tokenizer) == "alpaca"

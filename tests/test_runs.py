@@ -39,8 +39,8 @@ def test_a_bare_base_model(tiny_models):
 
 
 def test_the_template_can_be_overridden(run_dir):  # noqa: F811
-    run = load_run(str(run_dir), LoadOptions(template="alpaca"))
-    assert run.profile().template == "alpaca"
+    run = load_run(str(run_dir), LoadOptions(template="tutorial-alpaca"))
+    assert run.profile().template == "tutorial-alpaca"
     text = run.tokenizer.decode(run.prompt_ids(ASK))
     assert text.endswith("### Instruction:\nWho are you?\n\n### Response:\n")
 

@@ -12,10 +12,10 @@ tokens never merge with its neighbours; ``joined`` templates tokenize each run o
 pieces as one text), ``apply_chat_template`` tokenizes one rendered string. The Jinja
 spells out the tokenizer's special prefix/suffix (``special_token_ids``: ``[gMASK]sop``
 for ChatGLM2/3, ``[gMASK]<sop>`` for ChatGLM-6B, nothing for the byte-level tiny
-GLM-4/LLaMA/Qwen2 models), its EOS token where the template puts EOS (default, alpaca,
-chatglm-tuning and vicuna end every history answer with it, chatglm3/chatglm2/chatglm
-do not) and ChatGLM3's role tokens; a text that a special token splits off is tokenized
-on its own, as chattune does. What is left is each boundary between two text pieces:
+GLM-4/LLaMA/Qwen2 models), its EOS token where the template puts EOS (default, tutorial-alpaca,
+chatglm-tuning, vicuna, alpaca, chinese-alpaca-2 and gpt4all end every history answer with
+it, chatglm3/chatglm2/chatglm, chinese-alpaca and moss do not) and ChatGLM3's role tokens;
+a text that a special token splits off is tokenized on its own, as chattune does. What is left is each boundary between two text pieces:
 
 - Tokenizers that give every text its own dummy prefix ``▁`` (sentencepiece: ChatGLM2/3,
   ChatGLM-6B; detected as ``ids("a b") == ids("a") + ids("b")``): the Jinja puts a space
@@ -29,19 +29,29 @@ on its own, as chattune does. What is left is each boundary between two text pie
   at the end of a piece joins the next word in one string (``Human: Who`` gives ``ĠWho``;
   chattune gives ``Ġ`` ``Who``). The Qwen2 pre-tokenizer also keeps punctuation and the
   newlines after it together (``.\\n\\n``): the tiny vocabulary has no merge for that,
-  a real Qwen2 vocabulary may (not tested here: then ``alpaca`` differs after a message
-  that ends with punctuation, and check_chat_template says so).
+  a real Qwen2 vocabulary may (not tested here: then ``tutorial-alpaca`` differs after a
+  message that ends with punctuation, and check_chat_template says so).
 
 Results, checked by ``tests/test_chat_templates.py`` ("exact": for every conversation whose
 messages neither end with whitespace nor contain special-token text, see below):
 
-- ``alpaca``, ``chatglm3``: exact on the byte-level tiny glm4/llama/qwen2 tokenizers and
+- ``tutorial-alpaca``, ``chatglm3``: exact on the byte-level tiny glm4/llama/qwen2 tokenizers and
   on ChatGLM2/ChatGLM3 (chatglm3 on ChatGLM2, which lacks the role tokens, too: they
   are text there, as in chattune). On ChatGLM-6B not exact: the template starts with the
   specials and ChatGLM-6B's tokenizer puts ``▁`` before ``[gMASK]`` at the start of a text.
 - ``chatglm``, ``chatglm2`` (joined: the prompt is one text run, no piece boundary
   inside): exact on all five, and ``chatglm`` on ChatGLM-6B (its specials come last);
   ``chatglm2`` on ChatGLM-6B not (specials first, as above).
+- ``alpaca``, ``chinese-alpaca``, ``chinese-alpaca-2``, ``moss``, ``gpt4all`` (joined: each
+  run of text between the specials and EOS tokens is one text, written as it is; only a run
+  that follows a special token gets the space a dummy-prefix tokenizer would not add there):
+  exact on the byte-level tiny glm4/llama/qwen2 tokenizers (their markers that end with a
+  space, ``### Response: ``, ``[INST] ``, ``<|Human|>: ``, are inside a run, not at a piece
+  boundary) and on ChatGLM2/ChatGLM3, except ``moss`` there without a system message: its
+  default meta_instruction says ``people``, which the exported tokenizer reads as ``p``
+  ``eop`` ``le`` (see special-token text below). On ChatGLM-6B not (specials first).
+  (As for every joined template, this is the prompt chattune generates from; in training a
+  trained answer is tokenized apart from the text around it.)
 - ``default``, ``vicuna``, ``chatglm-tuning``: NOT exact in general. ``Human: ``,
   ``System: ``, ``USER: ``, ``Instruction: ``, ``Input: `` and vicuna's ``" "`` end with a
   space and a message follows: a byte-level BPE merges that space into the next word
@@ -80,7 +90,14 @@ from dataclasses import dataclass
 
 from chattune.data.encode import PieceEncoder, encode_prompt, special_token_ids
 from chattune.data.records import split_prompt, user_text
-from chattune.data.templates import VICUNA_SYSTEM, get_template
+from chattune.data.templates import (
+    ALPACA_INPUT_SYSTEM,
+    ALPACA_SYSTEM,
+    CHINESE_ALPACA_2_SYSTEM,
+    MOSS_SYSTEM,
+    VICUNA_SYSTEM,
+    get_template,
+)
 
 PROBE_CONVERSATIONS: list[list[dict]] = [
     [{"role": "user", "content": "Give three tips for staying healthy."}],
@@ -314,9 +331,97 @@ def _vicuna(w: _Writer, s: _Style) -> str:
     ])
 
 
+# ---- joined templates (alpaca, chinese-alpaca, chinese-alpaca-2, moss, gpt4all): chattune tokenizes
+# each run of text between special tokens (specials, EOS) as one text, so the Jinja writes the text
+# as it is; only a run's first text may need the space a dummy-prefix tokenizer does not add by
+# itself after a special token.
+
+def _raw(text: str) -> str:
+    """Template text inside a joined run."""
+    return "{{- " + _lit(text) + " }}" if text else ""
+
+
+def _start(w: _Writer, text: str) -> str:
+    """Template text that starts a joined run (after the specials or EOS)."""
+    return "{{- " + _lit((" " if w._space("start") else "") + text) + " }}"
+
+
+_HAS_INPUT = "message['input'] is defined and message['input']"
+
+
+def _stanford_alpaca(w: _Writer, s: _Style) -> str:
+    first_input = ("messages | length > offset and messages[offset]['input'] is defined "
+                   "and messages[offset]['input']")
+    return "\n".join([
+        _HEAD + w.special(s.specials),
+        "{%- set system = system if system else (" + _lit(ALPACA_INPUT_SYSTEM) + " if " + first_input
+        + " else " + _lit(ALPACA_SYSTEM) + ") %}",
+        w.var("system", "start", True) + _raw("\n\n"),
+        _LOOP + "{%- if message['role'] == 'user' %}",
+        "{%- if i > 0 %}" + _start(w, "\n\n### Instruction:\n") + "{%- else %}" + _raw("### Instruction:\n")
+        + "{%- endif %}{{- message['content'] }}",
+        "{%- if " + _HAS_INPUT + " %}" + _raw("\n\n### Input:\n") + "{{- message['input'] }}{%- endif %}",
+        "{%- if gen %}" + _raw("\n\n### Response:") + "{%- endif %}",
+        "{%- elif message['role'] == 'assistant' %}{{- message['content'] }}" + w.special(s.eos),
+        "{%- endif %}\n{%- endfor %}",
+    ])
+
+
+def _chinese_alpaca(w: _Writer, s: _Style) -> str:
+    return "\n".join([
+        _HEAD + w.special(s.specials),
+        "{%- set system = system if system else " + _lit(ALPACA_SYSTEM) + " %}",
+        w.var("system", "start", True) + _raw("\n\n"),
+        _LOOP + "{%- if message['role'] == 'user' %}" + _USER_TEXT,
+        _raw("### Instruction:\n") + "{{- q }}{%- if gen %}" + _raw("\n\n### Response: ") + "{%- endif %}",
+        "{%- elif message['role'] == 'assistant' %}{{- message['content'] }}",
+        "{%- if i == n - 1 %}" + w.special(s.eos) + "{%- else %}" + _raw("\n\n") + "{%- endif %}",
+        "{%- endif %}\n{%- endfor %}",
+    ])
+
+
+def _chinese_alpaca_2(w: _Writer, s: _Style) -> str:
+    return "\n".join([
+        _HEAD + "{%- set system = system if system else " + _lit(CHINESE_ALPACA_2_SYSTEM) + " %}",
+        _LOOP + "{%- if message['role'] == 'user' %}" + _USER_TEXT + w.special(s.specials),
+        "{%- if i == 0 %}" + _start(w, "[INST] <<SYS>>\n") + "{{- system }}" + _raw("\n<</SYS>>\n\n")
+        + "{%- else %}" + _start(w, "[INST] ") + "{%- endif %}",
+        "{{- q }}{%- if gen %}" + _raw(" [/INST]") + "{%- endif %}",
+        "{%- elif message['role'] == 'assistant' %}{{- message['content'] }}" + w.special(s.eos),
+        "{%- endif %}\n{%- endfor %}",
+    ])
+
+
+def _moss(w: _Writer, s: _Style) -> str:
+    return "\n".join([
+        _HEAD + w.special(s.specials),
+        "{%- set system = system if system else " + _lit(MOSS_SYSTEM) + " %}",
+        w.var("system", "start", True) + _raw("\n"),
+        _LOOP + "{%- if message['role'] == 'user' %}" + _USER_TEXT,
+        "{%- if i > 0 %}" + _raw("\n") + "{%- endif %}" + _raw("<|Human|>: ") + "{{- q }}",
+        "{%- if gen %}" + _raw("<eoh>\n<|MOSS|>:") + "{%- endif %}",
+        "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] }}" + _raw("<eom>"),
+        "{%- endif %}\n{%- endfor %}",
+    ])
+
+
+def _gpt4all(w: _Writer, s: _Style) -> str:
+    return "\n".join([
+        _HEAD + w.special(s.specials),
+        "{%- if system %}" + _start(w, "### System:\n") + "{{- system }}" + _raw("\n") + "{%- endif %}",
+        _LOOP + "{%- if message['role'] == 'user' %}" + _USER_TEXT,
+        "{%- if i == 0 and system %}" + _raw("### Human:\n") + "{%- else %}" + _start(w, "### Human:\n")
+        + "{%- endif %}{{- q }}",
+        "{%- if gen %}" + _raw("\n### Assistant:\n") + "{%- endif %}",
+        "{%- elif message['role'] == 'assistant' %}{{- message['content'] }}" + w.special(s.eos),
+        "{%- endif %}\n{%- endfor %}",
+    ])
+
+
 _WRITERS = {
-    "default": _default, "alpaca": _alpaca, "chatglm-tuning": _chatglm_tuning, "chatglm": _chatglm,
-    "chatglm2": _chatglm2, "chatglm3": _chatglm3, "vicuna": _vicuna,
+    "default": _default, "tutorial-alpaca": _alpaca, "chatglm-tuning": _chatglm_tuning, "chatglm": _chatglm,
+    "chatglm2": _chatglm2, "chatglm3": _chatglm3, "vicuna": _vicuna, "alpaca": _stanford_alpaca,
+    "chinese-alpaca": _chinese_alpaca, "chinese-alpaca-2": _chinese_alpaca_2, "moss": _moss, "gpt4all": _gpt4all,
 }
 
 

@@ -200,6 +200,27 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_templates(args) -> int:
+    """List the prompt templates (description, source, rendering), or render one conversation with one."""
+    from chattune.template_catalog import catalog, read_messages, show
+
+    tokenizer = None
+    if args.model:
+        from chattune.model import load_tokenizer
+
+        tokenizer = load_tokenizer(args.model)
+    if args.name is None:
+        print(catalog(tokenizer))
+        return 0
+    if not args.messages:
+        from chattune.data.templates import PROBE_CONVERSATION
+
+        print(show(args.name, PROBE_CONVERSATION, tokenizer))
+        return 0
+    print(show(args.name, read_messages(args.messages), tokenizer))
+    return 0
+
+
 def cmd_report(args) -> int:
     """One self-contained HTML page about a run: training curves, data audit, config, evaluations."""
     from chattune.report import write_report
@@ -343,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--base-model", help="base model path, overriding the manifest's")
     export.add_argument("--gguf", choices=["f16", "q8_0"], help="also write a GGUF file and an Ollama Modelfile")
     export.set_defaults(func=cmd_export)
+
+    templates = sub.add_parser("templates", help="list the prompt templates, or render a conversation with one")
+    templates.add_argument("name", nargs="?", help="a template to render a conversation with")
+    templates.add_argument("--messages", help="JSON file: a list of {role, content} messages, or a data file row")
+    templates.add_argument("--model", help="render with this model's tokenizer (its real special tokens)")
+    templates.set_defaults(func=cmd_templates)
 
     report = sub.add_parser("report", help="write RUN/report.html: training curves, data audit, config, evaluations")
     report.add_argument("run_dir", help="run folder")

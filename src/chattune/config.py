@@ -75,9 +75,10 @@ class DataArgs:
     eval_fraction: float = 0.0
     """Share of training records held out for evaluation (seeded by ``seed``)."""
     template: str = "auto"
-    """Prompt template: ``auto`` (the tokenizer's chat template, else ``default``),
-    ``tokenizer``, or a named one (alpaca, chatglm-tuning, chatglm, chatglm2, chatglm3,
-    vicuna, default)."""
+    """Prompt template: ``auto`` (a converted ChatGLM folder's, else the tokenizer's chat
+    template, else ``default``), ``tokenizer``, or a named one (``chattune templates`` lists
+    them: alpaca, chinese-alpaca, chinese-alpaca-2, moss, gpt4all, vicuna, chatglm, chatglm2,
+    chatglm3, tutorial-alpaca, chatglm-tuning, default)."""
     max_seq_length: int = 512
     """Maximum tokens per row, prompt and answer together."""
     packing: Literal["auto", "pack", "padding_free", "group_by_length", "pad"] = "auto"

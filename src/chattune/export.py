@@ -37,7 +37,7 @@ import torch
 
 from chattune.config import ModelArgs
 from chattune.errors import ChattuneError, ConfigError, ManifestError
-from chattune.manifest import read_manifest, verify_base_model
+from chattune.manifest import read_manifest, recorded_template, verify_base_model
 from chattune.methods import get_method
 from chattune.model import DTYPES, load_model, load_tokenizer
 
@@ -304,9 +304,10 @@ def export_run(run_dir: str, out: str, *, dtype: str = "auto", shard_size: str =
     _check_target(target, overwrite)
     limit = parse_size(shard_size)
     base_path = base_model or manifest.base_model.path
-    template = manifest.template.name
+    template = None  # (the run's, by today's names: after the tokenizer is loaded)
     tokenizer_dir = str(run) if (run / "tokenizer_config.json").is_file() else base_path
     tokenizer = load_tokenizer(tokenizer_dir, manifest.base_model.trust_remote_code)
+    template = recorded_template(manifest, tokenizer)
     if not (method.run_is_model and not Path(base_path).exists()):
         problems = verify_base_model(manifest, base_path, tokenizer)
         if problems and not force:
@@ -359,7 +360,7 @@ def export_run(run_dir: str, out: str, *, dtype: str = "auto", shard_size: str =
                       "chat_template_matches": not mismatches, "chat_template_mismatches": mismatches[:5],
                       "shards": len(list(work.glob("model-*.safetensors")))})
         (work / CHECK_NAME).write_text(json.dumps(check, indent=2, ensure_ascii=False) + "\n")
-        _write_provenance(work, run, manifest, chosen)
+        _write_provenance(work, run, manifest, chosen, template)
         if not check["passed"]:
             raise ExportError(f"export check failed: {format_check(check)}; nothing was written to {target}")
         if target.exists():
@@ -487,9 +488,9 @@ def _write_generation_config(folder: Path, manifest, tokenizer, template: str) -
     config.save_pretrained(folder)
 
 
-def _write_provenance(folder: Path, run: Path, manifest, dtype: torch.dtype) -> None:
+def _write_provenance(folder: Path, run: Path, manifest, dtype: torch.dtype, template: str) -> None:
     (folder / "chattune_export.json").write_text(json.dumps({
-        "run": str(run.resolve()), "method": manifest.method, "template": manifest.template.name,
+        "run": str(run.resolve()), "method": manifest.method, "template": template,
         "base_model": manifest.base_model.path, "base_config_sha256": manifest.base_model.config_sha256,
         "global_step": manifest.results.get("global_step"), "dtype": str(dtype).replace("torch.", ""),
     }, indent=2) + "\n")

@@ -305,16 +305,26 @@ def _specials_text(tokenizer, add_bos: bool | None) -> str:
     return "".join(tokenizer.convert_ids_to_tokens(ids))
 
 
-def _named_go_template(name: str, eos: str, specials: str) -> str:
+def _named_go_template(name: str, eos: str, specials: str, turn_specials: str | None = None) -> str:
     """Ollama's TEMPLATE for chattune's named template ``name``; each mirrors its render_*
-    function in data/templates.py for a conversation that ends with the user's message."""
-    from chattune.data.templates import VICUNA_SYSTEM
+    function in data/templates.py for a conversation that ends with the user's message.
+    ``turn_specials``: the specials where a template puts them again at a later turn
+    (chinese-alpaca-2's BOS per turn), which the runtime does not add there; default
+    ``specials``. Ollama has no Alpaca ``input``: a client folds it into the content, which
+    renders as chattune renders such a message."""
+    from chattune.data.templates import (
+        ALPACA_SYSTEM,
+        CHINESE_ALPACA_2_SYSTEM,
+        MOSS_SYSTEM,
+        VICUNA_SYSTEM,
+    )
 
     e, sp, c = _lit(eos), _lit(specials), _CONTENT
+    turn_sp = sp if turn_specials is None else _lit(turn_specials)
     if name == "default":
         return (sp + _IF_SYSTEM + "System: " + _SYSTEM + "\n" + _END
                 + _messages("Human: " + c + "\nAssistant: ", c + e + "\n"))
-    if name == "alpaca":
+    if name == "tutorial-alpaca":
         return (sp + _IF_SYSTEM + _SYSTEM + "\n\n" + _END
                 + _messages("### Instruction:\n" + c + "\n\n### Response:\n", c + "\nEND\n" + e))
     last = _LAST_TURN + sp + _END if sp else ""  # the specials close the last prompt (ChatGLM-6B)
@@ -335,8 +345,26 @@ def _named_go_template(name: str, eos: str, specials: str) -> str:
     if name == "vicuna":
         return (sp + _IF_SYSTEM + _SYSTEM + _ELSE + _lit(VICUNA_SYSTEM) + _END + " "
                 + _messages("USER: " + c + " ASSISTANT:", " " + c + e))
+    if name == "alpaca":  # no input in Ollama: prompt_no_input's preamble
+        return (sp + _IF_SYSTEM + _SYSTEM + _ELSE + _lit(ALPACA_SYSTEM) + _END + "\n\n"
+                + _messages("### Instruction:\n" + c + "\n\n### Response:", c + e + "\n\n"))
+    if name == "chinese-alpaca":  # past answers without EOS
+        return (sp + _IF_SYSTEM + _SYSTEM + _ELSE + _lit(ALPACA_SYSTEM) + _END + "\n\n"
+                + _messages("### Instruction:\n" + c + "\n\n### Response: ", c + "\n\n"))
+    if name == "chinese-alpaca-2":  # the system block in the first turn, each turn after the specials
+        first = ("[INST] <<SYS>>\n{{ if $.System }}{{ $.System }}{{ else }}" + _lit(CHINESE_ALPACA_2_SYSTEM)
+                 + "{{ end }}\n<</SYS>>\n\n")
+        return (_COUNTER + _messages(_NEXT_TURN + "{{ if eq (len $n) 1 }}" + sp + first + _ELSE + turn_sp
+                                     + "[INST] " + _END + c + " [/INST]", c + e))
+    if name == "moss":  # the answer's leading space is the model's; <eom> ends it
+        return (sp + _IF_SYSTEM + _SYSTEM + _ELSE + _lit(MOSS_SYSTEM) + _END + "\n"
+                + _messages("<|Human|>: " + c + "<eoh>\n<|MOSS|>:", " " + c + "<eom>\n"))
+    if name == "gpt4all":
+        return (sp + _IF_SYSTEM + "### System:\n" + _SYSTEM + "\n" + _END
+                + _messages("### Human:\n" + c + "\n### Assistant:\n", c + e))
     raise ConfigError(f"template {name!r}: no Ollama translation; expected 'tokenizer' or one of "
-                      "alpaca, chatglm, chatglm-tuning, chatglm2, chatglm3, default, vicuna")
+                      "alpaca, chatglm, chatglm-tuning, chatglm2, chatglm3, chinese-alpaca, chinese-alpaca-2, "
+                      "default, gpt4all, moss, tutorial-alpaca, vicuna")
 
 
 def _go(pattern: RolePattern) -> str:
@@ -362,7 +390,7 @@ def ollama_template(template: str, tokenizer, *, add_bos: bool | None = None) ->
     eos = tokenizer.eos_token or ""
     specials = _specials_text(tokenizer, add_bos)
     if template != "tokenizer":
-        return _named_go_template(template, eos, specials), None
+        return _named_go_template(template, eos, specials, _specials_text(tokenizer, False)), None
     runtime_bos = (tokenizer.bos_token or "") if add_bos is not False else ""
     pattern = role_pattern(tokenizer, eos, runtime_bos)
     if pattern is None:

@@ -20,7 +20,7 @@ import yaml
 from chattune import __version__
 from chattune.config import GenerateArgs, RunConfig
 from chattune.data.templates import template_provenance
-from chattune.errors import ConfigError, ManifestError
+from chattune.errors import ChattuneError, ConfigError, ManifestError
 from chattune.methods import get_method
 from chattune.model import base_model_fingerprint
 
@@ -225,10 +225,34 @@ def verify_base_model(manifest: Manifest, base_path: str, tokenizer=None) -> lis
     return problems
 
 
+RENAMED_TEMPLATES = {"alpaca": "tutorial-alpaca"}
+"""Template names that meant another template before: old name -> the template it named then
+(``alpaca`` was the tutorial's ``### Instruction: ... END`` variant until chattune 0.2; it is
+now Stanford Alpaca's prompt)."""
+
+
+def recorded_template(manifest: Manifest, tokenizer) -> str:
+    """The template a run folder was trained with, by today's names: the recorded name, unless
+    that name was given to another template since and the recorded rendering of the probe
+    conversation is the renamed template's (an older run folder), then the new name."""
+    recorded = manifest.template
+    renamed = RENAMED_TEMPLATES.get(recorded.name)
+    if renamed is None:
+        return recorded.name
+    try:
+        if template_provenance(recorded.name, tokenizer)["probe_rendering"] == recorded.probe_rendering:
+            return recorded.name
+    except ChattuneError:
+        pass
+    if template_provenance(renamed, tokenizer)["probe_rendering"] == recorded.probe_rendering:
+        return renamed
+    return recorded.name
+
+
 def verify_template(manifest: Manifest, tokenizer) -> list[str]:
     """Check that the template renders the probe conversation as it did in training."""
     recorded = manifest.template
-    now = template_provenance(recorded.name, tokenizer)
+    now = template_provenance(recorded_template(manifest, tokenizer), tokenizer)
     if now["probe_rendering"] != recorded.probe_rendering:
         return [f"template {recorded.name!r} now renders differently from training "
                 f"(template drift):\n  trained: {recorded.probe_rendering!r}\n  now:     "

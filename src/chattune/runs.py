@@ -31,6 +31,7 @@ from chattune.manifest import (
     Manifest,
     is_run_folder,
     read_manifest,
+    recorded_template,
     verify_base_model,
     verify_template,
 )
@@ -306,7 +307,7 @@ def load_run(target: str, options: LoadOptions | None = None, *, warn=print) -> 
     model = _finish(_load_runs(runs, base_path, alone))
     profiles = {}
     for i, run in enumerate(runs):
-        template = chosen.get(run.name, run.manifest.template.name)
+        template = chosen.get(run.name) or recorded_template(run.manifest, tokenizer)
         adapter = BASE_ADAPTER if alone else f"a{i}"
         profiles[run.name] = make_profile(run.name, tokenizer, template, run.manifest.generation, adapter,
                                           run.folder, run.manifest)

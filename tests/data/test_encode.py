@@ -46,7 +46,7 @@ def encoder(char_tokenizer):
 
 
 def test_alpaca_labels_exactly_the_answer_end_marker_and_eos(encoder, char_tokenizer):
-    encoded = encode_conversation(alpaca("Hi", "Yo"), "alpaca", encoder, EncodeOptions(512))
+    encoded = encode_conversation(alpaca("Hi", "Yo"), "tutorial-alpaca", encoder, EncodeOptions(512))
     prompt = "### Instruction:\nHi\n\n### Response:\n"
     assert decode(char_tokenizer, encoded.input_ids) == prompt + "Yo\nEND\n</s>"
     assert encoded.labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
@@ -69,7 +69,7 @@ def test_train_last_turn_only(encoder, char_tokenizer):
 
 
 def test_train_on_prompt_supervises_everything(encoder):
-    encoded = encode_conversation(alpaca("Hi", "Yo"), "alpaca", encoder, EncodeOptions(512, train_on_prompt=True))
+    encoded = encode_conversation(alpaca("Hi", "Yo"), "tutorial-alpaca", encoder, EncodeOptions(512, train_on_prompt=True))
     assert encoded.labels == encoded.input_ids
 
 
@@ -94,7 +94,7 @@ def test_oldest_turns_are_dropped_first(encoder, char_tokenizer):
 
 def test_user_text_is_shortened_before_the_answer_and_markers_stay(encoder, char_tokenizer):
     messages = alpaca("Summarise this", "Short.", "x" * 200)
-    encoded = encode_conversation(messages, "alpaca", encoder, EncodeOptions(80))
+    encoded = encode_conversation(messages, "tutorial-alpaca", encoder, EncodeOptions(80))
     text = decode(char_tokenizer, encoded.input_ids)
     assert len(encoded.input_ids) == 80
     assert "### Instruction:\n" in text and "\n\n### Input:\n" in text and "\n\n### Response:\n" in text
@@ -104,7 +104,7 @@ def test_user_text_is_shortened_before_the_answer_and_markers_stay(encoder, char
 
 def test_answer_is_cut_from_the_right_when_the_prompt_cannot_shrink(encoder, char_tokenizer):
     messages = alpaca("Q", "A" * 100)
-    encoded = encode_conversation(messages, "alpaca", encoder, EncodeOptions(60))
+    encoded = encode_conversation(messages, "tutorial-alpaca", encoder, EncodeOptions(60))
     assert len(encoded.input_ids) == 60
     text = decode(char_tokenizer, encoded.input_ids)
     assert text.startswith("### Instruction:\nQ\n\n### Response:\nAAAA")
@@ -113,7 +113,7 @@ def test_answer_is_cut_from_the_right_when_the_prompt_cannot_shrink(encoder, cha
 
 def test_row_whose_answer_would_vanish_is_dropped(encoder):
     messages = alpaca("Q", "answer")
-    encoded = encode_conversation(messages, "alpaca", encoder, EncodeOptions(30))
+    encoded = encode_conversation(messages, "tutorial-alpaca", encoder, EncodeOptions(30))
     assert encoded.dropped and "no answer token" in encoded.dropped
     assert encoded.input_ids == []
 
@@ -134,7 +134,7 @@ def test_rows_never_exceed_max_length(encoder):
 
 def test_prompt_at_inference_equals_training_tokens_before_the_answer(encoder):
     messages = turns(("q1", "a1"), ("q2", "a2"), system="S")
-    for template in ("default", "alpaca", "chatglm", "chatglm2", "chatglm3", "vicuna", "chatglm-tuning"):
+    for template in ("default", "tutorial-alpaca", "chatglm", "chatglm2", "chatglm3", "vicuna", "chatglm-tuning"):
         encoded = encode_conversation(messages, template, encoder, EncodeOptions(512))
         prompt = encode_prompt(messages[:-1], template, encoder)
         assert encoded.input_ids[: len(prompt)] == prompt, template
@@ -152,7 +152,7 @@ def test_tokenizer_specials_are_placed_where_the_model_expects_them(char_tokeniz
     )
     assert special_token_ids(tokenizer) == [1]
     encoder = PieceEncoder(tokenizer)
-    bos_first = encode_conversation(alpaca("Hi", "Yo"), "alpaca", encoder, EncodeOptions(512))
+    bos_first = encode_conversation(alpaca("Hi", "Yo"), "tutorial-alpaca", encoder, EncodeOptions(512))
     assert bos_first.input_ids[0] == 1 and bos_first.input_ids.count(1) == 1
     glm_style = encode_conversation(alpaca("Hi", "Yo"), "chatglm-tuning", encoder, EncodeOptions(512))
     prompt = "Instruction: Hi\nAnswer: "

@@ -66,8 +66,8 @@ def encoded_alpaca(tiny_models, shared_data, tmp_path):
 
     model = tiny_models("glm4")
     config = load_config(None, [f"model_name_or_path={model}", f"train_files={shared_data / 'alpaca_en_demo.json'}",
-                                "template=alpaca", "max_seq_length=512", f"cache_dir={tmp_path}"])
-    return prepare_data(config.data, load_tokenizer(str(model)), "alpaca", 42)
+                                "template=tutorial-alpaca", "max_seq_length=512", f"cache_dir={tmp_path}"])
+    return prepare_data(config.data, load_tokenizer(str(model)), "tutorial-alpaca", 42)
 
 
 def test_demo_data_packs_over_95_percent_in_as_many_steps(tiny_models, shared_data, tmp_path):

@@ -32,7 +32,7 @@ def data_args(*paths, eval_paths=(), **kwargs) -> DataArgs:
                     eval_files=[DataSource(str(p)) for p in eval_paths], **kwargs)
 
 
-def prepare(data: DataArgs, tokenizer, template: str = "alpaca", **kwargs):
+def prepare(data: DataArgs, tokenizer, template: str = "tutorial-alpaca", **kwargs):
     return prepare_data(data, tokenizer, template, 42, **kwargs)
 
 
@@ -77,11 +77,11 @@ class TestValid:
         assert prepared.audit["files"][0]["duplicated"] == 3
 
     def test_the_fingerprint_follows_the_bytes(self, good, char_tokenizer):
-        before = data_fingerprint(data_args(good), "alpaca", char_tokenizer, 42)
-        assert before == data_fingerprint(data_args(good), "alpaca", char_tokenizer, 42)
+        before = data_fingerprint(data_args(good), "tutorial-alpaca", char_tokenizer, 42)
+        assert before == data_fingerprint(data_args(good), "tutorial-alpaca", char_tokenizer, 42)
         assert before != data_fingerprint(data_args(good), "default", char_tokenizer, 42)
         write_jsonl(good, [alpaca(i) for i in range(11)])
-        assert before != data_fingerprint(data_args(good), "alpaca", char_tokenizer, 42)
+        assert before != data_fingerprint(data_args(good), "tutorial-alpaca", char_tokenizer, 42)
 
     @pytest.mark.parametrize("damage", ["audit not json", "audit of another set", "no train folder"])
     def test_a_damaged_cache_entry_is_rebuilt(self, good, char_tokenizer, damage):
