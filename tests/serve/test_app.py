@@ -298,3 +298,30 @@ def test_chattune_serve_command(runs):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@pytest.mark.parametrize("template", ["moss", "alpaca", "tutorial-alpaca", "gpt4all"])
+def test_the_server_stops_at_the_templates_stop_string(server, client, monkeypatch, template):
+    """MOSS's ``<eom>``, Alpaca's next ``### Instruction:``, the tutorial's ``END``, GPT4All's
+    ``### Human``: the served answer ends before them, finish reason ``stop``."""
+    from chattune.data.templates import NAMED_TEMPLATES
+
+    tokenizer = server.served.tokenizer
+    stop = NAMED_TEMPLATES[template].stop_strings[0]
+    plan = (tokenizer("Hello there", add_special_tokens=False)["input_ids"]
+            + tokenizer(stop, add_special_tokens=False)["input_ids"]
+            + tokenizer(" and more", add_special_tokens=False)["input_ids"])
+    decoder = server.engine.decoder
+    forward = decoder._forward
+    steps = [0]
+
+    def forced(*args, **kwargs):
+        logits, cache = forward(*args, **kwargs)
+        logits[:, plan[min(steps[0], len(plan) - 1)]] += 1e4
+        steps[0] += 1
+        return logits, cache
+
+    monkeypatch.setattr(decoder, "_forward", forced)
+    reply = chat(client, model=f"tpl-{template}", max_tokens=len(plan) + 4)
+    assert reply.choices[0].message.content.strip() == "Hello there"
+    assert reply.choices[0].finish_reason == "stop"
