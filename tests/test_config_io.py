@@ -586,8 +586,8 @@ def test_describe_keys_spot_checks(key, doc):
 
 def test_describe_keys_joins_multiline_docstrings_and_shows_defaults():
     text = describe_keys()
-    # template's docstring spans three source lines; it is printed on one line.
-    assert "``tokenizer``, or a named one (alpaca, chatglm-tuning" in text
+    # template's docstring spans four source lines; it is printed on one line.
+    assert "``tokenizer``, or a named one (``chattune templates`` lists them: alpaca, chinese-alpaca" in text
     assert "lora_rank (default: 8)" in text
     assert "report_to (default: ['tensorboard'])" in text
 

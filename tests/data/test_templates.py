@@ -179,8 +179,9 @@ def test_alpaca_is_stanfords_prompt_no_input_without_one():
         SP + STANFORD_NO_INPUT + "### Instruction:\nGive three tips.\n\n### Response:Eat well." + EOS
     )
     # an empty input is no input (train.py: example.get("input", "") != "")
-    assert text("alpaca", alpaca_record("Give three tips.", "Eat well.", "")) == text(
-        "alpaca", alpaca_record("Give three tips.", "Eat well."))
+    empty_input = [{"role": "user", "content": "Give three tips.", "input": ""},
+                   {"role": "assistant", "content": "Eat well."}]
+    assert text("alpaca", empty_input) == text("alpaca", alpaca_record("Give three tips.", "Eat well."))
 
 
 def test_alpaca_system_message_replaces_the_preamble():
