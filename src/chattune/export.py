@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from chattune import chatglm
 from chattune.config import ModelArgs
 from chattune.errors import ChattuneError, ConfigError, ManifestError
 from chattune.manifest import read_manifest, recorded_template, verify_base_model
@@ -304,7 +305,6 @@ def export_run(run_dir: str, out: str, *, dtype: str = "auto", shard_size: str =
     _check_target(target, overwrite)
     limit = parse_size(shard_size)
     base_path = base_model or manifest.base_model.path
-    template = None  # (the run's, by today's names: after the tokenizer is loaded)
     tokenizer_dir = str(run) if (run / "tokenizer_config.json").is_file() else base_path
     tokenizer = load_tokenizer(tokenizer_dir, manifest.base_model.trust_remote_code)
     template = recorded_template(manifest, tokenizer)
@@ -317,8 +317,6 @@ def export_run(run_dir: str, out: str, *, dtype: str = "auto", shard_size: str =
     model_args = ModelArgs(model_name_or_path=str(run) if method.run_is_model else base_path,
                            trust_remote_code=manifest.base_model.trust_remote_code)
     from transformers import AutoConfig
-
-    from chattune.model import chatglm
 
     native = chatglm.native_model_path(model_args.model_name_or_path)
     chosen = export_dtype(dtype, AutoConfig.from_pretrained(native, trust_remote_code=model_args.trust_remote_code))
