@@ -326,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--markdown", action="store_true", help="with --help-config: as a Markdown table")
     train.add_argument("--dry-run", action="store_true",
                        help="print the method, parameter counts and a memory estimate; load no weights")
+    train.add_argument("--nproc", type=int, metavar="N",
+                       help="train on N processes of this machine (starts torchrun; one per GPU, or N on CPU); "
+                            "with --dry-run: the per-device memory on N devices under DDP, FSDP and ZeRO-2/3")
     train.set_defaults(func=cmd_train)
 
     chat = sub.add_parser("chat", help="chat with a run folder in the terminal")

@@ -225,6 +225,21 @@ class TrainArgs:
     """DataLoader worker processes; default 0 on CPU, 2-4 with CUDA (memory is pinned with CUDA)."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Logging integrations (``none`` for none)."""
+    ddp_timeout: int = 1800
+    """Several processes (torchrun, ``--nproc``): seconds a process waits for the others at a
+    collective step (gradient all-reduce, barrier) before the job fails with a timeout; bounds
+    the wait when a process or machine dies outside torchrun's watch (torchrun itself stops the
+    job as soon as a worker dies)."""
+    fsdp: str = ""
+    """Several processes: PyTorch FSDP sharding, e.g. ``full_shard auto_wrap`` (wraps each of the
+    architecture's blocks, the blocks ``freeze`` counts); empty: plain data parallel (DDP)."""
+    fsdp_config: dict[str, Any] | None = None
+    """Extra FSDP settings passed to the Trainer (e.g. ``{version: 2, cpu_ram_efficient_loading: true}``);
+    the block class to wrap is filled in from the model."""
+    deepspeed: str | None = None
+    """Several processes: a DeepSpeed JSON config (``examples/deepspeed/zero2.json`` or
+    ``zero3.json``); its ``auto`` values are filled from this config. Needs ``pip install
+    'chattune[deepspeed]'`` and CUDA."""
 
     def validate(self) -> None:
         """Reject impossible values, naming the key."""
@@ -256,6 +271,8 @@ class TrainArgs:
         _check(self.dataloader_num_workers is None or self.dataloader_num_workers >= 0,
                "dataloader_num_workers: must be >= 0")
         _check(self.loss_chunk_size >= 1, "loss_chunk_size: must be >= 1")
+        _check(self.ddp_timeout >= 1, "ddp_timeout: must be >= 1 (seconds)")
+        _check(not (self.fsdp and self.deepspeed), "fsdp and deepspeed: choose one")
         from transformers import SchedulerType
 
         schedulers = [kind.value for kind in SchedulerType]

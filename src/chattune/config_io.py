@@ -107,11 +107,17 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             value = [value]
         return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
+        typed = args[1] is Any  # values kept as YAML typed them, else strings
         if isinstance(value, str):
-            value = dict(item.strip().split("=", 1) for item in value.split(",") if "=" in item)
+            text = value.strip()
+            if text.startswith("{"):
+                value = yaml.safe_load(text)
+            else:
+                value = {k.strip(): yaml.safe_load(v) if typed else v
+                         for k, v in (item.split("=", 1) for item in text.split(",") if "=" in item)}
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return {str(k): str(v) for k, v in value.items()}
+        return {str(k): v if typed else str(v) for k, v in value.items()}
     if annotation is DataSource:
         return data_source(value, key)
     raise ConfigError(f"{key}: unsupported type {annotation}")  # pragma: no cover
