@@ -16,19 +16,34 @@ from chattune.config_io import build_config
 def test_metrics_logger_appends_every_event_with_tokens_per_second(tmp_path, capsys):
     path = tmp_path / "metrics.jsonl"
     logger = MetricsLogger(path)
-    state = SimpleNamespace(global_step=0, num_input_tokens_seen=100)
-    logger.on_train_begin(None, state, None)
+    state = SimpleNamespace(global_step=0, num_input_tokens_seen=100, is_world_process_zero=True)
+    args = SimpleNamespace(world_size=1)
+    logger.on_train_begin(args, state, None)
     state.global_step, state.num_input_tokens_seen = 2, 612
-    logger.on_log(None, state, None, logs={"loss": 2.5, "learning_rate": 1e-3})
-    logger.on_log(None, state, None, logs={"eval_loss": 2.75})
+    logger.on_log(args, state, None, logs={"loss": 2.5, "learning_rate": 1e-3})
+    logger.on_log(args, state, None, logs={"eval_loss": 2.75})
     state.global_step = 3
-    logger.on_log(None, state, None, logs={"loss": float("nan")})
+    logger.on_log(args, state, None, logs={"loss": float("nan")})
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 2, 3]
     assert rows[0]["loss"] == 2.5 and rows[0]["learning_rate"] == 1e-3 and rows[0]["tokens_per_second"] > 0
     assert rows[1] == {"step": 2, "eval_loss": 2.75}  # tokens/s only with a training loss
     assert rows[2]["tokens_per_second"] == 0.0  # no tokens seen since the last loss
     assert "loss is nan at step 3" in capsys.readouterr().out
+
+
+def test_with_several_processes_rank_0_writes_total_and_per_device_tokens_per_second(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    args = SimpleNamespace(world_size=2)
+    for rank in (0, 1):
+        logger = MetricsLogger(path)
+        state = SimpleNamespace(global_step=0, num_input_tokens_seen=0, is_world_process_zero=rank == 0)
+        logger.on_train_begin(args, state, None)
+        state.global_step, state.num_input_tokens_seen = 2, 4000  # the Trainer's sum over processes
+        logger.on_log(args, state, None, logs={"loss": 2.5})
+    (row,) = [json.loads(line) for line in path.read_text().splitlines()]  # rank 1 wrote nothing
+    assert row["world_size"] == 2
+    assert abs(row["tokens_per_second_per_device"] - row["tokens_per_second"] / 2) <= 0.1
 
 
 def test_manifest_writer_writes_the_run_files_into_a_checkpoint_being_saved(tmp_path):

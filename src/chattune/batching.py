@@ -12,11 +12,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from chattune.attention import check_packed_attention, uses_varlen_attention
-from chattune.collate import PackCollator, PackedSteps, PadCollator
+from chattune.collate import FILLER, PackCollator, PackedSteps, PadCollator
 from chattune.config import RunConfig
 from chattune.data.packing import plan_packing
 from chattune.data.prepare import PreparedData
+from chattune.distributed import all_agree
 from chattune.errors import ConfigError
 from chattune.methods import get_method
 
@@ -35,6 +38,36 @@ class Batches:
     train_batch_size: int
     eval_batch_size: int
     summary: dict = field(default_factory=dict)
+    world_size: int = 1
+
+    def train_sampler(self, seed: int):
+        """The training sampler when several processes train on packed steps (None: the
+        Trainer's own): whole global steps shuffled, so that rank r keeps its planned share."""
+        if self.mode != "pack" or self.world_size == 1:
+            return None
+        return GlobalStepSampler(len(self.train), self.world_size, seed)
+
+
+class GlobalStepSampler(torch.utils.data.Sampler):
+    """Items in groups of ``world_size`` (one global step: item ``k * world_size + r`` is rank
+    ``r``'s share), the groups in a new seeded order every epoch, each group's items in rank
+    order; accelerate then hands rank ``r`` every ``world_size``-th item from ``r`` on, i.e.
+    exactly its planned share of each step. Deterministic per (seed, epoch): exact resume."""
+
+    def __init__(self, items: int, world_size: int, seed: int):
+        self.items, self.world_size, self.seed, self.epoch = items, world_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use epoch ``epoch``'s order (called by the Trainer at each epoch)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.items
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        for group in torch.randperm(self.items // self.world_size, generator=generator).tolist():
+            yield from range(group * self.world_size, (group + 1) * self.world_size)
 
 
 def row_lengths(dataset) -> list[int]:
@@ -55,6 +88,8 @@ def resolve_packing(config: RunConfig, model, pad_token_id: int, vocab_size: int
     if reason is None:
         collator = PackCollator(pad_token_id, flatten=wanted == "padding_free" or uses_varlen_attention(model))
         reason = check_packed_attention(model, collator, vocab_size)
+    if not all_agree(reason is None) and reason is None:  # every process must batch alike
+        reason = "the probe failed on another process"
     if reason is None:
         return "pack" if wanted == "auto" else wanted
     if wanted == "auto":
@@ -63,30 +98,59 @@ def resolve_packing(config: RunConfig, model, pad_token_id: int, vocab_size: int
     raise ConfigError(f"packing: {wanted} is not possible here: {reason}. Use packing=group_by_length or pad.")
 
 
+def _filled(steps: list, multiple: int) -> list:
+    """``steps`` and steps of one filler row up to a multiple of ``multiple`` (evaluation with
+    several processes: each process then gets the same number of batches, and no eval row is
+    evaluated twice, as accelerate would otherwise repeat rows to even them out)."""
+    return steps + [[[FILLER]]] * (-len(steps) % multiple)
+
+
+def _filled_rows(dataset, pad_token_id: int, multiple: int):
+    """``dataset`` and filler rows (one pad token, no supervised token) up to a multiple of ``multiple``."""
+    missing = -len(dataset) % multiple
+    if not missing:
+        return dataset
+    from datasets import Dataset, concatenate_datasets
+
+    filler = Dataset.from_dict({"input_ids": [[pad_token_id]] * missing, "labels": [[-100]] * missing},
+                               features=dataset.features)
+    return concatenate_datasets([dataset, filler])
+
+
 def build_batches(mode: str, prepared: PreparedData, config: RunConfig, pad_token_id: int,
-                  flatten: bool) -> Batches:
+                  flatten: bool, world_size: int = 1) -> Batches:
     """Datasets, collator and Trainer batch sizes for a batching mode.
 
     ``pack``: Trainer items are whole steps (bins grouped to carry the tokens of
     ``per_device_train_batch_size`` average rows), so its batch size is 1.
     ``padding_free``: batches of rows, concatenated into one sequence.
     ``group_by_length`` / ``pad``: batches of rows padded to the longest (with an attention mask).
+
+    With ``world_size`` processes, packed training steps are planned per rank
+    (:func:`~chattune.data.packing.plan_packing`), and the eval set is completed with filler
+    rows to a whole number of batches on every process. In the unpacked modes the Trainer's
+    sampler shares the rows: rank r takes every ``world_size``-th batch, and accelerate
+    completes an epoch's last, partial global batch with that epoch's first rows (a few rows
+    are seen twice in that step; none is dropped).
     """
     t, d = config.train, config.data
     if mode == "pack":
         capacity = d.pack_length or d.max_seq_length
-        train_plan = plan_packing(row_lengths(prepared.train), capacity, t.per_device_train_batch_size, t.seed)
-        train = PackedSteps(prepared.train, train_plan.steps)
+        train_plan = plan_packing(row_lengths(prepared.train), capacity, t.per_device_train_batch_size, t.seed,
+                                  world_size=world_size)
+        train = PackedSteps(prepared.train, train_plan.steps, pad_token_id)
         summary = {"mode": mode, "train": train_plan.summary()}
         evaluation = None
         if prepared.eval is not None:
             eval_plan = plan_packing(row_lengths(prepared.eval), capacity, t.per_device_eval_batch_size,
                                      t.seed, shuffle=False)
-            evaluation = PackedSteps(prepared.eval, eval_plan.steps)
+            evaluation = PackedSteps(prepared.eval, _filled(eval_plan.steps, world_size), pad_token_id)
             summary["eval"] = eval_plan.summary()
         collator = PackCollator(pad_token_id, flatten, pad_to=train_plan.pad_to)
-        return Batches(mode, train, evaluation, collator, 1, 1, summary)
+        return Batches(mode, train, evaluation, collator, 1, 1, summary, world_size)
     train, evaluation = prepared.train, prepared.eval
+    if evaluation is not None and world_size > 1:
+        evaluation = _filled_rows(evaluation, pad_token_id, world_size * t.per_device_eval_batch_size)
     if mode == "padding_free":
         collator = PackCollator(pad_token_id, flatten=True)
     else:
@@ -94,13 +158,14 @@ def build_batches(mode: str, prepared: PreparedData, config: RunConfig, pad_toke
     if mode == "group_by_length":
         train = train.add_column("length", row_lengths(train))
     return Batches(mode, train, evaluation, collator, t.per_device_train_batch_size,
-                   t.per_device_eval_batch_size, {"mode": mode})
+                   t.per_device_eval_batch_size,
+                   {"mode": mode, **({"world_size": world_size} if world_size > 1 else {})}, world_size)
 
 
 def format_batches(batches: Batches) -> str:
     """One line on how the data is batched (for the log)."""
     if batches.mode != "pack":
-        return f"batching: {batches.mode}"
+        return f"batching: {batches.mode}" + (f" on {batches.world_size} processes" if batches.world_size > 1 else "")
     p = batches.summary["train"]
     size = f"{p['bin_length']}" + (f" (a step's budget; pack_length {p['pack_length']})"
                                   if p["bin_length"] < p["pack_length"] else "")
@@ -108,6 +173,9 @@ def format_batches(batches: Batches) -> str:
             f"({p['fill']:.1%} full); {p['steps']} steps of {p['rows_per_step']} rows "
             f"({p['bins_per_step'][0]}-{p['bins_per_step'][1]} bins) per epoch and device, "
             f"as {p['rows_per_step_unpacked']} rows a step unpacked")
+    if "rank_imbalance" in p:
+        line += (f"; {p['world_size']} processes, each step's tokens dealt out to them: the busiest carries "
+                 f"{p['rank_imbalance']['mean']:.1%} more than the mean (worst step {p['rank_imbalance']['max']:.1%})")
     if abs(p["rows_per_step"] - p["rows_per_step_unpacked"]) > 0.25 * p["rows_per_step_unpacked"]:
         line += ("; steps hold a different number of rows than unpacked ones would, as some rows are "
                  "much longer than a step's budget: raise per_device_train_batch_size or use packing=pad")

@@ -36,13 +36,20 @@ class MetricsLogger(TrainerCallback):
         self.last_tokens = state.num_input_tokens_seen
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        """Append the event, with tokens/s since the last training loss; warn on a NaN/inf loss."""
+        """Append the event, with tokens/s since the last training loss (all processes
+        together, and per device when there are several); warn on a NaN/inf loss. Only the
+        first process of a job writes."""
+        if not state.is_world_process_zero:
+            return
         logs = dict(logs or {})
         now = time.perf_counter()
         if "loss" in logs and self.last_time is not None:
-            seen = state.num_input_tokens_seen
+            seen = state.num_input_tokens_seen  # summed over the processes by the Trainer
             elapsed = max(now - self.last_time, 1e-9)
             logs["tokens_per_second"] = round((seen - self.last_tokens) / elapsed, 1)
+            if args.world_size > 1:
+                logs["tokens_per_second_per_device"] = round(logs["tokens_per_second"] / args.world_size, 1)
+                logs["world_size"] = args.world_size
             self.last_time, self.last_tokens = now, seen
         loss = logs.get("loss")
         if isinstance(loss, float) and (math.isnan(loss) or math.isinf(loss)):

@@ -28,6 +28,8 @@ TRAINER_STATE = "trainer_state.json"
 MANIFEST = "chattune.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json",
                 "adapter_model.bin", "pytorch_model.bin", "pytorch_model.bin.index.json")
+SHARDED_PREFIXES = ("pytorch_model_fsdp", "optimizer_", "global_step")
+"""Folders of sharded checkpoints: FSDP's model and optimizer shards, DeepSpeed's engine state."""
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 
@@ -116,11 +118,21 @@ def checkpoint_problems(folder: str | Path) -> list[str]:
     else:
         problems.append(_json_problem(folder / TRAINER_STATE, "global_step"))
     weights = [name for name in WEIGHT_FILES if name in names]
-    if not weights:
+    sharded = sorted(name for name in names if name.startswith(SHARDED_PREFIXES) and (folder / name).is_dir())
+    if not weights and not sharded:
         problems.append("no weights (adapter_model.safetensors or model.safetensors)")
     problems += [_file_problem(folder / name) for name in weights]
-    for name in ("optimizer.pt", "scheduler.pt"):
-        problems.append(_file_problem(folder / name) if name in names else f"no {name}")
+    problems += [f"{name} is empty" for name in sharded if not any((folder / name).iterdir())]
+    engine = any(name.startswith(SHARDED_PREFIXES[-1]) for name in sharded)  # DeepSpeed keeps its own state
+    optimizer = [name for name in ("optimizer.pt", "optimizer.bin") if name in names]
+    if optimizer:
+        problems.append(_file_problem(folder / optimizer[0]))
+    elif not engine and not any(name.startswith("optimizer_") for name in sharded):
+        problems.append("no optimizer.pt")
+    if "scheduler.pt" in names:
+        problems.append(_file_problem(folder / "scheduler.pt"))
+    elif not engine:
+        problems.append("no scheduler.pt")
     rng = sorted(name for name in names if name.startswith("rng_state") and name.endswith(".pth"))
     problems += [_file_problem(folder / name) for name in rng] if rng else ["no rng_state.pth"]
     problems.append(_json_problem(folder / MANIFEST) if MANIFEST in names else f"no {MANIFEST}")

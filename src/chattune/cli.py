@@ -98,20 +98,39 @@ def cmd_train(args) -> int:
         config_path = None
     config = load_config(config_path, overrides)
     if args.dry_run:
-        from chattune.plan import estimate, format_plan
+        from chattune.plan import device_plans, estimate, format_devices, format_plan
 
-        print(format_plan(estimate(config), config))
+        if args.nproc is not None and args.nproc < 1:
+            from chattune.errors import ConfigError
+
+            raise ConfigError(f"--nproc: must be >= 1, got {args.nproc}")
+        plan = estimate(config)
+        print(format_plan(plan, config))
+        if args.nproc is not None:
+            print()
+            print(format_devices(device_plans(plan, args.nproc)))
         return 0
-    from chattune.errors import TrainingError
+    from chattune.distributed import world_from_env
+    from chattune.errors import ConfigError, TrainingError
 
+    if args.nproc is not None and not world_from_env().distributed:
+        if args.nproc < 1:
+            raise ConfigError(f"--nproc: must be >= 1, got {args.nproc}")
+        if args.nproc > 1:
+            from chattune.launch import launch_local
+
+            train_args = ([config_path] if config_path else []) + overrides
+            hint = "chattune train " + " ".join(train_args + ["resume_from_checkpoint=true", f"--nproc {args.nproc}"])
+            return launch_local(args.nproc, train_args, config.train.output_dir, hint)
     try:
         result = train(config)
     except TrainingError:
         print(file=sys.stderr)  # the error starts its own line, after the progress bar's
         raise
-    print(f"done: {result.global_step} steps, train loss {result.train_loss:.4f}"
-          + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
-          + f"\nrun folder: {result.output_dir}")
+    if world_from_env().is_main:
+        print(f"done: {result.global_step} steps, train loss {result.train_loss:.4f}"
+              + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
+              + f"\nrun folder: {result.output_dir}")
     return 0
 
 

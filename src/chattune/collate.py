@@ -34,13 +34,19 @@ class PadCollator:
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
 
 
+FILLER = -1
+"""Row index of a filler row: one pad token, no supervised token (it adds nothing to a loss)."""
+
+
 class PackedSteps(torch.utils.data.Dataset):
     """A map-style dataset whose item ``i`` is training step ``i``: ``{"bins": [[row, ...], ...]}``,
-    each row a dict with ``input_ids`` and ``labels`` read from the encoded data set."""
+    each row a dict with ``input_ids`` and ``labels`` read from the encoded data set (index
+    :data:`FILLER`: a row of one ``pad_token_id`` whose label is ignored)."""
 
-    def __init__(self, rows, steps: list[list[list[int]]]):
+    def __init__(self, rows, steps: list[list[list[int]]], pad_token_id: int = 0):
         self.rows = rows
         self.steps = steps
+        self.pad_token_id = pad_token_id
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -48,11 +54,12 @@ class PackedSteps(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         """The rows of step ``index``, bin by bin."""
         step = self.steps[index]
-        flat = [i for bin_rows in step for i in bin_rows]
-        fetched = self.rows[flat]
+        flat = [i for bin_rows in step for i in bin_rows if i != FILLER]
+        fetched = self.rows[flat] if flat else {"input_ids": [], "labels": []}
         rows = iter([{"input_ids": ids, "labels": labels}
                      for ids, labels in zip(fetched["input_ids"], fetched["labels"], strict=True)])
-        return {"bins": [[next(rows) for _ in bin_rows] for bin_rows in step]}
+        filler = {"input_ids": [self.pad_token_id], "labels": [IGNORE_INDEX]}
+        return {"bins": [[filler if i == FILLER else next(rows) for i in bin_rows] for bin_rows in step]}
 
 
 class PackCollator:

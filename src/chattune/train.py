@@ -32,12 +32,14 @@ from chattune.config import RunConfig
 from chattune.config_io import source_prefix
 from chattune.data.prepare import PreparedData, format_audit, prepare_data
 from chattune.data.templates import resolve_template_name
+from chattune.distributed import World, gather_objects, init_distributed, main_first, main_only_log
 from chattune.errors import ConfigError
 from chattune.kernels import use_cpu_kernels
 from chattune.loss import CausalLMLoss, resolve_loss
 from chattune.manifest import build_manifest, write_run_files
 from chattune.methods import Method, count_parameters, get_method, quantization_config
 from chattune.model import base_model_fingerprint, load_model, load_tokenizer, resolve_dtype
+from chattune.sharding import check_sharding_supported, sharding_arguments
 from chattune.trainer import ChattuneTrainer, place_model, resume_path, training_arguments
 
 METRICS_NAME = "metrics.jsonl"
@@ -71,10 +73,10 @@ def load_for_training(config: RunConfig, method: Method):
 
 
 def speed_setup(config: RunConfig, model, prepared: PreparedData, pad_token_id: int, patches: ExitStack,
-                log=print) -> tuple[Batches, CausalLMLoss]:
+                log=print, world_size: int = 1) -> tuple[Batches, CausalLMLoss]:
     """Put the model where it trains, switch on (in ``patches``) the CPU kernels and per-row
-    SDPA where they apply, and settle, with probes on the model, how data is batched and
-    the loss computed."""
+    SDPA where they apply, and settle, with probes on the model, how data is batched (planned
+    for ``world_size`` processes) and the loss computed."""
     place_model(model, get_method(config.method.method))
     vocab_size = model.get_input_embeddings().weight.shape[0]
     eager_cpu = next(model.parameters()).device.type == "cpu" and not config.train.torch_compile
@@ -88,7 +90,7 @@ def speed_setup(config: RunConfig, model, prepared: PreparedData, pad_token_id: 
     mode = resolve_packing(config, model, pad_token_id, vocab_size, log)
     if mode not in PACKED_MODES:
         attention.close()  # back to transformers' SDPA
-    batches = build_batches(mode, prepared, config, pad_token_id, uses_varlen_attention(model))
+    batches = build_batches(mode, prepared, config, pad_token_id, uses_varlen_attention(model), world_size)
     log(format_batches(batches))
     loss = resolve_loss(config, model, vocab_size, log)
     log(f"loss: {loss.mode}")
@@ -98,10 +100,11 @@ def speed_setup(config: RunConfig, model, prepared: PreparedData, pad_token_id: 
 def check_machine(config: RunConfig) -> None:
     """Refuse, naming the key and where it was set, what this machine cannot honour:
     fp16 without CUDA (float16 mixed precision on a CPU runs about 12x slower than float32),
-    and an output_dir that is an existing file."""
+    FSDP or DeepSpeed without CUDA, and an output_dir that is an existing file."""
     if config.train.fp16 and not torch.cuda.is_available():
         raise ConfigError(f"{source_prefix(config, 'fp16')}fp16: float16 mixed precision needs a CUDA GPU; on "
                           "this CPU it would run about 12x slower than float32. Set fp16=false (or bf16=true)")
+    check_sharding_supported(config)
     output_dir = Path(config.train.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"{source_prefix(config, 'output_dir')}output_dir: {output_dir} is a file; expected "
@@ -145,32 +148,57 @@ def train(config: RunConfig, *, log=print) -> TrainResult:
         raise error from exc
 
 
+def prepare_once(config: RunConfig, tokenizer, template_name: str, world: World, log=print) -> PreparedData:
+    """The encoded data, encoded by one process: rank 0 encodes (or finds the cache), the
+    others wait and then read the Arrow cache it wrote (:func:`chattune.distributed.main_first`)."""
+    with main_first(world):
+        prepared = prepare_data(config.data, tokenizer, template_name, config.train.seed)
+    if world.distributed:
+        encoded = [rank for rank, reused in enumerate(gather_objects(prepared.reused, world)) if not reused]
+        readers = world.world_size - len(encoded)
+        log(f"data: encoded by rank {encoded[0]}, read from the cache by {readers} processes" if encoded
+            else f"data: all {world.world_size} processes read the cache ({prepared.cache_path})")
+        if len(encoded) > 1:
+            log(f"data: warning: ranks {encoded} each encoded the data (the cache folder is not shared "
+                "between machines; set cache_dir to a shared folder)")
+    return prepared
+
+
 def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainResult:
-    resume = resume_path(config, output_dir, log)
+    world = init_distributed(config.train.ddp_timeout)
+    log = main_only_log(world, log)
+    with main_first(world):  # rank 0 alone sets incomplete checkpoints aside
+        resume = resume_path(config, output_dir, log)
     output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(config.train.seed)
 
     tokenizer = load_tokenizer(config.model.model_name_or_path, config.model.trust_remote_code)
     template_name = resolve_template_name(config.data.template, tokenizer)
-    prepared = prepare_data(config.data, tokenizer, template_name, config.train.seed)
+    prepared = prepare_once(config, tokenizer, template_name, world, log)
     log(format_audit(prepared.audit))
 
+    # whole on every process, also under FSDP and ZeRO-3: the probes below run on the real weights,
+    # and the Trainer shards them when it wraps the model (so the model must fit one device once)
     model = load_for_training(config, method)
     trainable, total = count_parameters(model)
     log(f"method {method.name}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.3%})")
 
     with ExitStack() as patches:  # undone when training ends, also on an error
-        batches, loss = speed_setup(config, model, prepared, tokenizer.pad_token_id, patches, log)
+        batches, loss = speed_setup(config, model, prepared, tokenizer.pad_token_id, patches, log,
+                                    world.world_size)
         audit = {**prepared.audit, "batching": {**batches.summary, "loss": loss.mode}}
-        (output_dir / AUDIT_NAME).write_text(json.dumps(audit, indent=2, ensure_ascii=False))
+        if world.is_main:
+            (output_dir / AUDIT_NAME).write_text(json.dumps(audit, indent=2, ensure_ascii=False))
         base = base_model_fingerprint(config.model.model_name_or_path, config.model.trust_remote_code, tokenizer)
         manifest = build_manifest(config, base, template_name, tokenizer, prepared.fingerprint)
         vocab_size = model.get_input_embeddings().weight.shape[0]
+        args = training_arguments(config, batches.eval is not None, batches, sharding_arguments(config, model))
         trainer = ChattuneTrainer(
-            model=model, args=training_arguments(config, batches.eval is not None, batches),
+            model=model, args=args,
             train_dataset=batches.train, eval_dataset=batches.eval, data_collator=batches.collator,
             processing_class=tokenizer, compute_loss_func=loss, log=log,
             generation_eval=generation_eval(config, prepared, tokenizer, template_name, log),
+            train_sampler=batches.train_sampler(config.train.seed),
             callbacks=[MetricsLogger(output_dir / METRICS_NAME), ManifestWriter(manifest, config),
                        CollapseWatch(vocab_size, config.train.learning_rate, log=log)],
         )

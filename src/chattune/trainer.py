@@ -40,6 +40,7 @@ from chattune.checkpoints import (
 )
 from chattune.config import RunConfig
 from chattune.config_io import resume_setting, source_prefix
+from chattune.distributed import backend, world_from_env
 from chattune.errors import ConfigError, TrainingError
 from chattune.loss import CausalLMLoss
 from chattune.methods import Method
@@ -52,10 +53,21 @@ class ChattuneTrainer(Trainer):
     gradient norm or weight stops training with a :class:`TrainingError` (the Trainer's
     ``logging_nan_inf_filter`` would hide it)."""
 
-    def __init__(self, *args, log=print, generation_eval=None, **kwargs):
+    def __init__(self, *args, log=print, generation_eval=None, train_sampler=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.chattune_log = log
         self.generation_eval = generation_eval  # model -> {metric: value}, added to each evaluation
+        self.chattune_sampler = train_sampler  # packed steps planned per rank (Batches.train_sampler)
+
+    def _get_train_sampler(self, train_dataset=None):
+        """The planned sampler of packed steps on several processes, else the Trainer's own."""
+        if self.chattune_sampler is not None:
+            return self.chattune_sampler
+        return super()._get_train_sampler(train_dataset)
+
+    def _wait_for_everyone(self) -> None:
+        if self.args.world_size > 1:
+            self.accelerator.wait_for_everyone()
 
     # --- divergence guard ------------------------------------------------------------------
 
@@ -115,45 +127,61 @@ class ChattuneTrainer(Trainer):
         """Write ``checkpoint-N`` whole or not at all: everything (weights, optimizer,
         scheduler, RNG, trainer state, chattune's manifest) goes into ``tmp-checkpoint-N``,
         is flushed to disk, and the folder is then renamed. A disk that cannot take it ends
-        in a one-line TrainingError; earlier checkpoints are untouched. (Several processes:
-        the Trainer's own save.)"""
-        if self.args.world_size > 1:
-            super()._save_checkpoint(model, trial)
-            return
+        in a one-line TrainingError; earlier checkpoints are untouched.
+
+        Several processes: every process takes part in saving the weights and optimizer
+        (collective under FSDP and DeepSpeed, each writing its shard; rank 0 alone under DDP)
+        and writes its own RNG state; rank 0 then writes the trainer state and chattune's
+        files and renames the folder, while the others wait."""
         self.check_finite_weights(f"checkpoint-{self.state.global_step}")
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         run_dir = Path(self._get_output_dir(trial))
         staging, final = run_dir / f"{STAGING_PREFIX}{name}", run_dir / name
-        if staging.exists():
+        main = self.args.should_save
+        if main and staging.exists():
             moved = set_aside(staging, INCOMPLETE_PREFIX)
             self.chattune_log(f"chattune: {staging.name} was left by an interrupted save; kept as {moved.name}")
-        needed = self.checkpoint_bytes()
+        needed = self.checkpoint_bytes() if main else None
         if trial is None:
             self.store_flos()
+        self._wait_for_everyone()  # the staging folder is clear before anyone writes into it
         try:
             self.save_model(str(staging), _internal_call=True)
             if not self.args.save_only_model:
                 self._save_optimizer_and_scheduler(str(staging))
                 self._save_scaler(str(staging))
                 self._save_rng_state(str(staging))
-            for cb in [cb for cb in self.callback_handler.callbacks + [self.control]
-                       if isinstance(cb, ExportableState)]:
-                cb_name = cb.__class__.__name__
-                if isinstance(self.state.stateful_callbacks[cb_name], list):
-                    self.state.stateful_callbacks[cb_name].append(cb.state())
-                else:
-                    self.state.stateful_callbacks[cb_name] = cb.state()
-            self.state.save_to_json(str(staging / TRAINER_STATE))
-            for cb in self.callback_handler.callbacks:
-                if hasattr(cb, "write_checkpoint_files"):
-                    cb.write_checkpoint_files(staging, self.state)
-            fsync_tree(staging)
+            self._wait_for_everyone()  # every process's part is written
+            if main:
+                self._write_checkpoint_state(staging)
+                fsync_tree(staging)
         except (OSError, RuntimeError) as exc:
             error = storage_error(exc, run_dir, needed, f"saving {name}")
             if error is None:
                 raise
             shutil.rmtree(staging, ignore_errors=True)  # this save's own partial files
             raise error from exc
+        if main:
+            self._put_in_place(staging, final, name, run_dir)
+        self._wait_for_everyone()  # no process goes on before checkpoint-N exists
+
+    def _write_checkpoint_state(self, staging: Path) -> None:
+        """The trainer state (with the callbacks' state) and chattune's files, into ``staging``."""
+        for cb in [cb for cb in self.callback_handler.callbacks + [self.control]
+                   if isinstance(cb, ExportableState)]:
+            cb_name = cb.__class__.__name__
+            if isinstance(self.state.stateful_callbacks[cb_name], list):
+                self.state.stateful_callbacks[cb_name].append(cb.state())
+            else:
+                self.state.stateful_callbacks[cb_name] = cb.state()
+        self.state.save_to_json(str(staging / TRAINER_STATE))
+        for cb in self.callback_handler.callbacks:
+            if hasattr(cb, "write_checkpoint_files"):
+                cb.write_checkpoint_files(staging, self.state)
+
+    def _put_in_place(self, staging: Path, final: Path, name: str, run_dir: Path) -> None:
+        """Rename the complete ``staging`` folder to ``final`` (an existing one set aside, never
+        deleted), then rotate old checkpoints."""
         if final.exists():
             why = checkpoint_problems(final)
             moved = set_aside(final, INCOMPLETE_PREFIX if why else "superseded-")
@@ -168,15 +196,19 @@ class ChattuneTrainer(Trainer):
         """Save the trained model into ``output_dir`` (the run folder), after checking its
         weights are finite: written into ``tmp-final`` first, then each file moved in, so
         that a full disk leaves the earlier files as they were. ``write_files(folder)`` adds
-        chattune's own files."""
+        chattune's own files. Several processes: all take part in gathering the weights
+        (FSDP, DeepSpeed ZeRO-3), rank 0 writes."""
         self.check_finite_weights("the final run folder")
         staging = output_dir / f"{STAGING_PREFIX}final"
-        if staging.exists():
+        main = self.args.should_save
+        if main and staging.exists():
             shutil.rmtree(staging)  # only ever this function's own partial output
+        self._wait_for_everyone()
         try:
             self.save_model(str(staging))
-            write_files(staging)
-            fsync_tree(staging)
+            if main:
+                write_files(staging)
+                fsync_tree(staging)
         except (OSError, RuntimeError) as exc:
             needed = folder_bytes(staging) if staging.exists() else None
             error = storage_error(exc, output_dir, needed and needed + 1, "saving the final run folder")
@@ -184,13 +216,15 @@ class ChattuneTrainer(Trainer):
                 raise
             shutil.rmtree(staging, ignore_errors=True)
             raise error from exc
-        for path in sorted(staging.iterdir()):
-            target = output_dir / path.name
-            if target.is_dir() and path.is_dir():
-                shutil.rmtree(target)
-            os.replace(path, target)
-        staging.rmdir()
-        fsync_dir(output_dir)
+        if main:
+            for path in sorted(staging.iterdir()):
+                target = output_dir / path.name
+                if target.is_dir() and path.is_dir():
+                    shutil.rmtree(target)
+                os.replace(path, target)
+            staging.rmdir()
+            fsync_dir(output_dir)
+        self._wait_for_everyone()
 
     def evaluation_loop(self, *args, **kwargs):
         """The Trainer's evaluation loop, with ``<prefix>_loss`` token-weighted."""
@@ -294,8 +328,10 @@ def dataloader_workers(setting: int | None) -> int:
     return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
-def training_arguments(config: RunConfig, has_eval: bool, batches: Batches | None = None) -> TrainingArguments:
-    """transformers TrainingArguments from the run config (and the batching plan)."""
+def training_arguments(config: RunConfig, has_eval: bool, batches: Batches | None = None,
+                       sharding: dict | None = None) -> TrainingArguments:
+    """transformers TrainingArguments from the run config (the batching plan, and FSDP or
+    DeepSpeed settings from :func:`chattune.sharding.sharding_arguments`)."""
     t = config.train
     eval_steps = t.eval_steps or t.save_steps
     report = [r for r in t.report_to if r != "none"]
@@ -310,6 +346,7 @@ def training_arguments(config: RunConfig, has_eval: bool, batches: Batches | Non
             extra["group_by_length"] = True
     if t.torch_compile:
         extra.update(torch_compile=True, torch_compile_backend="inductor")
+    extra.update(sharding or {})
     workers = dataloader_workers(t.dataloader_num_workers)
     return TrainingArguments(
         **{checkpointing: t.gradient_checkpointing},
@@ -342,4 +379,8 @@ def training_arguments(config: RunConfig, has_eval: bool, batches: Batches | Non
         dataloader_persistent_workers=workers > 0,
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),
+        ddp_timeout=t.ddp_timeout,
+        ddp_backend=backend() if world_from_env().distributed else None,
+        # every trainable tensor of every method takes part in each step: DDP need not search for unused ones
+        ddp_find_unused_parameters=False,
     )

@@ -216,7 +216,7 @@ def prepare_data(data: DataArgs, tokenizer, template_name: str, seed: int,
         "files": [s.to_json() for s in summaries], "eval_files": [s.to_json() for s in eval_summaries],
         "train": train_audit, "eval": eval_audit,
     }
-    tmp = root.with_name(root.name + ".tmp")
+    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")  # this process's own: no two writers share one
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -225,7 +225,12 @@ def prepare_data(data: DataArgs, tokenizer, template_name: str, seed: int,
             Dataset.from_dict(eval_rows).save_to_disk(str(tmp / "eval"))
         (tmp / "audit.json").write_text(json.dumps(audit, indent=2, ensure_ascii=False), encoding="utf-8")
         shutil.rmtree(root, ignore_errors=True)
-        tmp.rename(root)
+        try:
+            tmp.rename(root)
+        except OSError:
+            if _load_cached(root, fingerprint) is None:  # not another process's complete copy
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process wrote the same data set first
     except OSError as exc:
         raise _unwritable_cache(origin, root, exc) from exc
     train = load_from_disk(str(root / "train"))
