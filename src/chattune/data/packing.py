@@ -137,21 +137,16 @@ def deal_to_ranks(bins: list[list[int]], lengths: Sequence[int], world_size: int
     return ranks
 
 
-def _global_steps(bins: list[list[int]], lengths: Sequence[int], tokens_per_step: float,
-                  world_size: int) -> list[list[list[int]]]:
-    """Consecutive bins grouped into global steps of about ``world_size x tokens_per_step``
-    tokens; a group with fewer rows than ranks (the last one, usually) joins its neighbour,
-    so that every rank has a row in every step and none is dropped."""
-    bin_tokens = [sum(lengths[i] for i in rows) for rows in bins]
-    groups = [[bins[b] for b in group] for group in group_steps(bin_tokens, tokens_per_step * world_size)]
-    merged: list[list[list[int]]] = []
-    for group in groups:
-        if merged and (sum(len(rows) for rows in group) < world_size
-                       or sum(len(rows) for rows in merged[-1]) < world_size):
-            merged[-1].extend(group)
-        else:
-            merged.append(group)
-    return merged
+def _global_steps(bins: list[list[int]], bins_per_rank: int, world_size: int) -> list[list[list[int]]]:
+    """Consecutive bins grouped into global steps of ``bins_per_rank x world_size`` bins (bins
+    of about equal size: each rank then gets ``bins_per_rank`` of them); the bins left over
+    make a last, smaller step, which joins the one before it when it holds fewer rows than
+    ranks, so that every rank has a row in every step and none is dropped."""
+    size = bins_per_rank * world_size
+    groups = [bins[k:k + size] for k in range(0, len(bins), size)]
+    if len(groups) > 1 and sum(len(rows) for rows in groups[-1]) < world_size:
+        groups[-2].extend(groups.pop())
+    return groups
 
 
 def plan_packing(lengths: Sequence[int], capacity: int, rows_per_step: int, seed: int,
@@ -205,9 +200,10 @@ def _plan_for_ranks(lengths: Sequence[int], capacity: int, rows_per_step: int, s
     total = sum(lengths)
     per_step = max(rows_per_step, 1) * total / len(lengths)
     if rows_per_step <= 1:  # one row a rank: a step's rows are of about the same length
-        return _rows_for_ranks(lengths, seed, shuffle, world_size)
+        return _rows_for_ranks(lengths, capacity, seed, shuffle, world_size)
     else:  # a rank's budget is a whole number of equal bins, so that ranks can be dealt equal shares
-        bin_length = math.ceil(per_step / math.ceil(per_step / capacity))
+        bins_per_rank = math.ceil(per_step / capacity)
+        bin_length = math.ceil(per_step / bins_per_rank)
         short = [i for i, n in enumerate(lengths) if n <= bin_length]
         bins = [[short[j] for j in rows] for rows in pack_bins([lengths[i] for i in short], bin_length, seed)]
         bins += [[i] for i, n in enumerate(lengths) if n > bin_length]
@@ -215,7 +211,7 @@ def _plan_for_ranks(lengths: Sequence[int], capacity: int, rows_per_step: int, s
         random.Random(seed + 1).shuffle(bins)
     items: list[list[list[int]]] = []
     imbalance = []
-    for group in _global_steps(bins, lengths, per_step, world_size):
+    for group in _global_steps(bins, bins_per_rank, world_size):
         shares = deal_to_ranks(group, lengths, world_size)
         carried = [sum(lengths[i] for rows in share for i in rows) for share in shares]
         imbalance.append(max(carried) / (sum(carried) / world_size) - 1.0)
@@ -225,7 +221,8 @@ def _plan_for_ranks(lengths: Sequence[int], capacity: int, rows_per_step: int, s
                     world_size, imbalance)
 
 
-def _rows_for_ranks(lengths: Sequence[int], seed: int, shuffle: bool, world_size: int) -> PackPlan:
+def _rows_for_ranks(lengths: Sequence[int], capacity: int, seed: int, shuffle: bool,
+                    world_size: int) -> PackPlan:
     """One row a rank and step, each step's rows of about the same length (rows sorted by
     length, seeded ties, cut into steps of ``world_size``; the steps shuffled); the rows left
     over join the last step."""
@@ -244,5 +241,5 @@ def _rows_for_ranks(lengths: Sequence[int], seed: int, shuffle: bool, world_size
         imbalance.append(max(carried) / (sum(carried) / world_size) - 1.0)
         items.extend(shares)
     total = sum(lengths)
-    return PackPlan(items, len(lengths), total, len(lengths), max(lengths), 1, max(lengths), total,
+    return PackPlan(items, len(lengths), total, len(lengths), max(lengths), 1, capacity, total,
                     world_size, imbalance)
