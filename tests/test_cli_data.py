@@ -11,6 +11,7 @@ import pytest
 from chattune.cli import main
 from chattune.config import DataSource
 from chattune.data.sources import read_source
+from tests.data.toolcall_rows import CONVERT_CURRENCY, GLAIVE_ROW, write_toolcall_file
 
 
 def write_jsonl(path: Path, values) -> Path:
@@ -151,6 +152,88 @@ class TestConvert:
         assert main(["data", "convert", str(src), "--out", str(out)]) == 0
         again, _ = read_source(DataSource(str(out)))
         assert again[0].messages[0]["content"] == "a\u2028b"
+
+
+class TestConvertToolCalling:
+    def test_glaive_format_file_writes_rows_with_tools(self, tmp_path, capsys):
+        src = tmp_path / "glaive_toolcall.json"
+        plain = {
+            "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}],
+            "tools": "[]",
+        }
+        src.write_text(json.dumps([GLAIVE_ROW, plain]), encoding="utf-8")
+        out = tmp_path / "out.jsonl"
+        assert main(["data", "convert", str(src), "--out", str(out)]) == 0
+        stdout = capsys.readouterr().out
+        assert summary_row(stdout, "glaive_toolcall.json") == ["2", "2", "0", "0", "2"]
+        assert "    1 rows with tools, 1 tool calls" in stdout
+        first, second = read_jsonl(out)
+        assert first == {
+            "messages": [
+                {"role": "user", "content": GLAIVE_ROW["conversations"][0]["value"]},
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "tool_calls": [
+                        {
+                            "name": "convert_currency",
+                            "arguments": {
+                                "amount": 1000,
+                                "from_currency": "USD",
+                                "to_currency": "EUR",
+                            },
+                        }
+                    ],
+                },
+                {
+                    "role": "tool",
+                    "content": GLAIVE_ROW["conversations"][2]["value"],
+                    "name": "convert_currency",
+                },
+                {
+                    "role": "assistant",
+                    "content": "Sure, 1000 US dollars is approximately 850 Euros.",
+                },
+            ],
+            "tools": [CONVERT_CURRENCY],
+            "source": f"{src}#0",
+        }
+        assert second == {
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"},
+            ],
+            "source": f"{src}#1",
+        }
+
+    def test_generated_file_converts_and_converts_again_stably(self, tmp_path, capsys):
+        src, expected = write_toolcall_file(tmp_path / "toolcall_300.json")
+        first, second = tmp_path / "1.jsonl", tmp_path / "2.jsonl"
+        assert main(["data", "convert", str(src), "--out", str(first)]) == 0
+        stdout = capsys.readouterr().out
+        assert summary_row(stdout, "toolcall_300.json") == ["300", "230", "60", "10", "230"]
+        assert "    180 rows with tools, 210 tool calls" in stdout
+        assert "wrote 230 records" in stdout
+        rows = read_jsonl(first)
+        kept = [e for e in expected if e.outcome == "converted"]
+        assert ["tools" in row for row in rows] == [e.has_tools for e in kept]
+        assert main(["data", "convert", str(first), "--out", str(second)]) == 0
+        stdout = capsys.readouterr().out
+        assert summary_row(stdout, "1.jsonl") == ["230", "230", "0", "0", "230"]
+        assert "    180 rows with tools, 210 tool calls" in stdout
+        again = read_jsonl(second)
+        assert [(r["messages"], r.get("tools")) for r in again] == [
+            (r["messages"], r.get("tools")) for r in rows
+        ]
+
+    def test_inspect_shows_the_tool_counts(self, tmp_path, capsys):
+        src, _ = write_toolcall_file(tmp_path / "toolcall_300.json")
+        assert main(["data", "inspect", str(src), "--show", "1"]) == 0
+        stdout = capsys.readouterr().out
+        assert "    180 rows with tools, 210 tool calls" in stdout
+        assert "skipped 10 x has no tool result" in stdout
+        shown = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+        assert shown[0]["tools"] == [CONVERT_CURRENCY]
 
 
 class TestInspect:

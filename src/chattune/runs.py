@@ -102,13 +102,13 @@ class LoadedRun:
         return self.profiles[name or self.default]
 
     def prompt_ids(self, messages: list[dict], profile: Profile | None = None,
-                   max_tokens: int | None = None) -> list[int]:
-        """Token ids of a conversation ending with the user's message, rendered with the
-        profile's template through training's own encoder; at most ``max_tokens`` (oldest
-        turns dropped first)."""
+                   max_tokens: int | None = None, tools: list[dict] | None = None) -> list[int]:
+        """Token ids of a conversation ending with the user's message (or a tool result),
+        rendered with the profile's template through training's own encoder, with the
+        ``tools`` it offers; at most ``max_tokens`` (oldest turns dropped first)."""
         profile = profile or self.profile()
         with self.tokenizer_lock:
-            return encode_prompt(messages, profile.template, self.encoder, max_tokens)
+            return encode_prompt(messages, profile.template, self.encoder, max_tokens, tools)
 
     def decode(self, ids: list[int]) -> str:
         """Token ids to text, special tokens left out."""

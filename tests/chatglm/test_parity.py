@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from chattune.chatglm import native_model_path, thudm_family
-from chattune.data.encode import PieceEncoder, encode_prompt
+from chattune.data.encode import EncodeOptions, PieceEncoder, encode_conversation, encode_prompt
 from chattune.generate import answer
 from chattune.runs import LoadOptions, load_run
 
@@ -104,6 +104,30 @@ def test_templates_give_the_ids_of_thudms_chat_prompt(run, reference, family):
     for case in data["prompts"]:
         assert encode_prompt(_messages(case), TEMPLATES[family], encoder) == case["ids"], case["name"]
         assert run.prompt_ids(_messages(case)) == case["ids"], case["name"]
+
+
+def test_chatglm3_tool_calls_give_the_ids_and_labels_of_thudms_code(run, reference, family):
+    """chatglm3 with tools: a prompt ending with a tool result gives the ids of THUDM's
+    ``build_chat_input(result, history, role="observation")`` (tools in a first system message,
+    a call as an assistant message with the function name as metadata, text before a call as
+    its own message); a whole conversation gives the ids and labels of THUDM's
+    finetune_chatmodel_demo ``format_conversation`` + MultiTurnDataset (calls and the
+    <|observation|> after them trained, the result not)."""
+    if family != "chatglm3-6b":
+        pytest.skip("tool calling is ChatGLM3's")
+    _, data = reference
+    encoder = PieceEncoder(run.tokenizer)
+    cases = {case["name"]: case for case in data["tool_prompts"]}
+    assert set(cases) == {"tool_prompt", "tool_prompt_text_first", "tool_train"}
+    for name in ("tool_prompt", "tool_prompt_text_first"):
+        case = cases[name]
+        assert encode_prompt(case["messages"], "chatglm3", encoder, tools=case["tools"]) == case["ids"], name
+        assert run.prompt_ids(case["messages"], tools=case["tools"]) == case["ids"], name
+    case = cases["tool_train"]
+    encoded = encode_conversation(case["messages"], "chatglm3", encoder, EncodeOptions(4096), tools=case["tools"])
+    assert encoded.input_ids == case["ids"]
+    assert encoded.labels == case["labels"]
+    assert encoded.supervised_call_tokens > 0 and encoded.tool_calls == 1
 
 
 def _worst_logit_difference(model, out, data) -> tuple[float, float]:

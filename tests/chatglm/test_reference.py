@@ -60,6 +60,13 @@ def test_reference_json_has_every_key(ref):
         assert isinstance(p["query"], str) and isinstance(p["history"], list)
         assert all(isinstance(h, list) and len(h) == 2 for h in p["history"])
         assert (p["prompt_text"] is None) == (family == "chatglm3-6b")
+    tool_names = [p["name"] for p in data["tool_prompts"]]
+    assert tool_names == (["tool_prompt", "tool_prompt_text_first", "tool_train"] if family == "chatglm3-6b" else [])
+    for p in data["tool_prompts"]:
+        assert _is_ids(p["ids"]) and p["ids"] and isinstance(p["messages"], list), p["name"]
+        if p["name"].endswith("_train"):  # the finetune demo's labels: -100 or the token itself
+            assert len(p["labels"]) == len(p["ids"])
+            assert all(label in (-100, i) for label, i in zip(p["labels"], p["ids"], strict=True))
 
     # the saved folder, loaded back with THUDM's code, reproduces the reference exactly
     assert data["reload"]["logits_max_abs_diff"] == [0.0, 0.0, 0.0]

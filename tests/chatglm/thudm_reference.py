@@ -61,6 +61,39 @@ PROMPT_CASES = [
     ("zh_system", "介绍一下你自己", [], "You are ChatGLM3, a helpful assistant. 请用中文回答。"),
 ]
 
+# chatglm3 tool calling: conversations in chattune's canonical schema (plain dicts; this file does
+# not import chattune), turned here into THUDM's own inputs. "prompt" cases end with a tool result:
+# build_chat_input(result, history, role="observation"), as THUDM's tool demos continue after a call.
+# The "train" case goes through THUDM's finetune_chatmodel_demo format_conversation (below).
+TOOLS = [{"name": "get_weather", "description": "查询城市的天气 (current weather of a city)",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+TOOL_CASES = [
+    ("tool_prompt", [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What's the weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]},
+        {"role": "tool", "content": '{"temperature": 21}', "name": "get_weather"},
+    ]),
+    ("tool_prompt_text_first", [
+        {"role": "user", "content": "北京今天天气怎么样？"},
+        {"role": "assistant", "content": "好的，我来查一下。",
+         "tool_calls": [{"name": "get_weather", "arguments": {"city": "北京", "days": 1}}]},
+        {"role": "tool", "content": '{"temperature": 22}', "name": "get_weather"},
+    ]),
+    ("tool_train", [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What's the weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]},
+        {"role": "tool", "content": '{"temperature": 21}', "name": "get_weather"},
+        {"role": "assistant", "content": "It is 21 degrees Celsius in Paris."},
+    ]),
+]
+# THUDM/ChatGLM3 finetune_chatmodel_demo/preprocess_utils.py @174470a3 (PROMPT.md's tool example too)
+FUNCTION_CALL_NAME = "tool_call"
+FUNCTION_CALL_PREFIX = "```python\n"
+FUNCTION_CALL_POSTFIX = "\n```"
+TOOL_DEFINITION_PREFIX = "Answer the following questions as best as you can. You have access to the following tools:\n"
+
 MIXED_TEXT = ("Hello 世界! def f(x):\n    return x  # 注释，返回 x\n\t3.14 ✓ 你好吗？"
               " The quick brown fox 跳过了懒狗。")
 NEW_TOKENS = 12
@@ -335,6 +368,27 @@ def run(family: str, family_dir: Path, out_dir: Path, work: Path, t_start: float
         elif ids is not None:
             case["decoded"], _ = rec.call(f"decode prompt {name}", tok.decode, ids)
         prompts.append(case)
+    tool_prompts = []
+    if is_v3:
+        for name, messages in TOOL_CASES:
+            case = {"name": name, "tools": TOOLS, "messages": messages}
+            if name.endswith("_train"):
+                case["how"] = ("finetune_chatmodel_demo format_conversation (astunparse -> ast.unparse) and "
+                               "MultiTurnDataset's labels, untruncated")
+                res, err = rec.call(f"format_conversation {name}", _finetune_tokens_and_labels, tok, messages)
+                if res:
+                    case["ids"], case["labels"] = res
+            else:
+                history, query = _chatglm3_tool_history(messages)
+                case["how"] = "tokenizer.build_chat_input(result, history=history, role='observation')"
+                case["chatglm3_history"] = history
+                ids, err = rec.call(f"build_chat_input {name}",
+                                    lambda q=query, h=history: tok.build_chat_input(
+                                        q, history=copy.deepcopy(h), role="observation")["input_ids"][0].tolist())
+                case["ids"] = ids
+            if err:
+                case["error"] = err
+            tool_prompts.append(case)
     timings["prompts"] = round(time.time() - t1, 3)
 
     # ------------------------------------------------------------------ logits
@@ -421,6 +475,7 @@ def run(family: str, family_dir: Path, out_dir: Path, work: Path, t_start: float
         "encode": encode,
         "decode": decode,
         "prompts": prompts,
+        "tool_prompts": tool_prompts,
         "logits": logits_meta,
         "greedy": greedy,
         "generation_config": _jsonable(generation_config),
@@ -432,6 +487,75 @@ def run(family: str, family_dir: Path, out_dir: Path, work: Path, t_start: float
                                             encoding="utf-8")
     print(json.dumps({"family": family, "errors": len(rec.errors), "timings": timings}))
     return 0
+
+
+def _function_call(function_name, parameters):
+    """finetune_chatmodel_demo ``format_function_call`` (astunparse there; ast.unparse writes
+    the same text for a call with constant keyword values)."""
+    import ast
+
+    keywords = [ast.keyword(arg=name, value=ast.Constant(value)) for name, value in parameters.items()]
+    return ast.unparse(ast.Call(func=ast.Name(id=function_name), args=[], keywords=keywords)).strip()
+
+
+def _chatglm3_tool_history(messages):
+    """A canonical conversation ending with a tool result -> (build_chat_input history, result):
+    the tools in a first system message (openai_api_demo / tool_using demo), a call as an
+    assistant message with the function name as metadata, text before it as its own message."""
+    history = [{"role": "system", "content": TOOL_DEFINITION_PREFIX.rstrip("\n"), "tools": TOOLS}]
+    for m in messages[:-1]:
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            if m["content"]:
+                history.append({"role": "assistant", "metadata": "", "content": m["content"]})
+            call = m["tool_calls"][0]
+            code = FUNCTION_CALL_PREFIX + _function_call(FUNCTION_CALL_NAME, call["arguments"]) + FUNCTION_CALL_POSTFIX
+            history.append({"role": "assistant", "metadata": call["name"], "content": code})
+        elif m["role"] == "tool":
+            history.append({"role": "observation", "content": m["content"]})
+        else:
+            history.append({"role": m["role"], "content": m["content"]})
+    return history, messages[-1]["content"]
+
+
+def _finetune_tokens_and_labels(tok, messages):
+    """finetune_chatmodel_demo ``format_conversation`` (verbatim logic) and MultiTurnDataset's
+    labels for a canonical conversation of one call and its answer."""
+    item = {"tools": TOOLS, "conversations": []}
+    for m in messages:
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            call = m["tool_calls"][0]
+            item["conversations"].append({"role": "tool", "name": call["name"], "parameters": call["arguments"]})
+        elif m["role"] == "tool":
+            item["conversations"][-1]["observation"] = m["content"]
+        else:
+            item["conversations"].append({"role": m["role"], "content": m["content"]})
+    conversations = copy.deepcopy(item["conversations"])
+    tokens, loss_masks = [tok.get_command("[gMASK]"), tok.get_command("sop")], [0, 0]
+
+    def _update(_tokens, value=1):
+        value = int(value)
+        tokens.extend(_tokens)
+        loss_masks.extend([value] * len(_tokens))
+
+    conversations.insert(0, {"role": "system",
+                             "content": TOOL_DEFINITION_PREFIX + json.dumps(item["tools"], indent=4, ensure_ascii=False)})
+    for conv in conversations:
+        loss = conv.get("loss", True)
+        if conv["role"] in {"system", "user"}:
+            loss = False
+        if conv["role"] == "tool":
+            value = FUNCTION_CALL_PREFIX + _function_call(FUNCTION_CALL_NAME, conv["parameters"]) + FUNCTION_CALL_POSTFIX
+            _update(tok.build_single_message("assistant", conv["name"], value), loss)
+            value = conv.get("observation", None)
+            if not isinstance(value, str):
+                value = json.dumps(value, ensure_ascii=False)
+            _update(tok.build_single_message("observation", "", value), False)
+        else:
+            _update(tok.build_single_message(conv["role"], "", conv["content"]), loss)
+    _update([tok.eos_token_id], False)
+    target_based_loss_mask = [False] + loss_masks[:-1]
+    labels = [(t if m else -100) for t, m in zip(tokens, target_based_loss_mask, strict=True)]
+    return tokens, labels
 
 
 def _forward_logits(model, torch, ids):

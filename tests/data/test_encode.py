@@ -16,6 +16,14 @@ from chattune.data.encode import (
     special_token_ids,
 )
 from chattune.data.templates import Piece
+from tests.data.tool_cases import (
+    PARALLEL,
+    TOOLS,
+    TOOLS_JSON,
+    WEATHER,
+    glm3_tokenizer,
+    qwen_tokenizer,
+)
 
 
 def alpaca(instruction, output, extra=""):
@@ -224,3 +232,187 @@ def test_a_bounded_encoder_keeps_the_most_recently_used_texts_within_its_bounds(
     assert "x" * 50 not in bounded.cache and "x" * 50 in unbounded.cache
     bounded.warm([f"t{i}" for i in range(20)])
     assert len(bounded.cache) <= 3 and bounded.chars <= 10
+
+
+# Tool calls (conversations and the Qwen2.5-style chat template in tests/data/tool_cases.py):
+# supervised = the calls + the final answer + the end markers the template trains; nothing
+# of the tools block or the tool results.
+
+CALL_JSON = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+
+
+def test_default_tool_labels_are_the_calls_and_the_answer_with_their_eos(encoder, char_tokenizer):
+    encoded = encode_conversation(WEATHER, "default", encoder, EncodeOptions(1024), tools=TOOLS)
+    call = f"<tool_call>{CALL_JSON}</tool_call>"
+    assert decode(char_tokenizer, supervised(encoded)) == call + "</s>" + "It is 21 C." + "</s>"
+    assert len(supervised(encoded)) == len(call) + 1 + len("It is 21 C.") + 1 == 91
+    assert encoded.supervised_call_tokens == len(call) == 78
+    assert encoded.tool_calls == 1
+    text = decode(char_tokenizer, encoded.input_ids)
+    tools_at = text.index(TOOLS_JSON)
+    result_at = text.index('{"temp": 21}')
+    assert all(label == IGNORE_INDEX for label in encoded.labels[tools_at:tools_at + len(TOOLS_JSON)])
+    assert all(label == IGNORE_INDEX for label in encoded.labels[result_at:result_at + len('{"temp": 21}')])
+
+
+def test_default_parallel_calls_are_trained_together(encoder, char_tokenizer):
+    encoded = encode_conversation(PARALLEL, "default", encoder, EncodeOptions(1024), tools=TOOLS)
+    calls = (f"\n<tool_call>{CALL_JSON}</tool_call>\n"
+             '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>')
+    assert decode(char_tokenizer, supervised(encoded)) == "Checking both." + calls + "</s>Rome.</s>"
+    assert encoded.supervised_call_tokens == len(calls) == 157
+    assert len(supervised(encoded)) == len("Checking both.") + 157 + 1 + len("Rome.") + 1 == 178
+    assert encoded.tool_calls == 2
+
+
+def test_chatglm3_tool_labels(char_tokenizer):
+    tokenizer = glm3_tokenizer(char_tokenizer)
+    encoded = encode_conversation(WEATHER, "chatglm3", PieceEncoder(tokenizer), EncodeOptions(1024), tools=TOOLS)
+    code = "```python\ntool_call(city='Paris')\n```"
+    observation = tokenizer.convert_tokens_to_ids("<|observation|>")
+    labels = supervised(encoded)
+    # get_weather\n + the code + <|observation|> (one id: the token the model stops the call on),
+    # then \n + the answer + EOS; the result after <|observation|> is not trained
+    assert len(labels) == len("get_weather\n") + len(code) + 1 + len("\nIt is 21 C.") + 1 == 63
+    assert labels[len("get_weather\n") + len(code)] == observation
+    assert decode(tokenizer, labels) == "get_weather\n" + code + "<|observation|>\nIt is 21 C.</s>"
+    assert encoded.supervised_call_tokens == len("get_weather\n") + len(code) + 1 == 50
+    assert encoded.input_ids.count(observation) == 1
+
+
+def test_tokenizer_template_tool_labels(char_tokenizer):
+    tokenizer = qwen_tokenizer(char_tokenizer)
+    encoded = encode_conversation(WEATHER, "tokenizer", PieceEncoder(tokenizer), EncodeOptions(2048), tools=TOOLS)
+    call = f"<tool_call>\n{CALL_JSON}\n</tool_call>"
+    assert decode(tokenizer, supervised(encoded)) == call + "<|im_end|>\nIt is 21 C.<|im_end|>\n"
+    # <|im_end|> is one token (the EOS: no second EOS is added)
+    assert len(supervised(encoded)) == len(call) + 2 + len("It is 21 C.") + 2 == 95
+    assert encoded.supervised_call_tokens == len(call) == 80
+    text = decode(tokenizer, encoded.input_ids)
+    assert "# Tools" in text and '<tool_response>\n{"temp": 21}' in text
+
+
+def test_tool_results_are_never_trained_not_even_with_train_on_prompt(encoder, char_tokenizer):
+    encoded = encode_conversation(WEATHER, "default", encoder, EncodeOptions(1024, train_on_prompt=True), tools=TOOLS)
+    untrained = [i for i, label in zip(encoded.input_ids, encoded.labels, strict=True) if label == IGNORE_INDEX]
+    assert decode(char_tokenizer, untrained) == '{"temp": 21}'  # the prompt and the tools block are trained
+
+
+def test_train_last_turn_only_trains_the_last_turns_calls_and_answer(encoder, char_tokenizer):
+    second = [{"role": "user", "content": "And Rome?"},
+              {"role": "assistant", "content": "", "tool_calls": [{"name": "get_weather", "arguments": {"city": "Rome"}}]},
+              {"role": "tool", "content": '{"temp": 25}'},
+              {"role": "assistant", "content": "25 C."}]
+    messages = WEATHER + second
+    encoded = encode_conversation(messages, "default", encoder, EncodeOptions(1024, train_last_turn_only=True),
+                                  tools=TOOLS)
+    rome = '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>'
+    assert decode(char_tokenizer, supervised(encoded)) == rome + "</s>25 C.</s>"
+    everything = encode_conversation(messages, "default", encoder, EncodeOptions(1024), tools=TOOLS)
+    assert decode(char_tokenizer, supervised(everything)) == (
+        f"<tool_call>{CALL_JSON}</tool_call></s>It is 21 C.</s>" + rome + "</s>25 C.</s>")
+    assert everything.tool_calls == 2
+
+
+def test_a_row_is_never_cut_inside_a_tool_call(encoder, char_tokenizer):
+    """At every max_seq_length a row is either dropped or keeps each call whole: the right
+    cut only shortens the final answer."""
+    from chattune.data.encode import TOOLS_CUT
+
+    cases = [(WEATHER, f"<tool_call>{CALL_JSON}</tool_call>"),
+             (PARALLEL, f"<tool_call>{CALL_JSON}</tool_call>\n<tool_call>"
+                        '{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>')]
+    for messages, calls in cases:
+        full = len(encode_conversation(messages, "default", encoder, EncodeOptions(1024), tools=TOOLS).input_ids)
+        reasons = set()
+        for limit in range(1, full + 1):
+            encoded = encode_conversation(messages, "default", encoder, EncodeOptions(limit), tools=TOOLS)
+            if encoded.dropped:
+                reasons.add(encoded.dropped)
+                continue
+            assert len(encoded.input_ids) <= limit
+            assert calls in decode(char_tokenizer, supervised(encoded))
+        assert TOOLS_CUT in reasons
+        # the user's text is shortened first (to one character), then the final answer is cut
+        shortened = len(messages[-4 if messages is WEATHER else 0]["content"]) - 1
+        answer = messages[-1]["content"]
+        kept = encode_conversation(messages, "default", encoder, EncodeOptions(full - shortened - 3), tools=TOOLS)
+        assert kept.truncated and decode(char_tokenizer, supervised(kept)).endswith(
+            calls + "</s>" + answer[:len(answer) - 2])
+        cut = encode_conversation(messages, "default", encoder, EncodeOptions(full - shortened - 30), tools=TOOLS)
+        assert cut.dropped == TOOLS_CUT
+
+
+def test_a_conversation_ending_with_a_call_is_dropped_rather_than_cut(encoder, char_tokenizer):
+    from chattune.data.encode import TOOLS_CUT
+
+    messages = WEATHER[:3]
+    full = encode_conversation(messages, "default", encoder, EncodeOptions(1024), tools=TOOLS)
+    assert decode(char_tokenizer, supervised(full)) == f"<tool_call>{CALL_JSON}</tool_call></s>"
+    limit = len(full.input_ids) - (len("Weather in Paris?") - 1) - 1  # past shortening the user's text
+    assert not encode_conversation(messages, "default", encoder, EncodeOptions(limit + 1), tools=TOOLS).dropped
+    cut = encode_conversation(messages, "default", encoder, EncodeOptions(limit), tools=TOOLS)
+    assert cut.dropped == TOOLS_CUT
+
+
+def test_an_old_tool_turn_is_dropped_whole(encoder, char_tokenizer):
+    messages = WEATHER + [{"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "Welcome."}]
+    full = encode_conversation(messages, "default", encoder, EncodeOptions(1024), tools=TOOLS)
+    encoded = encode_conversation(messages, "default", encoder, EncodeOptions(len(full.input_ids) - 1), tools=TOOLS)
+    assert encoded.turns_dropped == 1 and encoded.tool_calls == 0 and encoded.supervised_call_tokens == 0
+    text = decode(char_tokenizer, encoded.input_ids)
+    assert text == "System: Be brief.\nTools: " + TOOLS_JSON + "\nHuman: Thanks\nAssistant: Welcome.</s>"
+
+
+def test_templates_without_tools_drop_such_rows_with_the_reason(encoder, char_tokenizer):
+    conversations = [WEATHER, turns(("q", "a"))]
+    vicuna = encode_all(conversations, "vicuna", encoder, EncodeOptions(512), tools=[TOOLS, None])
+    assert vicuna[0].dropped == ("template 'vicuna' does not render tools or tool calls; "
+                                 "templates that do: chatglm3, default, tokenizer")
+    assert not vicuna[1].dropped and decode(char_tokenizer, supervised(vicuna[1])) == " a</s>"
+    direct = encode_conversation(WEATHER, "alpaca", encoder, EncodeOptions(512), tools=TOOLS)
+    assert direct.dropped.startswith("template 'alpaca' does not render tools")
+
+
+def test_a_chat_template_without_tools_drops_tool_rows(tiny_models):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models("glm4"))
+    rows = encode_all([WEATHER, turns(("hello", "world"))], "tokenizer", PieceEncoder(tokenizer),
+                      EncodeOptions(512), tools=[TOOLS, None])
+    assert "chat template ignores tools" in rows[0].dropped and not rows[1].dropped
+
+
+@pytest.mark.parametrize("template", ["default", "chatglm3", "tokenizer"])
+def test_the_prompt_after_a_tool_result_equals_the_training_tokens(template, char_tokenizer):
+    tokenizer = {"default": char_tokenizer, "chatglm3": glm3_tokenizer(char_tokenizer),
+                 "tokenizer": qwen_tokenizer(char_tokenizer)}[template]
+    encoder = PieceEncoder(tokenizer)
+    encoded = encode_conversation(WEATHER, template, encoder, EncodeOptions(2048), tools=TOOLS)
+    prompt = encode_prompt(WEATHER[:-1], template, encoder, tools=TOOLS)
+    assert encoded.input_ids[: len(prompt)] == prompt
+    assert encoded.labels[len(prompt) - 1] == IGNORE_INDEX and encoded.labels[len(prompt)] != IGNORE_INDEX
+    assert decode(tokenizer, prompt).endswith(
+        {"default": "\nAssistant: ", "chatglm3": "<|assistant|>", "tokenizer": "<|im_start|>assistant\n"}[template])
+
+
+def test_the_audit_counts_tool_rows_calls_and_call_tokens(encoder):
+    from types import SimpleNamespace
+
+    from chattune.data.prepare import _encode_split, format_audit
+
+    records = [SimpleNamespace(messages=WEATHER, source="d.jsonl:1", tools=TOOLS),
+               SimpleNamespace(messages=PARALLEL, source="d.jsonl:2", tools=TOOLS),
+               SimpleNamespace(messages=turns(("q", "a")), source="d.jsonl:3")]  # a record without tools
+    rows, audit = _encode_split(records, "default", encoder, EncodeOptions(1024))
+    assert audit["rows_out"] == 3 and audit["rows_with_tools"] == 2 and audit["tool_calls"] == 3
+    assert audit["supervised_call_tokens"] == 78 + 157
+    assert audit["supervised_tokens"] == 91 + 178 + 2  # WEATHER, PARALLEL, "a" + EOS
+    report = format_audit({"fingerprint": "f", "template": "default", "max_seq_length": 1024, "files": [],
+                           "train": audit})
+    assert "[train] rows with tools 2, tool calls 3, supervised call tokens 235" in report
+    _, refused = _encode_split(records, "vicuna", encoder, EncodeOptions(1024))
+    reason = "template 'vicuna' does not render tools or tool calls; templates that do: chatglm3, default, tokenizer"
+    assert refused["dropped_reasons"] == {reason: 2} and refused["rows_out"] == 1
+    assert refused["rows_with_tools"] == refused["tool_calls"] == refused["supervised_call_tokens"] == 0
+    assert refused["dropped_examples"] == [f"d.jsonl:1: {reason}", f"d.jsonl:2: {reason}"]

@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 
 from chattune.data.formats import DataFileError, RawRow, read_rows, to_record
-from chattune.data.records import RecordError, user_text
+from chattune.data.records import RecordError, tool_call_count, user_text, validate_messages
+from tests.data.toolcall_rows import (
+    CALCULATE_TIP,
+    CONVERT_CURRENCY,
+    GET_WEATHER,
+    GLAIVE_ROW,
+    tools_column,
+)
 
 ALPACA = {"instruction": "Say hi", "input": "", "output": "Hi!"}
 CHATGLM_ADVERTISE = [  # ChatGLM AdvertiseGen style rows
@@ -800,3 +807,565 @@ class TestHostileFiles:
         index, key = {"instruction": (0, "content"), "input": (0, "input"), "output": (1, "content")}[field]
         with pytest.raises(RecordError, match=loc(path, f":1: messages[{index}].{key}: not valid Unicode text")):
             to_record(row, "auto")
+
+
+# --------------------------------------------------------------------------- tool calling
+
+
+GLAIVE_MESSAGES = [
+    {
+        "role": "user",
+        "content": "Hi, I need to convert 1000 US dollars to Euros. Can you help me with that?",
+    },
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "name": "convert_currency",
+                "arguments": {"amount": 1000, "from_currency": "USD", "to_currency": "EUR"},
+            }
+        ],
+    },
+    {
+        "role": "tool",
+        "content": '{"converted_amount": 850.0, "from_currency": "USD", "to_currency": "EUR"}',
+        "name": "convert_currency",
+    },
+    {"role": "assistant", "content": "Sure, 1000 US dollars is approximately 850 Euros."},
+]
+WEATHER_CALL = {"name": "get_weather", "arguments": {"city": "Paris"}}
+TIP_CALL = {"name": "calculate_tip", "arguments": {"bill": 40, "percent": 15}}
+
+
+def sharegpt(*turns, tools=None, **extra) -> dict:
+    """A ShareGPT row of ``(from, value)`` turns; JSON values for calls and results are dumped."""
+    row = {
+        "conversations": [
+            {"from": who, "value": value if isinstance(value, str) else json.dumps(value)}
+            for who, value in turns
+        ],
+        **extra,
+    }
+    if tools is not None:
+        row["tools"] = tools
+    return row
+
+
+def openai_call(call_id: str, name: str, arguments) -> dict:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+class TestToolCallingShareGPT:
+    def test_glaive_row_exact_messages_and_tools(self):
+        record = rec(GLAIVE_ROW)
+        assert record.messages == GLAIVE_MESSAGES
+        assert record.tools == [CONVERT_CURRENCY]
+        assert rec(GLAIVE_ROW, "sharegpt").messages == GLAIVE_MESSAGES
+        assert record.to_json() == {
+            "messages": GLAIVE_MESSAGES,
+            "tools": [CONVERT_CURRENCY],
+            "source": "f.json#0",
+        }
+
+    @pytest.mark.parametrize("tools", ["[]", "", "  ", [], None])
+    def test_rows_without_tools_convert_as_before(self, tools):
+        row = sharegpt(("human", "Hello"), ("gpt", "Hi!"), tools=tools)
+        record = rec(row)
+        assert record.messages == [
+            {"role": "user", "content": "Hello"},
+            {"role": "assistant", "content": "Hi!"},
+        ]
+        assert record.tools is None
+        assert record.to_json() == {"messages": record.messages, "source": "f.json#0"}
+
+    def test_tools_as_a_list_and_openai_wrappers_unwrapped(self):
+        wrapped = [{"type": "function", "function": GET_WEATHER}, CALCULATE_TIP]
+        extra = {**GET_WEATHER, "strict": True}  # keys other than name/description/parameters
+        for tools in (wrapped, json.dumps(wrapped)):
+            row = sharegpt(("human", "q"), ("gpt", "a"), tools=tools)
+            assert rec(row).tools == [GET_WEATHER, CALCULATE_TIP]
+        assert rec(sharegpt(("human", "q"), ("gpt", "a"), tools=[extra])).tools == [GET_WEATHER]
+        assert rec(sharegpt(("human", "q"), ("gpt", "a"), tools=[{"name": "ping"}])).tools == [
+            {"name": "ping"}
+        ]
+
+    def test_parallel_calls_with_one_observation_list_are_split(self):
+        row = sharegpt(
+            ("human", "Weather in Paris, and the tip on 40?"),
+            ("function_call", [WEATHER_CALL, TIP_CALL]),
+            ("observation", [{"temperature": 21}, "6.0"]),
+            ("gpt", "21 degrees; tip 6."),
+            tools=tools_column(GET_WEATHER, CALCULATE_TIP),
+        )
+        assert rec(row).messages == [
+            {"role": "user", "content": "Weather in Paris, and the tip on 40?"},
+            {"role": "assistant", "content": "", "tool_calls": [WEATHER_CALL, TIP_CALL]},
+            {"role": "tool", "content": '{"temperature": 21}', "name": "get_weather"},
+            {"role": "tool", "content": "6.0", "name": "calculate_tip"},
+            {"role": "assistant", "content": "21 degrees; tip 6."},
+        ]
+
+    def test_parallel_calls_with_one_observation_turn_each(self):
+        row = sharegpt(
+            ("human", "q"),
+            ("function_call", [WEATHER_CALL, TIP_CALL]),
+            ("observation", '["not", "split"]'),
+            ("observation", "6.0"),
+            ("gpt", "a"),
+        )
+        assert rec(row).messages[2:4] == [
+            {"role": "tool", "content": '["not", "split"]', "name": "get_weather"},
+            {"role": "tool", "content": "6.0", "name": "calculate_tip"},
+        ]
+
+    def test_a_single_calls_list_result_is_not_split(self):
+        row = sharegpt(
+            ("human", "q"),
+            ("function_call", WEATHER_CALL),
+            ("observation", '[{"day": 1}, {"day": 2}]'),
+            ("gpt", "a"),
+        )
+        assert rec(row).messages[2] == {
+            "role": "tool",
+            "content": '[{"day": 1}, {"day": 2}]',
+            "name": "get_weather",
+        }
+
+    def test_arguments_as_a_json_string_are_parsed_and_missing_ones_are_empty(self):
+        row = sharegpt(
+            ("human", "q"),
+            ("function_call", {"name": "get_weather", "arguments": '{"city": "Paris"}'}),
+            ("observation", "sunny"),
+            ("function_call", {"name": "ping"}),
+            ("observation", "pong"),
+            ("gpt", "a"),
+        )
+        messages = rec(row).messages
+        assert messages[1]["tool_calls"] == [WEATHER_CALL]
+        assert messages[3]["tool_calls"] == [{"name": "ping", "arguments": {}}]
+
+    def test_system_sequential_calls_and_a_second_user_turn(self):
+        row = sharegpt(
+            ("human", "Weather?"),
+            ("function_call", WEATHER_CALL),
+            ("observation", "sunny"),
+            ("function_call", TIP_CALL),
+            ("observation", "6.0"),
+            ("gpt", "Sunny; tip 6."),
+            ("human", "Thanks"),
+            ("gpt", "You are welcome."),
+            system="You have tools.",
+            tools=tools_column(GET_WEATHER, CALCULATE_TIP),
+        )
+        assert [(m["role"], m.get("name")) for m in rec(row).messages] == [
+            ("system", None),
+            ("user", None),
+            ("assistant", None),
+            ("tool", "get_weather"),
+            ("assistant", None),
+            ("tool", "calculate_tip"),
+            ("assistant", None),
+            ("user", None),
+            ("assistant", None),
+        ]
+
+    def test_a_conversation_may_end_with_the_call(self):
+        row = sharegpt(("human", "Weather?"), ("function_call", WEATHER_CALL))
+        assert rec(row).messages[-1] == {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [WEATHER_CALL],
+        }
+
+
+class TestToolCallingOpenAI:
+    def test_string_arguments_tool_call_ids_null_content_system_and_turns(self):
+        value = {
+            "messages": [
+                {"role": "system", "content": "You have tools."},
+                {"role": "user", "content": "Weather in Paris?"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [openai_call("call_1", "get_weather", '{"city": "Paris"}')],
+                },
+                {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'},
+                {"role": "assistant", "content": "21 degrees."},
+                {"role": "user", "content": "Thanks"},
+                {"role": "assistant", "content": "Welcome."},
+            ],
+            "tools": [{"type": "function", "function": GET_WEATHER}],
+        }
+        record = rec(value)
+        assert record.messages == [
+            {"role": "system", "content": "You have tools."},
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": "", "tool_calls": [WEATHER_CALL]},
+            {"role": "tool", "content": '{"temperature": 21}', "name": "get_weather"},
+            {"role": "assistant", "content": "21 degrees."},
+            {"role": "user", "content": "Thanks"},
+            {"role": "assistant", "content": "Welcome."},
+        ]
+        assert record.tools == [GET_WEATHER]
+
+    def test_object_arguments_text_beside_a_call_and_empty_tool_calls(self):
+        value = {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {
+                    "role": "assistant",
+                    "content": "Let me look.",
+                    "tool_calls": [openai_call("a", "get_weather", {"city": "Paris"})],
+                },
+                {"role": "tool", "tool_call_id": "a", "content": "sunny"},
+                {"role": "assistant", "content": "Sunny.", "tool_calls": []},
+            ]
+        }
+        messages = rec(value).messages
+        assert messages[1] == {
+            "role": "assistant",
+            "content": "Let me look.",
+            "tool_calls": [WEATHER_CALL],
+        }
+        assert messages[3] == {"role": "assistant", "content": "Sunny."}
+
+    def test_parallel_results_are_put_in_the_calls_order(self):
+        value = {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        openai_call("w", "get_weather", '{"city": "Paris"}'),
+                        openai_call("t", "calculate_tip", '{"bill": 40, "percent": 15}'),
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "t", "content": "6.0"},
+                {"role": "tool", "tool_call_id": "w", "content": "sunny"},
+                {"role": "assistant", "content": "a"},
+            ]
+        }
+        assert rec(value).messages[1:4] == [
+            {"role": "assistant", "content": "", "tool_calls": [WEATHER_CALL, TIP_CALL]},
+            {"role": "tool", "content": "sunny", "name": "get_weather"},
+            {"role": "tool", "content": "6.0", "name": "calculate_tip"},
+        ]
+
+    def test_canonical_jsonl_round_trip(self, tmp_path):
+        records = [
+            rec(GLAIVE_ROW, where="g.json#0"),
+            rec(sharegpt(("human", "q"), ("gpt", "a"), tools="[]"), where="g.json#1"),
+            rec(
+                sharegpt(
+                    ("human", "q"),
+                    ("function_call", [WEATHER_CALL, TIP_CALL]),
+                    ("observation", ["sunny", "6.0"]),
+                    ("gpt", "a"),
+                    system="S",
+                    tools=[GET_WEATHER, CALCULATE_TIP],
+                ),
+                where="g.json#2",
+            ),
+        ]
+        path = write_jsonl(tmp_path / "canonical.jsonl", [r.to_json() for r in records])
+        assert "tools" not in json.loads(path.read_text().splitlines()[1])
+        again = convert_all(path, "openai")
+        assert [(r.messages, r.tools) for r in again] == [(r.messages, r.tools) for r in records]
+        assert [(r.messages, r.tools) for r in convert_all(path)] == [
+            (r.messages, r.tools) for r in records
+        ]
+
+
+def test_tool_call_count():
+    assert tool_call_count(GLAIVE_MESSAGES) == 1
+    assert tool_call_count([{"role": "user", "content": "q"}]) == 0
+
+
+class TestToolCallingErrors:
+    def error(self, value, fmt="auto", **kwargs) -> str:
+        with pytest.raises(RecordError) as info:
+            rec(value, fmt, **kwargs)
+        return str(info.value)
+
+    def test_function_call_not_valid_json(self):
+        row = sharegpt(
+            ("human", "q"),
+            ("function_call", '{"name": "get_weather", "arguments": {'),
+            ("observation", "x"),
+            ("gpt", "a"),
+        )
+        assert self.error(row) == (
+            "f.json#0.conversations[1].value: function call is not valid JSON: "
+            "Expecting property name enclosed in double quotes"
+        )
+
+    def test_function_call_arguments_not_valid_json(self):
+        row = sharegpt(
+            ("human", "q"),
+            ("function_call", {"name": "get_weather", "arguments": "{city"}),
+            ("observation", "x"),
+            ("gpt", "a"),
+        )
+        assert self.error(row) == (
+            "f.json#0.conversations[1].value.arguments: function call arguments are not valid "
+            "JSON: Expecting property name enclosed in double quotes"
+        )
+
+    def test_function_call_neither_object_nor_list(self):
+        row = sharegpt(("human", "q"), ("function_call", "42"), ("observation", "x"), ("gpt", "a"))
+        assert self.error(row) == (
+            "f.json#0.conversations[1].value: expected a function call {name, arguments} "
+            "(or a list of them), got int"
+        )
+
+    def test_tools_not_valid_json(self):
+        row = sharegpt(("human", "q"), ("gpt", "a"), tools='[{"name": "get_weather",')
+        assert self.error(row) == (
+            "f.json#0.tools: tools are not valid JSON: "
+            "Expecting property name enclosed in double quotes"
+        )
+
+    @pytest.mark.parametrize(
+        ("tools", "message"),
+        [
+            ('{"name": "x"}', "f.json#0.tools: expected a list of function objects, got dict"),
+            (
+                '["get_weather"]',
+                "f.json#0.tools[0]: expected a function object with name, description and "
+                "parameters, got str",
+            ),
+            ('[{"description": "d"}]', "f.json#0.tools[0].name: expected a non-empty function "
+             "name, got None"),
+            (
+                '[{"type": "function", "function": {"name": ""}}]',
+                "f.json#0.tools[0].function.name: expected a non-empty function name, got ''",
+            ),
+            (
+                '[{"type": "retrieval", "function": {"name": "x"}}]',
+                "f.json#0.tools[0].type: expected 'function', got 'retrieval'",
+            ),
+            (
+                '[{"name": "x", "parameters": "none"}]',
+                "f.json#0.tools[0].parameters: expected a JSON schema object, got str",
+            ),
+            ('[{"name": "x"}, {"name": "x"}]', "f.json#0.tools[1].name: duplicate tool name 'x'"),
+        ],
+    )
+    def test_bad_tools(self, tools, message):
+        assert self.error(sharegpt(("human", "q"), ("gpt", "a"), tools=tools)) == message
+
+    def test_arguments_not_an_object(self, tmp_path):
+        path = write_json(
+            tmp_path / "file.json",
+            [
+                sharegpt(
+                    ("human", "q"),
+                    ("function_call", {"name": "get_weather", "arguments": ["Paris"]}),
+                    ("observation", "x"),
+                    ("gpt", "a"),
+                )
+            ],
+        )
+        with pytest.raises(RecordError) as info:
+            convert_all(path)
+        assert str(info.value) == (
+            f"{path}#0: messages[1].tool_calls[0].arguments: expected a JSON object, got list"
+        )
+
+    def test_empty_call_name(self):
+        row = sharegpt(
+            ("human", "q"),
+            ("function_call", {"name": " ", "arguments": {}}),
+            ("observation", "x"),
+            ("gpt", "a"),
+        )
+        assert self.error(row) == "f.json#0: messages[1].tool_calls[0].name: empty call name"
+        row = sharegpt(("human", "q"), ("function_call", {"arguments": {}}), ("gpt", "a"))
+        assert self.error(row) == "f.json#0: messages[1].tool_calls[0].name: empty call name"
+
+    def test_call_to_a_tool_the_record_does_not_have(self):
+        row = sharegpt(
+            ("human", "q"),
+            ("function_call", TIP_CALL),
+            ("observation", "x"),
+            ("gpt", "a"),
+            tools=tools_column(GET_WEATHER, CONVERT_CURRENCY),
+        )
+        assert self.error(row) == (
+            "f.json#0: messages[1].tool_calls[0].name: unknown tool 'calculate_tip'; the record's "
+            "tools are ['get_weather', 'convert_currency']"
+        )
+        # without tools any name may be called
+        del row["tools"]
+        assert rec(row).messages[1]["tool_calls"] == [TIP_CALL]
+
+    def test_call_with_no_result(self):
+        row = sharegpt(("human", "q"), ("function_call", WEATHER_CALL), ("gpt", "It is sunny."))
+        assert self.error(row) == (
+            "f.json#0: messages[1].tool_calls[0]: call to 'get_weather' has no tool result "
+            "(messages[2] is 'assistant', expected 'tool'; one tool message per call, in order)"
+        )
+
+    def test_one_observation_for_two_calls_that_is_no_list_of_two(self):
+        row = sharegpt(
+            ("human", "q"),
+            ("function_call", [WEATHER_CALL, TIP_CALL]),
+            ("observation", '{"temperature": 21, "tip": 6.0}'),
+            ("gpt", "a"),
+        )
+        assert self.error(row) == (
+            "f.json#0: messages[1].tool_calls[1]: call to 'calculate_tip' has no tool result "
+            "(messages[3] is 'assistant', expected 'tool'; one tool message per call, in order)"
+        )
+
+    def test_missing_result_at_the_end(self):
+        row = sharegpt(
+            ("human", "q"),
+            ("function_call", [WEATHER_CALL, TIP_CALL]),
+            ("observation", "sunny"),
+        )
+        message = (
+            "f.json#0: messages[1].tool_calls[1]: call to 'calculate_tip' has no tool result "
+            "(the conversation ends; one tool message per call, in order)"
+        )
+        assert self.error(row) == message
+        assert self.error(row, need_answer=False) == message
+
+    def test_tool_message_without_a_call(self):
+        row = sharegpt(("human", "q"), ("observation", "x"), ("gpt", "a"))
+        assert self.error(row) == (
+            "f.json#0: messages[1].role: expected 'assistant' here (roles out of order), "
+            "got 'tool'; a tool message must answer an assistant's tool_calls"
+        )
+        row = sharegpt(("human", "q"), ("gpt", "a"), ("observation", "x"), ("gpt", "b"))
+        assert self.error(row) == (
+            "f.json#0: messages[2].role: expected 'user' here (roles out of order), "
+            "got 'tool'; a tool message must answer an assistant's tool_calls"
+        )
+
+    def test_more_results_than_calls(self):
+        row = sharegpt(
+            ("human", "q"),
+            ("function_call", WEATHER_CALL),
+            ("observation", "sunny"),
+            ("observation", "rainy"),
+            ("gpt", "a"),
+        )
+        assert self.error(row) == (
+            "f.json#0: messages[3].role: expected 'assistant' here (roles out of order), "
+            "got 'tool'; a tool message must answer an assistant's tool_calls"
+        )
+
+    def test_ending_with_results_needs_an_answer_unless_predicting(self):
+        row = sharegpt(("human", "q"), ("function_call", WEATHER_CALL), ("observation", "sunny"))
+        assert self.error(row) == (
+            "f.json#0: the last message must be the assistant's answer, got 'tool'"
+        )
+        assert rec(row, need_answer=False).messages[-1]["role"] == "tool"
+
+    def test_empty_plain_answer_is_still_an_empty_response(self):
+        row = sharegpt(("human", "q"), ("function_call", WEATHER_CALL), ("observation", "x"),
+                       ("gpt", " "))
+        assert self.error(row) == "f.json#0: messages[3].content: empty response"
+
+    def test_unknown_speaker_and_role_mention_the_tool_ones(self):
+        assert self.error({"conversations": [{"from": "tool_result", "value": "x"}]}) == (
+            "f.json#0.conversations[0].from: expected one of ['assistant', 'chatgpt', 'gpt', "
+            "'human', 'model', 'system', 'user'], got 'tool_result'; or 'function_call' / "
+            "'observation' for tool calls and their results"
+        )
+        assert self.error({"messages": [{"role": "function", "content": "x"}]}) == (
+            "f.json#0: messages[0].role: expected one of ['system', 'user', 'assistant'], got "
+            "'function'; or 'tool' for a tool's result after an assistant's tool_calls"
+        )
+
+    def test_openai_unknown_tool_call_id(self):
+        value = {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": None,
+                 "tool_calls": [openai_call("a", "get_weather", "{}")]},
+                {"role": "tool", "tool_call_id": "b", "content": "x"},
+                {"role": "assistant", "content": "a"},
+            ]
+        }
+        assert self.error(value) == (
+            "f.json#0.messages[2].tool_call_id: no tool call with id 'b'; the calls before it "
+            "have ids ['a']"
+        )
+
+    def test_openai_bad_arguments_string_and_call_type(self):
+        value = {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": None,
+                 "tool_calls": [openai_call("a", "get_weather", "{city: Paris}")]},
+            ]
+        }
+        assert self.error(value) == (
+            "f.json#0.messages[1].tool_calls[0].function.arguments: function call arguments are "
+            "not valid JSON: Expecting property name enclosed in double quotes"
+        )
+        value["messages"][1]["tool_calls"][0]["type"] = "code_interpreter"
+        assert self.error(value) == (
+            "f.json#0.messages[1].tool_calls[0].type: expected 'function', got 'code_interpreter'"
+        )
+
+    def test_tool_result_named_after_another_function(self):
+        value = {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "", "tool_calls": [WEATHER_CALL]},
+                {"role": "tool", "name": "calculate_tip", "content": "x"},
+                {"role": "assistant", "content": "a"},
+            ]
+        }
+        assert self.error(value) == (
+            "f.json#0: messages[2].name: expected 'get_weather' (the result of "
+            "messages[1].tool_calls[0]), got 'calculate_tip'"
+        )
+
+    def test_tool_calls_only_on_assistant_messages(self):
+        value = {
+            "messages": [
+                {"role": "user", "content": "q", "tool_calls": [WEATHER_CALL]},
+                {"role": "assistant", "content": "a"},
+            ]
+        }
+        # from_openai drops a user's extra keys; the canonical check still refuses it
+        assert rec(value).messages[0] == {"role": "user", "content": "q"}
+        with pytest.raises(
+            RecordError,
+            match=re.escape(
+                "w: messages[0].tool_calls: only an assistant message may carry tool_calls, "
+                "got one on a 'user' message"
+            ),
+        ):
+            validate_messages(value["messages"], "w")
+
+    def test_canonical_tool_calls_must_be_a_non_empty_list(self):
+        messages = [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "", "tool_calls": []},
+        ]
+        with pytest.raises(
+            RecordError,
+            match=re.escape(
+                "w: messages[1].tool_calls: expected a non-empty list of {name, arguments} calls, "
+                "got an empty list"
+            ),
+        ):
+            validate_messages(messages, "w")
+
+    def test_unpaired_surrogate_in_arguments(self):
+        row = sharegpt(
+            ("human", "q"),
+            ("function_call", '{"name": "f", "arguments": {"x": "\\udc00"}}'),
+            ("observation", "x"),
+            ("gpt", "a"),
+        )
+        assert self.error(row).startswith(
+            "f.json#0: messages[1].tool_calls[0].arguments: not valid Unicode text"
+        )

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from chattune.config import DataSource
-from chattune.data.formats import DataFileError
-from chattune.data.records import RecordError
+from chattune.data.formats import DataFileError, RawRow, to_record
+from chattune.data.records import RecordError, tool_call_count
 from chattune.data.sources import (
     file_digest,
     format_summary,
@@ -21,6 +21,7 @@ from chattune.data.sources import (
     record_key,
     split_eval,
 )
+from tests.data.toolcall_rows import toolcall_rows, write_toolcall_file
 
 
 def write_jsonl(path: Path, values) -> Path:
@@ -470,3 +471,107 @@ class TestHostileInput:
         assert records == [] and summary.read == 2
         assert summary.skipped == Counter({"unknown format": 2})
         assert summary.examples[0].startswith(f"{path}:2: unknown format: keys ['a1', 'q1']")
+
+
+# --------------------------------------------------------------------------- tool calling data
+
+
+class TestToolCallingFile:
+    """The generated 300-row glaive-style file: every row accounted for, the tool counts right."""
+
+    def test_every_row_is_accounted_for(self, tmp_path):
+        path, expected = write_toolcall_file(tmp_path / "glaive_style.json")
+        records, summary = read_source(DataSource(str(path)))
+        outcomes = Counter(e.outcome for e in expected)
+        assert (summary.read, summary.converted, summary.skipped_total, summary.duplicated) == (
+            300,
+            outcomes["converted"],
+            outcomes["skipped"],
+            outcomes["duplicated"],
+        ) == (300, 230, 60, 10)
+        check_invariant(summary)
+        assert summary.skipped == Counter(e.reason for e in expected if e.outcome == "skipped")
+        assert set(summary.skipped.values()) == {10} and len(summary.skipped) == 6
+        converted = [(i, e) for i, e in enumerate(expected) if e.outcome == "converted"]
+        assert [r.source for r in records] == [f"{path}#{i}" for i, _ in converted]
+        for record, (_, e) in zip(records, converted, strict=True):
+            assert tool_call_count(record.messages) == e.tool_calls, e.kind
+            assert bool(record.tools) == e.has_tools, e.kind
+
+    def test_summary_counts_rows_with_tools_and_tool_calls(self, tmp_path):
+        path, expected = write_toolcall_file(tmp_path / "glaive_style.json")
+        _, summary = read_source(DataSource(str(path)))
+        kept = [e for e in expected if e.outcome == "converted"]
+        assert (summary.with_tools, summary.tool_calls) == (
+            sum(e.has_tools for e in kept),
+            sum(e.tool_calls for e in kept),
+        ) == (180, 210)
+        j = summary.to_json()
+        assert (j["rows_with_tools"], j["tool_calls"]) == (180, 210)
+        assert (j["read"], j["converted"], j["skipped"], j["duplicated"], j["kept"]) == (
+            300, 230, 60, 10, 230
+        )
+        text = format_summary([summary])
+        assert text.splitlines()[1].split()[1:] == ["300", "230", "60", "10", "230"]
+        assert text.splitlines()[2] == "    180 rows with tools, 210 tool calls"
+        assert "skipped 10 x function call is not valid JSON" in text
+        assert "skipped 10 x tools are not valid JSON" in text
+        assert f"e.g. {path}#24.conversations[1].value: function call is not valid JSON" in text
+
+    def test_strict_stops_at_the_first_broken_row(self, tmp_path):
+        path, expected = write_toolcall_file(tmp_path / "glaive_style.json")
+        first = next(i for i, e in enumerate(expected) if e.outcome == "skipped")
+        with pytest.raises(
+            RecordError,
+            match=re.escape(
+                f"{path}#{first}.conversations[1].value: function call is not valid JSON"
+            ),
+        ):
+            read_source(DataSource(str(path)), strict=True)
+
+    def test_files_without_tools_print_no_tool_line(self, tmp_path):
+        path = write_jsonl(tmp_path / "mixed.jsonl", MIXED)
+        _, summary = read_source(DataSource(str(path)))
+        assert (summary.with_tools, summary.tool_calls) == (0, 0)
+        assert "tool calls" not in format_summary([summary])
+
+
+class TestToolCallingDedup:
+    def records(self, rows: list[dict]):
+        return [to_record(RawRow(row, f"t.json#{i}"), "auto") for i, row in enumerate(rows)]
+
+    def test_rows_differing_only_in_tools_or_calls_are_not_duplicates(self, tmp_path):
+        rows, _ = toolcall_rows(1)
+        base = rows[0]
+        other_tools = {**base, "tools": json.dumps([json.loads(base["tools"])[0], {"name": "x"}])}
+        other_call = json.loads(json.dumps(base))
+        call = json.loads(other_call["conversations"][1]["value"])
+        call["arguments"]["amount"] += 1
+        other_call["conversations"][1]["value"] = json.dumps(call)
+        no_tools = {**base, "tools": "[]"}
+        rows = [base, other_tools, other_call, no_tools, base]
+        keys = [record_key(r) for r in self.records(rows)]
+        assert len(set(keys[:4])) == 4
+        assert keys[4] == keys[0]
+        path = write_jsonl(tmp_path / "t.jsonl", rows)
+        records, summary = read_source(DataSource(str(path)))
+        assert (summary.converted, summary.duplicated) == (4, 1)
+
+    def test_key_of_a_record_without_tools_is_unchanged(self):
+        import hashlib
+
+        record = to_record(RawRow(alpaca(3), "a.json#0"), "auto")
+        old = hashlib.sha1(
+            json.dumps(record.messages, sort_keys=True, ensure_ascii=False).encode()
+        ).hexdigest()
+        assert record_key(record) == old
+
+    def test_canonical_output_read_back_deduplicates_against_the_input(self, tmp_path):
+        path, _ = write_toolcall_file(tmp_path / "glaive_style.json", 30)
+        records, _ = read_source(DataSource(str(path)))
+        out = write_jsonl(tmp_path / "canonical.jsonl", [r.to_json() for r in records])
+        again, summary = read_source(DataSource(str(out)))
+        assert [(r.messages, r.tools) for r in again] == [(r.messages, r.tools) for r in records]
+        assert (summary.with_tools, summary.tool_calls) == (18, 21)
+        _, (_, second) = load_records([DataSource(str(path)), DataSource(str(out))])
+        assert (second.converted, second.duplicated) == (0, len(records))

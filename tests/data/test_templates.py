@@ -50,6 +50,9 @@
   one string) and ``processRestoreStateFromText`` (history = each prompt template, then the
   answer text); stops: gpt4all-backend/llmodel_shared.cpp @3409b98c ``generateResponse``
   reversePrompts ("### Human", "### Assistant", ...).
+
+Tools (chatglm3, tokenizer, default): what each tool format follows is in the docstring of its
+golden test below (test_chatglm3_renders_its_published_tool_format, ...).
 """
 
 from __future__ import annotations
@@ -60,11 +63,14 @@ from chattune.data.templates import (
     NAMED_TEMPLATES,
     PROBE_CONVERSATION,
     TemplateError,
+    ToolsNotSupportedError,
+    chatglm3_call_code,
     render,
     render_text,
     resolve_template_name,
     template_provenance,
 )
+from tests.data.tool_cases import PARALLEL, TOOLS, TOOLS_JSON, WEATHER, qwen_tokenizer
 
 EOS = "<EOS>"
 SP = "<SP>"
@@ -420,3 +426,226 @@ def test_chat_template_text_before_the_answer_is_trained_with_it(tiny_models):
     )
     pieces = render("tokenizer", TWO_TURNS[:2], tokenizer)
     assert [(p.text, p.role) for p in pieces if p.trained] == [("\na1", "assistant"), ("", "eos")]
+
+
+# Tools: the conversations (canonical schema, built by hand) and the Qwen2.5-style chat template
+# are in tests/data/tool_cases.py; what each format follows is in each golden test's docstring.
+
+
+def tool_text(name, messages, tokenizer=None, tools=TOOLS):
+    return render_text(render(name, messages, tokenizer, tools), eos=EOS, specials=SP)
+
+
+def test_default_renders_tools_calls_and_results_in_its_own_json_form():
+    """default: chattune's own documented form (render_default's docstring), in the style of its
+    ``Role: text`` lines: ``Tools: {json.dumps(tools)}`` after the system line; each call
+    ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` (one per line, after the message's
+    text and a newline), EOS after the calls; each result ``\nTool: {result}``, then
+    ``\nAssistant: `` for the answer. Parallel calls render in one assistant turn."""
+    assert tool_text("default", WEATHER) == (
+        SP + "System: Be brief.\nTools: " + TOOLS_JSON + "\nHuman: Weather in Paris?\nAssistant: "
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>' + EOS
+        + '\nTool: {"temp": 21}\nAssistant: It is 21 C.' + EOS
+    )
+    assert tool_text("default", PARALLEL) == (
+        SP + "Tools: " + TOOLS_JSON + "\nHuman: Paris or Rome: which is warmer?\nAssistant: Checking both.\n"
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>\n'
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>' + EOS
+        + '\nTool: {"temp": 21}\nTool: {"temp": 25}\nAssistant: Rome.' + EOS
+    )
+    pieces = render("default", WEATHER, tools=TOOLS)
+    assert [(p.text, p.role) for p in pieces if p.role in ("tools", "tool_call", "observation")] == [
+        (TOOLS_JSON, "tools"),
+        ('<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>', "tool_call"),
+        ('{"temp": 21}', "observation"),
+    ]
+
+
+CHATGLM3_TOOLS = (
+    "<|system|>\nAnswer the following questions as best as you can. You have access to the following tools:\n"
+    "[\n"
+    "    {\n"
+    '        "name": "get_weather",\n'
+    '        "description": "Current weather of a city",\n'
+    '        "parameters": {\n'
+    '            "type": "object",\n'
+    '            "properties": {\n'
+    '                "city": {\n'
+    '                    "type": "string"\n'
+    "                }\n"
+    "            },\n"
+    '            "required": [\n'
+    '                "city"\n'
+    "            ]\n"
+    "        }\n"
+    "    }\n"
+    "]"
+)
+
+
+def test_chatglm3_renders_its_published_tool_format():
+    """chatglm3 follows THUDM/ChatGLM3 PROMPT.md / PROMPT_en.md @1d2746af ("Tool Calling": the
+    tools in a first system message, "Answer the following questions as best as you can. You have
+    access to the following tools:\n" + the tools as JSON, indent 4; the call
+    ``<|assistant|>{name}\n```python\ntool_call(...)\n```"``; the result ``<|observation|>\n{result}``;
+    then ``<|assistant|>\n{answer}``) and THUDM/ChatGLM3 finetune_chatmodel_demo/preprocess_utils.py
+    @174470a3 ``format_conversation``: TOOL_DEFINITION_PREFIX + ``json.dumps(tools, indent=4,
+    ensure_ascii=False)`` inserted before the conversation's own system message; the call
+    ``build_single_message("assistant", name, "```python\n" + astunparse(tool_call(k=v)) + "\n```")``
+    (astunparse writes each constant as its repr); the result ``build_single_message("observation",
+    "", value)``; labels shifted by one (``target_based_loss_mask = [False] + loss_masks[:-1]``), so
+    the <|observation|> after a call is trained and the result is not. The fixture's
+    (../shared/fixtures/chatglm/chatglm3-6b) ``build_chat_input`` (a system message with tools:
+    content + "\n" + json.dumps(tools, indent=4, ensure_ascii=False)), ``process_response`` (drops
+    a call's first and last line, evals ``tool_call(**kw)``) and ``chat`` (stops on <|observation|>)
+    agree. tests/chatglm/test_parity.py checks the ids and labels against THUDM's code itself."""
+    assert tool_text("chatglm3", WEATHER) == (
+        SP + CHATGLM3_TOOLS + "<|system|>\nBe brief.<|user|>\nWeather in Paris?<|assistant|>get_weather\n"
+        "```python\ntool_call(city='Paris')\n```<|observation|>\n{\"temp\": 21}<|assistant|>\nIt is 21 C." + EOS
+    )
+    pieces = render("chatglm3", WEATHER, tools=TOOLS)
+    assert [(p.text, p.role) for p in pieces if p.trained] == [
+        ("get_weather\n", "tool_call"), ("```python\ntool_call(city='Paris')\n```", "tool_call"),
+        ("<|observation|>", "call_token"), ("\n", "assistant"), ("It is 21 C.", "assistant"), ("", "eos"),
+    ]
+    # the tools as build_chat_input writes them: content + "\n" + json.dumps(tools, indent=4)
+    import json
+
+    tools_piece = next(p.text for p in pieces if p.role == "tools")
+    assert tools_piece == ("Answer the following questions as best as you can. You have access to the "
+                           "following tools:" + "\n" + json.dumps(TOOLS, indent=4, ensure_ascii=False))
+
+
+def test_chatglm3_text_before_a_call_is_its_own_assistant_message():
+    # PROMPT.md: "<|assistant|>\nOkay, let's look up ...<|assistant|>get_current_weather\n```python..."
+    messages = [PARALLEL[0], {**PARALLEL[1], "tool_calls": PARALLEL[1]["tool_calls"][:1]}, PARALLEL[2], PARALLEL[4]]
+    assert tool_text("chatglm3", messages, tools=None) == (
+        SP + "<|user|>\nParis or Rome: which is warmer?<|assistant|>\nChecking both.<|assistant|>get_weather\n"
+        "```python\ntool_call(city='Paris')\n```<|observation|>\n{\"temp\": 21}<|assistant|>\nRome." + EOS
+    )
+    trained = [(p.text, p.role) for p in render("chatglm3", messages) if p.trained]
+    assert trained[:3] == [("\n", "assistant"), ("Checking both.", "assistant"), ("<|assistant|>", "call_token")]
+
+
+def test_chatglm3_has_one_call_per_assistant_message():
+    with pytest.raises(ToolsNotSupportedError, match="'chatglm3' renders one tool call per assistant message"):
+        render("chatglm3", PARALLEL, tools=TOOLS)
+
+
+def test_chatglm3_call_values_are_python_reprs():
+    code = chatglm3_call_code({"city": "Paris", "days": 3, "metric": True, "tags": ["a"], "note": "it's"})
+    assert code == "```python\ntool_call(city='Paris', days=3, metric=True, tags=['a'], note=\"it's\")\n```"
+
+
+QWEN_SYSTEM_WITH_TOOLS = (
+    "<|im_start|>system\nBe brief.\n\n# Tools\n\nYou may call one or more functions to assist with the user "
+    "query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+    '{"type": "function", "function": {"name": "get_weather", "description": "Current weather of a city", '
+    '"parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}\n'
+    "</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}\n</tool_call><|im_end|>\n"
+)
+
+
+def test_tokenizer_template_renders_tools_through_the_chat_template(char_tokenizer):
+    """tokenizer: the tokenizer's own chat template with ``tools=`` ({"type": "function",
+    "function": ...} each, as transformers' tool-use guide passes them), OpenAI-shaped
+    ``tool_calls`` and ``tool`` messages; here QWEN_TOOLS_TEMPLATE, Qwen2.5-Instruct's chat
+    template (tools block in the system message, Hermes ``<tool_call>`` JSON, results in
+    ``<tool_response>`` blocks of one user turn). The rendering equals apply_chat_template's."""
+    tokenizer = qwen_tokenizer(char_tokenizer)
+    expected = (
+        QWEN_SYSTEM_WITH_TOOLS + "<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n"
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n'
+        '<|im_start|>user\n<tool_response>\n{"temp": 21}\n</tool_response><|im_end|>\n'
+        "<|im_start|>assistant\nIt is 21 C.<|im_end|>\n"
+    )
+    assert tool_text("tokenizer", WEATHER, tokenizer) == expected
+    # the same text as the chat template renders it with tools= and OpenAI-shaped calls
+    openai_messages = [*WEATHER[:2], {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        *WEATHER[3:]]
+    assert tokenizer.apply_chat_template(openai_messages, tools=[{"type": "function", "function": TOOLS[0]}],
+                                         tokenize=False) == expected
+    pieces = render("tokenizer", WEATHER, tokenizer, TOOLS)
+    tools_text = "".join(p.text for p in pieces if p.role == "tools")
+    assert tools_text.startswith("\n\n# Tools\n") and tools_text.endswith("</tool_call>")
+    assert [(p.text, p.role) for p in pieces if p.trained] == [
+        ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>', "tool_call"),
+        ("<|im_end|>\n", "answer_end"), ("It is 21 C.", "assistant"), ("<|im_end|>\n", "answer_end"),
+    ]
+    assert [p.text for p in pieces if p.role == "observation"] == ['{"temp": 21}']
+
+
+def test_tokenizer_template_renders_parallel_calls_and_their_results(char_tokenizer):
+    tokenizer = qwen_tokenizer(char_tokenizer)
+    assert tool_text("tokenizer", PARALLEL, tokenizer) == (
+        QWEN_SYSTEM_WITH_TOOLS.replace("Be brief.", "You are a helpful assistant.")
+        + "<|im_start|>user\nParis or Rome: which is warmer?<|im_end|>\n<|im_start|>assistant\nChecking both.\n"
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call><|im_end|>\n'
+        '<|im_start|>user\n<tool_response>\n{"temp": 21}\n</tool_response>\n<tool_response>\n{"temp": 25}\n'
+        "</tool_response><|im_end|>\n<|im_start|>assistant\nRome.<|im_end|>\n"
+    )
+    pieces = render("tokenizer", PARALLEL, tokenizer, TOOLS)
+    assert [(p.text, p.role) for p in pieces if p.role in ("assistant", "tool_call")] == [
+        ("Checking both.", "assistant"),
+        ('\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>', "tool_call"),
+        ("Rome.", "assistant"),
+    ]
+    assert [p.text for p in pieces if p.role == "observation"] == ['{"temp": 21}', '{"temp": 25}']
+
+
+def test_a_chat_template_without_tools_refuses_them(tiny_models):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models("glm4"))  # its template has no "tools"
+    with pytest.raises(ToolsNotSupportedError, match="chat template ignores tools .no 'tools' in its source"):
+        render("tokenizer", WEATHER, tokenizer, TOOLS)
+    render("tokenizer", TWO_TURNS, tokenizer, None)  # a conversation without tools still renders
+
+
+@pytest.mark.parametrize("name", ["vicuna", "alpaca", "chatglm2", "moss"])
+def test_other_templates_refuse_tools_naming_the_ones_that_render_them(name):
+    expected = f"template '{name}' does not render tools or tool calls; templates that do: chatglm3, default, tokenizer"
+    with pytest.raises(ToolsNotSupportedError, match=expected):
+        render(name, WEATHER, tools=TOOLS)
+    with pytest.raises(ToolsNotSupportedError):
+        render(name, WEATHER)  # calls and tool messages without a tools list
+    with pytest.raises(ToolsNotSupportedError):
+        render(name, TWO_TURNS, tools=TOOLS)  # tools offered, none called
+    assert render(name, TWO_TURNS, tools=[]) == render(name, TWO_TURNS)
+
+
+@pytest.mark.parametrize("name", ["default", "chatglm3", "tokenizer"])
+def test_the_prompt_after_a_tool_result_is_the_training_text_before_the_answer(name, char_tokenizer):
+    """At inference a conversation ending with a tool result renders, piece for piece, as
+    training renders it before the final answer, ending with the assistant's marker."""
+    tokenizer = qwen_tokenizer(char_tokenizer) if name == "tokenizer" else None
+    full = render(name, WEATHER, tokenizer, TOOLS)
+    prompt = render(name, WEATHER[:-1], tokenizer, TOOLS)
+    answer = max(i for i, p in enumerate(full) if p.role == "assistant")
+    if full[answer - 1].role == "assistant":  # chatglm3's "\n" before the answer
+        answer -= 1
+    assert prompt == full[:answer]
+    marker = {"default": "\nAssistant: ", "chatglm3": "<|assistant|>", "tokenizer": "<|im_start|>assistant\n"}
+    assert render_text(prompt).endswith(marker[name])
+
+
+def test_a_chat_template_that_drops_the_tools_or_the_calls_is_refused(char_tokenizer):
+    from tests.data.tool_cases import char_tokenizer_with
+
+    plain = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    ignores_tools = char_tokenizer_with(char_tokenizer, chat_template="{# tools #}" + plain)
+    with pytest.raises(ToolsNotSupportedError, match="does not show the tools it is given"):
+        render("tokenizer", TWO_TURNS, ignores_tools, TOOLS)
+    shows_tools_only = char_tokenizer_with(
+        char_tokenizer, chat_template="{% if tools %}TOOLS {{ tools | tojson }}\n{% endif %}" + plain)
+    with pytest.raises(ToolsNotSupportedError, match="does not render the assistant's tool_calls"):
+        render("tokenizer", WEATHER, shows_tools_only, TOOLS)
+    pieces = render("tokenizer", TWO_TURNS, shows_tools_only, TOOLS)
+    assert [p.text for p in pieces if p.role == "tools"] == ["TOOLS " + TOOLS_JSON.replace(
+        '{"name"', '{"type": "function", "function": {"name"').replace("]}}]", "]}}}]") + "\n"]

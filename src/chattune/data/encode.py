@@ -14,6 +14,14 @@ A row that has to be shortened is encoded piece by piece, as below.
 Truncation keeps each row within ``max_seq_length`` tokens in total: it drops
 the oldest turns first, then shortens the user's text, then cuts the answer
 from the right. A row whose last answer would vanish is dropped and counted.
+
+Tools: a turn is a user message and everything after it up to the next user message
+(calls, results, the final answer), and turns are dropped whole. Tool calls are trained,
+tool results never (not even with ``train_on_prompt``), the tools block only with
+``train_on_prompt``. The right cut may only shorten the final answer: a row that would be
+cut inside a tool call or result is dropped, so a half call is never trained on. A row whose
+template cannot render its tools (see ``templates.ToolsNotSupportedError``) is dropped with
+that reason.
 """
 
 from __future__ import annotations
@@ -21,7 +29,15 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from chattune.data.templates import Piece, TemplateError, get_template, render
+from chattune.data.records import tool_call_count
+from chattune.data.templates import (
+    CALL_ROLES,
+    Piece,
+    TemplateError,
+    ToolsNotSupportedError,
+    get_template,
+    render,
+)
 from chattune.errors import ModelLoadError
 
 IGNORE_INDEX = -100
@@ -88,7 +104,7 @@ class PieceEncoder:
             return [self.eos]
         if piece.role == "specials":
             return list(self.specials)
-        if piece.role == "token":
+        if piece.role in ("token", "call_token"):
             token_id = self._token_id(piece.text)
             if token_id is not None:
                 return [token_id]
@@ -149,25 +165,45 @@ class Encoded:
     truncated: bool = False
     turns_dropped: int = 0
     dropped: str | None = None
+    tool_calls: int = 0  # the calls in the row as encoded (after dropped turns)
+    supervised_call_tokens: int = 0  # supervised tokens of tool calls (their text and end tokens)
 
 
 def _drop_oldest_turn(messages: list[dict]) -> list[dict]:
+    """The conversation without its first turn: the first user message and everything after
+    it up to the next user message (an answer, or calls, results and the answer)."""
     start = 1 if messages[0]["role"] == "system" else 0
-    return messages[:start] + messages[start + 2:]
+    end = start + 1
+    while end < len(messages) and messages[end]["role"] != "user":
+        end += 1
+    return messages[:start] + messages[end:]
 
 
 def _user_turns(messages: list[dict]) -> int:
     return sum(1 for m in messages if m["role"] == "user")
 
 
-_ATOMIC_ROLES = ("specials", "eos", "token")
+_ATOMIC_ROLES = ("specials", "eos", "token", "call_token")
+_ANSWER_ROLES = ("assistant", *CALL_ROLES)
+
+
+def _last_answer_turn(pieces: list[Piece]) -> int:
+    return max((p.turn for p in pieces if p.role in _ANSWER_ROLES), default=0)
 
 
 def _trained(pieces: list[Piece], options: EncodeOptions) -> list[bool]:
-    """Whether each piece is supervised under ``options``."""
-    last_turn = max((p.turn for p in pieces if p.role == "assistant"), default=0)
-    return [options.train_on_prompt or (piece.trained and (not options.train_last_turn_only or piece.turn == last_turn))
+    """Whether each piece is supervised under ``options``: a tool result never is;
+    ``train_on_prompt`` supervises everything else."""
+    last_turn = _last_answer_turn(pieces)
+    return [piece.role != "observation" and (
+                options.train_on_prompt
+                or (piece.trained and (not options.train_last_turn_only or piece.turn == last_turn)))
             for piece in pieces]
+
+
+def _call_tokens(pieces: list[Piece], piece_ids: list[list[int]], trained: list[bool]) -> int:
+    return sum(len(ids) for piece, ids, flag in zip(pieces, piece_ids, trained, strict=True)
+               if flag and piece.role in CALL_ROLES)
 
 
 def join_pieces(pieces: list[Piece], trained: list[bool] | None = None) -> tuple[list[Piece], list[bool]]:
@@ -202,15 +238,31 @@ def _is_joined(template: str) -> bool:
     return bool(named and named.joined)
 
 
+TOOLS_CUT = "max_seq_length would cut a tool call or result: no final answer token would remain"
+"""The drop reason of a row whose right cut would fall inside its last turn's calls or results."""
+
+
 def encode_conversation(messages: list[dict], template: str, encoder: PieceEncoder,
-                        options: EncodeOptions, pieces: list[Piece] | None = None) -> Encoded:
+                        options: EncodeOptions, pieces: list[Piece] | None = None,
+                        tools: list[dict] | None = None) -> Encoded:
     """Encode a conversation that ends with an answer, truncating it to fit.
 
-    ``pieces`` may carry the conversation already rendered (saves a render).
+    ``pieces`` may carry the conversation already rendered (saves a render); ``tools`` are
+    the tools the conversation offers. A conversation whose tools the template cannot
+    render comes back dropped with the reason.
     """
+    try:
+        return _encode_conversation(messages, template, encoder, options, pieces, tools)
+    except ToolsNotSupportedError as exc:
+        return Encoded(dropped=str(exc))
+
+
+def _encode_conversation(messages: list[dict], template: str, encoder: PieceEncoder,
+                         options: EncodeOptions, pieces: list[Piece] | None,
+                         tools: list[dict] | None) -> Encoded:
     limit = options.max_seq_length
     if _is_joined(template):
-        rendered = pieces if pieces is not None else render(template, messages, encoder.tokenizer)
+        rendered = pieces if pieces is not None else render(template, messages, encoder.tokenizer, tools)
         joined, flags = join_pieces(rendered, _trained(rendered, options))
         joined_ids = [encoder.ids(p) for p in joined]
         if sum(map(len, joined_ids)) <= limit:
@@ -222,7 +274,7 @@ def encode_conversation(messages: list[dict], template: str, encoder: PieceEncod
     turns_dropped = 0
     while True:
         if pieces is None:
-            pieces = render(template, messages, encoder.tokenizer)
+            pieces = render(template, messages, encoder.tokenizer, tools)
         piece_ids = [encoder.ids(p) for p in pieces]
         total = sum(map(len, piece_ids))
         if total <= limit or _user_turns(messages) <= 1:
@@ -233,7 +285,7 @@ def encode_conversation(messages: list[dict], template: str, encoder: PieceEncod
     excess = total - limit
     truncated = turns_dropped > 0 or excess > 0
     if excess > 0:
-        last_answer_turn = max(p.turn for p in pieces if p.role == "assistant")
+        last_answer_turn = _last_answer_turn(pieces)
         user_indexes = [i for i, p in enumerate(pieces) if p.role == "user" and p.turn == last_answer_turn]
         for n, index in enumerate(reversed(user_indexes)):
             keep_at_least = 1 if n == len(user_indexes) - 1 else 0
@@ -241,30 +293,47 @@ def encode_conversation(messages: list[dict], template: str, encoder: PieceEncod
             if cut:
                 piece_ids[index] = piece_ids[index][: len(piece_ids[index]) - cut]
                 excess -= cut
-    encoded = _assemble(pieces, piece_ids, _trained(pieces, options))
+    trained = _trained(pieces, options)
+    encoded = _assemble(pieces, piece_ids, trained)
     encoded.truncated = truncated
     encoded.turns_dropped = turns_dropped
     if excess > 0:
-        answer_start = len(encoded.input_ids) - _tail_length(pieces, piece_ids)
+        answer = _final_answer_index(pieces)
+        answer_start = sum(map(len, piece_ids[:answer])) if answer is not None else len(encoded.input_ids)
         if answer_start >= limit:
             return Encoded(truncated=True, turns_dropped=turns_dropped,
-                           dropped="prompt fills max_seq_length: no answer token would remain")
+                           dropped=TOOLS_CUT if _cuts_tools(pieces, piece_ids, limit, answer)
+                           else "prompt fills max_seq_length: no answer token would remain")
         encoded.input_ids = encoded.input_ids[:limit]
         encoded.labels = encoded.labels[:limit]
     if all(label == IGNORE_INDEX for label in encoded.labels):
         return Encoded(truncated=truncated, turns_dropped=turns_dropped, dropped="no token is supervised")
+    encoded.tool_calls = tool_call_count(messages)
+    encoded.supervised_call_tokens = _call_tokens(pieces, piece_ids, trained)
     return encoded
 
 
-def _tail_length(pieces: list[Piece], piece_ids: list[list[int]]) -> int:
-    """Tokens from the start of the last answer's text to the end."""
-    last = max(i for i, p in enumerate(pieces) if p.role == "assistant")
-    return sum(len(ids) for ids in piece_ids[last:])
+def _final_answer_index(pieces: list[Piece]) -> int | None:
+    """The index of the last answer's text piece, or None when a tool call or result comes
+    after it (the conversation ends with a call): the right cut may only shorten that answer."""
+    last = max((i for i, p in enumerate(pieces) if p.role == "assistant"), default=None)
+    if last is None or any(p.role in CALL_ROLES or p.role == "observation" for p in pieces[last:]):
+        return None
+    return last
+
+
+def _cuts_tools(pieces: list[Piece], piece_ids: list[list[int]], limit: int, answer: int | None) -> bool:
+    """Whether the first ``limit`` tokens end inside or before the last call or result, or
+    the row ends with a call (no final answer: any cut shortens the call's turn)."""
+    ends = [sum(map(len, piece_ids[: i + 1])) for i, p in enumerate(pieces)
+            if p.role in CALL_ROLES or p.role == "observation"]
+    return bool(ends) and (answer is None or limit < max(ends))
 
 
 def encode_prompt(messages: list[dict], template: str, encoder: PieceEncoder,
-                  max_prompt_tokens: int | None = None) -> list[int]:
-    """Token ids of a conversation ending with the user's turn, ready for generation.
+                  max_prompt_tokens: int | None = None, tools: list[dict] | None = None) -> list[int]:
+    """Token ids of a conversation ending with the user's turn (or a tool result), ready
+    for generation: the model continues as the assistant.
 
     Uses the same rendering and piece tokenization as training. When
     ``max_prompt_tokens`` is set, the oldest turns are dropped to fit, then the
@@ -272,7 +341,7 @@ def encode_prompt(messages: list[dict], template: str, encoder: PieceEncoder,
     """
     joined = _is_joined(template)
     while True:
-        pieces = render(template, messages, encoder.tokenizer)
+        pieces = render(template, messages, encoder.tokenizer, tools)
         if joined:
             pieces, _ = join_pieces(pieces)
         ids = [i for p in pieces for i in encoder.ids(p)]
@@ -284,27 +353,37 @@ def encode_prompt(messages: list[dict], template: str, encoder: PieceEncoder,
     return ids
 
 
-def _render_named(template: str, messages: list[dict], tokenizer, where: str) -> list[Piece]:
-    """render(), with a template failure naming the conversation it failed on."""
+def _render_named(template: str, messages: list[dict], tokenizer, where: str,
+                  tools: list[dict] | None) -> list[Piece] | str:
+    """render(), with a template failure naming the conversation it failed on; the reason
+    (a string) when the template cannot render the conversation's tools."""
     try:
-        return render(template, messages, tokenizer)
+        return render(template, messages, tokenizer, tools)
+    except ToolsNotSupportedError as exc:
+        return str(exc)
     except TemplateError as exc:
         raise TemplateError(f"{where}: {exc}") from exc
 
 
 def encode_all(conversations: list[list[dict]], template: str, encoder: PieceEncoder,
-               options: EncodeOptions, sources: list[str] | None = None) -> list[Encoded]:
+               options: EncodeOptions, sources: list[str] | None = None,
+               tools: list[list[dict] | None] | None = None) -> list[Encoded]:
     """Encode many conversations: render each once, tokenize all pieces in batches.
 
-    ``sources`` (each conversation's ``file:line``) names the row in a TemplateError.
+    ``sources`` (each conversation's ``file:line``) names the row in a TemplateError;
+    ``tools`` (each conversation's tools, or None) are the tools each offers. A row whose
+    tools the template cannot render is dropped with that reason.
     """
+    offered = tools if tools is not None else [None] * len(conversations)
     rendered = [_render_named(template, messages, encoder.tokenizer,
-                              sources[i] if sources else f"conversation {i}")
+                              sources[i] if sources else f"conversation {i}", offered[i])
                 for i, messages in enumerate(conversations)]
+    usable = [pieces for pieces in rendered if not isinstance(pieces, str)]
     if _is_joined(template):
-        texts = [p.text for pieces in rendered for p in join_pieces(pieces, _trained(pieces, options))[0]]
+        texts = [p.text for pieces in usable for p in join_pieces(pieces, _trained(pieces, options))[0]]
     else:
-        texts = [p.text for pieces in rendered for p in pieces]
+        texts = [p.text for pieces in usable for p in pieces]
     encoder.warm([text for text in texts if text])
-    return [encode_conversation(messages, template, encoder, options, pieces)
-            for messages, pieces in zip(conversations, rendered, strict=True)]
+    return [Encoded(dropped=pieces) if isinstance(pieces, str)
+            else encode_conversation(messages, template, encoder, options, pieces, row_tools)
+            for messages, pieces, row_tools in zip(conversations, rendered, offered, strict=True)]

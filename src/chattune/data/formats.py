@@ -3,6 +3,14 @@ OpenAI-messages or column-mapped layouts, turned into :class:`Record` s.
 
 Every raw row gets a location (``file:line`` for JSON Lines and CSV,
 ``file#index`` for a JSON array or Parquet) that any error about it names.
+
+Tool calling data (see :mod:`chattune.data.records` for the canonical form) comes in two
+layouts. ShareGPT as LLaMA-Factory writes it (e.g. ``glaive_toolcall_en_demo.json``):
+``function_call`` turns whose value is a JSON call ``{"name", "arguments"}`` or a JSON list of
+them (parallel calls), ``observation`` turns with the results, and a top-level ``tools`` column
+holding a JSON string (or a list) of function objects. OpenAI messages: assistant messages with
+``tool_calls`` (``{"id", "type": "function", "function": {"name", "arguments": "<JSON>"}}``),
+``tool`` messages with ``tool_call_id``, and a top-level ``tools`` list.
 """
 
 from __future__ import annotations
@@ -15,7 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chattune.data.records import Record, RecordError, validate_messages
+from chattune.data.records import (
+    Record,
+    RecordError,
+    check_tools,
+    unwrap_function,
+    validate_messages,
+)
 from chattune.errors import ChattuneError
 
 FORMATS = ("auto", "alpaca", "sharegpt", "openai", "columns")
@@ -29,6 +43,8 @@ SHAREGPT_ROLES = {
     "chatgpt": "assistant",
     "system": "system",
 }
+SHAREGPT_TOOL_TURNS = ("function_call", "observation")
+"""LLaMA-Factory's ShareGPT speakers for an assistant's tool call and the tool's result."""
 
 
 DATA_FILE_TYPES = ".json, .jsonl, .csv or .parquet"
@@ -237,8 +253,80 @@ def from_alpaca(value: dict, where: str) -> list[dict]:
     return messages + [user, {"role": "assistant", "content": output}]
 
 
+def _load_json(text: str, loc: str, what: str) -> Any:
+    """``text`` parsed as JSON, or RecordError ``loc: <what> is not valid JSON: <why>``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RecordError(f"{loc}: {what} not valid JSON: {exc.msg}") from exc
+    except (ValueError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise RecordError(f"{loc}: {what} not valid JSON: {why}") from exc
+
+
+def _arguments(value: Any, loc: str) -> Any:
+    """A call's arguments: a JSON string is parsed, nothing is ``{}``; anything else is kept
+    as it is (validate_messages then says unless it is an object)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return {}
+    if isinstance(value, str):
+        return _load_json(value, loc, "function call arguments are")
+    return value
+
+
+def read_tools(value: dict, where: str) -> list[dict] | None:
+    """A row's top-level ``tools`` (a list, or a JSON string of one) as canonical function
+    objects; None when absent, empty, ``""`` or ``"[]"``."""
+    tools = value.get("tools")
+    if isinstance(tools, str):
+        if not tools.strip():
+            return None
+        tools = _load_json(tools, f"{where}.tools", "tools are")
+    return check_tools(tools, where)
+
+
+def _sharegpt_calls(text: str, loc: str) -> list[dict]:
+    """A ``function_call`` turn's value: a JSON call ``{"name", "arguments"}`` or a list of them."""
+    value = _load_json(text, f"{loc}.value", "function call is")
+    calls = value if isinstance(value, list) else [value]
+    if not calls:
+        raise RecordError(f"{loc}.value: expected a function call {{name, arguments}} or a list of "
+                          "them, got an empty list")
+    parsed = []
+    for c, call in enumerate(calls):
+        call_loc = f"{loc}.value[{c}]" if isinstance(value, list) else f"{loc}.value"
+        if not isinstance(call, dict):
+            raise RecordError(f"{call_loc}: expected a function call {{name, arguments}} (or a "
+                              f"list of them), got {type(call).__name__}")
+        arguments = _arguments(call.get("arguments"), f"{call_loc}.arguments")
+        parsed.append({"name": call.get("name"), "arguments": arguments})
+    return parsed
+
+
+def _split_results(text: str, count: int) -> list[str] | None:
+    """One observation's value as ``count`` results when it is a JSON list of that many items."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(value, list) or len(value) != count:
+        return None
+    return [item if isinstance(item, str) else json.dumps(item, ensure_ascii=False)
+            for item in value]
+
+
+def _is_observation(turn: Any) -> bool:
+    return isinstance(turn, dict) and turn.get("from", turn.get("role")) == "observation"
+
+
 def from_sharegpt(value: dict, where: str) -> list[dict]:
-    """ShareGPT ``conversations`` of ``{from, value}`` (+ top-level ``system``) to messages."""
+    """ShareGPT ``conversations`` of ``{from, value}`` (+ top-level ``system``) to messages.
+
+    A ``function_call`` turn becomes an assistant message with ``tool_calls`` and content
+    ``""``; each ``observation`` turn a tool message named after the call it answers. Results
+    come one observation per call, in order; for N parallel calls a single observation whose
+    value is a JSON list of N items (LLaMA-Factory's layout) is split into N results.
+    """
     turns = value.get("conversations")
     if not isinstance(turns, list):
         raise RecordError(f"{where}.conversations: expected a list of {{from, value}} objects")
@@ -246,34 +334,142 @@ def from_sharegpt(value: dict, where: str) -> list[dict]:
     system = _string_field(value, "system", where, required=False)
     if system:
         messages.append({"role": "system", "content": system})
+    unanswered: list = []  # the names of the last function_call's calls still without a result
+    first_result = False
     for i, turn in enumerate(turns):
         loc = f"{where}.conversations[{i}]"
         if not isinstance(turn, dict):
             raise RecordError(f"{loc}: expected an object with from and value")
         speaker = turn.get("from", turn.get("role"))
-        if not isinstance(speaker, str) or speaker not in SHAREGPT_ROLES:
-            raise RecordError(f"{loc}.from: expected one of {sorted(SHAREGPT_ROLES)}, got {speaker!r}")
+        if not isinstance(speaker, str) or (speaker not in SHAREGPT_ROLES
+                                            and speaker not in SHAREGPT_TOOL_TURNS):
+            raise RecordError(f"{loc}.from: expected one of {sorted(SHAREGPT_ROLES)}, got "
+                              f"{speaker!r}; or 'function_call' / 'observation' for tool calls and "
+                              "their results")
         text = turn.get("value", turn.get("content"))
         if not isinstance(text, str):
             raise RecordError(f"{loc}.value: expected a string, got {type(text).__name__}")
-        messages.append({"role": SHAREGPT_ROLES[speaker], "content": text})
+        if speaker == "function_call":
+            calls = _sharegpt_calls(text, loc)
+            messages.append({"role": "assistant", "content": "", "tool_calls": calls})
+            unanswered, first_result = [call["name"] for call in calls], True
+        elif speaker == "observation":
+            results = None
+            if first_result and len(unanswered) > 1 and not (
+                    i + 1 < len(turns) and _is_observation(turns[i + 1])):
+                results = _split_results(text, len(unanswered))
+            for result in results or [text]:
+                message = {"role": "tool", "content": result}
+                name = unanswered.pop(0) if unanswered else None
+                if isinstance(name, str) and name:
+                    message["name"] = name
+                messages.append(message)
+            first_result = False
+        else:
+            messages.append({"role": SHAREGPT_ROLES[speaker], "content": text})
+            unanswered, first_result = [], False
     return messages
 
 
+def _call_id(value: Any, loc: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise RecordError(f"{loc}: expected a string, got {type(value).__name__}")
+    return value
+
+
+def _openai_calls(calls: Any, loc: str) -> tuple[list[dict], dict[str, tuple[int, Any]]]:
+    """An assistant's OpenAI ``tool_calls`` as canonical calls, and their ids -> (index, name).
+
+    Each call is ``{"id", "type": "function", "function": {"name", "arguments"}}`` with the
+    arguments a JSON string (or an object), or a canonical ``{"name", "arguments"}``.
+    """
+    if not isinstance(calls, list):
+        raise RecordError(f"{loc}.tool_calls: expected a list of tool calls, got "
+                          f"{type(calls).__name__}")
+    parsed, ids = [], {}
+    for c, call in enumerate(calls):
+        call_loc = f"{loc}.tool_calls[{c}]"
+        if not isinstance(call, dict):
+            raise RecordError(f"{call_loc}: expected a tool call object, got {type(call).__name__}")
+        function, function_loc = unwrap_function(call, call_loc)
+        if not isinstance(function, dict):
+            raise RecordError(f"{function_loc}: expected an object with name and arguments, "
+                              f"got {type(function).__name__}")
+        name = function.get("name")
+        arguments = _arguments(function.get("arguments"), f"{function_loc}.arguments")
+        parsed.append({"name": name, "arguments": arguments})
+        call_id = _call_id(call.get("id"), f"{call_loc}.id")
+        if call_id is not None:
+            if call_id in ids:
+                raise RecordError(f"{call_loc}.id: duplicate call id {call_id!r}")
+            ids[call_id] = (c, name)
+    return parsed, ids
+
+
 def from_openai(value: dict, where: str) -> list[dict]:
-    """OpenAI ``messages`` of ``{role, content}`` to messages (extra keys dropped)."""
+    """OpenAI ``messages`` of ``{role, content}`` to messages (extra keys dropped).
+
+    An assistant's ``tool_calls`` become canonical ``{name, arguments}`` calls (content null
+    becomes ``""``); a tool message keeps its content and gets the ``name`` of the call its
+    ``tool_call_id`` names. The results of parallel calls are put in the calls' order.
+    """
     raw = value.get("messages")
     if not isinstance(raw, list):
         raise RecordError(f"{where}.messages: expected a list of {{role, content}} objects")
     messages = []
+    order: list[int | None] = []  # for a tool message, the index of the call it answers
+    ids: dict[str, tuple[int, Any]] = {}  # the last assistant message's call ids
     for i, message in enumerate(raw):
         if not isinstance(message, dict):
             raise RecordError(f"{where}.messages[{i}]: expected an object with role and content")
-        kept = {"role": message.get("role"), "content": message.get("content")}
+        loc = f"{where}.messages[{i}]"
+        role = message.get("role")
+        kept = {"role": role, "content": message.get("content")}
         if "input" in message:
             kept["input"] = message["input"]
+        position = None
+        if role == "assistant":
+            ids = {}
+            if message.get("tool_calls") not in (None, []):
+                kept["tool_calls"], ids = _openai_calls(message["tool_calls"], loc)
+                if kept["content"] is None:
+                    kept["content"] = ""
+        elif role == "tool":
+            name = message.get("name")
+            call_id = _call_id(message.get("tool_call_id"), f"{loc}.tool_call_id")
+            if call_id is not None:
+                if call_id not in ids:
+                    known = (f"the calls before it have ids {sorted(ids)}" if ids
+                             else "no call before it has an id")
+                    raise RecordError(f"{loc}.tool_call_id: no tool call with id {call_id!r}; "
+                                      f"{known}")
+                position, called = ids[call_id]
+                if name is None:
+                    name = called
+            if name is not None:
+                kept["name"] = name
         messages.append(kept)
-    return messages
+        order.append(position)
+    return _results_in_call_order(messages, order)
+
+
+def _results_in_call_order(messages: list[dict], order: list[int | None]) -> list[dict]:
+    """Sort each run of tool messages that all carry a call index into the calls' order."""
+    result, i = [], 0
+    while i < len(messages):
+        end = i
+        while end < len(messages) and messages[end].get("role") == "tool":
+            end += 1
+        if end == i:
+            result.append(messages[i])
+            i += 1
+            continue
+        run = list(zip(order[i:end], messages[i:end], strict=True))
+        if all(position is not None for position, _ in run):
+            run.sort(key=lambda item: item[0])
+        result += [message for _, message in run]
+        i = end
+    return result
 
 
 def from_columns(value: dict, where: str, columns: dict[str, str], need_answer: bool = True) -> list[dict]:
@@ -334,13 +530,16 @@ def to_record(row: RawRow, fmt: str, columns: dict[str, str] | None = None, *,
         fmt = detect_format(row.value, row.where)
     if not isinstance(row.value, dict):
         raise RecordError(f"{row.where}: expected a JSON object, got {type(row.value).__name__}")
+    tools = None
     if fmt == "alpaca":
         messages = from_alpaca(row.value, row.where)
     elif fmt == "sharegpt":
         messages = from_sharegpt(row.value, row.where)
+        tools = read_tools(row.value, row.where)
     elif fmt == "openai":
         messages = from_openai(row.value, row.where)
+        tools = read_tools(row.value, row.where)
     else:
         messages = from_columns(row.value, row.where, check_columns(columns, row.where, need_answer), need_answer)
-    validate_messages(messages, row.where, need_answer=need_answer)
-    return Record(messages=messages, source=row.where)
+    validate_messages(messages, row.where, need_answer=need_answer, tools=tools)
+    return Record(messages=messages, source=row.where, tools=tools)

@@ -21,11 +21,11 @@ from chattune import __version__
 from chattune.config import DataArgs
 from chattune.data.encode import IGNORE_INDEX, EncodeOptions, PieceEncoder, encode_all
 from chattune.data.sources import FileSummary, file_digest, load_records, split_eval
-from chattune.data.templates import template_provenance
+from chattune.data.templates import template_provenance, uses_tools
 from chattune.errors import ConfigError, DataError
 from chattune.model import tokenizer_hash
 
-ENCODING_VERSION = 1
+ENCODING_VERSION = 2  # 2: tools, tool calls and results (audit counts them)
 
 
 @dataclass
@@ -74,15 +74,19 @@ def _percentiles(lengths: list[int]) -> dict:
 
 
 def _encode_split(records, template_name, encoder, options):
+    """Encode one split's records; the rows and their audit. Rows with tools are counted
+    (``rows_with_tools``, their ``tool_calls``) and the supervised tokens of tool calls apart
+    (``supervised_call_tokens``, part of ``supervised_tokens``)."""
+    tools = [getattr(r, "tools", None) for r in records]  # records read before tools carry none
     encoded = encode_all([r.messages for r in records], template_name, encoder, options,
-                         sources=[r.source for r in records])
+                         sources=[r.source for r in records], tools=tools)
     rows = {"input_ids": [], "labels": []}
     dropped: Counter = Counter()
     dropped_examples = []
     truncated = 0
-    tokens = supervised = 0
+    tokens = supervised = call_tokens = tool_rows = tool_calls = 0
     lengths = []
-    for record, enc in zip(records, encoded, strict=True):
+    for record, row_tools, enc in zip(records, tools, encoded, strict=True):
         if enc.dropped:
             dropped[enc.dropped] += 1
             if len(dropped_examples) < 5:
@@ -94,11 +98,15 @@ def _encode_split(records, template_name, encoder, options):
         lengths.append(len(enc.input_ids))
         tokens += len(enc.input_ids)
         supervised += sum(1 for label in enc.labels if label != IGNORE_INDEX)
+        call_tokens += enc.supervised_call_tokens
+        tool_rows += uses_tools(record.messages, row_tools)
+        tool_calls += enc.tool_calls
     audit = {
         "rows_in": len(records), "rows_out": len(rows["input_ids"]), "rows_truncated": truncated,
         "rows_dropped": sum(dropped.values()), "dropped_reasons": dict(dropped),
         "dropped_examples": dropped_examples, "tokens": tokens, "supervised_tokens": supervised,
         "supervised_share": round(supervised / tokens, 4) if tokens else 0.0,
+        "rows_with_tools": tool_rows, "tool_calls": tool_calls, "supervised_call_tokens": call_tokens,
         "length": _percentiles(lengths),
     }
     return rows, audit
@@ -263,4 +271,8 @@ def format_audit(audit: dict) -> str:
             f"({a['supervised_share']:.1%}); length p50 {length['p50']} p90 {length['p90']} "
             f"p99 {length['p99']} max {length['max']} mean {length['mean']}"
         )
+        if a.get("rows_with_tools"):
+            lines.append(f"[{split}] rows with tools {a['rows_with_tools']}, tool calls {a['tool_calls']}, "
+                         f"supervised call tokens {a['supervised_call_tokens']} (of the supervised "
+                         "tokens; tool results are never supervised)")
     return "\n".join(lines)

@@ -22,12 +22,13 @@ from chattune.data.formats import (
     read_rows,
     to_record,
 )
-from chattune.data.records import Record, RecordError
+from chattune.data.records import Record, RecordError, tool_call_count
 
 
 @dataclass
 class FileSummary:
-    """What happened to every row of one file."""
+    """What happened to every row of one file; ``with_tools`` and ``tool_calls`` count the
+    converted records that have tools and the tool calls in them."""
 
     path: str
     format: str
@@ -38,6 +39,8 @@ class FileSummary:
     examples: list[str] = field(default_factory=list)
     sampled_out: int = 0
     repeated: int = 0
+    with_tools: int = 0
+    tool_calls: int = 0
 
     @property
     def skipped_total(self) -> int:
@@ -52,6 +55,7 @@ class FileSummary:
             "skipped_reasons": dict(self.skipped), "duplicated": self.duplicated,
             "sampled_out": self.sampled_out, "repeated": self.repeated,
             "kept": self.converted - self.sampled_out + self.repeated,
+            "rows_with_tools": self.with_tools, "tool_calls": self.tool_calls,
             "first_errors": self.examples,
         }
 
@@ -59,7 +63,10 @@ class FileSummary:
 def _reason(message: str) -> str:
     """A short reason class for a RecordError message (the part after the location)."""
     tail = message.split(": ", 1)[-1]
-    for marker in ("missing field", "missing column", "expected a string", "empty response",
+    for marker in ("function call is not valid JSON", "function call arguments are not valid JSON",
+                   "tools are not valid JSON", "has no tool result", "unknown tool",
+                   "empty call name", "a tool message must answer", "no tool call with id",
+                   "missing field", "missing column", "expected a string", "empty response",
                    "empty user message", "roles out of order", "unknown format", "not valid Unicode text",
                    "the last message must be", "expected one of", "expected a JSON object",
                    "expected a"):
@@ -69,8 +76,13 @@ def _reason(message: str) -> str:
 
 
 def record_key(record: Record) -> str:
-    """A content hash of a record's messages, for exact-duplicate detection."""
-    return hashlib.sha1(json.dumps(record.messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    """A content hash of a record's messages (tool calls included) and tools, for
+    exact-duplicate detection; a record without tools hashes its messages alone, as before."""
+    content = record.messages
+    if record.tools:
+        content = {"messages": record.messages, "tools": record.tools}
+    text = json.dumps(content, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha1(text.encode()).hexdigest()
 
 
 def read_source(source: DataSource, *, strict: bool = False, dedup: bool = True,
@@ -99,6 +111,8 @@ def read_source(source: DataSource, *, strict: bool = False, dedup: bool = True,
                 continue
             seen.add(key)
         summary.converted += 1
+        summary.with_tools += bool(record.tools)
+        summary.tool_calls += tool_call_count(record.messages)
         records.append(record)
     return records, summary
 
@@ -166,6 +180,8 @@ def format_summary(summaries: list[FileSummary]) -> str:
         j = s.to_json()
         name = s.path if len(s.path) <= 40 else "..." + s.path[-37:]
         lines.append(f"{name:<40} {s.read:>7} {s.converted:>9} {s.skipped_total:>7} {s.duplicated:>10} {j['kept']:>7}")
+        if s.with_tools or s.tool_calls:
+            lines.append(f"    {s.with_tools} rows with tools, {s.tool_calls} tool calls")
         for reason, count in s.skipped.most_common():
             lines.append(f"    skipped {count} x {reason}")
         for example in s.examples[:3]:
