@@ -195,3 +195,14 @@ def test_dry_run_nproc_zero_is_a_config_error(tiny_models, capsys):
     assert main(["train", f"model_name_or_path={tiny_models('llama')}", "--dry-run", "--nproc", "0"]) == 2
     captured = capsys.readouterr()
     assert "--nproc" in captured.err and "per device" not in captured.out
+
+
+def test_overrides_may_follow_the_options(tiny_models, tmp_path, capsys):
+    """``chattune train CFG --nproc 2 max_seq_length=64``: the key=value after an option still counts."""
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model_name_or_path: {tiny_models('glm4')}\n")
+    assert main(["train", str(config), "--dry-run", "--nproc", "2", "max_seq_length=64"]) == 0
+    assert "batch 4 x 64 tokens" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["train", str(config), "--dry-run", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err

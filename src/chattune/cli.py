@@ -442,7 +442,12 @@ def main(argv: list[str] | None = None) -> int:
     from chattune.errors import ChattuneError
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "overrides", None) is not None and all("=" in item for item in extra):
+        args.overrides = [*args.overrides, *extra]  # key=value after an option: train CFG --nproc 2 k=v
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except ChattuneError as exc:
