@@ -110,10 +110,33 @@ class LoadedRun:
         with self.tokenizer_lock:
             return encode_prompt(messages, profile.template, self.encoder, max_tokens, tools)
 
-    def decode(self, ids: list[int]) -> str:
-        """Token ids to text, special tokens left out."""
+    def decode(self, ids: list[int], keep: frozenset[int] = frozenset()) -> str:
+        """Token ids to text, special tokens left out but for those in ``keep``, written as
+        their token text (a template's marker that tool call parsing needs, ChatGLM3's
+        ``<|assistant|>``)."""
         with self.tokenizer_lock:
-            return self.tokenizer.decode(ids, skip_special_tokens=True)
+            if not keep.intersection(ids):
+                return self.tokenizer.decode(ids, skip_special_tokens=True)
+            parts, run = [], []
+            for token in ids:
+                if token in keep:
+                    parts += [self.tokenizer.decode(run, skip_special_tokens=True),
+                              self.tokenizer.convert_ids_to_tokens(token)]
+                    run = []
+                else:
+                    run.append(token)
+            return "".join([*parts, self.tokenizer.decode(run, skip_special_tokens=True)])
+
+    def token_ids(self, tokens) -> frozenset[int]:
+        """The ids of those ``tokens`` (texts) that the tokenizer has as single tokens."""
+        found = set()
+        with self.tokenizer_lock:
+            for token in tokens:
+                token_id = self.tokenizer.convert_tokens_to_ids(token)
+                if isinstance(token_id, int) and (token_id != self.tokenizer.unk_token_id
+                                                  or token == self.tokenizer.unk_token):
+                    found.add(token_id)
+        return frozenset(found)
 
 
 def context_length(config) -> int:

@@ -1,7 +1,8 @@
 """The FastAPI app: OpenAI's routes over the batching engine.
 
 ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions`` and
-``POST /v1/completions``, with server-sent events for ``stream``. Every error
+``POST /v1/completions``, with server-sent events for ``stream``; chat requests may offer
+``tools`` (see :mod:`chattune.serve.calls` for the calls' shape in and out). Every error
 is OpenAI's ``{"error": {...}}`` body naming the field at fault. The API key
 and the body-size limit are plain ASGI middleware, checked before a body is
 parsed.
@@ -16,16 +17,19 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from functools import partial
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from chattune.data.templates import TemplateError
+from chattune.data.templates import TemplateError, ToolsNotSupportedError
 from chattune.decoding import BASE_ADAPTER, Event, Sequence
 from chattune.runs import LoadedRun, Profile
 from chattune.sampling import SamplingParams, params_from_defaults
+from chattune.serve import calls
+from chattune.serve.calls import ToolPlan, plan_tools, prefix_ids
 from chattune.serve.engine import Engine, QueueFull
 from chattune.serve.schema import (
     APIError,
@@ -222,17 +226,26 @@ def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        """A chat answer, rendered with the model's own template."""
+        """A chat answer, rendered with the model's own template; with tools, calls come back
+        as ``tool_calls`` (see :mod:`chattune.serve.calls`)."""
         body.check_supported()
         model = pick(body.model)
         messages = body.conversation()
+        tools = body.functions()
+        choice = body.choice(tools)
+        shown = tools if choice != "none" else None  # tool_choice none: the tools are not rendered
         try:
-            ids = served.prompt_ids(messages, model)
+            ids = served.prompt_ids(messages, model, tools=shown)
+        except ToolsNotSupportedError as exc:
+            param = "tools" if shown else "messages"
+            raise APIError(400, f"{param}: model {model.name!r}: {exc}", param=param) from exc
         except TemplateError as exc:
             raise APIError(400, f"messages: {exc}", param="messages") from exc
+        plan = plan_tools(served, model, shown, choice, body.parallel_tool_calls)
+        ids = ids + prefix_ids(served, plan)
         params = _sampling(model, body, len(ids), served.context_length, "messages")
-        stops = model.stop_strings + body.stop_list()
-        return await _respond(request, model, ids, params, stops, body, chat=True)
+        stops = model.stop_strings + (plan.stop_strings if plan else []) + body.stop_list()
+        return await _respond(request, model, ids, params, stops, body, chat=True, plan=plan)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -257,7 +270,8 @@ def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
         params = _sampling(model, body, len(ids), served.context_length, "prompt")
         return await _respond(request, model, ids, params, body.stop_list(), body, chat=False)
 
-    async def _respond(request, model: Profile, ids, params, stops, body, *, chat: bool):
+    async def _respond(request, model: Profile, ids, params, stops, body, *, chat: bool,
+                       plan: ToolPlan | None = None):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -267,8 +281,10 @@ def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
             except RuntimeError:  # the event loop is closed: nobody is listening
                 pass
 
-        seq = Sequence(ids, params, TextStream(served.decode, stops, strip=chat), emit, adapter=model.adapter,
-                       stop_token_ids=model.stop_token_ids)
+        decode = partial(served.decode, keep=plan.kept_ids) if plan and plan.kept_ids else served.decode
+        stop_ids = model.stop_token_ids | plan.stop_token_ids if plan else model.stop_token_ids
+        seq = Sequence(ids, params, TextStream(decode, stops, strip=chat), emit, adapter=model.adapter,
+                       stop_token_ids=stop_ids)
         try:
             engine.submit(seq)
         except QueueFull as exc:
@@ -279,7 +295,7 @@ def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
         events = _events(request, queue, seq, engine)
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_stream(events, head, chat, usage), media_type="text/event-stream",
+            return StreamingResponse(_stream(events, head, chat, usage, plan), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         parts, done = [], None
         async with aclosing(events):
@@ -293,11 +309,17 @@ def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
         if done is None:
             return Response(status_code=499)  # the client left
         text = "".join(parts)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
+        reason, extra = done.finish_reason, {}
+        if plan is not None:
+            message, parsed = calls.message(plan, text)
+            reason, extra = calls.finish_reason(parsed, reason), calls.extension(parsed)
+        else:
+            message = {"role": "assistant", "content": text}
+        choice = ({"index": 0, "message": message, "logprobs": None}
                   if chat else {"index": 0, "text": text, "logprobs": None})
         return {**head, "object": "chat.completion" if chat else "text_completion",
-                "system_fingerprint": None, "choices": [{**choice, "finish_reason": done.finish_reason}],
-                "usage": _usage(done)}
+                "system_fingerprint": None, "choices": [{**choice, "finish_reason": reason}],
+                "usage": _usage(done), **extra}
 
     return app
 
@@ -307,29 +329,42 @@ def _usage(done: Event) -> dict:
             "total_tokens": done.prompt_tokens + done.completion_tokens}
 
 
-async def _stream(events: AsyncIterator[Event], head: dict, chat: bool, include_usage: bool):
-    """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
+async def _stream(events: AsyncIterator[Event], head: dict, chat: bool, include_usage: bool,
+                  plan: ToolPlan | None = None):
+    """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``; with a tool
+    plan, content until a call may begin, then the calls' deltas at the end."""
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
     if chat:
         head["system_fingerprint"] = None
     extra = {"usage": None} if include_usage else {}
 
-    def chunk(text: str | None, finish: str | None = None, role: bool = False) -> str:
+    def chunk(text: str | None, finish: str | None = None, role: bool = False, delta: dict | None = None,
+              more: dict | None = None) -> str:
         if chat:
-            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            if delta is None:
+                delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        return _dump({**head, "choices": [choice], **extra})
+        return _dump({**head, "choices": [choice], **extra, **(more or {})})
 
+    tool_stream = calls.ToolStream(plan) if plan is not None else None
     if chat:
         yield chunk(None, role=True)
     async with aclosing(events):
         async for event in events:
             if event.kind == "text":
-                yield chunk(event.text)
+                text = tool_stream.feed(event.text) if tool_stream else event.text
+                if text:
+                    yield chunk(text)
             elif event.kind == "done":
-                yield chunk(None, event.finish_reason)
+                reason, more = event.finish_reason, None
+                if tool_stream:
+                    deltas, parsed = tool_stream.end()
+                    for delta in deltas:
+                        yield chunk(None, delta=delta)
+                    reason, more = calls.finish_reason(parsed, reason), calls.extension(parsed)
+                yield chunk(None, reason, more=more)
                 if include_usage:
                     yield _dump({**head, "choices": [], "usage": _usage(event)})
             else:

@@ -15,7 +15,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from chattune.data.records import RecordError, validate_messages
+from chattune.data.formats import from_openai
+from chattune.data.records import RecordError, check_tools, validate_messages
 
 STRICT = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 SEED_MIN, SEED_END = -2**63, 2**64  # what torch.Generator.manual_seed takes
@@ -109,13 +110,48 @@ class ContentPart(BaseModel):
     text: Text | None = None
 
 
-class Message(BaseModel):
-    """A chat message. ``input`` (an Alpaca input, an extension) goes to templates that show it apart."""
+class FunctionCall(BaseModel):
+    """A call's function: its name and arguments (a JSON text, as OpenAI writes them; an object
+    is taken too)."""
 
     model_config = STRICT
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[ContentPart]
+    name: Text
+    arguments: Text | dict = "{}"
+
+
+class ToolCall(BaseModel):
+    """One of an assistant message's ``tool_calls``."""
+
+    model_config = STRICT
+    id: Text | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(BaseModel):
+    """A chat message. ``input`` (an Alpaca input, an extension) goes to templates that show it
+    apart. An assistant message may carry ``tool_calls`` (its content then may be null); a
+    ``tool`` message is a call's result, naming the call by ``tool_call_id``."""
+
+    model_config = STRICT
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Text | list[ContentPart] | None = None
     input: Text | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: Text | None = None
+    name: Text | None = None
+
+
+class Tool(BaseModel):
+    """One of ``tools``: ``{"type": "function", "function": {name, description?, parameters?}}``
+    (the function object is checked as training data's tools are)."""
+
+    model_config = STRICT
+    type: Literal["function"]
+    function: dict
+
+
+TOOL_CHOICES = ("auto", "none", "required")
 
 
 class StreamOptions(BaseModel):
@@ -171,23 +207,62 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    tools: list[dict] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Text | dict | None = None
+    parallel_tool_calls: bool | None = None
     response_format: dict | None = None
 
     def check_supported(self) -> None:
-        """As for every request, plus logprobs, tools and structured output."""
+        """As for every request, plus logprobs and structured output."""
         super().check_supported()
         if self.logprobs:
             raise APIError(400, "logprobs: not supported", param="logprobs")
-        if self.tools:
-            raise APIError(400, "tools: not supported by chattune serve", param="tools")
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise APIError(400, "response_format: only 'text' is supported", param="response_format")
 
+    def functions(self) -> list[dict] | None:
+        """``tools`` as canonical function objects ``{name, description?, parameters?}`` (None
+        for none), checked like training data's tools: a 400 naming the field otherwise."""
+        if not self.tools:
+            return None
+        try:
+            return check_tools([tool.model_dump() for tool in self.tools], "request")
+        except RecordError as exc:
+            raise _record_error(exc) from exc
+
+    def choice(self, functions: list[dict] | None) -> str | dict:
+        """``tool_choice`` checked against the tools: ``auto`` (the default), ``none``,
+        ``required`` or ``{"type": "function", "function": {"name": ...}}`` naming one of them."""
+        choice = self.tool_choice
+        if choice is None:
+            return "auto"
+        names = [function["name"] for function in functions or []]
+        if isinstance(choice, str):
+            if choice not in TOOL_CHOICES:
+                raise APIError(400, f"tool_choice: expected one of {', '.join(TOOL_CHOICES)} or "
+                               f'{{"type": "function", "function": {{"name": ...}}}}, got {choice!r}',
+                               param="tool_choice")
+            if choice == "required" and not names:
+                raise APIError(400, "tool_choice: 'required' needs tools", param="tool_choice")
+            return choice
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if choice.get("type") != "function" or not isinstance(name, str):
+            raise APIError(400, 'tool_choice: expected {"type": "function", "function": {"name": ...}} or one '
+                           f"of {', '.join(TOOL_CHOICES)}", param="tool_choice")
+        if name not in names:
+            known = f"the tools are {', '.join(names)}" if names else "the request has no tools"
+            raise APIError(400, f"tool_choice: function {name!r} is not one of the tools ({known})",
+                           param="tool_choice")
+        return {"type": "function", "function": {"name": name}}
+
     def conversation(self) -> list[dict]:
-        """The messages as chattune's records (text content, ``developer`` as ``system``), checked
-        like training data: roles in order, no empty user message, ending with the user's turn."""
-        messages = []
+        """The messages as chattune's records (text content, ``developer`` as ``system``; calls
+        and results read as training data's OpenAI messages are), checked like training data:
+        roles in order, no empty user message, one result per call, ending with the user's turn
+        or a tool's result. (A call need not name one of ``tools``: a client may offer other
+        tools than a conversation's earlier calls used.)"""
+        raw = []
         for i, message in enumerate(self.messages):
             content = message.content
             if isinstance(content, list):
@@ -195,20 +270,38 @@ class ChatCompletionRequest(SamplingFields):
                     raise APIError(400, f"messages[{i}].content: only text parts are supported",
                                    param=f"messages[{i}].content")
                 content = "".join(part.text for part in content)
+            if content is None and not (message.role == "assistant" and message.tool_calls):
+                raise APIError(400, f"messages[{i}].content: expected text (null only for an assistant "
+                               "message with tool_calls)", param=f"messages[{i}].content")
+            if message.tool_calls is not None and message.role != "assistant":
+                raise APIError(400, f"messages[{i}].tool_calls: only an assistant message may carry tool_calls",
+                               param=f"messages[{i}].tool_calls")
             item = {"role": "system" if message.role == "developer" else message.role, "content": content}
             if message.input:
                 item["input"] = message.input
-            messages.append(item)
+            if message.tool_calls:
+                item["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+            if message.role == "tool":
+                item.update({key: value for key in ("tool_call_id", "name")
+                             if (value := getattr(message, key)) is not None})
+            raw.append(item)
         try:
+            messages = from_openai({"messages": raw}, "request")
             validate_messages(messages, "request", need_answer=False)
         except RecordError as exc:
-            text = str(exc).removeprefix("request: ")
-            param = text.split(":", 1)[0] if text.startswith("messages[") else "messages"
-            raise APIError(400, text, param=param) from exc
-        if messages[-1]["role"] != "user":
-            raise APIError(400, f"messages[{len(messages) - 1}].role: the last message must be the user's",
-                           param=f"messages[{len(messages) - 1}].role")
+            raise _record_error(exc) from exc
+        if messages[-1]["role"] not in ("user", "tool"):
+            raise APIError(400, f"messages[{len(messages) - 1}].role: the last message must be the user's "
+                           "(or a tool's result)", param=f"messages[{len(messages) - 1}].role")
         return messages
+
+
+def _record_error(exc: RecordError) -> APIError:
+    """A record check's error about the request as a 400 naming the field (``messages[2].content``)."""
+    text = str(exc).removeprefix("request: ").removeprefix("request.")
+    head = text.split(": ", 1)[0]
+    param = head if head.startswith(("messages[", "tools[")) else "messages"
+    return APIError(400, text, param=param)
 
 
 class CompletionRequest(SamplingFields):
