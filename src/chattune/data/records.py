@@ -115,18 +115,14 @@ def check_tools(tools: Any, where: str) -> list[dict] | None:
             raise RecordError(f"{loc}.name: duplicate tool name {name!r}")
         names.add(name)
         function = {"name": name}
-        description = tool.get("description")
-        if description is not None:
-            if not isinstance(description, str):
-                raise RecordError(f"{loc}.description: expected a string, got "
-                                  f"{type(description).__name__}")
-            function["description"] = description
-        parameters = tool.get("parameters")
-        if parameters is not None:
-            if not isinstance(parameters, dict):
-                raise RecordError(f"{loc}.parameters: expected a JSON schema object, got "
-                                  f"{type(parameters).__name__}")
-            function["parameters"] = parameters
+        for key, kind, expected in (("description", str, "a string"),
+                                    ("parameters", dict, "a JSON schema object")):
+            value = tool.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, kind):
+                raise RecordError(f"{loc}.{key}: expected {expected}, got {type(value).__name__}")
+            function[key] = value
         _check_json(function, loc)
         functions.append(function)
     return functions
