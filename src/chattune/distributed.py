@@ -131,15 +131,6 @@ def gather_objects(value, world: World) -> list:
     return values
 
 
-def broadcast_object(value, world: World):
-    """Rank 0's ``value`` on every process."""
-    if not (world.distributed and torch.distributed.is_initialized()):
-        return value
-    box = [value if world.is_main else None]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def main_only_log(world: World, log):
     """``log`` on rank 0, silence on the others (one job, one log)."""
     if world.is_main:
