@@ -28,7 +28,7 @@ def test_chinese_sentences_and_paragraphs_with_overlap():
 
 def test_english_sentences_split_after_punctuation_and_space_only():
     text = "Hello world. Version 3.5 is fine! Is it? Yes."
-    assert split_text(text, SplitterSettings(22, 0)) == [
+    assert split_text(text, SplitterSettings(20, 0)) == [
         "Hello world.", "Version 3.5 is fine!", "Is it? Yes."]
 
 

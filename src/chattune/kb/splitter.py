@@ -7,7 +7,8 @@ pieces put back together are the text. The pieces are then merged greedily into 
 of at most ``chunk_size`` characters; each new chunk starts with the last pieces of the
 previous one, as many as fit in ``chunk_overlap`` characters (whole sentences or lines
 where the text has them, characters where it was hard-cut). A chunk is an exact slice
-of the text, stripped of surrounding whitespace; chunks of only whitespace are dropped.
+of the text, stripped of surrounding whitespace (which is not counted in its size);
+chunks of only whitespace are dropped, and so is a chunk identical to the one before.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def _cut(text: str, pattern: re.Pattern) -> list[str]:
 
 def _pieces(text: str, size: int, level: int = 0) -> list[str]:
     """Cut ``text`` into pieces of at most ``size`` characters, at the coarsest boundary that works."""
-    if len(text) <= size:
+    if len(text.rstrip()) <= size:  # trailing whitespace is stripped from chunks: it does not count
         return [text]
     if level == len(_LEVELS):
         return list(text)  # hard cut: single characters, merged back into chunks below
@@ -78,9 +79,10 @@ def _merge(pieces: list[str], size: int, overlap: int) -> list[str]:
     current: list[str] = []
     total = 0
     for piece in pieces:
-        if current and total + len(piece) > size:
+        length = len(piece.rstrip())  # the chunk's end is stripped: a last piece's trailing space is free
+        if current and total + length > size:
             chunks.append("".join(current))
-            while current and (total > overlap or total + len(piece) > size):
+            while current and (total > overlap or total + length > size):
                 total -= len(current.pop(0))
         current.append(piece)
         total += len(piece)
