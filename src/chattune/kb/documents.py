@@ -61,11 +61,12 @@ def _name(path: Path) -> str:
 def collect_sources(paths: Iterable[str | Path]) -> tuple[list[Source], list[Skipped]]:
     """The files under ``paths`` (files, or directories walked recursively) that can be read.
 
-    Returns the supported files, each named by its path as given (normalized), and the
-    entries skipped: paths that do not exist and files of an unsupported type.
+    Returns the supported files, each named by its path as given (normalized) and listed
+    once, and the entries skipped: paths that do not exist and files of an unsupported type.
     """
     sources: list[Source] = []
     skipped: list[Skipped] = []
+    seen: set[str] = set()
     for given in paths:
         path = Path(given)
         if path.is_dir():
@@ -77,6 +78,9 @@ def collect_sources(paths: Iterable[str | Path]) -> tuple[list[Source], list[Ski
             skipped.append(Skipped(_name(path), "not found"))
             continue
         for file in found:
+            if _name(file) in seen:
+                continue  # the same file named twice (a folder and a file in it): read once
+            seen.add(_name(file))
             if file.suffix.lower() in SUFFIXES:
                 sources.append(Source(_name(file), file))
             else:
