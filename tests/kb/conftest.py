@@ -36,8 +36,13 @@ def write_pdf(path: Path, lines: list[str]) -> Path:
 def build_tiny_embedder(out: Path, seed: int = 0) -> Path:
     """A tiny random BERT saved as a sentence-transformers model (mean pooling) at ``out``."""
     import torch
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
     from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    try:  # sentence-transformers >= 6
+        from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    except ImportError:
+        from sentence_transformers.models import Pooling, Transformer
 
     raw = out.parent / f"{out.name}-bert"
     raw.mkdir(parents=True, exist_ok=True)
@@ -49,8 +54,8 @@ def build_tiny_embedder(out: Path, seed: int = 0) -> Path:
                         intermediate_size=32, max_position_embeddings=64)
     BertModel(config).save_pretrained(raw)
     BertTokenizerFast(vocab_file=str(raw / "vocab.txt")).save_pretrained(raw)
-    transformer = models.Transformer(str(raw), max_seq_length=64)
-    SentenceTransformer(modules=[transformer, models.Pooling(16, "mean")], device="cpu").save(str(out))
+    transformer = Transformer(str(raw), max_seq_length=64)
+    SentenceTransformer(modules=[transformer, Pooling(16, "mean")], device="cpu").save(str(out))
     return out
 
 
