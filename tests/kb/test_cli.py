@@ -54,10 +54,10 @@ def test_build_search_add_rm(docs, tmp_path, capsys):
 
     (docs / "arno.txt").write_text("Arno trades smoked eel.", encoding="utf-8")
     code, out = run(["kb", "add", str(kb), str(docs / "arno.txt")], capsys)
-    assert (code, out) == (0, f"{kb}: 3 files, 3 chunks (added 1; 1 new chunks)\n")
+    assert (code, out) == (0, f"{kb}: 3 files, 3 chunks (added 1; 1 new chunk)\n")
 
     code, out = run(["kb", "rm", str(kb), f"{d}/veldmoor.md", str(docs / "arno.txt")], capsys)
-    assert (code, out) == (0, f"{kb}: 1 files, 1 chunks (removed 2; 0 new chunks)\n")
+    assert (code, out) == (0, f"{kb}: 1 file, 1 chunk (removed 2; 0 new chunks)\n")
 
 
 def test_errors_are_one_line(docs, tmp_path, capsys):

@@ -153,7 +153,7 @@ def test_remove_by_name_or_path_reads_nothing(docs, tmp_path, monkeypatch):
     monkeypatch.setattr(documents, "read_text", lambda *a: pytest.fail("remove read a document"))
     report = store.remove(tmp_path / "kb", [str(docs / "zh" / "qinglan.txt")])
     assert report.removed == [f"{docs.as_posix()}/zh/qinglan.txt"]
-    assert report.format() == f"{tmp_path / 'kb'}: 1 files, 1 chunks (removed 1; 0 new chunks)"
+    assert report.format() == f"{tmp_path / 'kb'}: 1 file, 1 chunk (removed 1; 0 new chunks)"
     assert store.search(tmp_path / "kb", "青岚港") == []
     with pytest.raises(DataError, match=r"nope\.txt: not in the KB .*kb; expected one of its files "
                                         r"\(.*veldmoor\.md\)"):
