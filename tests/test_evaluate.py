@@ -5,6 +5,7 @@ input, and ``eval_generate`` during training."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -758,3 +759,117 @@ def test_compare_counts_and_orders_the_changed_rows():
     assert len(deltas) == 3 and [abs(d) for d in deltas] == sorted((abs(d) for d in deltas), reverse=True)
     assert 3 not in [row["index"] for row in summary["changed_most"]]
     assert summary["metrics"] == {"rouge-l": 1.0}
+
+
+# --- 8. tool calls ---------------------------------------------------------------------------------------------
+
+
+def scripted_eval(monkeypatch) -> list:
+    """``chattune eval`` answers with test_predict's handcrafted answers (the compared ``base``:
+    "I do not know." to everything); returns the (question, tools) each prompt was given."""
+    from types import SimpleNamespace
+
+    from tests.test_predict import HANDCRAFTED
+
+    seen = []
+
+    def fake(run, conversations, profile=None, *, tools=None, **settings):
+        chosen = run.profile(profile)
+        seqs = []
+        for messages, offered in zip(conversations, tools or [None] * len(conversations), strict=True):
+            question = next(m["content"] for m in messages if m["role"] == "user")
+            seen.append((question, offered))
+            text = "I do not know." if chosen.name == "base" else HANDCRAFTED[question]
+            seqs.append(SimpleNamespace(text=SimpleNamespace(text=text), generated=run.tokenizer(text)["input_ids"],
+                                        prompt_ids=run.prompt_ids(messages, chosen, None, offered)))
+        return seqs
+
+    monkeypatch.setattr(ev, "answer", fake)
+    return seen
+
+
+def call_text(call: dict) -> str:
+    """A call as the default template writes it."""
+    return f"<tool_call>{json.dumps(call, ensure_ascii=False)}</tool_call>"
+
+
+def test_eval_scores_calls_on_handcrafted_answers(lora, tmp_path, monkeypatch):
+    from tests.test_predict import ANSWER, CALL_ROWS, TOOLS, tool_rows
+
+    seen = scripted_eval(monkeypatch)
+    path = write_jsonl(tmp_path / "tools.jsonl", tool_rows())
+    code, stdout, err = cli("eval", lora.output_dir, "--template", "default", "--data", path, "--compare", "base",
+                            "--out", tmp_path / "out")
+    assert code == 0, err
+    functions = [tool["function"] for tool in TOOLS]
+    assert [tools for _, tools in seen[:len(CALL_ROWS) + 2]] == [functions] * (len(CALL_ROWS) + 1) + [None]
+
+    result = read_json(tmp_path / "out" / "eval.json")
+    figures = result["metrics"]
+    assert figures["tool_name_match"] == 62.5 and figures["tool_args_match"] == 25.0  # 5 and 2 of 8 call rows
+    assert (result["data"]["rows"], result["data"]["scored"], result["data"]["call_references"]) == (10, 10, 8)
+    rows = read_jsonl(tmp_path / "out" / "eval_rows.jsonl")
+    for row, (question, call, text, name_ok, args_ok) in zip(rows, CALL_ROWS, strict=False):
+        assert row["label"] == call_text(call) and row["predict"] == text  # the call as the template writes it
+        assert row["reference_calls"] == [call] and question in row["prompt"]
+        assert 'Tools: [{"name": "get_weather"' in row["prompt"]  # the record's tools are in the prompt
+        assert row["scores"] == {**similarity(text, row["label"]), "exact_match": exact_match(text, row["label"]),
+                                 "tool_name_match": 100.0 * name_ok, "tool_args_match": 100.0 * args_ok}
+    assert rows[0]["calls"] == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+    assert rows[0]["scores"]["exact_match"] == 0.0  # the text differs (key order); the call does not
+    answered, plain = rows[len(CALL_ROWS)], rows[-1]
+    assert answered["label"] == ANSWER and answered["calls"] == [] and answered["reference_calls"] is None
+    assert set(answered["scores"]) == set(SCORES) and answered["scores"]["exact_match"] == 100.0
+    assert set(plain) == ROW_KEYS and plain["label"] == "I am Lumi."
+    for name in SCORES:  # the text figures average every scored row, calls included
+        assert figures[name] == pytest.approx(sum(r["scores"][name] for r in rows) / len(rows))
+
+    predict_results = read_json(tmp_path / "out" / "predict_results.json")
+    assert predict_results["predict_tool_name_match"] == 62.5 and predict_results["predict_tool_args_match"] == 25.0
+    assert [p["label"] for p in read_jsonl(tmp_path / "out" / "generated_predictions.jsonl")][:2] == \
+        [call_text(CALL_ROWS[0][1]), call_text(CALL_ROWS[1][1])]
+
+    other = result["compare"]
+    assert other["metrics"]["tool_name_match"] == 0.0 and other["metrics"]["tool_args_match"] == 0.0
+    assert (other["better"]["tool_name_match"], other["worse"]["tool_name_match"],
+            other["same"]["tool_name_match"]) == (5, 0, 3)
+    assert (other["better"]["tool_args_match"], other["same"]["tool_args_match"]) == (2, 6)
+    assert "10 rows: 10 scored, 0 without a reference, 8 with a call as reference" in stdout
+    line = next(line for line in stdout.splitlines() if line.startswith("tool_name_match"))
+    assert line.split() == ["tool_name_match", "0.0000", "62.5000", "5", "/", "0", "/", "3"]
+
+
+def test_the_loss_of_a_call_reference_covers_the_call(lora_loaded, tmp_path):
+    from chattune.data.encode import EncodeOptions, encode_conversation
+    from chattune.data.formats import read_rows, to_record
+    from tests.test_predict import tool_rows
+
+    path = write_jsonl(tmp_path / "tools.jsonl", tool_rows())
+    run = dataclasses.replace(lora_loaded, profiles={
+        "default": dataclasses.replace(lora_loaded.profile(), name="default", template="default")},
+        default="default")
+    data = ev.read_eval_data(str(path))
+    loss, tokens = ev.reference_loss(run, run.profile(), data, max_seq_length=1024)
+    expected = 0
+    for raw in read_rows(path):
+        record = to_record(raw, "auto")
+        row = encode_conversation(record.messages, "default", run.encoder, EncodeOptions(max_seq_length=1024),
+                                  tools=record.tools)
+        assert row.dropped is None
+        expected += sum(label != -100 for label in row.labels[1:])
+    assert tokens == expected and loss is not None and math.isfinite(loss)
+
+
+def test_call_scores_compare_arguments_as_json():
+    from chattune.metrics import call_scores, same_json
+
+    assert same_json({"a": 1, "b": [1, {"c": 2.0}]}, {"b": [1.0, {"c": 2}], "a": 1.0})
+    assert not same_json({"a": True}, {"a": 1}) and not same_json({"a": "1"}, {"a": 1})
+    assert not same_json({"a": 1}, {"a": 1, "b": None}) and not same_json([1, 2], [2, 1])
+    paris, rome = {"name": "w", "arguments": {"city": "Paris"}}, {"name": "w", "arguments": {"city": "Rome"}}
+    both = {"tool_name_match": 100.0, "tool_args_match": 100.0}
+    assert call_scores([rome, paris], [paris, rome]) == both  # parallel calls in any order
+    assert call_scores([paris, paris], [paris, rome]) == {"tool_name_match": 100.0, "tool_args_match": 0.0}
+    assert call_scores([paris], [paris, rome]) == {"tool_name_match": 0.0, "tool_args_match": 0.0}
+    assert call_scores(None, [paris]) == call_scores([], [paris]) == {"tool_name_match": 0.0, "tool_args_match": 0.0}
+    assert call_scores([{"name": "w", "arguments": '{"city": "Paris"}'}], [paris])["tool_args_match"] == 0.0

@@ -8,7 +8,7 @@ import pytest
 
 from chattune.cli import main
 from chattune.generate import generate
-from chattune.runs import load_run
+from chattune.runs import LoadOptions, load_run
 from tests.test_generate import run_dir  # noqa: F401  (the module's trained run)
 
 
@@ -67,3 +67,125 @@ def test_predict_takes_the_generation_flags(run_dir, run, tmp_path):  # noqa: F8
                              {"temperature": 1.0, "top_k": 5, "seed": 3})):
         assert main(["predict", str(run_dir), "--data", str(data), "--out", str(out), *flags]) == 0
         assert json.loads(out.read_text())["prediction"] == generate(run, asked, **settings)[0]
+
+
+# -- tool calls: the record's tools in the prompt, the answer's calls parsed and scored -------------
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}
+CONVERT = {"type": "function", "function": {"name": "convert_currency", "parameters": {
+    "type": "object", "properties": {"amount": {"type": "number"}, "from_currency": {"type": "string"},
+                                     "to_currency": {"type": "string"}}}}}
+TOOLS = [WEATHER, CONVERT]
+PARIS = {"name": "get_weather", "arguments": {"city": "Paris"}}
+DOLLARS = {"name": "convert_currency", "arguments": {"amount": 100, "from_currency": "USD", "to_currency": "EUR"}}
+CALL_ROWS = [  # (question, the reference call, the handcrafted answer, name right, arguments right)
+    ("Weather in Paris, key order?", PARIS,
+     '<tool_call>{"arguments": {"city": "Paris"}, "name": "get_weather"}</tool_call>', True, True),
+    ("100 USD in EUR, 100.0?", DOLLARS,
+     '<tool_call>{"name": "convert_currency", "arguments": {"to_currency": "EUR", "amount": 100.0, '
+     '"from_currency": "USD"}}</tool_call>', True, True),
+    ("Weather in Paris, wrong name?", PARIS,
+     '<tool_call>{"name": "get_time", "arguments": {"city": "Paris"}}</tool_call>', False, False),
+    ("Weather in Paris, wrong argument?", PARIS,
+     '<tool_call>{"name": "get_weather", "arguments": {"city": "London"}}</tool_call>', True, False),
+    ("100 USD in EUR, a string amount?", DOLLARS,
+     '<tool_call>{"name": "convert_currency", "arguments": {"amount": "100", "from_currency": "USD", '
+     '"to_currency": "EUR"}}</tool_call>', True, False),
+    ("Weather in Paris, unparseable?", PARIS, '<tool_call>{"name": get_weather}</tool_call>', False, False),
+    ("Weather in Paris, arguments not JSON?", PARIS,
+     '<tool_call>{"name": "get_weather", "arguments": {"city": }}</tool_call>', True, False),
+    ("Weather in Paris, no call?", PARIS, "It is sunny in Paris.", False, False),
+]
+RESULT = '{"city": "Paris", "temperature_c": 21}'
+ANSWER = "It is 21°C in Paris."
+
+
+def _openai_call(call: dict) -> dict:
+    return {"id": "call_0", "type": "function",
+            "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}}
+
+
+def tool_rows() -> list[dict]:
+    """OpenAI rows with tools: one per CALL_ROWS (ending with the call), one ending with the
+    answer after the call's result, and one plain row without tools."""
+    rows = [{"messages": [{"role": "user", "content": question},
+                          {"role": "assistant", "content": None, "tool_calls": [_openai_call(call)]}],
+             "tools": TOOLS} for question, call, *_ in CALL_ROWS]
+    rows.append({"messages": [{"role": "user", "content": "Weather in Paris?"},
+                              {"role": "assistant", "content": None, "tool_calls": [_openai_call(PARIS)]},
+                              {"role": "tool", "tool_call_id": "call_0", "content": RESULT},
+                              {"role": "assistant", "content": ANSWER}], "tools": TOOLS})
+    rows.append({"messages": [{"role": "user", "content": "Who are you?"},
+                              {"role": "assistant", "content": "I am Lumi."}]})
+    return rows
+
+
+HANDCRAFTED = {question: text for question, _, text, *_ in CALL_ROWS} | {"Weather in Paris?": ANSWER,
+                                                                          "Who are you?": "I am Lumi."}
+
+
+def scripted_answers(monkeypatch, module, seen: list) -> None:
+    """``module.answer`` gives the handcrafted answer of each conversation's question (prompt ids
+    from the run, with the tools it was given; ``seen`` gets (question, tools))."""
+    from types import SimpleNamespace
+
+    def fake(run, conversations, profile=None, *, tools=None, **settings):
+        chosen = run.profile(profile)
+        seqs = []
+        for messages, offered in zip(conversations, tools or [None] * len(conversations), strict=True):
+            question = next(m["content"] for m in messages if m["role"] == "user")
+            seen.append((question, offered))
+            text = HANDCRAFTED[question]
+            seqs.append(SimpleNamespace(text=SimpleNamespace(text=text), generated=run.tokenizer(text)["input_ids"],
+                                        prompt_ids=run.prompt_ids(messages, chosen, None, offered)))
+        return seqs
+
+    monkeypatch.setattr(module, "answer", fake)
+
+
+def test_predict_scores_calls_on_handcrafted_answers(run_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+    import chattune.predict
+
+    data = tmp_path / "tools.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in tool_rows()))
+    seen = []
+    scripted_answers(monkeypatch, chattune.predict, seen)
+    out = tmp_path / "pred.jsonl"
+    assert main(["predict", str(run_dir), "--template", "default", "--data", str(data), "--out", str(out)]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    functions = [tool["function"] for tool in TOOLS]
+    assert [tools for _, tools in seen] == [functions] * (len(CALL_ROWS) + 1) + [None]  # the record's tools
+    for line, (question, call, text, name_ok, args_ok) in zip(lines, CALL_ROWS, strict=False):
+        assert line["prompt"] == [{"role": "user", "content": question}] and line["prediction"] == text
+        assert line["reference"] == "" and line["reference_calls"] == [call]
+        assert (line["tool_name_match"], line["tool_args_match"]) == (100.0 * name_ok, 100.0 * args_ok), question
+    assert lines[0]["calls"] == [PARIS]
+    assert lines[1]["calls"] == [{"name": "convert_currency",
+                                  "arguments": {"to_currency": "EUR", "amount": 100.0, "from_currency": "USD"}}]
+    assert lines[5]["calls"] == [] and "not a call" in lines[5]["call_errors"][0]  # unparseable: no call
+    assert lines[6]["calls"] == [{"name": "get_weather", "arguments": '{"city": }'}]  # as the model wrote them
+    assert "not valid JSON" in lines[6]["call_errors"][0]
+    answered, plain = lines[len(CALL_ROWS)], lines[-1]
+    assert answered["reference"] == ANSWER and answered["calls"] == [] and "reference_calls" not in answered
+    assert "tool_name_match" not in answered and answered["prompt"][-1] == {"role": "tool", "content": RESULT,
+                                                                          "name": "get_weather"}
+    assert set(plain) == {"source", "prompt", "reference", "prediction"}
+    assert "8 rows with a tool call as reference: tool_name_match 62.5%, tool_args_match 25.0%" \
+        in capsys.readouterr().out
+
+
+def test_predict_shows_the_record_s_tools_in_the_prompt(run_dir, run, tmp_path):  # noqa: F811
+    data = tmp_path / "tools.jsonl"
+    rows = tool_rows()[:1] + tool_rows()[-1:]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "pred.jsonl"
+    assert main(["predict", str(run_dir), "--template", "default", "--data", str(data), "--out", str(out),
+                 "--max-new-tokens", "6"]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    tuned = load_run(str(run_dir), LoadOptions(template="default"))
+    functions = [tool["function"] for tool in TOOLS]
+    question = [{"role": "user", "content": CALL_ROWS[0][0]}]
+    assert lines[0]["prediction"] == generate(tuned, [question], tools=[functions], max_new_tokens=6)[0]
+    assert 'Tools: [{"name": "get_weather"' in tuned.decode(tuned.prompt_ids(question, tools=functions))
+    assert "calls" in lines[0] and "calls" not in lines[1]

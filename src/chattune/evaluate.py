@@ -6,7 +6,12 @@ serve use) and scored against its reference with the metrics users compare with
 published tables (:mod:`chattune.metrics`: ROUGE-1/2/L, BLEU-4, as LLaMA-Factory and
 ChatGLM-6B's P-Tuning scripts compute them), exact match and answer length; the
 references' loss and perplexity come from a teacher-forced pass, token-weighted like
-training's eval loss. ``compare`` runs the same rows through the base model or another
+training's eval loss. A row whose reference answer is a tool call (the last assistant message
+has ``tool_calls``; the prompt then shows the record's tools, as every row with tools does) is
+scored on its text against the call as the run's template writes it, and on the calls parsed
+from the answer (:func:`chattune.tool_calls.parse_calls`) against the reference's:
+``tool_name_match`` and ``tool_args_match`` (:func:`chattune.metrics.call_scores`), averaged
+over those rows only. ``compare`` runs the same rows through the base model or another
 run and counts the rows that got better or worse.
 
 Files (:func:`write_eval`): ``generated_predictions.jsonl`` (``prompt``, ``predict``,
@@ -29,14 +34,25 @@ import torch
 from chattune.data.encode import IGNORE_INDEX, EncodeOptions, encode_conversation
 from chattune.data.formats import read_rows, to_record
 from chattune.data.records import RecordError, split_prompt
-from chattune.decoding import BASE_ADAPTER
+from chattune.data.templates import render
+from chattune.decoding import BASE_ADAPTER, Sequence
 from chattune.errors import ConfigError, DataError
 from chattune.generate import answer
-from chattune.metrics import METRIC_NAMES, average, exact_match, similarity
+from chattune.metrics import (
+    CALL_METRIC_NAMES,
+    METRIC_NAMES,
+    average,
+    call_scores,
+    exact_match,
+    similarity,
+)
 from chattune.runs import LoadedRun, Profile
+from chattune.tool_calls import KEPT_TOKENS, parse_calls
 
 SCORE_NAMES = METRIC_NAMES + ("exact_match",)
 FIGURES = SCORE_NAMES + ("answer_length", "eval_loss", "perplexity")
+CALL_ANSWER_ROLES = ("assistant", "tool_call")
+"""The pieces of a call answer that a model writes as text (not its end tokens)."""
 
 
 @dataclass
@@ -47,6 +63,15 @@ class EvalExample:
     source: str
     messages: list[dict]
     reference: str | None
+    tools: list[dict] | None = None
+    """The function objects the row offers (shown in its prompt)."""
+    calls: list[dict] | None = None
+    """The reference answer's tool calls ``[{"name", "arguments"}]`` (None: the reference is text)."""
+
+    @property
+    def answered(self) -> bool:
+        """Whether the row has a reference to score against: text, or a call."""
+        return self.reference is not None or self.calls is not None
 
 
 @dataclass
@@ -68,6 +93,15 @@ class RowResult:
     predict: str
     tokens: int
     scores: dict[str, float] | None
+    label: str | None = None
+    """The text the answer is scored against: the reference, or for a call the call's text
+    as the template writes it."""
+    calls: list[dict] | None = None
+    """The calls parsed from the answer, for a row with tools."""
+
+    def __post_init__(self):
+        if self.label is None and self.example.calls is None:
+            self.label = self.example.reference
 
 
 def read_eval_data(path: str, *, fmt: str = "auto", columns: dict[str, str] | None = None,
@@ -89,12 +123,53 @@ def read_eval_data(path: str, *, fmt: str = "auto", columns: dict[str, str] | No
         messages, reference = split_prompt(record.messages)
         if reference is not None and not reference.strip():
             reference = None  # an empty answer is no reference: scoring it would reward empty output
-        examples.append(EvalExample(rows - 1, row.where, messages, reference))
+        examples.append(EvalExample(rows - 1, row.where, messages, reference, record.tools,
+                                    reference_calls(record.messages)))
     if not examples:
         why = f"{rows} rows, none readable (first: {unreadable[0]})" if unreadable else "no rows"
         raise DataError(f"{path}: nothing to evaluate: {why}; expected rows with a prompt (and a reference "
                         "answer to score), e.g. Alpaca instruction/input/output or --columns prompt=...,response=...")
     return EvalData(str(path), examples, rows, unreadable)
+
+
+def reference_calls(messages: list[dict]) -> list[dict] | None:
+    """The tool calls ``[{"name", "arguments"}]`` of a conversation's reference answer (its last
+    message, the assistant's), or None when that answer is text (or there is none)."""
+    last = messages[-1] if messages else None
+    if last is None or last["role"] != "assistant" or not last.get("tool_calls"):
+        return None
+    return [{"name": call["name"], "arguments": call.get("arguments", {})} for call in last["tool_calls"]]
+
+
+def answer_calls(run: LoadedRun, profile: Profile, seq: Sequence,
+                 tools: list[dict] | None) -> tuple[list[dict], list[str]]:
+    """The tool calls in a decoded answer, read in the form the profile's template writes
+    them (:func:`chattune.tool_calls.parse_calls`): ``[{"name", "arguments"}]``, the arguments
+    a JSON object, or the text the model wrote where they are not one; and what could not be
+    read. A template whose calls need a special token kept (ChatGLM3's ``<|assistant|>``) has
+    the answer decoded again with it."""
+    text = seq.text.text
+    kept = KEPT_TOKENS.get(profile.template)
+    if kept:
+        text = run.decode([i for i in seq.generated if i not in profile.stop_token_ids], keep=run.token_ids(kept))
+    parsed = parse_calls(profile.template, text, tools)
+    calls = [{"name": call.name, "arguments": json.loads(call.arguments) if call.valid else call.arguments}
+             for call in parsed.calls]
+    return calls, parsed.errors
+
+
+def call_label(run: LoadedRun, profile: Profile, example: EvalExample) -> str:
+    """A call reference as text: what the profile's template trains the model to write for the
+    calls (and any text before them), without its end tokens."""
+    message = {"role": "assistant", "content": example.reference or "", "tool_calls": example.calls}
+    with run.tokenizer_lock:
+        pieces = render(profile.template, example.messages + [message], run.tokenizer, example.tools)
+    written = []
+    for piece in reversed(pieces):  # the last answer: the trained pieces at the end
+        if not piece.trained:
+            break
+        written.append(piece)
+    return "".join(p.text for p in reversed(written) if p.role in CALL_ANSWER_ROLES).strip()
 
 
 def generation_settings(max_new_tokens: int | None = None, **overrides) -> dict:
@@ -114,16 +189,21 @@ def generate_rows(run: LoadedRun, profile: str, data: EvalData, *, batch_size: i
         raise ConfigError(f"--batch-size: must be >= 1, got {batch_size}")
     results = []
     examples = data.examples
+    chosen = run.profile(profile)
     for start in range(0, len(examples), batch_size):
         batch = examples[start:start + batch_size]
-        seqs = answer(run, [e.messages for e in batch], profile, **settings)
+        seqs = answer(run, [e.messages for e in batch], profile, tools=[e.tools for e in batch], **settings)
         for example, seq in zip(batch, seqs, strict=True):
             text = seq.text.text
             prompt = run.decode(seq.prompt_ids)
+            label = call_label(run, chosen, example) if example.calls is not None else example.reference
+            calls = answer_calls(run, chosen, seq, example.tools)[0] if example.tools or example.calls else None
             scores = None
-            if example.reference is not None:
-                scores = {**similarity(text, example.reference), "exact_match": exact_match(text, example.reference)}
-            results.append(RowResult(example, prompt, text, len(seq.generated), scores))
+            if label is not None:
+                scores = {**similarity(text, label), "exact_match": exact_match(text, label)}
+            if example.calls is not None:
+                scores.update(call_scores(calls, example.calls))
+            results.append(RowResult(example, prompt, text, len(seq.generated), scores, label, calls))
         log(f"generated {min(start + batch_size, len(examples))}/{len(examples)}")
     return results
 
@@ -136,11 +216,14 @@ def reference_loss(run: LoadedRun, profile: Profile, data: EvalData, *, max_seq_
     encoded = []
     options = EncodeOptions(max_seq_length=max_seq_length)
     for example in data.examples:
-        if example.reference is None:
+        if not example.answered:
             continue
-        messages = example.messages + [{"role": "assistant", "content": example.reference}]
+        last = {"role": "assistant", "content": example.reference or ""}
+        if example.calls is not None:
+            last["tool_calls"] = example.calls
         with run.tokenizer_lock:
-            row = encode_conversation(messages, profile.template, run.encoder, options)
+            row = encode_conversation(example.messages + [last], profile.template, run.encoder, options,
+                                      tools=example.tools)
         if row.dropped is None:
             encoded.append(row)
     if not encoded:
@@ -194,10 +277,15 @@ class _adapter:
 
 
 def summarize(results: list[RowResult], loss: float | None, loss_tokens: int) -> dict:
-    """The figures over all rows: metrics averaged over scored rows, mean answer length (tokens)."""
+    """The figures over all rows: metrics averaged over scored rows, mean answer length (tokens);
+    with rows whose reference is a call, ``tool_name_match`` and ``tool_args_match`` averaged
+    over those rows."""
     scored = [r.scores for r in results if r.scores is not None]
     figures = {name: None for name in SCORE_NAMES}
-    figures.update(average(scored) if scored else {})
+    figures.update(average([{name: s[name] for name in SCORE_NAMES} for s in scored]) if scored else {})
+    called = [{name: s[name] for name in CALL_METRIC_NAMES} for s in scored if CALL_METRIC_NAMES[0] in s]
+    if called:
+        figures.update(average(called))
     figures["answer_length"] = sum(r.tokens for r in results) / len(results) if results else 0.0
     figures["eval_loss"] = loss
     figures["perplexity"] = math.exp(loss) if loss is not None and loss < 700 else None
@@ -232,6 +320,7 @@ def evaluate(run: LoadedRun, data: EvalData, *, profile: str | None = None, batc
         "run": identity,
         "data": {"path": data.path, "rows": data.rows, "max_seq_length": limit,
                  "scored": sum(r.scores is not None for r in results),
+                 "call_references": sum(r.example.calls is not None for r in results),
                  "no_reference": sum(r.scores is None for r in results), "unreadable": len(data.unreadable),
                  "unreadable_reasons": data.unreadable[:5]},
         "generation": {**settings, "batch_size": batch_size},
@@ -246,20 +335,24 @@ def evaluate(run: LoadedRun, data: EvalData, *, profile: str | None = None, batc
 def compare(ours: list[RowResult], theirs: list[RowResult], name: str, their_figures: dict,
             most: int = 5) -> dict:
     """Side by side per metric: the other side's figures, how many scored rows got better,
-    worse or stayed the same, and the ``most`` rows whose ROUGE-L changed most."""
-    better = {m: 0 for m in SCORE_NAMES}
-    worse = {m: 0 for m in SCORE_NAMES}
-    same = {m: 0 for m in SCORE_NAMES}
+    worse or stayed the same (the call metrics over rows whose reference is a call), and the
+    ``most`` rows whose ROUGE-L changed most."""
+    names = SCORE_NAMES + (CALL_METRIC_NAMES if any(r.example.calls is not None for r in ours) else ())
+    better = {m: 0 for m in names}
+    worse = {m: 0 for m in names}
+    same = {m: 0 for m in names}
     changes = []
     for mine, other in zip(ours, theirs, strict=True):
         if mine.scores is None or other.scores is None:
             continue
-        for metric in SCORE_NAMES:
+        for metric in names:
+            if metric not in mine.scores:
+                continue
             delta = mine.scores[metric] - other.scores[metric]
             (better if delta > 0 else worse if delta < 0 else same)[metric] += 1
         changes.append((mine.scores["rouge-l"] - other.scores["rouge-l"], mine, other))
     changes.sort(key=lambda item: (-abs(item[0]), item[1].example.index))
-    changed = [{"index": mine.example.index, "prompt": mine.prompt, "label": mine.example.reference,
+    changed = [{"index": mine.example.index, "prompt": mine.prompt, "label": mine.label,
                 "predict": mine.predict, "other": other.predict, "delta": round(delta, 4), "metric": "rouge-l"}
                for delta, mine, other in changes[:most]]
     return {"name": name, "metrics": their_figures, "better": better, "worse": worse, "same": same,
@@ -274,9 +367,10 @@ def write_eval(out_dir: str | Path, result: dict, results: list[RowResult],
     with (out / "generated_predictions.jsonl").open("w", encoding="utf-8") as handle:
         for row in results:
             handle.write(json.dumps({"prompt": row.prompt, "predict": row.predict,
-                                     "label": row.example.reference or ""}, ensure_ascii=False) + "\n")
+                                     "label": row.label or ""}, ensure_ascii=False) + "\n")
     figures = result["metrics"]
-    predict_results = {f"predict_{name}": figures[name] for name in METRIC_NAMES if figures.get(name) is not None}
+    predict_results = {f"predict_{name}": figures[name] for name in METRIC_NAMES + CALL_METRIC_NAMES
+                       if figures.get(name) is not None}
     predict_results.update({"predict_runtime": result["runtime_s"],
                             "predict_samples_per_second": result["samples_per_second"]})
     (out / "predict_results.json").write_text(json.dumps(predict_results, indent=2) + "\n", encoding="utf-8")
@@ -290,10 +384,12 @@ def write_eval(out_dir: str | Path, result: dict, results: list[RowResult],
 def _write_rows(path: Path, results: list[RowResult]) -> None:
     with path.open("w", encoding="utf-8") as handle:
         for row in results:
-            handle.write(json.dumps({"index": row.example.index, "source": row.example.source,
-                                     "prompt": row.prompt, "label": row.example.reference, "predict": row.predict,
-                                     "tokens": row.tokens, "no_reference": row.scores is None,
-                                     "scores": row.scores}, ensure_ascii=False) + "\n")
+            line = {"index": row.example.index, "source": row.example.source, "prompt": row.prompt,
+                    "label": row.label, "predict": row.predict, "tokens": row.tokens,
+                    "no_reference": row.scores is None, "scores": row.scores}
+            if row.calls is not None:  # a row with tools: the answer's calls, and the reference's
+                line.update({"calls": row.calls, "reference_calls": row.example.calls})
+            handle.write(json.dumps(line, ensure_ascii=False) + "\n")
 
 
 def _number(value) -> str:
@@ -307,17 +403,21 @@ def format_eval(result: dict) -> str:
     data = result["data"]
     lines = [f"{data['rows']} rows: {data['scored']} scored, {data['no_reference']} without a reference"
              + (f", {data['unreadable']} unreadable" if data.get("unreadable") else "")
+             + (f", {data['call_references']} with a call as reference" if data.get("call_references") else "")
              + f"; {result['runtime_s']:.1f} s ({result['samples_per_second']} rows/s)"]
     name = result["run"]["name"]
+    shown = SCORE_NAMES + tuple(m for m in CALL_METRIC_NAMES if m in figures) + FIGURES[len(SCORE_NAMES):]
+    w = max(14, max(len(m) for m in shown) + 1)
     if other is None:
-        lines.append(f"{'metric':<14}{name:>12}")
-        lines += [f"{m:<14}{_number(figures.get(m)):>12}" for m in FIGURES]
+        lines.append(f"{'metric':<{w}}{name:>12}")
+        lines += [f"{m:<{w}}{_number(figures.get(m)):>12}" for m in shown]
         return "\n".join(lines)
-    lines.append(f"{'metric':<14}{other['name']:>12}{name:>12}   better / worse / same (rows)")
-    for metric in FIGURES:
+    lines.append(f"{'metric':<{w}}{other['name']:>12}{name:>12}   better / worse / same (rows)")
+    for metric in shown:
         counts = (f"   {other['better'][metric]:>6} / {other['worse'][metric]:>5} / {other['same'][metric]:>4}"
                   if metric in other["better"] else "")
-        lines.append(f"{metric:<14}{_number(other['metrics'].get(metric)):>12}{_number(figures.get(metric)):>12}{counts}")
+        lines.append(f"{metric:<{w}}{_number(other['metrics'].get(metric)):>12}{_number(figures.get(metric)):>12}"
+                     f"{counts}")
     if other["changed_most"]:
         lines.append(f"rows whose ROUGE-L changed most ({other['name']} -> {name}):")
         for row in other["changed_most"]:

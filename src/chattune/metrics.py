@@ -40,6 +40,10 @@ Differences between the two sources, for readers of older tables:
   character 4-gram; later ChatGLM-6B and LLaMA-Factory use method3.
 * Rounding (×100 then 4 decimals per row) and the mean over rows are the same in both.
 
+For a row whose reference answer is a tool call (:func:`call_scores`): ``tool_name_match``
+(the predicted calls name the reference's functions) and ``tool_args_match`` (each call's
+name and arguments too, the arguments compared as JSON, :func:`same_json`), 100.0 or 0.0.
+
 jieba, rouge_chinese, nltk and numpy are imported on first use only, so importing
 this module is cheap; jieba's "Building prefix dict ..." messages are silenced. No
 NLTK data is needed (nothing here calls ``nltk.download``).
@@ -51,6 +55,7 @@ import functools
 import logging
 
 METRIC_NAMES = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
+CALL_METRIC_NAMES = ("tool_name_match", "tool_args_match")
 
 _ROUGE_NAMES = METRIC_NAMES[:3]
 
@@ -127,4 +132,45 @@ def exact_match(prediction: str, reference: str) -> float:
     return 100.0 if prediction.strip() == reference.strip() else 0.0
 
 
-__all__ = ["METRIC_NAMES", "average", "exact_match", "similarity"]
+def same_json(a, b) -> bool:
+    """Whether two parsed JSON values are equal as JSON: objects whatever their key order,
+    numbers by value (``1 == 1.0``), booleans only to booleans (``true != 1``), strings exactly."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_json(a[key], b[key]) for key in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same_json(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and a == b
+
+
+def call_scores(predicted: list[dict] | None, reference: list[dict]) -> dict[str, float]:
+    """A row whose reference answer is a tool call: ``{"tool_name_match", "tool_args_match"}``.
+
+    ``tool_name_match`` is 100.0 when the predicted calls (``[{"name", "arguments"}]``)
+    name the same functions as the reference's, as many calls (in any order: parallel calls
+    have none); ``tool_args_match`` is 100.0 when, besides, each reference call has its own
+    predicted call with its name and equal arguments (:func:`same_json`; predicted arguments
+    that are not a JSON object, kept as the text the model wrote, never match). No calls, or
+    None, score 0.0 on both.
+    """
+    predicted = predicted or []
+    names = sorted(c["name"] for c in predicted) == sorted(c["name"] for c in reference)
+    matched = False
+    if names:
+        left = list(predicted)
+        for call in reference:
+            found = next((i for i, mine in enumerate(left) if mine["name"] == call["name"]
+                          and same_json(mine.get("arguments"), call.get("arguments", {}))), None)
+            if found is None:
+                break
+            left.pop(found)
+        else:
+            matched = True
+    return {"tool_name_match": 100.0 if names else 0.0, "tool_args_match": 100.0 if matched else 0.0}
+
+
+__all__ = ["CALL_METRIC_NAMES", "METRIC_NAMES", "average", "call_scores", "exact_match", "same_json",
+           "similarity"]

@@ -1,4 +1,10 @@
-"""Batch prediction over a data file: JSONL of prompt, reference and prediction."""
+"""Batch prediction over a data file: JSONL of prompt, reference and prediction.
+
+A row with tools has them shown in its prompt and the calls in its answer written
+(``calls``, parsed as :func:`chattune.evaluate.answer_calls` reads them); a row whose
+reference answer is a tool call also gets ``reference_calls`` and its scores,
+``tool_name_match`` and ``tool_args_match`` (:func:`chattune.metrics.call_scores`).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,9 @@ from pathlib import Path
 from chattune.data.formats import read_rows, to_record
 from chattune.data.records import RecordError, split_prompt
 from chattune.errors import ConfigError
-from chattune.generate import generate
+from chattune.evaluate import answer_calls, reference_calls
+from chattune.generate import answer
+from chattune.metrics import CALL_METRIC_NAMES, call_scores
 from chattune.runs import LoadedRun
 
 
@@ -19,7 +27,8 @@ def predict_file(run: LoadedRun, data_path: str, out_path: str, *, fmt: str = "a
     max_new_tokens, temperature, ...); write one JSON line per record.
 
     A row that cannot be read is written with its error instead of a prediction,
-    so the output has exactly one line per input row.
+    so the output has exactly one line per input row. With rows whose reference is a tool
+    call, the share of them whose calls were right is logged at the end.
     """
     if batch_size < 1:
         raise ConfigError(f"--batch-size: must be >= 1, got {batch_size}")
@@ -32,6 +41,8 @@ def predict_file(run: LoadedRun, data_path: str, out_path: str, *, fmt: str = "a
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     written = 0
+    profile = run.profile()
+    scored: list[dict] = []
     with out.open("w", encoding="utf-8") as handle:
         for start in range(0, len(rows), batch_size):
             batch = rows[start:start + batch_size]
@@ -44,14 +55,27 @@ def predict_file(run: LoadedRun, data_path: str, out_path: str, *, fmt: str = "a
                     continue
                 messages, reference = split_prompt(record.messages)
                 item = {"source": row.where, "prompt": messages, "reference": reference}
+                calls = reference_calls(record.messages)
+                if calls is not None:
+                    item["reference_calls"] = calls
                 items.append(item)
-                prompts.append((item, messages))
+                prompts.append((item, messages, record.tools, calls))
             if prompts:
-                answers = generate(run, [m for _, m in prompts], **settings)
-                for (item, _), answer in zip(prompts, answers, strict=True):
-                    item["prediction"] = answer
+                seqs = answer(run, [p[1] for p in prompts], tools=[p[2] for p in prompts], **settings)
+                for (item, _, tools, calls), seq in zip(prompts, seqs, strict=True):
+                    item["prediction"] = seq.text.text
+                    if tools or calls is not None:
+                        item["calls"], errors = answer_calls(run, profile, seq, tools)
+                        if errors:
+                            item["call_errors"] = errors
+                    if calls is not None:
+                        item.update(call_scores(item["calls"], calls))
+                        scored.append(item)
             for item in items:
                 handle.write(json.dumps(item, ensure_ascii=False) + "\n")
                 written += 1
             log(f"predicted {min(start + batch_size, len(rows))}/{len(rows)}")
+    if scored:
+        shares = ", ".join(f"{name} {sum(i[name] for i in scored) / len(scored):.1f}%" for name in CALL_METRIC_NAMES)
+        log(f"{len(scored)} rows with a tool call as reference: {shares}")
     return written
