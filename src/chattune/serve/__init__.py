@@ -51,7 +51,8 @@ def build(args, warn=print):
                     max_waiting=args.max_queue, use_adapters=served.uses_adapters)
     engine.start()
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    app = create_app(served, engine, api_key=api_key, max_body_bytes=args.max_body_bytes)
+    app = create_app(served, engine, api_key=api_key, max_body_bytes=args.max_body_bytes,
+                     ui=not getattr(args, "no_ui", False), runs_dir=getattr(args, "runs_dir", None))
     return served, engine, app
 
 
@@ -62,13 +63,17 @@ def serve(args) -> int:
     for option in ("max_batch", "max_queue", "max_body_bytes", "threads"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             raise ConfigError(f"--{option.replace('_', '-')}: must be >= 1")
+    runs_dir = getattr(args, "runs_dir", None)
+    if runs_dir is not None and not os.path.isdir(runs_dir):
+        raise ConfigError(f"--runs-dir: {runs_dir} is not a folder (expected a folder holding run folders)")
     served, engine, app = build(args, warn=lambda m: print(m, file=sys.stderr))
     key = args.api_key or os.environ.get(API_KEY_ENV)
     loopback = args.host in ("127.0.0.1", "localhost", "::1")
     if not key and not loopback:
         print(f"warning: serving on {args.host} without an API key (--api-key or ${API_KEY_ENV})", file=sys.stderr)
     print(f"chattune serve: models {', '.join(served.profiles)} (default {served.default}); "
-          f"OpenAI API at http://{args.host}:{args.port}/v1" + (" (API key required)" if key else ""),
+          f"OpenAI API at http://{args.host}:{args.port}/v1" + (" (API key required)" if key else "")
+          + ("" if getattr(args, "no_ui", False) else f"; web page at http://{args.host}:{args.port}/"),
           file=sys.stderr)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)

@@ -29,6 +29,7 @@ from chattune.decoding import BASE_ADAPTER, Event, Sequence
 from chattune.runs import LoadedRun, Profile
 from chattune.sampling import SamplingParams, params_from_defaults
 from chattune.serve import calls
+from chattune.serve import ui as ui_module
 from chattune.serve.calls import ToolPlan, plan_tools, prefix_ids
 from chattune.serve.engine import Engine, QueueFull
 from chattune.serve.schema import (
@@ -47,14 +48,16 @@ async def _send_error(scope, receive, send, status: int, body: dict, headers: di
 
 
 class RequireKey:
-    """ASGI middleware: with a key set, every path but ``/health`` needs ``Authorization: Bearer <key>``."""
+    """ASGI middleware: with a key set, every path but ``/health`` (and the web page's files,
+    when ``open_path`` says so) needs ``Authorization: Bearer <key>``."""
 
-    def __init__(self, app, key: str | None):
-        self.app, self.key = app, key
+    def __init__(self, app, key: str | None, open_path=lambda path: False):
+        self.app, self.key, self.open_path = app, key, open_path
 
     async def __call__(self, scope, receive, send):
         """Answer 401 without the right key; otherwise pass the request on."""
-        if scope["type"] != "http" or not self.key or scope["path"] == "/health":
+        if (scope["type"] != "http" or not self.key or scope["path"] == "/health"
+                or self.open_path(scope["path"])):
             return await self.app(scope, receive, send)
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
         scheme, _, token = header.partition(" ")
@@ -158,12 +161,16 @@ async def _events(request: Request, queue: asyncio.Queue, seq: Sequence, engine:
 
 
 def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
-               max_body_bytes: int = 1 << 20) -> FastAPI:
-    """The API over a loaded model and a running engine (neither is started or stopped here)."""
+               max_body_bytes: int = 1 << 20, ui: bool = True, runs_dir: str | None = None) -> FastAPI:
+    """The API over a loaded model and a running engine (neither is started or stopped here);
+    with ``ui`` also the web page (:mod:`chattune.serve.ui`), showing the served runs and
+    those under ``runs_dir``."""
     app = FastAPI(title="chattune", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.served, app.state.engine = served, engine
     app.add_middleware(LimitBody, limit=max_body_bytes)
-    app.add_middleware(RequireKey, key=api_key)
+    app.add_middleware(RequireKey, key=api_key, open_path=ui_module.is_open_path if ui else lambda path: False)
+    if ui:
+        ui_module.add_ui(app, served, runs_dir)
     vocab = served.model.get_input_embeddings().num_embeddings
 
     @app.exception_handler(APIError)

@@ -1,0 +1,345 @@
+"""The web page in a real browser: Chromium driven by Selenium, against the real server.
+
+Needs Chromium and its driver (Debian: ``apt-get install -y chromium chromium-driver``; CI's
+``.ci/run`` installs them) and the ``selenium`` package (the ``test`` extra); without them the
+tests skip, saying so. Screenshots go to ``$CHATTUNE_SCREENSHOTS`` (default: the test's
+temporary folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from chattune.serve.app import create_app
+from tests.serve.helpers import KEY
+from tests.serve.server_thread import ServerThread
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+DRIVER = shutil.which("chromedriver")
+try:
+    import selenium  # noqa: F401
+except ImportError:  # pragma: no cover - the test extra installs it
+    selenium = None
+
+pytestmark = pytest.mark.skipif(
+    selenium is None or CHROMIUM is None or DRIVER is None,
+    reason="browser tests need Chromium, chromedriver and selenium: apt-get install -y chromium chromium-driver; "
+           "pip install selenium (CI installs them)")
+
+TIMEOUT = 60
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    """Where screenshots go."""
+    folder = Path(os.environ.get("CHATTUNE_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("browser-runs")
+
+
+@pytest.fixture(scope="module")
+def urls(server, runs_dir):
+    """(open, keyed) servers with the page over the session's runs, listing ``runs_dir`` too."""
+    open_server = ServerThread(create_app(server.served, server.engine, runs_dir=str(runs_dir))).start()
+    keyed = ServerThread(create_app(server.served, server.engine, api_key=KEY)).start()
+    yield open_server.url, keyed.url
+    open_server.stop()
+    keyed.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,860",
+                     "--lang=en-US"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def wait(driver, condition, seconds: float = TIMEOUT, message: str = ""):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, seconds, poll_frequency=0.05).until(lambda d: condition(d), message)
+
+
+def find(driver, css: str):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.CSS_SELECTOR, css)
+
+
+def find_all(driver, css: str):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_elements(By.CSS_SELECTOR, css)
+
+
+def open_page(driver, url: str, *, fresh: bool = True, view: str = "chat"):
+    """Load the page (with empty browser storage when ``fresh``) and wait for its models."""
+    driver.get(f"{url}/#{view}")
+    if fresh:
+        driver.execute_script("localStorage.clear()")
+        driver.refresh()  # a new page: nothing left in memory or storage from an earlier test
+    wait(driver, lambda d: d.find_element("css selector", "body").get_attribute("data-ready") == "1"
+         or d.find_element("css selector", "#key-dialog").get_attribute("open") is not None)
+
+
+def set_value(driver, css: str, value) -> None:
+    """Set a field as a user would, then fire change (the page saves settings on change)."""
+    element = find(driver, css)
+    if element.tag_name == "select":
+        from selenium.webdriver.support.ui import Select
+
+        Select(element).select_by_value(str(value))
+    else:
+        element.clear()
+        element.send_keys(str(value))
+    driver.execute_script("arguments[0].dispatchEvent(new Event('change'))", element)
+
+
+def greedy(driver, max_tokens: int = 32) -> None:
+    set_value(driver, "#temperature", 0)
+    set_value(driver, "#max-tokens", max_tokens)
+
+
+def send(driver, text: str) -> None:
+    before = len(find_all(driver, ".msg.assistant.done"))
+    find(driver, "#chat-input").send_keys(text)
+    find(driver, "#send").click()
+    wait(driver, lambda d: len(find_all(d, ".msg.assistant.done")) == before + 1, message="the answer never ended")
+
+
+def messages(driver) -> list[tuple[str, str]]:
+    """(role, raw text) of each message shown."""
+    return [("user" if "user" in m.get_attribute("class") else "assistant", m.get_attribute("data-raw"))
+            for m in find_all(driver, ".msg")]
+
+
+def api_answer(url: str, model: str, conversation: list[dict], max_tokens: int = 32, **kw) -> str:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
+    reply = client.chat.completions.create(model=model, messages=conversation, temperature=0,
+                                           max_tokens=max_tokens, **kw)
+    return reply.choices[0].message.content
+
+
+def test_chat_streams_the_answer_and_ends_with_the_apis_answer(browser, urls, shots, slow_steps):
+    url = urls[0]
+    open_page(browser, url)
+    greedy(browser, 40)
+    set_value(browser, "#chat-model", "base")
+    # record every length the streaming answer shows, in the page itself
+    browser.execute_script("""
+        window.lengths = [];
+        new MutationObserver(() => {
+          const m = document.querySelector('.msg.assistant.streaming');
+          if (m) window.lengths.push(m.dataset.raw.length);
+        }).observe(document.getElementById('messages'), {subtree: true, attributes: true, childList: true});
+    """)
+    send(browser, "Who are you?")
+    shown = messages(browser)
+    expected = api_answer(url, "base", [{"role": "user", "content": "Who are you?"}], 40)
+    assert shown == [("user", "Who are you?"), ("assistant", expected)]
+    lengths = sorted(set(browser.execute_script("return window.lengths")))
+    assert len(lengths) >= 5 and lengths[-1] == len(expected), lengths  # it grew token by token
+    assert find(browser, ".msg.assistant .who").text.startswith("base")
+    browser.save_screenshot(str(shots / "chat.png"))
+
+
+def test_switching_models_multi_turn_and_a_system_prompt(browser, urls):
+    url = urls[0]
+    open_page(browser, url)
+    greedy(browser)
+    set_value(browser, "#chat-model", "b")
+    set_value(browser, "#system-prompt", "Answer briefly.")
+    send(browser, "Who are you?")
+    set_value(browser, "#chat-model", "a")
+    send(browser, "你好")
+    history = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Who are you?"}]
+    first = api_answer(url, "b", history)
+    second = api_answer(url, "a", history + [{"role": "assistant", "content": first},
+                                             {"role": "user", "content": "你好"}])
+    assert messages(browser) == [("user", "Who are you?"), ("assistant", first), ("user", "你好"),
+                                 ("assistant", second)]
+    assert [w.text.split("\n")[0] for w in find_all(browser, ".msg.assistant .who")] == ["b", "a"]
+
+
+def test_the_conversation_survives_a_reload_and_regenerate_and_clear_work(browser, urls):
+    url = urls[0]
+    open_page(browser, url)
+    greedy(browser)
+    set_value(browser, "#chat-model", "b")
+    send(browser, "Hello")
+    before = messages(browser)
+    browser.refresh()
+    wait(browser, lambda d: len(find_all(d, ".msg")) == 2)
+    assert messages(browser) == before
+    assert find(browser, "#chat-model").get_attribute("value") == "b"
+    assert find(browser, "#temperature").get_attribute("value") == "0"
+    find(browser, "#regenerate").click()  # greedy: the same answer again, in place of the old one
+    wait(browser, lambda d: len(find_all(d, ".msg.assistant.done")) == 1 and not find_all(d, ".streaming"))
+    assert messages(browser) == before
+    find(browser, "#clear").click()
+    assert messages(browser) == []
+    browser.refresh()
+    wait(browser, lambda d: find_all(d, ".empty"))
+    assert messages(browser) == []
+
+
+def test_stop_strings_are_sent(browser, urls):
+    url = urls[0]
+    open_page(browser, url)
+    greedy(browser)
+    set_value(browser, "#chat-model", "b")
+    set_value(browser, "#stop", "boop")
+    send(browser, "Hello")
+    expected = api_answer(url, "b", [{"role": "user", "content": "Hello"}], stop=["boop"])
+    assert messages(browser)[-1] == ("assistant", expected)
+    assert "boop" not in expected
+
+
+def test_answers_render_markdown_and_never_the_models_html(browser, urls):
+    open_page(browser, urls[0])
+    html = browser.execute_script("return Markdown.render(arguments[0])",
+                                  "# Title\nSome **bold** and `code` and *it*.\n\n```python\nprint('<b>')\n```\n"
+                                  "- one\n- two\n\n<img src=x onerror=alert(1)> [link](https://example.com)")
+    assert "<h3>Title</h3>" in html
+    assert "<strong>bold</strong>" in html and "<code>code</code>" in html and "<em>it</em>" in html
+    assert '<pre data-lang="python"><code>print(&#39;&lt;b&gt;&#39;)</code></pre>' in html
+    assert "<ul><li>one</li><li>two</li></ul>" in html
+    assert "<img" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert '<a href="https://example.com" target="_blank" rel="noopener noreferrer">link</a>' in html
+
+
+def test_side_by_side_sends_one_prompt_to_two_models(browser, urls, shots):
+    url = urls[0]
+    open_page(browser, url, view="compare")
+    set_value(browser, "#compare-left", "base")
+    set_value(browser, "#compare-right", "b")
+    browser.execute_script("document.getElementById('temperature').value = 0;"
+                           "document.getElementById('max-tokens').value = 24;")
+    find(browser, "#compare-input").send_keys("Who are you?")
+    find(browser, "#compare-send").click()
+    wait(browser, lambda d: len(find_all(d, ".answer.done")) == 2)
+    ask = [{"role": "user", "content": "Who are you?"}]
+    left = find(browser, "#compare-left-out").get_attribute("data-raw")
+    right = find(browser, "#compare-right-out").get_attribute("data-raw")
+    assert (left, right) == (api_answer(url, "base", ask, 24), api_answer(url, "b", ask, 24))
+    assert left != right
+    browser.save_screenshot(str(shots / "compare.png"))
+
+
+def test_chinese_and_english(browser, urls):
+    open_page(browser, urls[0])
+    assert find(browser, "#tabs button[data-view=chat]").text == "Chat"
+    find(browser, "#lang-button").click()
+    assert find(browser, "#tabs button[data-view=chat]").text == "对话"
+    assert find(browser, "#send").text == "发送"
+    browser.refresh()
+    wait(browser, lambda d: find(d, "#tabs button[data-view=chat]").text == "对话")
+    find(browser, "#lang-button").click()
+    assert find(browser, "#send").text == "Send"
+
+
+def test_the_api_key_is_asked_for_and_a_wrong_one_is_refused(browser, urls):
+    keyed = urls[1]
+    open_page(browser, keyed)
+    dialog = find(browser, "#key-dialog")
+    assert dialog.get_attribute("open") is not None
+    find(browser, "#key-input").send_keys("wrong-key")
+    find(browser, "#key-submit").click()
+    wait(browser, lambda d: find(d, "#key-message").is_displayed())
+    assert "401" in find(browser, "#key-message").text
+    find(browser, "#key-input").send_keys(KEY)
+    find(browser, "#key-submit").click()
+    wait(browser, lambda d: find(d, "body").get_attribute("data-ready") == "1")
+    assert find(browser, "#chat-model").get_attribute("value")
+    assert browser.execute_script("return localStorage.getItem('chattune.key')") is None  # not remembered
+    browser.refresh()
+    wait(browser, lambda d: find(d, "#key-dialog").get_attribute("open") is not None)
+    find(browser, "#key-input").send_keys(KEY)
+    find(browser, "#key-remember").click()
+    find(browser, "#key-submit").click()
+    wait(browser, lambda d: find(d, "body").get_attribute("data-ready") == "1")
+    browser.refresh()  # remembered: no question this time
+    wait(browser, lambda d: find(d, "body").get_attribute("data-ready") == "1")
+    assert find(browser, "#key-dialog").get_attribute("open") is None
+    browser.execute_script("localStorage.clear()")
+
+
+def _train_in_background(base: Path, data: Path, out: Path) -> subprocess.Popen:
+    config = out.parent / f"{out.name}.yaml"
+    config.write_text(json.dumps({  # JSON is YAML
+        "model_name_or_path": str(base), "train_files": [str(data)], "output_dir": str(out),
+        "max_seq_length": 64, "lora_rank": 4, "per_device_train_batch_size": 2, "max_steps": 5000,
+        "logging_steps": 1, "save_steps": 5000, "report_to": ["none"], "cache_dir": str(out.parent / "cache"),
+        "eval_fraction": 0.0}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen([sys.executable, "-m", "chattune.cli", "train", str(config)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_runs_shows_the_curve_of_a_training_while_it_grows(browser, urls, server, runs_dir, tiny_models,
+                                                          data_file, shots):
+    url = urls[0]
+    out = runs_dir / "live-run"
+    training = _train_in_background(tiny_models("glm4"), data_file, out)
+    try:
+        metrics = out / "metrics.jsonl"
+        end = time.monotonic() + 120
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+            assert training.poll() is None, training.stderr.read().decode()[-2000:]
+            assert time.monotonic() < end, "the training wrote no metrics"
+            time.sleep(0.2)
+        open_page(browser, url, view="runs")
+        wait(browser, lambda d: any(r.text.startswith("live-run") for r in find_all(d, "#runs-table tbody tr")))
+        row = next(r for r in find_all(browser, "#runs-table tbody tr") if r.text.startswith("live-run"))
+        assert "training" in row.text
+        row.click()
+        wait(browser, lambda d: int(find(d, "#chart-loss").get_attribute("data-points")) >= 2)
+        first = int(find(browser, "#chart-loss").get_attribute("data-points"))
+        wait(browser, lambda d: int(find(d, "#chart-loss").get_attribute("data-points")) >= first + 3,
+             message="the curve did not grow")
+        assert training.poll() is None  # still training while the page showed it growing
+        assert "updating while training writes" in find(browser, "#curve-status").text
+        assert find(browser, "#chart-lr").get_attribute("data-series") == "learning_rate"
+        browser.save_screenshot(str(shots / "runs-live.png"))
+    finally:
+        training.kill()
+        training.wait()
+
+
+def test_runs_shows_a_served_runs_summary_audit_and_curves(browser, urls, server, shots):
+    open_page(browser, urls[0], view="runs")
+    wait(browser, lambda d: any(r.text.startswith("b ") for r in find_all(d, "#runs-table tbody tr")))
+    row = next(r for r in find_all(browser, "#runs-table tbody tr") if r.text.startswith("b "))
+    assert row.text.split()[:3] == ["b", "finished", "lora"]
+    row.click()
+    logged = [json.loads(line) for line in (server.runs["b"] / "metrics.jsonl").read_text().splitlines()]
+    losses = [r for r in logged if "loss" in r]
+    wait(browser, lambda d: find(d, "#chart-loss").get_attribute("data-points") == str(len(losses)))
+    summary = find(browser, "#run-summary").text
+    manifest = json.loads((server.runs["b"] / "chattune.json").read_text())
+    assert manifest["data_fingerprint"] in summary and str(manifest["base_model"]["path"]) in summary
+    audit = find(browser, "#run-audit").text
+    assert "supervised" in audit
+    browser.save_screenshot(str(shots / "runs.png"))
