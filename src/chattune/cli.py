@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from chattune import __version__
+from chattune.kb.cli import add_kb_parser
 
 
 def _columns(text: str | None) -> dict[str, str] | None:
@@ -411,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert_model.add_argument("out", nargs="?",
                                help="where to write it (default: the cache that runs naming SOURCE use)")
     convert_model.set_defaults(func=cmd_convert)
+
+    add_kb_parser(sub)
 
     demo = sub.add_parser("demo", help="run the whole pipeline offline on a tiny model")
     demo.add_argument("--workdir", default="chattune-demo")

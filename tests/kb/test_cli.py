@@ -81,3 +81,14 @@ def test_parser_defaults():
     args = parser.parse_args(["kb", "build", "a", "b", "--out", "KB"])
     assert (args.docs, args.chunk_size, args.chunk_overlap, args.embedding) == (["a", "b"], 250, 50, None)
     assert issubclass(ConfigError, ChattuneError)
+
+
+def test_chattune_kb_is_a_subcommand_of_chattune(docs, tmp_path, capsys):
+    from chattune.cli import main
+
+    assert main(["kb", "build", str(docs / "veldmoor.md"), "--out", str(tmp_path / "kb")]) == 0
+    assert capsys.readouterr().out == f"{tmp_path / 'kb'}: 1 file, 1 chunk (added 1; 1 new chunk)\n"
+    assert main(["kb", "search", str(tmp_path / "kb"), "Who founded Veldmoor?", "--top-k", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == "    Veldmoor was founded by Oren Tal in 812."
+    assert main(["kb", "search", str(tmp_path / "kb"), "x", "--threshold", "2"]) == 2
+    assert capsys.readouterr().err.startswith("chattune: error: threshold: 2.0; expected a relevance in [0, 1]")
