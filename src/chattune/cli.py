@@ -10,6 +10,7 @@ from pathlib import Path
 
 from chattune import __version__
 from chattune.kb.cli import add_kb_parser
+from chattune.kb.store import THRESHOLD, TOP_K
 
 
 def _columns(text: str | None) -> dict[str, str] | None:
@@ -437,6 +438,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, help="torch CPU threads (default on CPU: cores - 1)")
     serve.add_argument("--no-ui", action="store_true", help="serve the API only, without the web page at /")
     serve.add_argument("--runs-dir", help="the web page's runs view also lists the run folders under DIR")
+    serve.add_argument("--kb", action="append", default=[], metavar="NAME=KB",
+                       help="also answer as MODEL+NAME from the knowledge base KB (repeatable)")
+    serve.add_argument("--kb-top-k", type=int, default=TOP_K,
+                       help=f"chunks retrieved per question (default {TOP_K})")
+    serve.add_argument("--kb-threshold", type=float, default=THRESHOLD,
+                       help="least relevance of a chunk, in [0, 1], higher = more similar; below it for "
+                            f"every chunk, the reply is 'cannot answer' (default {THRESHOLD})")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=cmd_serve)
     return parser

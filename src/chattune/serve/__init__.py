@@ -39,10 +39,14 @@ def set_threads(threads: int | None) -> None:
 
 def build(args, warn=print):
     """Load what ``args`` names and return (served, engine, app); the engine is started."""
+    from chattune.kb.store import THRESHOLD, TOP_K
     from chattune.runs import LoadOptions, load_run
     from chattune.serve.app import create_app
     from chattune.serve.engine import Engine
+    from chattune.serve.retrieval import open_kbs
 
+    kbs = open_kbs(getattr(args, "kb", None) or [], getattr(args, "kb_top_k", TOP_K),
+                   getattr(args, "kb_threshold", THRESHOLD))
     options = LoadOptions(base_model=args.base_model, force=args.force, trust_remote_code=args.trust_remote_code,
                           name=args.name, adapters=[parse_adapter(text) for text in args.adapter])
     set_threads(args.threads)
@@ -52,7 +56,7 @@ def build(args, warn=print):
     engine.start()
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     app = create_app(served, engine, api_key=api_key, max_body_bytes=args.max_body_bytes,
-                     ui=not getattr(args, "no_ui", False), runs_dir=getattr(args, "runs_dir", None))
+                     ui=not getattr(args, "no_ui", False), runs_dir=getattr(args, "runs_dir", None), kbs=kbs)
     return served, engine, app
 
 
@@ -71,7 +75,8 @@ def serve(args) -> int:
     loopback = args.host in ("127.0.0.1", "localhost", "::1")
     if not key and not loopback:
         print(f"warning: serving on {args.host} without an API key (--api-key or ${API_KEY_ENV})", file=sys.stderr)
-    print(f"chattune serve: models {', '.join(served.profiles)} (default {served.default}); "
+    kb_names = [f"{model}+{name}" for model in served.profiles for name in getattr(app.state, "kb_names", [])]
+    print(f"chattune serve: models {', '.join([*served.profiles, *kb_names])} (default {served.default}); "
           f"OpenAI API at http://{args.host}:{args.port}/v1" + (" (API key required)" if key else "")
           + ("" if getattr(args, "no_ui", False) else f"; web page at http://{args.host}:{args.port}/"),
           file=sys.stderr)

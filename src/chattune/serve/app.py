@@ -28,7 +28,7 @@ from chattune.data.templates import TemplateError, ToolsNotSupportedError
 from chattune.decoding import BASE_ADAPTER, Event, Sequence
 from chattune.runs import LoadedRun, Profile
 from chattune.sampling import SamplingParams, params_from_defaults
-from chattune.serve import calls
+from chattune.serve import calls, retrieval
 from chattune.serve import ui as ui_module
 from chattune.serve.calls import ToolPlan, plan_tools, prefix_ids
 from chattune.serve.engine import Engine, QueueFull
@@ -161,10 +161,12 @@ async def _events(request: Request, queue: asyncio.Queue, seq: Sequence, engine:
 
 
 def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
-               max_body_bytes: int = 1 << 20, ui: bool = True, runs_dir: str | None = None) -> FastAPI:
+               max_body_bytes: int = 1 << 20, ui: bool = True, runs_dir: str | None = None,
+               kbs: retrieval.KbServing | None = None) -> FastAPI:
     """The API over a loaded model and a running engine (neither is started or stopped here);
     with ``ui`` also the web page (:mod:`chattune.serve.ui`), showing the served runs and
-    those under ``runs_dir``."""
+    those under ``runs_dir``; with ``kbs`` every model also answers from each knowledge base
+    as ``MODEL+NAME`` (:mod:`chattune.serve.retrieval`)."""
     app = FastAPI(title="chattune", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.served, app.state.engine = served, engine
     app.add_middleware(LimitBody, limit=max_body_bytes)
@@ -172,6 +174,8 @@ def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
     if ui:
         ui_module.add_ui(app, served, runs_dir)
     vocab = served.model.get_input_embeddings().num_embeddings
+    kb_models = retrieval.kb_profiles(served.profiles, kbs)
+    app.state.kb_names = list(kbs.bases) if kbs else []
 
     @app.exception_handler(APIError)
     async def api_error(_request, exc: APIError):
@@ -202,18 +206,19 @@ def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
 
     def pick(name: str | None) -> Profile:
         """The model a request names (the default when it names none), or 404."""
-        profile = served.profiles.get(name or served.default)
+        profile = served.profiles.get(name or served.default) or kb_models.get(name, (None,))[0]
         if profile is None:
             raise APIError(404, f"The model '{name}' does not exist; this server has: "
-                           f"{', '.join(served.profiles)}", param="model", code="model_not_found")
+                           f"{', '.join([*served.profiles, *kb_models])}", param="model", code="model_not_found")
         return profile
 
     def card(profile: Profile) -> dict:
         """A model as /v1/models lists it."""
+        extra = retrieval.card_extra(kbs, kb_models[profile.name][1]) if profile.name in kb_models else {}
         return {"id": profile.name, "object": "model", "created": created, "owned_by": "chattune",
                 "root": str(profile.run_dir) if profile.run_dir else None,
                 "parent": None if profile.adapter == BASE_ADAPTER else "base",
-                "template": profile.template, "context_length": served.context_length}
+                "template": profile.template, "context_length": served.context_length, **extra}
 
     @app.get("/health")
     async def health():
@@ -224,7 +229,8 @@ def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
     @app.get("/v1/models")
     async def list_models():
         """Every name the ``model`` field may take."""
-        return {"object": "list", "data": [card(p) for p in served.profiles.values()]}
+        return {"object": "list", "data": [card(p) for p in [*served.profiles.values(),
+                                                              *(p for p, _ in kb_models.values())]]}
 
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str):
@@ -234,10 +240,21 @@ def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         """A chat answer, rendered with the model's own template; with tools, calls come back
-        as ``tool_calls`` (see :mod:`chattune.serve.calls`)."""
+        as ``tool_calls`` (see :mod:`chattune.serve.calls`); a ``MODEL+KB`` model answers from
+        the knowledge base, with ``sources`` (see :mod:`chattune.serve.retrieval`)."""
         body.check_supported()
         model = pick(body.model)
         messages = body.conversation()
+        cite = None
+        if model.name in kb_models:
+            if body.tools:
+                raise APIError(400, f"tools: model {model.name!r} answers from a knowledge base and takes no "
+                               "tools", param="tools")
+            asked = await retrieval.retrieve(kbs, kb_models[model.name][1], messages)
+            if asked.messages is None:
+                usage = bool(body.stream_options and body.stream_options.include_usage)
+                return retrieval.direct_reply(model.name, asked, body.stream, usage)
+            messages, cite = asked.messages, retrieval.citation(asked)
         tools = body.functions()
         choice = body.choice(tools)
         shown = tools if choice != "none" else None  # tool_choice none: the tools are not rendered
@@ -252,7 +269,7 @@ def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
         ids = ids + prefix_ids(served, plan)
         params = _sampling(model, body, len(ids), served.context_length, "messages")
         stops = model.stop_strings + (plan.stop_strings if plan else []) + body.stop_list()
-        return await _respond(request, model, ids, params, stops, body, chat=True, plan=plan)
+        return await _respond(request, model, ids, params, stops, body, chat=True, plan=plan, cite=cite)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -278,7 +295,7 @@ def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
         return await _respond(request, model, ids, params, body.stop_list(), body, chat=False)
 
     async def _respond(request, model: Profile, ids, params, stops, body, *, chat: bool,
-                       plan: ToolPlan | None = None):
+                       plan: ToolPlan | None = None, cite: retrieval.Citation | None = None):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -302,7 +319,7 @@ def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
         events = _events(request, queue, seq, engine)
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_stream(events, head, chat, usage, plan), media_type="text/event-stream",
+            return StreamingResponse(_stream(events, head, chat, usage, plan, cite), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         parts, done = [], None
         async with aclosing(events):
@@ -321,7 +338,9 @@ def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
             message, parsed = calls.message(plan, text)
             reason, extra = calls.finish_reason(parsed, reason), calls.extension(parsed)
         else:
-            message = {"role": "assistant", "content": text}
+            message = {"role": "assistant", "content": text + cite.suffix if cite else text}
+        if cite:
+            extra = {"sources": cite.sources}
         choice = ({"index": 0, "message": message, "logprobs": None}
                   if chat else {"index": 0, "text": text, "logprobs": None})
         return {**head, "object": "chat.completion" if chat else "text_completion",
@@ -337,9 +356,10 @@ def _usage(done: Event) -> dict:
 
 
 async def _stream(events: AsyncIterator[Event], head: dict, chat: bool, include_usage: bool,
-                  plan: ToolPlan | None = None):
+                  plan: ToolPlan | None = None, cite: retrieval.Citation | None = None):
     """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``; with a tool
-    plan, content until a call may begin, then the calls' deltas at the end."""
+    plan, content until a call may begin, then the calls' deltas at the end; with a citation,
+    the sources on the first chunk and the markers as the last content delta."""
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
     if chat:
         head["system_fingerprint"] = None
@@ -357,7 +377,7 @@ async def _stream(events: AsyncIterator[Event], head: dict, chat: bool, include_
 
     tool_stream = calls.ToolStream(plan) if plan is not None else None
     if chat:
-        yield chunk(None, role=True)
+        yield chunk(None, role=True, more={"sources": cite.sources} if cite else None)
     async with aclosing(events):
         async for event in events:
             if event.kind == "text":
@@ -371,6 +391,8 @@ async def _stream(events: AsyncIterator[Event], head: dict, chat: bool, include_
                     for delta in deltas:
                         yield chunk(None, delta=delta)
                     reason, more = calls.finish_reason(parsed, reason), calls.extension(parsed)
+                if cite:
+                    yield chunk(cite.suffix)
                 yield chunk(None, reason, more=more)
                 if include_usage:
                     yield _dump({**head, "choices": [], "usage": _usage(event)})
