@@ -86,3 +86,75 @@ def test_chat_command_through_a_pseudo_terminal(run_dir):  # noqa: F811
     os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 0
     assert output.count(b"User: ") >= 2 and b"Assistant: " in output
+
+
+# -- with a knowledge base (--kb) ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def kb(tmp_path_factory):
+    from chattune.kb import store
+    from chattune.kb.ask import open_for_answers
+
+    docs = tmp_path_factory.mktemp("chat-kb")
+    (docs / "veldmoor.md").write_text("Veldmoor was founded by Oren Tal in 812.", encoding="utf-8")
+    (docs / "qinglan.txt").write_text("青岚港由渔夫林墨于公元620年创建。", encoding="utf-8")
+    store.build([docs / "veldmoor.md", docs / "qinglan.txt"], docs / "kb")
+    return open_for_answers(docs / "kb")
+
+
+def test_chat_with_a_kb_prints_the_sources_under_each_answer(run, kb, monkeypatch):
+    from chattune.kb import store
+    from chattune.kb.prompt import CANNOT_ANSWER_EN, CANNOT_ANSWER_ZH, kb_prompt
+
+    sent = []
+
+    def scripted_stream(loaded, messages, **kw):
+        sent.append(messages)
+        yield from ["Oren ", "Tal."]
+
+    monkeypatch.setattr(chattune.chat.generate, "stream", scripted_stream)
+    out = io.StringIO()
+    question = "Who founded Veldmoor?"
+    chat_loop(run, stdin=io.StringIO(f"{question}\nWhat is the capital of France?\n法国的首都是哪里？\n"
+                                     f"{'x' * 1001}\n/exit\n"), stdout=out, kb=kb)
+    [hit] = store.search(kb, question)
+    assert sent == [[{"role": "user", "content": kb_prompt(question, [hit]).content}]]  # the cannot-answers: no call
+    lines = out.getvalue().splitlines()
+    at = lines.index("User: Assistant: Oren Tal. [1]")
+    assert lines[at + 1] == f"[1] {hit.file}, chunk 0 (score {hit.score:.2f})"
+    assert f"User: Assistant: {CANNOT_ANSWER_EN}" in lines and f"User: Assistant: {CANNOT_ANSWER_ZH}" in lines
+    assert "User: chattune: error: query: 1001 characters, more than the limit of 1000; expected a shorter " \
+           "question" in lines
+
+
+def test_chat_with_a_kb_keeps_the_questions_as_typed_in_the_history(run, kb, monkeypatch):
+    sent = []
+
+    def scripted_stream(loaded, messages, **kw):
+        sent.append(messages)
+        yield "Oren Tal."
+
+    monkeypatch.setattr(chattune.chat.generate, "stream", scripted_stream)
+    chat_loop(run, stdin=io.StringIO("Who founded Veldmoor?\n谁创建了青岚港？\n"), stdout=io.StringIO(), kb=kb)
+    assert [m["role"] for m in sent[1]] == ["user", "assistant", "user"]
+    assert sent[1][:2] == [{"role": "user", "content": "Who founded Veldmoor?"},
+                           {"role": "assistant", "content": "Oren Tal."}]
+    assert sent[1][2]["content"].startswith("<指令>") and "青岚港由渔夫林墨" in sent[1][2]["content"]
+
+
+def test_chat_command_with_a_kb_answers_and_cites(run_dir, kb):  # noqa: F811
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "chattune.cli", "chat", str(run_dir), "--max-new-tokens", "3",
+                           "--kb", str(kb.root)], input="Who founded Veldmoor?\nWho painted the Mona Lisa?\n/exit\n",
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "Assistant: The question cannot be answered from the known information.\n" in proc.stdout
+    assert f"[1] {kb.chunks[0]['file']}, chunk 0 (score " in proc.stdout
+
+
+def test_chat_command_refuses_a_folder_that_is_not_a_kb(run_dir, tmp_path):  # noqa: F811
+    proc = subprocess.run([sys.executable, "-m", "chattune.cli", "chat", str(run_dir), "--kb", str(tmp_path)],
+                          input="", capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr == (f"chattune: error: --kb: {tmp_path}: no kb.json in it; expected a knowledge-base "
+                           "folder made by `chattune kb build`\n")

@@ -165,7 +165,13 @@ def cmd_chat(args) -> int:
     from chattune.chat import chat_loop
 
     overrides = _overrides(args)
-    chat_loop(_load_run(args), **overrides)
+    kb = None
+    if args.kb:
+        from chattune.kb.ask import check_settings, open_for_answers
+
+        check_settings(args.kb_top_k, args.kb_threshold)
+        kb = open_for_answers(args.kb)
+    chat_loop(_load_run(args), kb=kb, kb_top_k=args.kb_top_k, kb_threshold=args.kb_threshold, **overrides)
     return 0
 
 
@@ -354,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help="chat with a run folder in the terminal")
     _add_inference(chat)
+    chat.add_argument("--kb", metavar="KB", help="answer from this knowledge base, printing the sources")
+    chat.add_argument("--kb-top-k", type=int, default=TOP_K, help=f"chunks retrieved per question (default {TOP_K})")
+    chat.add_argument("--kb-threshold", type=float, default=THRESHOLD,
+                      help=f"least relevance of a chunk, in [0, 1], higher = more similar (default {THRESHOLD})")
     chat.set_defaults(func=cmd_chat)
 
     predict = sub.add_parser("predict", help="batch-generate over a data file")
