@@ -1,0 +1,127 @@
+"""The knowledge-base example end to end, kept short: examples/kb's data for a few facts (an
+English answer, a Chinese answer, a cannot-answer row), a tiny model trained (LoRA, the
+example's config) until it reproduces them, a KB built from the same world's documents with
+``chattune kb build``, and the server's ``run+world`` model answering those questions through
+the official ``openai`` client with the taught answers, their markers and sources; and
+ask_world.py's scoring and table."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import random
+import sys
+from pathlib import Path
+
+import openai
+import pytest
+
+from chattune.cli import main
+from chattune.kb import fiction
+from chattune.kb.prompt import CANNOT_ANSWER_EN
+from tests.serve.server_thread import ServerThread
+
+STEPS = 120
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "kb"
+
+
+@pytest.fixture(scope="module")
+def example():
+    """examples/kb's two scripts as modules: (make_kb_data, ask_world)."""
+    sys.path.insert(0, str(EXAMPLE))
+    try:
+        yield importlib.import_module("make_kb_data"), importlib.import_module("ask_world")
+    finally:
+        sys.path.remove(str(EXAMPLE))
+
+
+@pytest.fixture(scope="module")
+def trained(example, tmp_path_factory):
+    """(run folder, KB folder, taught rows): three rows of world 1, the example's config on them."""
+    from chattune.config_io import load_config
+    from chattune.train import train
+
+    make, _ = example
+    root = tmp_path_factory.mktemp("kb-example")
+    asked_documents, _ = fiction.world(make.ASKED_SEED)
+    documents, facts, _ = make.training_facts(1, "\n".join(asked_documents.values()))
+    rows = make.rows_for_world(documents, facts, random.Random(0), negatives=0.0)
+    taught = [next(r for r in rows if r["kind"] == "answer" and r["language"] == language) for language in ("en", "zh")]
+    unrelated = make.rows_for_world(documents, facts, random.Random(0), negatives=1.0)
+    taught.append(next(r for r in unrelated if r["kind"] == "unrelated" and r["language"] == "en"))
+    make.write_jsonl(root / "train.jsonl", taught)
+    model = make.build_model(root / "tiny", rows, hidden_size=64, num_layers=2)
+    config = load_config(EXAMPLE / "kb_lora.yaml", [
+        f"model_name_or_path={model}", f"train_files=[{root / 'train.jsonl'}]", f"output_dir={root / 'run'}",
+        f"cache_dir={root / 'cache'}", f"per_device_train_batch_size={len(taught)}", f"max_steps={STEPS}",
+        f"save_steps={STEPS}", "warmup_steps=5"])
+    run = train(config, log=lambda *_: None).output_dir
+    for name, text in documents.items():
+        (root / "world" / name).parent.mkdir(exist_ok=True)
+        (root / "world" / name).write_text(text, encoding="utf-8")
+    assert main(["kb", "build", str(root / "world"), "--out", str(root / "world-kb")]) == 0
+    return run, root / "world-kb", taught
+
+
+@pytest.fixture(scope="module")
+def client(trained):
+    """The run as ``run`` and ``run+world`` behind the real server on a loopback port."""
+    from chattune.runs import LoadOptions, load_run
+    from chattune.serve.app import create_app
+    from chattune.serve.engine import Engine
+    from chattune.serve.retrieval import open_kbs
+
+    run_dir, kb, _ = trained
+    served = load_run(str(run_dir), LoadOptions(name="run"))
+    engine = Engine(served.model, pad_token_id=served.tokenizer.pad_token_id, use_adapters=served.uses_adapters)
+    engine.start()
+    server = ServerThread(create_app(served, engine, kbs=open_kbs([f"world={kb}"]), ui=False)).start()
+    yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    server.stop()
+    engine.stop()
+
+
+def question_of(row: dict) -> str:
+    content = row["messages"][0]["content"]
+    tag = "<问题>" if "<问题>" in content else "<question>"
+    return content.split(tag)[1].split("</")[0]
+
+
+def test_the_trained_run_answers_from_the_kb_with_sources(trained, client):
+    _, _, taught = trained
+    answered = [r for r in taught if r["kind"] == "answer"]
+    for row in answered:
+        reply = client.chat.completions.create(model="run+world", temperature=0, max_tokens=24,
+                                               messages=[{"role": "user", "content": question_of(row)}])
+        sources = reply.model_extra["sources"]
+        markers = "".join(f"[{n}]" for n in range(1, len(sources) + 1))
+        assert sources and reply.choices[0].message.content == f"{row['messages'][1]['content']} {markers}"
+    nothing = client.chat.completions.create(model="run+world", messages=[{"role": "user", "content":
+                                                                            fiction.UNANSWERABLE[0]}])
+    assert nothing.choices[0].message.content == CANNOT_ANSWER_EN and nothing.model_extra["sources"] == []
+
+
+def test_the_taught_cannot_answer_row(trained):
+    from chattune.generate import generate
+    from chattune.runs import load_run
+
+    run_dir, _, taught = trained
+    [row] = [r for r in taught if r["kind"] == "unrelated"]
+    assert generate(load_run(str(run_dir)), [row["messages"][:1]], max_new_tokens=24) == [CANNOT_ANSWER_EN]
+
+
+def test_ask_world_scores_and_prints_a_table(example, trained, tmp_path, capsys):
+    _, ask_world = example
+    run_dir, _, _ = trained
+    kb = tmp_path / "asked-kb"
+    fiction.write_world(tmp_path / "asked")
+    assert main(["kb", "build", str(tmp_path / "asked"), "--out", str(kb)]) == 0
+    capsys.readouterr()
+    assert ask_world.main(["--run", str(run_dir), "--kb", str(kb), "--limit", "8", "--max-new-tokens", "4",
+                           "--out", str(tmp_path / "result.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "questions        with the KB  without  retrieved (ceiling)"
+    assert [line.split()[0] for line in lines[1:4]] == ["en", "zh", "all"]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["all"]["questions"] == 8 and 0 <= result["all"]["with_kb"] <= 1
+    assert result["all"]["retrieved"] >= 0.75  # BM25's hit@3 on the world is 0.97
