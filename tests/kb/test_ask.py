@@ -58,3 +58,12 @@ def test_bad_questions_and_settings(kb, tmp_path):
     assert str(caught.value) == (f"--kb: {tmp_path}: no kb.json in it; expected a knowledge-base folder made "
                                  "by `chattune kb build`")
     assert cited("answer", "") == "answer" and cited("answer", "[1][2]") == "answer [1][2]"
+
+
+def test_a_dense_kb_answers_the_same_way(tmp_path, tiny_embedder):
+    (tmp_path / "veldmoor.md").write_text("Veldmoor was founded by Oren Tal in 812.", encoding="utf-8")
+    store.build([tmp_path / "veldmoor.md"], tmp_path / "kb", embedding=tiny_embedder)
+    kb = open_for_answers(tmp_path / "kb")
+    asked = ask(kb, [{"role": "user", "content": "who founded veldmoor"}], threshold=0.0)
+    assert asked.reply is None and asked.sources[0]["file"].endswith("veldmoor.md")
+    assert "Veldmoor was founded by Oren Tal in 812." in asked.messages[0]["content"]
