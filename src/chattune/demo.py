@@ -160,7 +160,8 @@ def run_demo(workdir: str = "chattune-demo", *, max_steps: int = 400, log=print)
     log(f"\nrun folder: {run_dir}\ntry: chattune chat {run_dir}\n"
         f"     chattune predict {run_dir} --data {data_dir / 'demo_eval.json'} --out {root / 'pred.jsonl'}\n"
         f"     chattune eval {run_dir} --data {data_dir / 'demo_eval.json'} --compare base\n"
-        f"     chattune report {run_dir}")
+        f"     chattune report {run_dir}\n"
+        f"     chattune serve {run_dir}    # the API, and a web page at http://127.0.0.1:8000/")
     return {"exact_match_before": before["exact_match"], "exact_match_after": after["exact_match"],
             "rouge_l_before": before["rouge-l"], "rouge_l_after": after["rouge-l"],
             "bleu_4_before": before["bleu-4"], "bleu_4_after": after["bleu-4"],

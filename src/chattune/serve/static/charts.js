@@ -51,7 +51,7 @@ const Charts = (() => {
       ctx.beginPath(); ctx.moveTo(pad.left, sy(y)); ctx.lineTo(width - pad.right, sy(y)); ctx.stroke();
       ctx.fillText(format(y), 4, sy(y) + 4);
       const x = x0 + (x1 - x0) * i / 4;
-      ctx.fillText(format(Math.round(x)), sx(x) - 8, height - pad.bottom + 16);
+      ctx.fillText(String(Math.round(x)), sx(x) - 8, height - pad.bottom + 16);
     }
     ctx.fillText("step", width - pad.right - 26, height - 4);
     shown.forEach((s, index) => {
