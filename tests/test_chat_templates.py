@@ -8,6 +8,7 @@ PieceEncoder(tokenizer))`` where the module docstring says the pair is exact, an
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -357,3 +358,63 @@ def test_specials_first_cannot_be_exact_on_chatglm_6b(template, glm6b):
     """ChatGLM-6B's tokenizer puts '▁' before a '[gMASK]' that starts a text."""
     problems = check_chat_template(template, glm6b, [CONVERSATIONS["one turn"]], probes=False)
     assert len(problems) == 1 and "from token 0 on" in problems[0] and "[gMASK]" in problems[0]
+
+
+WEATHER = {"name": "get_weather", "description": "Current weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+RATES = {"name": "convert_currency", "parameters": {"type": "object", "properties": {"amount": {"type": "number"}}}}
+TOOL_CONVERSATION = [
+    SYSTEM,
+    {"role": "user", "content": "Weather in Paris and 20 EUR in USD?"},
+    {"role": "assistant", "content": "Let me check.", "tool_calls": [
+        {"name": "get_weather", "arguments": {"city": "巴黎"}},
+        {"name": "convert_currency", "arguments": {"amount": 20, "from": "EUR", "to": "USD"}}]},
+    {"role": "tool", "content": '{"temperature": 21}'},
+    {"role": "tool", "content": '{"amount": 21.6}'},
+    {"role": "assistant", "content": "21°C; 21.60 USD."},
+    {"role": "user", "content": "And London?"},
+    {"role": "assistant", "content": "", "tool_calls": [{"name": "get_weather", "arguments": {"city": "London"}}]},
+    {"role": "tool", "content": '{"temperature": 14}'},
+]
+
+
+def as_openai(messages: list[dict]) -> list[dict]:
+    """The conversation as an OpenAI client sends it: calls wrapped, arguments a JSON string,
+    no content beside a call."""
+    out = []
+    for m in messages:
+        if m.get("tool_calls"):
+            out.append({"role": "assistant", "content": m["content"] or None, "tool_calls": [
+                {"id": f"call_{k}", "type": "function",
+                 "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+                for k, c in enumerate(m["tool_calls"])]})
+        else:
+            out.append(m)
+    return out
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_default_chat_template_renders_tools_calls_and_results_as_chattune_does(tiny, arch):
+    tokenizer = tiny(arch)
+    jinja = chat_template("default", tokenizer)
+    tools = [WEATHER, RATES]
+    wrapped = [{"type": "function", "function": t} for t in tools]
+    want = render_text(render("default", TOOL_CONVERSATION, tools=tools), eos=tokenizer.eos_token,
+                       specials="".join(tokenizer.convert_ids_to_tokens(special_token_ids(tokenizer))))
+    for messages, offered in ((TOOL_CONVERSATION, tools), (as_openai(TOOL_CONVERSATION), wrapped)):
+        got = tokenizer.apply_chat_template(messages, tools=offered, chat_template=jinja,
+                                            add_generation_prompt=True, tokenize=False)
+        assert got == want
+    assert want.endswith('\nTool: {"temperature": 14}\nAssistant: ')
+    assert ('Let me check.\n<tool_call>{"name": "get_weather", "arguments": {"city": "巴黎"}}</tool_call>\n'
+            '<tool_call>{"name": "convert_currency", "arguments": {"amount": 20, "from": "EUR", "to": "USD"}}'
+            '</tool_call>' + tokenizer.eos_token + '\nTool: {"temperature": 21}\nTool: {"amount": 21.6}\nAssistant: '
+            '21°C; 21.60 USD.' + tokenizer.eos_token + "\nHuman: And London?") in want
+    assert "Tools: [" + json.dumps(tools, ensure_ascii=False)[1:] + "\nHuman: " in want
+    # without tools the template is the one it always was
+    plain = CONVERSATIONS["history"]
+    assert rendered("default", tokenizer, plain) == chattune_text("default", tokenizer, plain)
+    no_system = [{"role": "user", "content": "Hi"}]
+    assert tokenizer.apply_chat_template(no_system, tools=wrapped, chat_template=jinja, add_generation_prompt=True,
+                                         tokenize=False).endswith("Tools: " + json.dumps(tools, ensure_ascii=False)
+                                                                  + "\nHuman: Hi\nAssistant: ")

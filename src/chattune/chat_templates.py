@@ -68,6 +68,13 @@ messages neither end with whitespace nor contain special-token text, see below):
 - Messages that end with whitespace: the dummy-prefix tokenizers differ where a text
   piece follows (``▁▁``; ChatGLM-6B: a ``▁`` before ``[gMASK]``).
 
+**Tools.** ``default``'s Jinja also renders tools (``apply_chat_template(..., tools=...)``,
+OpenAI's wrapped function objects or bare ones), assistant ``tool_calls`` (wrapped or
+chattune's ``{"name", "arguments"}``; arguments given as a JSON string are written as they
+are) and ``tool`` results, as chattune renders them: the same text (checked by
+``tests/test_chat_templates.py``), tokenized as ``default`` is above. The other exported
+templates render no tools (``chatglm3``'s tool format is not in its Jinja yet).
+
 **Special-token text.** The export saves the tokenizer with ``split_special_tokens=False``
 so that the special tokens the rendered string spells out are read as tokens; the check
 does the same: it passes ``split_special_tokens=False`` to the tokenizer calls that
@@ -217,15 +224,42 @@ _LOOP = ("{%- for message in messages[offset:] %}\n{%- set i = loop.index0 // 2 
          "{%- set gen = not loop.last or add_generation_prompt %}\n")
 
 
+_DEFAULT_TOOLS = ("{%- set ns = namespace(tools=[]) %}{%- for tool in (tools or []) %}"
+                  "{%- set ns.tools = ns.tools + [tool['function'] if tool['function'] is defined else tool] %}"
+                  "{%- endfor %}")
+"""The tools as chattune renders them: the function objects, unwrapped from OpenAI's
+``{"type": "function", "function": {...}}``."""
+_DEFAULT_CALLS = ("{%- set ns.calls = [] %}{%- for call in message['tool_calls'] %}"
+                  "{%- set f = call['function'] if call['function'] is defined else call %}"
+                  "{%- set args = f['arguments'] if f['arguments'] is defined else {} %}"
+                  "{%- set ns.calls = ns.calls + ['<tool_call>{\"name\": ' ~ (f['name'] | tojson) ~ "
+                  "', \"arguments\": ' ~ (args if args is string else args | tojson) ~ '}</tool_call>'] %}"
+                  "{%- endfor %}"
+                  "{%- set calls = ('\\n' if message['content'] else '') ~ (ns.calls | join('\\n')) %}")
+"""An assistant message's calls as chattune writes them (``templates._call_json``: arguments
+given as a JSON string are written as they are)."""
+
+
 def _default(w: _Writer, s: _Style) -> str:
+    after_tools = "{%- if system %}" + w.lit("Tools: ", "text") + "{%- else %}" + w.lit("Tools: ", "start") \
+        + "{%- endif %}"
     return "\n".join([
-        _HEAD + w.special(s.specials),
+        _HEAD + _DEFAULT_TOOLS + "{%- set ns.users = 0 %}" + w.special(s.specials),
         "{%- if system %}" + w.lit("System: ", "start") + w.var("system", "text", True) + w.lit("\n", "text")
         + "{%- endif %}",
-        _LOOP + "{%- if message['role'] == 'user' %}" + _USER_TEXT,
-        "{%- if i > 0 %}" + w.lit("\nHuman: ", "start") + "{%- elif system %}" + w.lit("Human: ", "text")
-        + "{%- else %}" + w.lit("Human: ", "start") + "{%- endif %}",
+        "{%- if ns.tools %}" + after_tools + w.var("(ns.tools | tojson)", "text", True) + w.lit("\n", "text")
+        + "{%- endif %}",
+        "{%- for message in messages[offset:] %}\n{%- set gen = not loop.last or add_generation_prompt %}",
+        "{%- if message['role'] == 'user' %}" + _USER_TEXT,
+        "{%- if ns.users > 0 %}" + w.lit("\nHuman: ", "start") + "{%- elif system or ns.tools %}"
+        + w.lit("Human: ", "text") + "{%- else %}" + w.lit("Human: ", "start") + "{%- endif %}",
+        "{%- set ns.users = ns.users + 1 %}",
         w.var("q", "text") + "{%- if gen %}" + w.lit("\nAssistant: ", "text") + "{%- endif %}",
+        "{%- elif message['role'] == 'tool' %}" + w.lit("\nTool: ", "start") + w.var("message['content']", "text"),
+        "{%- if (loop.last and add_generation_prompt) or (not loop.last and loop.nextitem['role'] == 'assistant') %}"
+        + w.lit("\nAssistant: ", "text") + "{%- endif %}",
+        "{%- elif message['role'] == 'assistant' and message['tool_calls'] is defined and message['tool_calls'] %}",
+        w.var("(message['content'] or '')", "text") + _DEFAULT_CALLS + w.var("calls", "text", True) + w.special(s.eos),
         "{%- elif message['role'] == 'assistant' %}" + w.var("message['content']", "text") + w.special(s.eos),
         "{%- endif %}\n{%- endfor %}",
     ])
