@@ -205,6 +205,23 @@ def test_the_conversation_survives_a_reload_and_regenerate_and_clear_work(browse
     assert messages(browser) == []
 
 
+def test_copy_puts_the_answer_on_the_clipboard(browser, urls):
+    from selenium.webdriver.common.keys import Keys
+
+    open_page(browser, urls[0])
+    greedy(browser)
+    set_value(browser, "#chat-model", "b")
+    send(browser, "Hello")
+    answer = messages(browser)[-1][1]
+    copy = find(browser, ".msg.assistant .copy")
+    browser.execute_script("arguments[0].click()", copy)  # shown on hover only
+    wait(browser, lambda d: copy.get_attribute("textContent") == "Copied")
+    box = find(browser, "#chat-input")
+    box.click()
+    box.send_keys(Keys.CONTROL, "v")
+    assert box.get_attribute("value") == answer
+
+
 def test_stop_strings_are_sent(browser, urls):
     url = urls[0]
     open_page(browser, url)
@@ -328,8 +345,21 @@ def test_runs_shows_the_curve_of_a_training_while_it_grows(browser, urls, server
         training.wait()
 
 
-def test_runs_shows_a_served_runs_summary_audit_and_curves(browser, urls, server, shots):
+def test_runs_shows_a_served_runs_summary_audit_and_curves(browser, urls, server, runs_dir, shots):
+    evaluated = runs_dir / "evaluated"
+    shutil.copytree(server.runs["b"], evaluated, ignore=shutil.ignore_patterns("checkpoint-*"))
+    (evaluated / "eval" / "dev").mkdir(parents=True)
+    (evaluated / "eval" / "dev" / "eval.json").write_text(json.dumps({
+        "metrics": {"rouge-l": 87.5, "eval_loss": 0.25},
+        "compare": {"name": "base", "metrics": {"rouge-l": 3.25, "eval_loss": 7.5}, "better": {"rouge-l": 7},
+                    "worse": {"rouge-l": 0}, "same": {"rouge-l": 1}}}))
     open_page(browser, urls[0], view="runs")
+    wait(browser, lambda d: any(r.text.startswith("evaluated ") for r in find_all(d, "#runs-table tbody tr")))
+    next(r for r in find_all(browser, "#runs-table tbody tr") if r.text.startswith("evaluated ")).click()
+    wait(browser, lambda d: "dev" in find(d, "#run-evals").text)
+    rows = [r.text for r in find_all(browser, "#run-evals tr")]
+    assert rows == ["metric base value better / worse / same", "rouge-l 3.2500 87.500 7 / 0 / 1",
+                    "eval_loss 7.5000 0.25000"]
     wait(browser, lambda d: any(r.text.startswith("b ") for r in find_all(d, "#runs-table tbody tr")))
     row = next(r for r in find_all(browser, "#runs-table tbody tr") if r.text.startswith("b "))
     assert row.text.split()[:3] == ["b", "finished", "lora"]

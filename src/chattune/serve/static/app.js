@@ -247,22 +247,25 @@ function saveChat() {
 }
 
 function copyText(text, button) {
-  const done = () => { button.textContent = t("copied"); setTimeout(() => { button.textContent = t("copy"); }, 1200); };
-  if (navigator.clipboard && window.isSecureContext) {
-    navigator.clipboard.writeText(text).then(done, () => fallbackCopy(text, done));
-  } else {
-    fallbackCopy(text, done);
-  }
-}
-
-function fallbackCopy(text, done) {
+  const done = () => { button.textContent = t("copied"); setTimeout(() => { button.textContent = t("copy"); }, 1500); };
+  // a hidden textarea and the copy command first: it works within the click on any page;
+  // the asynchronous clipboard API (secure pages only) where the command is refused
   const area = document.createElement("textarea");
   area.value = text;
+  area.setAttribute("readonly", "");
+  area.style.position = "fixed";
+  area.style.opacity = "0";
   document.body.appendChild(area);
   area.select();
-  document.execCommand("copy");
+  let copied = false;
+  try {
+    copied = document.execCommand("copy");
+  } catch (_) {
+    copied = false;
+  }
   area.remove();
-  done();
+  if (copied) done();
+  else if (navigator.clipboard) navigator.clipboard.writeText(text).then(done, () => {});
 }
 
 function messageElement(message) {
