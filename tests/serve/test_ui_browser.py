@@ -373,3 +373,35 @@ def test_runs_shows_a_served_runs_summary_audit_and_curves(browser, urls, server
     audit = find(browser, "#run-audit").text
     assert "supervised" in audit
     browser.save_screenshot(str(shots / "runs.png"))
+
+
+@pytest.fixture(scope="module")
+def kb_url(server, tmp_path_factory):
+    """The session's models with the generated world's KB (``MODEL+docs``); (url, facts)."""
+    from chattune.kb import store
+    from chattune.kb.fiction import write_world
+    from chattune.serve.retrieval import open_kbs
+
+    root = tmp_path_factory.mktemp("browser-kb")
+    facts = write_world(root / "docs")
+    store.build([root / "docs"], root / "kb")
+    thread = ServerThread(create_app(server.served, server.engine, kbs=open_kbs([f"docs={root / 'kb'}"]))).start()
+    yield thread.url, facts
+    thread.stop()
+
+
+def test_an_answer_from_a_knowledge_base_shows_its_sources(browser, kb_url):
+    url, facts = kb_url
+    fact = next(f for f in facts if f.language == "zh")
+    open_page(browser, url)
+    greedy(browser)
+    set_value(browser, "#chat-model", "b+docs")
+    send(browser, fact.question)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+    reply = client.chat.completions.create(model="b+docs", messages=[{"role": "user", "content": fact.question}],
+                                           temperature=0, max_tokens=32)
+    sources = reply.model_extra["sources"]
+    assert sources and messages(browser)[-1] == ("assistant", reply.choices[0].message.content)
+    shown = [li.text for li in find_all(browser, ".msg.assistant .sources li")]
+    assert shown == [f"{s['file']}, chunk {s['chunk']} ({s['score']:.3f})" for s in sources]
+    assert fact.file in {s["file"].rsplit("/", 1)[-1] for s in sources}

@@ -32,7 +32,7 @@ const TEXT = {
     rows_logged: "rows logged", last_step: "last step", updating: "updating while training writes",
     state_finished: "finished", state_training: "training", state_incomplete: "incomplete",
     loss: "Loss", learning_rate: "Learning rate", tokens_per_second: "Tokens / s", no_data: "no data yet",
-    error: "Error", models: "models",
+    error: "Error", models: "models", sources: "Sources", chunk: "chunk",
   },
   zh: {
     tab_chat: "对话", tab_compare: "并排对比", tab_runs: "训练记录", model: "模型",
@@ -53,7 +53,7 @@ const TEXT = {
     rows_logged: "行已记录", last_step: "最新步数", updating: "训练写入时自动更新",
     state_finished: "已完成", state_training: "训练中", state_incomplete: "未完成",
     loss: "损失", learning_rate: "学习率", tokens_per_second: "每秒 token 数", no_data: "暂无数据",
-    error: "错误", models: "个模型",
+    error: "错误", models: "个模型", sources: "出处", chunk: "片段",
   },
 };
 
@@ -149,8 +149,9 @@ function useKey(event) {
   waiters.forEach((resolve) => resolve());
 }
 
-// POST a streamed chat completion; onText gets each piece as it arrives; returns the whole text
-async function streamChat(model, messages, onText, signal) {
+// POST a streamed chat completion; onText gets the text so far as each piece arrives, onSources
+// the sources of an answer from a knowledge base (a model RUN+KB); returns the whole text
+async function streamChat(model, messages, onText, signal, onSources) {
   const s = readSettings();
   const body = {model, messages, stream: true, temperature: s.temperature, top_p: s.top_p, max_tokens: s.max_tokens};
   if (s.stop.length) body.stop = s.stop;
@@ -175,6 +176,7 @@ async function streamChat(model, messages, onText, signal) {
         if (data === "[DONE]") return text;
         const chunk = JSON.parse(data);
         if (chunk.error) throw new Error(chunk.error.message || JSON.stringify(chunk.error));
+        if (chunk.sources && onSources) onSources(chunk.sources);
         const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
         if (delta && delta.content) {
           text += delta.content;
@@ -292,12 +294,26 @@ function setContent(el, message) {
   const content = el.querySelector(".content");
   if (message.role === "assistant") content.innerHTML = Markdown.render(message.content);
   else content.textContent = message.content;
+  if (message.sources && message.sources.length) content.appendChild(sourcesElement(message.sources));
   if (message.error) {
     const error = document.createElement("div");
     error.className = "error";
     error.textContent = t("error") + ": " + message.error;
     content.appendChild(error);
   }
+}
+
+// the knowledge-base chunks an answer cites: [n] file, chunk c (score s)
+function sourcesElement(sources) {
+  const list = document.createElement("ol");
+  list.className = "sources";
+  list.title = t("sources");
+  sources.forEach((source) => {
+    const item = document.createElement("li");
+    item.textContent = source.file + ", " + t("chunk") + " " + source.chunk + " (" + Number(source.score).toFixed(3) + ")";
+    list.appendChild(item);
+  });
+  return list;
 }
 
 function renderMessages() {
@@ -342,7 +358,8 @@ async function answerLast() {
       reply.content = text;
       setContent(el, reply);
       $("#messages").scrollTop = $("#messages").scrollHeight;
-    }, state.controller.signal);
+    }, state.controller.signal, (sources) => { reply.sources = sources; });
+    setContent(el, reply);
   } catch (error) {
     if (error.name !== "AbortError") {
       reply.error = error.message;
@@ -398,12 +415,14 @@ async function compare(event) {
     box.dataset.raw = "";
     box.innerHTML = "";
     try {
+      let sources = null;
       const text = await streamChat($(select).value, messages, (so) => {
         box.dataset.raw = so;
         box.innerHTML = Markdown.render(so);
-      });
+      }, undefined, (found) => { sources = found; });
       box.dataset.raw = text;
       box.innerHTML = Markdown.render(text);
+      if (sources && sources.length) box.appendChild(sourcesElement(sources));
     } catch (error) {
       box.innerHTML = "";
       const el = document.createElement("div");
