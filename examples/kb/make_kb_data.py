@@ -3,9 +3,11 @@
 Each row is what ``chattune serve RUN --kb NAME=KB`` sends the model for a question: the
 user message is :func:`chattune.kb.prompt.kb_prompt`'s (Langchain-Chatchat's instruction,
 the retrieved chunks as the known information, the question), the chunks retrieved from a
-KB with the server's defaults; the answer is the fact's answer copied from the context
-(``Lucan Stormholt.`` / ``林墨。``), or, when the retrieved chunks do not hold it, the
-"cannot answer from the known information" sentence. Some rows pair a question with
+KB with the server's defaults; the answer is copied from the context: the sentence that
+states the fact (``Briford was founded by Lucan Stormholt, a ferryman, in the year 758.`` /
+``潮雾港由药师罗澄于公元845年创建。``; the answer alone where a chunk boundary cuts that
+sentence), or, when the retrieved chunks do not hold the answer, the "cannot answer from
+the known information" sentence. Some rows pair a question with
 another question's chunks, so the model also learns to say it cannot answer.
 
 The facts come from :func:`chattune.kb.fiction.world` with *other* seeds than the one the
@@ -45,9 +47,13 @@ ASKED_SEED = 0
 """The world ask_world.py asks about; never trained on."""
 
 
-def answer_text(answer: str, language: str) -> str:
-    """The taught answer: the fact's answer as the context writes it, ended as a sentence."""
-    return f"{answer}{'。' if language == 'zh' else '.'}"
+def answer_text(fact: fiction.Fact, context: str) -> str:
+    """The taught answer, copied from ``context``: the sentence that states the fact where the
+    context holds it whole (the model learns to find the sentence and copy it on), else the
+    answer alone, ended as a sentence."""
+    if fact.sentence in context:
+        return fact.sentence
+    return f"{fact.answer}{'。' if fact.language == 'zh' else '.'}"
 
 
 def training_facts(seed: int, asked_corpus: str) -> tuple[dict[str, str], list[fiction.Fact], int]:
@@ -76,8 +82,9 @@ def rows_for_world(documents: dict[str, str], facts: list[fiction.Fact], rng: ra
         if not hits:  # the server would answer this itself, without the model
             continue
         prompt = kb_prompt(fact.question, hits)
-        found = fact.answer in "\n".join(hit.text for hit in hits)
-        target = answer_text(fact.answer, fact.language) if found else cannot_answer(fact.question)
+        context = "\n".join(hit.text for hit in hits)
+        found = fact.answer in context
+        target = answer_text(fact, context) if found else cannot_answer(fact.question)
         rows.append(_row(prompt.content, target, fact.language, "answer" if found else "missing"))
         if rng.random() < negatives:
             others = [f for f in facts if f.language == fact.language and f.subject != fact.subject]
@@ -101,21 +108,25 @@ def leaks(documents: dict[str, str], facts: list[fiction.Fact]) -> list[str]:
 
 
 def make_rows(worlds: int, negatives: float = 0.15, seed: int = 0) -> tuple[list[dict], dict]:
-    """The training rows from ``worlds`` generated worlds (seeds 1, 2, ...) and counts about them."""
+    """The training rows from ``worlds`` generated worlds (seeds 1, 2, ...; a world with a paragraph
+    that states a fact of the asked world is skipped) and counts about them."""
     asked_documents, asked_facts = fiction.world(ASKED_SEED)
     asked_corpus = "\n".join(asked_documents.values())
     rng = random.Random(seed)
-    rows, dropped, facts_used = [], 0, 0
-    for world_seed in range(1, worlds + 1):
+    rows, dropped, facts_used, used, skipped = [], 0, 0, 0, []
+    world_seed = 0
+    while used < worlds:
+        world_seed += 1
         documents, facts, gone = training_facts(world_seed, asked_corpus)
-        leaked = leaks(documents, asked_facts)
-        if leaked:
-            raise AssertionError(f"world {world_seed} states a fact of the asked world: {leaked[0]}")
+        if leaks(documents, asked_facts):  # a paragraph states a fact asked later: not this world
+            skipped.append(world_seed)
+            continue
+        used += 1
         dropped += gone
         facts_used += len(facts)
         rows += rows_for_world(documents, facts, rng, negatives)
     rng.shuffle(rows)
-    counts = {"worlds": worlds, "facts": facts_used, "dropped": dropped,
+    counts = {"worlds": worlds, "skipped": skipped, "facts": facts_used, "dropped": dropped,
               **{kind: sum(r["kind"] == kind for r in rows) for kind in ("answer", "missing", "unrelated")},
               "zh": sum(r["language"] == "zh" for r in rows)}
     return rows, counts
@@ -165,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {len(rows)} training rows ({counts['answer']} answered from the context, {counts['missing']} "
           f"whose retrieved chunks miss the answer and {counts['unrelated']} with unrelated chunks, both taught "
           f"'cannot answer'; {counts['zh']} in Chinese) from {counts['facts']} facts of {counts['worlds']} "
-          f"generated worlds ({counts['dropped']} facts dropped: their subject is in the asked world) to "
+          f"generated worlds ({counts['dropped']} facts dropped: their subject is in the asked world"
+          + (f"; worlds {counts['skipped']} skipped: they state a fact of it" if counts["skipped"] else "")
+          + f") to "
           f"{out / 'data' / 'kb_train.jsonl'}\nwrote the asked world's documents (seed {ASKED_SEED}) to {out / 'world'}")
     if not args.no_model:
         model = build_model(out / "tiny-model", rows, args.hidden_size, args.num_layers)
