@@ -140,4 +140,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from chattune.errors import ChattuneError
+
+    try:
+        raise SystemExit(main())
+    except ChattuneError as exc:
+        raise SystemExit(f"ask_world.py: error: {exc}") from None
