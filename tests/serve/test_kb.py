@@ -245,3 +245,15 @@ def test_the_serve_command_stops_at_a_bad_kb_before_loading(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err == (f"chattune: error: --kb docs: {tmp_path}: no kb.json in it; expected a "
                                  "knowledge-base folder made by `chattune kb build`\n")
+
+
+def test_a_kb_twin_may_not_take_a_served_models_name(server, world):
+    from chattune.serve.retrieval import kb_profiles
+
+    kbs = open_kbs([f"docs={world[0]}"])
+    profile = server.served.profiles["a"]
+    with pytest.raises(ConfigError) as caught:
+        kb_profiles({"a": profile, "a+docs": profile}, kbs)
+    assert str(caught.value) == ("--kb docs: the model name 'a+docs' is taken by a served run; expected another "
+                                 "KB name")
+    assert list(kb_profiles({"a": profile}, kbs)) == ["a+docs"] and kb_profiles({"a": profile}, None) == {}

@@ -55,8 +55,12 @@ def build(args, warn=print):
                     max_waiting=args.max_queue, use_adapters=served.uses_adapters)
     engine.start()
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    app = create_app(served, engine, api_key=api_key, max_body_bytes=args.max_body_bytes,
-                     ui=not getattr(args, "no_ui", False), runs_dir=getattr(args, "runs_dir", None), kbs=kbs)
+    try:
+        app = create_app(served, engine, api_key=api_key, max_body_bytes=args.max_body_bytes,
+                         ui=not getattr(args, "no_ui", False), runs_dir=getattr(args, "runs_dir", None), kbs=kbs)
+    except Exception:
+        engine.stop()
+        raise
     return served, engine, app
 
 
