@@ -118,3 +118,15 @@ def test_tokenizer_from_a_tokenizer_without_eos(tiny_models, tmp_path, capsys):
                      "--hidden-size", "64", "--num-layers", "1"], capsys)
     assert err == f"--tokenizer-from {source}: the tokenizer has no EOS token; expected one (set eos_token in its tokenizer_config.json)"
     assert not (tmp_path / "x" / "config.json").exists()
+
+
+def test_a_tiny_model_without_a_chat_template(tmp_path):
+    from transformers import AutoTokenizer
+
+    from chattune.tiny import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "plain", "llama", hidden_size=32, num_layers=1, chat_template=False)
+    assert AutoTokenizer.from_pretrained(path).chat_template is None
+    assert not (path / "chat_template.jinja").exists()
+    with_template = build_tiny_model(tmp_path / "chatml", "llama", hidden_size=32, num_layers=1)
+    assert "<|im_start|>" in AutoTokenizer.from_pretrained(with_template).chat_template

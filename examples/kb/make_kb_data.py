@@ -150,12 +150,8 @@ def build_model(path: Path, rows: list[dict], hidden_size: int = 256, num_layers
     chat template (``template: auto`` then means ``default``)."""
     from chattune.tiny import build_tiny_model
 
-    build_tiny_model(path, "llama", extra_text=corpus(rows), hidden_size=hidden_size, num_layers=num_layers)
-    (path / "chat_template.jinja").unlink(missing_ok=True)
-    config_path = path / "tokenizer_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    if config.pop("chat_template", None) is not None:
-        config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+    build_tiny_model(path, "llama", extra_text=corpus(rows), hidden_size=hidden_size, num_layers=num_layers,
+                     chat_template=False)
     return path
 
 

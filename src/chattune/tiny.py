@@ -36,9 +36,10 @@ The capital of the kingdom is a city by the river. Who are you? I am an assistan
 
 
 def train_tokenizer(out_dir: str | Path, arch: str, extra_text: list[str] | None = None,
-                    vocab_size: int = 2048):
+                    vocab_size: int = 2048, chat_template: bool = True):
     """Train a byte-level BPE tokenizer (a second on 2 cores) and save it as a
-    ``PreTrainedTokenizerFast`` with special tokens and a chat template."""
+    ``PreTrainedTokenizerFast`` with special tokens and (unless ``chat_template`` is False)
+    a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -57,7 +58,7 @@ def train_tokenizer(out_dir: str | Path, arch: str, extra_text: list[str] | None
         eos_token="<|endoftext|>" if glm_like else "<|im_end|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=[t for t in specials if t != "<|endoftext|>"],
-        chat_template=GLM_CHAT_TEMPLATE if glm_like else CHATML_CHAT_TEMPLATE,
+        chat_template=(GLM_CHAT_TEMPLATE if glm_like else CHATML_CHAT_TEMPLATE) if chat_template else None,
     )
     fast.save_pretrained(out_dir)
     return fast
@@ -123,8 +124,10 @@ def tiny_config(arch: str, vocab_size: int, pad_id: int, eos_id: int, *, hidden_
 
 def build_tiny_model(out_dir: str | Path, arch: str = "glm4", *, tokenizer_from: str | None = None,
                      extra_text: list[str] | None = None, hidden_size: int = 256, num_layers: int = 4,
-                     seed: int = 0) -> Path:
+                     seed: int = 0, chat_template: bool = True) -> Path:
     """Write a random model of ``arch`` plus tokenizer to ``out_dir``; return the path.
+    ``chat_template=False``: the trained tokenizer has none (``template: auto`` then means
+    ``default``).
 
     Raises ConfigError for an unknown ``arch``, impossible sizes or an ``out_dir`` that
     cannot be a folder, and ModelLoadError for a ``tokenizer_from`` that cannot be used.
@@ -140,7 +143,7 @@ def build_tiny_model(out_dir: str | Path, arch: str = "glm4", *, tokenizer_from:
         tokenizer = _reused_tokenizer(tokenizer_from)
         tokenizer.save_pretrained(out)
     else:
-        tokenizer = train_tokenizer(out, arch, extra_text)
+        tokenizer = train_tokenizer(out, arch, extra_text, chat_template=chat_template)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     config = tiny_config(arch, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id,

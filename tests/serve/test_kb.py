@@ -49,30 +49,6 @@ def client(kb_server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{kb_server}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-@pytest.fixture
-def scripted(server, monkeypatch):
-    """``script(text, ...)``: each next request's output is the tokens of one text, then EOS."""
-    decoder, tokenizer = server.engine.decoder, server.served.tokenizer
-    queued: list[list[int]] = []
-    given: dict = {}
-
-    def pick(logits, seqs):
-        for seq in seqs:
-            if seq.finished:
-                continue
-            if seq not in given:
-                given[seq] = queued.pop(0) if queued else []
-            plan, n = given[seq], len(seq.generated)
-            decoder._accept(seq, plan[n] if n < len(plan) else tokenizer.eos_token_id)
-
-    monkeypatch.setattr(decoder, "_pick", pick)
-
-    def script(*texts: str) -> None:
-        queued.extend(tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts)
-
-    return script
-
-
 def ask(client, question: str, model: str = "a+docs", **kw):
     return client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
                                           **{"temperature": 0, "max_tokens": 40, **kw})

@@ -37,30 +37,6 @@ def chat(client, model="tpl-default", **kw):
     return helpers.chat(client, model, **{"max_tokens": 200, **kw})
 
 
-@pytest.fixture
-def scripted(server, monkeypatch):
-    """``script(text, ...)``: each next request's output is the tokens of one text, then EOS."""
-    decoder, tokenizer = server.engine.decoder, server.served.tokenizer
-    queued: list[list[int]] = []
-    given: dict = {}
-
-    def pick(logits, seqs):
-        for seq in seqs:
-            if seq.finished:
-                continue
-            if seq not in given:
-                given[seq] = queued.pop(0) if queued else []
-            plan, n = given[seq], len(seq.generated)
-            decoder._accept(seq, plan[n] if n < len(plan) else tokenizer.eos_token_id)
-
-    monkeypatch.setattr(decoder, "_pick", pick)
-
-    def script(*texts: str) -> None:
-        queued.extend(tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts)
-
-    return script
-
-
 def streamed(client, **kw):
     """A streamed chat completion: its chunks, and the official client's accumulation of them."""
     chunks = list(chat(client, stream=True, **kw))
