@@ -74,6 +74,7 @@ def test_every_model_has_a_kb_twin(client, server, world):
     assert card.id == "a+docs" and card.model_extra["template"] == server.served.profiles["a"].template
     assert card.model_extra["knowledge_base"] == {"name": "docs", "path": str(world[0]), "top_k": store.TOP_K,
                                                   "threshold": store.THRESHOLD}
+    assert httpx.get(str(client.base_url).replace("/v1/", "/health")).json()["models"] == ids
     with pytest.raises(openai.NotFoundError) as caught:
         ask(client, "Who?", model="a+nothing")
     assert "a+docs" in caught.value.body["message"]

@@ -223,7 +223,7 @@ def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
     @app.get("/health")
     async def health():
         """Liveness and load; needs no API key."""
-        body = {"status": "ok" if engine.alive else "stopped", **engine.stats(), "models": list(served.profiles)}
+        body = {"status": "ok" if engine.alive else "stopped", **engine.stats(), "models": [*served.profiles, *kb_models]}
         return JSONResponse(body, status_code=200 if engine.alive else 503)
 
     @app.get("/v1/models")
