@@ -767,24 +767,10 @@ def test_compare_counts_and_orders_the_changed_rows():
 def scripted_eval(monkeypatch) -> list:
     """``chattune eval`` answers with test_predict's handcrafted answers (the compared ``base``:
     "I do not know." to everything); returns the (question, tools) each prompt was given."""
-    from types import SimpleNamespace
-
-    from tests.test_predict import HANDCRAFTED
+    from tests.test_predict import scripted_answers
 
     seen = []
-
-    def fake(run, conversations, profile=None, *, tools=None, **settings):
-        chosen = run.profile(profile)
-        seqs = []
-        for messages, offered in zip(conversations, tools or [None] * len(conversations), strict=True):
-            question = next(m["content"] for m in messages if m["role"] == "user")
-            seen.append((question, offered))
-            text = "I do not know." if chosen.name == "base" else HANDCRAFTED[question]
-            seqs.append(SimpleNamespace(text=SimpleNamespace(text=text), generated=run.tokenizer(text)["input_ids"],
-                                        prompt_ids=run.prompt_ids(messages, chosen, None, offered)))
-        return seqs
-
-    monkeypatch.setattr(ev, "answer", fake)
+    scripted_answers(monkeypatch, ev, seen, base_says="I do not know.")
     return seen
 
 

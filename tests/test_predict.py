@@ -125,9 +125,10 @@ HANDCRAFTED = {question: text for question, _, text, *_ in CALL_ROWS} | {"Weathe
                                                                           "Who are you?": "I am Lumi."}
 
 
-def scripted_answers(monkeypatch, module, seen: list) -> None:
+def scripted_answers(monkeypatch, module, seen: list, base_says: str | None = None) -> None:
     """``module.answer`` gives the handcrafted answer of each conversation's question (prompt ids
-    from the run, with the tools it was given; ``seen`` gets (question, tools))."""
+    from the run, with the tools it was given; ``seen`` gets (question, tools)); the ``base``
+    profile says ``base_says`` to everything when it is given."""
     from types import SimpleNamespace
 
     def fake(run, conversations, profile=None, *, tools=None, **settings):
@@ -136,7 +137,7 @@ def scripted_answers(monkeypatch, module, seen: list) -> None:
         for messages, offered in zip(conversations, tools or [None] * len(conversations), strict=True):
             question = next(m["content"] for m in messages if m["role"] == "user")
             seen.append((question, offered))
-            text = HANDCRAFTED[question]
+            text = base_says if base_says is not None and chosen.name == "base" else HANDCRAFTED[question]
             seqs.append(SimpleNamespace(text=SimpleNamespace(text=text), generated=run.tokenizer(text)["input_ids"],
                                         prompt_ids=run.prompt_ids(messages, chosen, None, offered)))
         return seqs

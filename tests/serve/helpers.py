@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -63,3 +66,13 @@ def long_stream(server, model="base"):
     stream.keep = (http, stream.iter_lines())  # dropping either would close the stream
     assert next(stream.keep[1]).startswith("data: ")
     return stream
+
+
+@contextmanager
+def example_modules(folder: Path, *names: str):
+    """An example folder's scripts imported as modules (``folder`` on ``sys.path`` meanwhile)."""
+    sys.path.insert(0, str(folder))
+    try:
+        yield tuple(importlib.import_module(name) for name in names)
+    finally:
+        sys.path.remove(str(folder))

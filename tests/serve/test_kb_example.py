@@ -7,10 +7,8 @@ ask_world.py's scoring and table."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import random
-import sys
 from pathlib import Path
 
 import openai
@@ -19,6 +17,7 @@ import pytest
 from chattune.cli import main
 from chattune.kb import fiction
 from chattune.kb.prompt import CANNOT_ANSWER_EN
+from tests.serve.helpers import example_modules
 from tests.serve.server_thread import ServerThread
 
 STEPS = 120
@@ -28,11 +27,8 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "kb"
 @pytest.fixture(scope="module")
 def example():
     """examples/kb's two scripts as modules: (make_kb_data, ask_world)."""
-    sys.path.insert(0, str(EXAMPLE))
-    try:
-        yield importlib.import_module("make_kb_data"), importlib.import_module("ask_world")
-    finally:
-        sys.path.remove(str(EXAMPLE))
+    with example_modules(EXAMPLE, "make_kb_data", "ask_world") as modules:
+        yield modules
 
 
 @pytest.fixture(scope="module")

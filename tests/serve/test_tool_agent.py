@@ -5,13 +5,12 @@ parsed arguments, the results sent back as ``tool`` messages) gets the right fin
 
 from __future__ import annotations
 
-import importlib
-import sys
 from pathlib import Path
 
 import openai
 import pytest
 
+from tests.serve.helpers import example_modules
 from tests.serve.server_thread import ServerThread
 
 STEPS = 150  # 120 are enough on this machine, 70 are not
@@ -22,11 +21,8 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tools"
 @pytest.fixture(scope="module")
 def example():
     """examples/tools' two scripts as modules: (make_tool_data, agent)."""
-    sys.path.insert(0, str(EXAMPLE))
-    try:
-        yield importlib.import_module("make_tool_data"), importlib.import_module("agent")
-    finally:
-        sys.path.remove(str(EXAMPLE))
+    with example_modules(EXAMPLE, "make_tool_data", "agent") as modules:
+        yield modules
 
 
 def pick(examples: list[dict]) -> list[dict]:
