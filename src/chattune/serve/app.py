@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -38,6 +37,7 @@ from chattune.serve.schema import (
     CompletionRequest,
     SamplingFields,
     error_body,
+    sse_event,
     validation_message,
 )
 from chattune.textstream import TextStream
@@ -133,9 +133,6 @@ def _sampling(profile: Profile, body: SamplingFields, prompt_tokens: int, limit:
         params.temperature = 0.0
     return params
 
-
-def _dump(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
 async def _events(request: Request, queue: asyncio.Queue, seq: Sequence, engine: Engine) -> AsyncIterator[Event]:
@@ -373,7 +370,7 @@ async def _stream(events: AsyncIterator[Event], head: dict, chat: bool, include_
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        return _dump({**head, "choices": [choice], **extra, **(more or {})})
+        return sse_event({**head, "choices": [choice], **extra, **(more or {})})
 
     tool_stream = calls.ToolStream(plan) if plan is not None else None
     if chat:
@@ -395,7 +392,7 @@ async def _stream(events: AsyncIterator[Event], head: dict, chat: bool, include_
                     yield chunk(cite.suffix)
                 yield chunk(None, reason, more=more)
                 if include_usage:
-                    yield _dump({**head, "choices": [], "usage": _usage(event)})
+                    yield sse_event({**head, "choices": [], "usage": _usage(event)})
             else:
-                yield _dump(error_body(event.text, "server_error"))
+                yield sse_event(error_body(event.text, "server_error"))
     yield "data: [DONE]\n\n"

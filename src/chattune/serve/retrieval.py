@@ -20,7 +20,6 @@ KBs are opened once, at startup (:func:`open_kbs`); a question over the length l
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 import uuid
@@ -32,7 +31,7 @@ from chattune.errors import ChattuneError, ConfigError
 from chattune.kb.ask import Asked, ask, check_settings, cited, open_for_answers
 from chattune.kb.store import THRESHOLD, TOP_K, KnowledgeBase
 from chattune.runs import Profile
-from chattune.serve.schema import APIError
+from chattune.serve.schema import APIError, sse_event
 
 SEPARATOR = "+"
 
@@ -129,22 +128,19 @@ def direct_reply(model: str, asked: Asked, stream: bool, include_usage: bool = F
 
     def chunk(delta: dict, finish: str | None = None, more: dict | None = None) -> str:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return _dump({**head, "choices": [choice], **extra, **(more or {})})
+        return sse_event({**head, "choices": [choice], **extra, **(more or {})})
 
     async def events():
         yield chunk({"role": "assistant", "content": ""}, more={"sources": []})
         yield chunk({"content": asked.reply})
         yield chunk({}, "stop")
         if include_usage:
-            yield _dump({**head, "choices": [], "usage": usage})
+            yield sse_event({**head, "choices": [], "usage": usage})
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-
-def _dump(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ surrogate, which no tokenizer or UTF-8 encoder takes).
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -56,6 +57,11 @@ class APIError(Exception):
     def body(self) -> dict:
         """The JSON body."""
         return error_body(self.message, self.type, self.param, self.code)
+
+
+def sse_event(payload: dict) -> str:
+    """One server-sent event carrying ``payload`` as compact JSON (non-ASCII kept)."""
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
