@@ -10,7 +10,7 @@ from pathlib import Path
 
 from chattune import __version__
 from chattune.kb.cli import add_kb_parser
-from chattune.kb.store import THRESHOLD, TOP_K
+from chattune.kb.defaults import THRESHOLD, TOP_K
 
 
 def _columns(text: str | None) -> dict[str, str] | None:

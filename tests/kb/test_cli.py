@@ -92,3 +92,12 @@ def test_chattune_kb_is_a_subcommand_of_chattune(docs, tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[1] == "    Veldmoor was founded by Oren Tal in 812."
     assert main(["kb", "search", str(tmp_path / "kb"), "x", "--threshold", "2"]) == 2
     assert capsys.readouterr().err.startswith("chattune: error: threshold: 2.0; expected a relevance in [0, 1]")
+
+
+def test_the_command_line_does_not_import_the_kb_backends():
+    import subprocess
+    import sys
+
+    code = ("import sys, chattune.cli; heavy = [m for m in ('numpy', 'bm25s', 'jieba', 'chattune.kb.store') "
+            "if m in sys.modules]; assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)

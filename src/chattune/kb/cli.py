@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from chattune.kb import store
+from chattune.kb.defaults import THRESHOLD, TOP_K
+
+if TYPE_CHECKING:
+    from chattune.kb.store import Hit
 
 
 def cmd_kb_build(args) -> int:
     """Build a KB from documents (files or folders) and print what was read and skipped."""
+    from chattune.kb import store
+
     report = store.build(args.docs, args.out, embedding=args.embedding,
                          chunk_size=args.chunk_size, chunk_overlap=args.chunk_overlap)
     print(report.format())
@@ -17,17 +23,21 @@ def cmd_kb_build(args) -> int:
 
 def cmd_kb_add(args) -> int:
     """Add files (or folders) to a KB; changed files are replaced, unchanged ones left alone."""
+    from chattune.kb import store
+
     print(store.add(args.kb, args.files, embedding=args.embedding).format())
     return 0
 
 
 def cmd_kb_rm(args) -> int:
     """Remove files from a KB, by their name in it or their path."""
+    from chattune.kb import store
+
     print(store.remove(args.kb, args.files).format())
     return 0
 
 
-def format_hits(hits: list[store.Hit]) -> str:
+def format_hits(hits: list[Hit]) -> str:
     """The hits as the terminal shows them: rank, relevance, file and chunk, then the text indented."""
     if not hits:
         return "no chunk above the threshold"
@@ -40,6 +50,8 @@ def format_hits(hits: list[store.Hit]) -> str:
 
 def cmd_kb_search(args) -> int:
     """Print the top k chunks of a KB for a query, with relevance scores and sources."""
+    from chattune.kb import store
+
     hits = store.search(args.kb, args.query, top_k=args.top_k, threshold=args.threshold,
                         embedding=args.embedding)
     print(format_hits(hits))
@@ -77,10 +89,10 @@ def add_kb_parser(subparsers) -> argparse.ArgumentParser:
     search = sub.add_parser("search", help="print the most relevant chunks for a query")
     search.add_argument("kb", metavar="KB")
     search.add_argument("query")
-    search.add_argument("--top-k", type=int, default=store.TOP_K, help=f"chunks to show (default {store.TOP_K})")
-    search.add_argument("--threshold", type=float, default=store.THRESHOLD,
+    search.add_argument("--top-k", type=int, default=TOP_K, help=f"chunks to show (default {TOP_K})")
+    search.add_argument("--threshold", type=float, default=THRESHOLD,
                         help="least relevance shown, in [0, 1], higher = more similar "
-                             f"(default {store.THRESHOLD})")
+                             f"(default {THRESHOLD})")
     search.add_argument("--embedding", metavar="MODEL_PATH", help="the KB's model, if it moved")
     search.set_defaults(func=cmd_kb_search)
     return kb

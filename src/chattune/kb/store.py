@@ -27,6 +27,9 @@ import numpy as np
 
 from chattune.errors import ConfigError, DataError
 from chattune.kb import index as indexing
+from chattune.kb.defaults import MAX_QUERY_CHARS as MAX_QUERY_CHARS
+from chattune.kb.defaults import THRESHOLD as THRESHOLD
+from chattune.kb.defaults import TOP_K as TOP_K
 from chattune.kb.documents import (
     Document,
     Skipped,
@@ -43,12 +46,6 @@ EMBEDDINGS = "embeddings.npy"
 FORMAT = "chattune-kb"
 VERSION = 1
 
-TOP_K = 3
-# The default least relevance, chosen on benchmarks/kb_retrieval.py with BM25: 93.8% of its
-# questions keep their right chunk, 95% of unrelated questions find nothing. For a dense
-# model, run the benchmark with --embedding: its sweep shows where that model's cut lies.
-THRESHOLD = 0.15
-MAX_QUERY_CHARS = 1000
 
 
 @dataclass(frozen=True)
