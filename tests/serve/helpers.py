@@ -76,3 +76,15 @@ def example_modules(folder: Path, *names: str):
         yield tuple(importlib.import_module(name) for name in names)
     finally:
         sys.path.remove(str(folder))
+
+
+def train_example(config_yaml: Path, model: Path, train_file: Path, root: Path, batch: int, steps: int) -> Path:
+    """An example's config trained on a few rows (all of them in one batch) for ``steps``; the run folder."""
+    from chattune.config_io import load_config
+    from chattune.train import train
+
+    config = load_config(config_yaml, [
+        f"model_name_or_path={model}", f"train_files=[{train_file}]", f"output_dir={root / 'run'}",
+        f"cache_dir={root / 'cache'}", f"per_device_train_batch_size={batch}", f"max_steps={steps}",
+        f"save_steps={steps}", "warmup_steps=5"])
+    return train(config, log=lambda *_: None).output_dir

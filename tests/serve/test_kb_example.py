@@ -17,7 +17,7 @@ import pytest
 from chattune.cli import main
 from chattune.kb import fiction
 from chattune.kb.prompt import CANNOT_ANSWER_EN
-from tests.serve.helpers import example_modules
+from tests.serve.helpers import example_modules, train_example
 from tests.serve.server_thread import ServerThread
 
 STEPS = 120
@@ -34,8 +34,6 @@ def example():
 @pytest.fixture(scope="module")
 def trained(example, tmp_path_factory):
     """(run folder, KB folder, taught rows): three rows of world 1, the example's config on them."""
-    from chattune.config_io import load_config
-    from chattune.train import train
 
     make, _ = example
     root = tmp_path_factory.mktemp("kb-example")
@@ -47,11 +45,7 @@ def trained(example, tmp_path_factory):
     taught.append(next(r for r in unrelated if r["kind"] == "unrelated" and r["language"] == "en"))
     make.write_jsonl(root / "train.jsonl", taught)
     model = make.build_model(root / "tiny", rows, hidden_size=64, num_layers=2)
-    config = load_config(EXAMPLE / "kb_lora.yaml", [
-        f"model_name_or_path={model}", f"train_files=[{root / 'train.jsonl'}]", f"output_dir={root / 'run'}",
-        f"cache_dir={root / 'cache'}", f"per_device_train_batch_size={len(taught)}", f"max_steps={STEPS}",
-        f"save_steps={STEPS}", "warmup_steps=5"])
-    run = train(config, log=lambda *_: None).output_dir
+    run = train_example(EXAMPLE / "kb_lora.yaml", model, root / "train.jsonl", root, len(taught), STEPS)
     for name, text in documents.items():
         (root / "world" / name).parent.mkdir(exist_ok=True)
         (root / "world" / name).write_text(text, encoding="utf-8")

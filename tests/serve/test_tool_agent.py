@@ -10,7 +10,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.serve.helpers import example_modules
+from tests.serve.helpers import example_modules, train_example
 from tests.serve.server_thread import ServerThread
 
 STEPS = 150  # 120 are enough on this machine, 70 are not
@@ -39,19 +39,13 @@ def trained(example, tmp_path_factory):
     """(the run folder, the taught prompts): make_tool_data's files for the subset, its tiny
     model (64 wide, 2 layers), and a run of examples/tools/tools_lora.yaml on them (fewer
     steps, all rows in one batch)."""
-    from chattune.config_io import load_config
-    from chattune.train import train
 
     make, agent = example
     root = tmp_path_factory.mktemp("tool-agent")
     taught = pick(make.examples())
     paths = make.write_data(root, taught)
     model = make.build_model(root / "tiny", taught, hidden_size=64, num_layers=2)
-    config = load_config(EXAMPLE / "tools_lora.yaml", [
-        f"model_name_or_path={model}", f"train_files=[{paths['train']}]", f"output_dir={root / 'run'}",
-        f"cache_dir={root / 'cache'}", f"per_device_train_batch_size={len(taught)}", f"max_steps={STEPS}",
-        f"save_steps={STEPS}", "warmup_steps=5"])
-    run = train(config, log=lambda *_: None).output_dir
+    run = train_example(EXAMPLE / "tools_lora.yaml", model, paths["train"], root, len(taught), STEPS)
     return run, agent.read_prompts(str(paths["prompts"]))
 
 
