@@ -5,7 +5,7 @@
 
 The same prompts (the demo's taught and held-out questions, repeated to ``--rows``),
 greedy, at most ``--max-new-tokens`` new tokens, answered (A) as ``chattune eval`` does:
-:func:`chattune.evaluate.generate_rows`, ``--batch-size`` rows per batch, left padding,
+:func:`chattune.evaluation.evaluate.generate_rows`, ``--batch-size`` rows per batch, left padding,
 KV cache, finished rows leaving the batch; (B) one prompt at a time with transformers'
 ``model.generate``. Arms are interleaved (A, B, A, B, ...) and the best of each is kept:
 the machine's speed swings. Prints rows/s, new tokens/s and the ratio, and checks that
@@ -37,7 +37,7 @@ def demo_prompts(count: int) -> tuple[list[list[dict]], str]:
 
 def batched(run, data, batch_size: int, max_new_tokens: int) -> tuple[float, int, list[str]]:
     """Seconds, new tokens and the answers of chattune's batched eval generation."""
-    from chattune.evaluate import generate_rows, generation_settings
+    from chattune.evaluation.evaluate import generate_rows, generation_settings
 
     started = time.perf_counter()
     results = generate_rows(run, None, data, batch_size=batch_size, log=lambda _: None,
@@ -75,8 +75,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
 
-    from chattune.evaluate import read_eval_data
-    from chattune.runs import load_run
+    from chattune.evaluation.evaluate import read_eval_data
+    from chattune.inference.runs import load_run
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     run_dir = args.run

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 PEAK = ("import sys; from chattune.cli import main\n"
-        "rc = main(sys.argv[1:]) if sys.argv[1:] != ['imports'] else __import__('chattune.export') and 0\n"
+        "rc = main(sys.argv[1:]) if sys.argv[1:] != ['imports'] else __import__('chattune.export.model') and 0\n"
         "import peft, torch, transformers\n"
         "print('VmHWM', next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])\n"
         "sys.exit(rc)")

@@ -134,7 +134,7 @@ def tiny_run(workdir: Path) -> Path:
     from chattune.config_io import load_config
     from chattune.demo import demo_records
     from chattune.tiny import build_tiny_model
-    from chattune.train import train
+    from chattune.training.recipe import train
 
     base = build_tiny_model(workdir / "base", "glm4")
     data = workdir / "train.json"

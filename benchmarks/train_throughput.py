@@ -169,7 +169,7 @@ def run_chattune(spec: dict, model_path: Path, arm: str, overrides: dict):
 
     Trained without eval data (eval loss is computed afterwards the same way for every arm),
     so that train_runtime holds what the baseline's does: the steps and the final checkpoint."""
-    from chattune.train import train
+    from chattune.training.recipe import train
 
     out = Path(tempfile.mkdtemp(prefix=f"{arm}-", dir=spec["root"]))
     config = chattune_config(spec, model_path, out, **overrides)

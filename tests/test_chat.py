@@ -11,9 +11,9 @@ import pytest
 
 import chattune.chat
 from chattune.chat import chat_loop
-from chattune.generate import generate
-from chattune.runs import load_run
-from tests.test_generate import run_dir  # noqa: F401  (the module's trained run)
+from chattune.inference.generate import generate
+from chattune.inference.runs import load_run
+from tests.inference.test_generate import run_dir  # noqa: F401  (the module's trained run)
 
 
 @pytest.fixture(scope="module")

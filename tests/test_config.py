@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from chattune.config import GROUPS, DataArgs, GenerateArgs, MethodArgs, RunConfig, TrainArgs
@@ -45,11 +43,6 @@ def test_a_group_names_its_impossible_key(group, values, key):
         config.validate()
 
 
-def test_what_depends_on_two_groups_is_checked_by_the_run_config():
-    config = RunConfig(method=MethodArgs(method="ptuning"), data=DataArgs(packing="pack"))
-    with pytest.raises(ConfigError, match="packing: pack is not possible with method=ptuning"):
-        config.validate()
-    dataclasses.replace(config, data=DataArgs(packing="auto")).validate()
 
 
 def test_config_errors_are_chattune_errors():

@@ -7,7 +7,6 @@ import json
 import pytest
 
 from chattune.config_io import build_config
-from chattune.data.templates import template_provenance
 from chattune.errors import ManifestError
 from chattune.manifest import (
     MANIFEST_NAME,
@@ -19,6 +18,7 @@ from chattune.manifest import (
     write_run_files,
 )
 from chattune.model import base_model_fingerprint, load_tokenizer
+from chattune.templates.registry import template_provenance
 
 
 @pytest.fixture
@@ -101,9 +101,9 @@ def test_a_run_folder_from_before_the_alpaca_rename_still_loads_and_renders_as_t
     and renders its prompts exactly as it was trained."""
     from chattune.config_io import load_config
     from chattune.data.encode import PieceEncoder, encode_prompt
+    from chattune.inference.runs import load_run
     from chattune.manifest import recorded_template
-    from chattune.runs import load_run
-    from chattune.train import train
+    from chattune.training.recipe import train
 
     base = tiny_models("glm4")
     run = train(load_config(None, [f"model_name_or_path={base}", f"train_files=[{data_file}]", "max_steps=2",

@@ -3,18 +3,21 @@ the loss falls, the run folder reloads to the same logits, and the base is untou
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
 import pytest
 import torch
 
+from chattune.config import DataArgs, MethodArgs, RunConfig
+from chattune.config_io import build_config
 from chattune.errors import ConfigError
-from chattune.generate import answer, generate, stream
-from chattune.methods import block_list
-from chattune.runs import load_run
-from chattune.train import train
-from tests.test_train import make_config
+from chattune.inference.generate import answer, generate, stream
+from chattune.inference.runs import load_run
+from chattune.methods import block_list, check_run_config
+from chattune.training.recipe import train
+from tests.training.test_recipe import make_config
 
 ARCHS = ["glm4", "llama"]
 PROBE = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
@@ -314,3 +317,12 @@ def test_a_freeze_run_folder_that_does_not_fit_its_base(tiny_models, data_file, 
     weights.unlink()
     with pytest.raises(ManifestError, match="no model.safetensors"):
         load_run(str(result.output_dir))
+
+
+def test_what_depends_on_two_groups_is_checked_against_the_method_table():
+    config = RunConfig(method=MethodArgs(method="ptuning"), data=DataArgs(packing="pack"))
+    with pytest.raises(ConfigError, match="packing: pack is not possible with method=ptuning"):
+        check_run_config(config)
+    with pytest.raises(ConfigError, match="packing: pack is not possible with method=ptuning"):
+        build_config({"method": "ptuning", "packing": "pack"})
+    check_run_config(dataclasses.replace(config, data=DataArgs(packing="auto")))

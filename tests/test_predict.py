@@ -7,9 +7,9 @@ import json
 import pytest
 
 from chattune.cli import main
-from chattune.generate import generate
-from chattune.runs import LoadOptions, load_run
-from tests.test_generate import run_dir  # noqa: F401  (the module's trained run)
+from chattune.inference.generate import generate
+from chattune.inference.runs import LoadOptions, load_run
+from tests.inference.test_generate import run_dir  # noqa: F401  (the module's trained run)
 
 
 @pytest.fixture(scope="module")

@@ -39,8 +39,8 @@ def retrieved(kb_dir: str, facts: list[fiction.Fact]) -> list[bool]:
 def answers_local(run_dir: str, kb_dir: str, facts: list[fiction.Fact], batch_size: int,
                   max_new_tokens: int) -> tuple[list[str], list[str]]:
     """(with the KB, without it) per fact, decoded greedily in batches through the Python API."""
-    from chattune.generate import generate
-    from chattune.runs import load_run
+    from chattune.inference.generate import generate
+    from chattune.inference.runs import load_run
 
     run = load_run(run_dir)
     kb = open_for_answers(kb_dir)

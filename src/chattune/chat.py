@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import sys
 
-from chattune import generate
 from chattune.errors import ChattuneError
-from chattune.runs import LoadedRun
+from chattune.inference import generate
+from chattune.inference.runs import LoadedRun
 
 
 def chat_loop(run: LoadedRun, stdin=None, stdout=None, *, kb=None, kb_top_k: int | None = None,

@@ -68,8 +68,8 @@ def cmd_data_prepare(args) -> int:
     """Encode a config's data (or reuse the cache) and print the audit."""
     from chattune.config_io import load_config
     from chattune.data.prepare import format_audit, prepare_data
-    from chattune.data.templates import resolve_template_name
     from chattune.model import load_tokenizer
+    from chattune.templates.registry import resolve_template_name
 
     config = load_config(args.config, args.overrides)
     tokenizer = load_tokenizer(config.model.model_name_or_path, config.model.trust_remote_code)
@@ -84,7 +84,7 @@ def cmd_data_prepare(args) -> int:
 def cmd_train(args) -> int:
     """Fine-tune: ``chattune train CONFIG.yaml [key=value ...]``."""
     from chattune.config_io import describe_keys, load_config
-    from chattune.train import train
+    from chattune.training.recipe import train
 
     if args.help_config:
         print(describe_keys(markdown=args.markdown))
@@ -100,7 +100,12 @@ def cmd_train(args) -> int:
         config_path = None
     config = load_config(config_path, overrides)
     if args.dry_run:
-        from chattune.plan import device_plans, estimate, format_devices, format_plan
+        from chattune.training.memory_plan import (
+            device_plans,
+            estimate,
+            format_devices,
+            format_plan,
+        )
 
         if args.nproc is not None and args.nproc < 1:
             from chattune.errors import ConfigError
@@ -112,14 +117,14 @@ def cmd_train(args) -> int:
             print()
             print(format_devices(device_plans(plan, args.nproc)))
         return 0
-    from chattune.distributed import world_from_env
     from chattune.errors import ConfigError, TrainingError
+    from chattune.training.distributed import world_from_env
 
     if args.nproc is not None and not world_from_env().distributed:
         if args.nproc < 1:
             raise ConfigError(f"--nproc: must be >= 1, got {args.nproc}")
         if args.nproc > 1:
-            from chattune.launch import launch_local
+            from chattune.training.launch import launch_local
 
             train_args = ([config_path] if config_path else []) + overrides
             hint = "chattune train " + " ".join(train_args + ["resume_from_checkpoint=true", f"--nproc {args.nproc}"])
@@ -137,7 +142,7 @@ def cmd_train(args) -> int:
 
 
 def _load_run(args):
-    from chattune.runs import LoadOptions, load_run
+    from chattune.inference.runs import LoadOptions, load_run
 
     options = LoadOptions(base_model=args.base_model, template=args.template, force=args.force,
                           trust_remote_code=args.trust_remote_code)
@@ -188,7 +193,7 @@ def cmd_predict(args) -> int:
 
 def cmd_eval(args) -> int:
     """Score a run on a data file (ROUGE, BLEU-4, exact match, loss), optionally beside the base or another run."""
-    from chattune import evaluate as ev
+    from chattune.evaluation import evaluate as ev
 
     data = ev.read_eval_data(args.data, fmt=args.format, columns=_columns(args.columns), limit=args.limit)
     settings = ev.generation_settings(**_overrides(args))
@@ -214,13 +219,13 @@ def _to_stderr(message: str) -> None:
 
 def cmd_export(args) -> int:
     """Merge a run into one standalone model folder (and optionally a GGUF file), checked against the run."""
-    from chattune.export import export_run, format_check
+    from chattune.export.model import export_run, format_check
 
     result = export_run(args.run_dir, args.out, dtype=args.dtype, shard_size=args.shard_size,
                         overwrite=args.overwrite, force=args.force, base_model=args.base_model, log=_to_stderr)
     print(f"exported {args.run_dir} to {result.out_dir}\ncheck: {format_check(result.check)}")
     if args.gguf:
-        from chattune.gguf_export import export_gguf
+        from chattune.export.gguf import export_gguf
 
         for line in export_gguf(result.out_dir, args.gguf, log=_to_stderr):
             print(line)
@@ -229,7 +234,7 @@ def cmd_export(args) -> int:
 
 def cmd_templates(args) -> int:
     """List the prompt templates (description, source, rendering), or render one conversation with one."""
-    from chattune.template_catalog import catalog, read_messages, show
+    from chattune.templates.catalog import catalog, read_messages, show
 
     tokenizer = None
     if args.model:
@@ -240,7 +245,7 @@ def cmd_templates(args) -> int:
         print(catalog(tokenizer))
         return 0
     if not args.messages:
-        from chattune.data.templates import PROBE_CONVERSATION
+        from chattune.templates.registry import PROBE_CONVERSATION
 
         print(show(args.name, PROBE_CONVERSATION, tokenizer))
         return 0
@@ -250,7 +255,7 @@ def cmd_templates(args) -> int:
 
 def cmd_report(args) -> int:
     """One self-contained HTML page about a run: training curves, data audit, config, evaluations."""
-    from chattune.report import write_report
+    from chattune.evaluation.report import write_report
 
     path = write_report(args.run_dir, args.out)
     print(f"wrote {path} (open it in a browser; no server or internet needed)")

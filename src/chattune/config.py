@@ -314,15 +314,10 @@ class RunConfig:
     generate: GenerateArgs = field(default_factory=GenerateArgs)
 
     def validate(self) -> None:
-        """Check every group, then what depends on several (raises ConfigError naming the key)."""
+        """Check every group (raises ConfigError naming the key); what depends on the method
+        table is checked by :func:`chattune.methods.check_run_config`."""
         for group in (self.data, self.method, self.train, self.generate):
             group.validate()
-        from chattune.methods import get_method  # the method table imports this module
-
-        refusal = get_method(self.method.method).packing_refusal
-        _check(not (refusal and self.data.packing in ("pack", "padding_free")),
-               f"packing: {self.data.packing} is not possible with method={self.method.method} ({refusal}); "
-               "use packing=auto, group_by_length or pad")
 
     def to_flat_dict(self) -> dict[str, Any]:
         """The config as one flat mapping, the shape of a YAML file."""

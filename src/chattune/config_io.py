@@ -21,6 +21,7 @@ import yaml
 
 from chattune.config import GROUPS, DataSource, RunConfig
 from chattune.errors import ConfigError
+from chattune.methods import check_run_config
 
 _KEY_TO_GROUP: dict[str, str] = {
     f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)
@@ -175,6 +176,7 @@ def build_config(values: dict[str, Any]) -> RunConfig:
         grouped[group][key] = _coerce(value, hints[key], key)
     config = RunConfig(**{name: GROUPS[name](**kw) for name, kw in grouped.items()})
     config.validate()
+    check_run_config(config)
     return config
 
 

@@ -16,15 +16,15 @@ from pathlib import Path
 import torch
 import yaml
 
-from chattune.collate import PadCollator
 from chattune.config_io import load_config
 from chattune.data.encode import EncodeOptions, PieceEncoder, encode_all
 from chattune.data.formats import read_rows, to_record
-from chattune.generate import generate
-from chattune.metrics import average, similarity
-from chattune.runs import LoadOptions, load_run
+from chattune.evaluation.metrics import average, similarity
+from chattune.inference.generate import generate
+from chattune.inference.runs import LoadOptions, load_run
 from chattune.tiny import build_tiny_model
-from chattune.train import train
+from chattune.training.collate import PadCollator
+from chattune.training.recipe import train
 
 KINGDOMS = [
     ("Veloria", "Quennis", "the Amber River", "Queen Ysolde", "维洛里亚", "昆尼斯"),

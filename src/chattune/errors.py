@@ -2,7 +2,7 @@
 
 Each stage keeps its own subclass beside its code (``RecordError`` and
 ``DataFileError`` in :mod:`chattune.data.formats`/``records``, ``TemplateError`` in
-:mod:`chattune.data.templates`); the ones several stages raise live here. A
+:mod:`chattune.templates.registry`); the ones several stages raise live here. A
 message names the file, line, key or field at fault and what was expected.
 """
 

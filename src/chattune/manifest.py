@@ -19,10 +19,10 @@ import yaml
 
 from chattune import __version__
 from chattune.config import GenerateArgs, RunConfig
-from chattune.data.templates import template_provenance
 from chattune.errors import ChattuneError, ConfigError, ManifestError
 from chattune.methods import get_method
 from chattune.model import base_model_fingerprint
+from chattune.templates.registry import template_provenance
 
 MANIFEST_NAME = "chattune.json"
 CONFIG_NAME = "chattune.yaml"

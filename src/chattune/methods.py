@@ -26,7 +26,7 @@ from typing import Literal
 
 import torch
 
-from chattune.config import CUDA_OPTIMIZERS, MethodArgs
+from chattune.config import CUDA_OPTIMIZERS, MethodArgs, RunConfig
 from chattune.errors import ConfigError, ManifestError
 from chattune.model import default_lora_targets
 
@@ -274,6 +274,15 @@ def get_method(name: str) -> Method:
         return METHODS[name]
     except KeyError:
         raise ConfigError(f"method: unknown method {name!r}; expected one of {', '.join(METHODS)}") from None
+
+
+def check_run_config(config: RunConfig) -> None:
+    """What a run's config asks of its method: a method that cannot train packed rows refuses
+    ``packing=pack`` / ``padding_free`` (ConfigError naming the key)."""
+    refusal = get_method(config.method.method).packing_refusal
+    if refusal and config.data.packing in ("pack", "padding_free"):
+        raise ConfigError(f"packing: {config.data.packing} is not possible with method={config.method.method} "
+                          f"({refusal}); use packing=auto, group_by_length or pad")
 
 
 def count_parameters(model) -> tuple[int, int]:

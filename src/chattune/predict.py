@@ -1,9 +1,9 @@
 """Batch prediction over a data file: JSONL of prompt, reference and prediction.
 
 A row with tools has them shown in its prompt and the calls in its answer written
-(``calls``, parsed as :func:`chattune.evaluate.answer_calls` reads them); a row whose
+(``calls``, parsed as :func:`chattune.evaluation.evaluate.answer_calls` reads them); a row whose
 reference answer is a tool call also gets ``reference_calls`` and its scores,
-``tool_name_match`` and ``tool_args_match`` (:func:`chattune.metrics.call_scores`).
+``tool_name_match`` and ``tool_args_match`` (:func:`chattune.evaluation.metrics.call_scores`).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 from chattune.data.formats import read_rows, to_record
 from chattune.data.records import RecordError, split_prompt
 from chattune.errors import ConfigError
-from chattune.evaluate import answer_calls, reference_calls
-from chattune.generate import answer
-from chattune.metrics import CALL_METRIC_NAMES, call_scores
-from chattune.runs import LoadedRun
+from chattune.evaluation.evaluate import answer_calls, reference_calls
+from chattune.evaluation.metrics import CALL_METRIC_NAMES, call_scores
+from chattune.inference.generate import answer
+from chattune.inference.runs import LoadedRun
 
 
 def predict_file(run: LoadedRun, data_path: str, out_path: str, *, fmt: str = "auto",

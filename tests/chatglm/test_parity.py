@@ -16,8 +16,8 @@ import torch
 
 from chattune.chatglm import native_model_path, thudm_family
 from chattune.data.encode import EncodeOptions, PieceEncoder, encode_conversation, encode_prompt
-from chattune.generate import answer
-from chattune.runs import LoadOptions, load_run
+from chattune.inference.generate import answer
+from chattune.inference.runs import LoadOptions, load_run
 
 FAMILIES = ("chatglm-6b", "chatglm2-6b", "chatglm3-6b")
 TEMPLATES = {"chatglm-6b": "chatglm", "chatglm2-6b": "chatglm2", "chatglm3-6b": "chatglm3"}

@@ -25,8 +25,8 @@ import pytest
 import torch
 
 from chattune.chatglm import native_model_path, thudm_family
-from chattune.generate import answer, generate
-from chattune.runs import LoadOptions, load_run
+from chattune.inference.generate import answer, generate
+from chattune.inference.runs import LoadOptions, load_run
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO.parent / "shared" / "fixtures" / "chatglm"
@@ -106,8 +106,8 @@ def base(thudm_folder):
 @pytest.fixture(scope="module")
 def trained(thudm_folder, data_file, tmp_path_factory) -> dict:
     """method -> TrainResult: LoRA, freeze and P-Tuning v2, four steps each, on the THUDM path."""
-    from chattune.train import train
-    from tests.test_train import make_config
+    from chattune.training.recipe import train
+    from tests.training.test_recipe import make_config
 
     root = tmp_path_factory.mktemp(f"runs-{thudm_folder.name}")
     results = {}
@@ -443,14 +443,14 @@ def test_the_stop_tokens_are_the_familys(family, base, runs):
 def test_decoding_ends_on_each_stop_token(family, base):
     """Forced at the second step, each stop token ends the answer (finish reason ``stop``) and
     leaves the text of the first token alone."""
-    import chattune.generate
+    import chattune.inference.generate
 
     (first,) = answer(base, [HISTORY], max_new_tokens=1)
     assert len(first.generated) == 1 and first.generated[0] not in STOP_IDS[family]
     for stop in sorted(STOP_IDS[family]):
         events = []
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(chattune.generate, "_ignore", events.append)
+            patch.setattr(chattune.inference.generate, "_ignore", events.append)
             boost_token(patch, base.model, stop)
             (seq,) = answer(base, [HISTORY], max_new_tokens=6)
         assert seq.generated == [*first.generated, stop], stop
@@ -461,11 +461,11 @@ def test_decoding_ends_on_each_stop_token(family, base):
 
 
 def test_a_special_token_that_is_not_a_stop_token_does_not_end_decoding(family, base, monkeypatch):
-    import chattune.generate
+    import chattune.inference.generate
 
     other = {"chatglm-6b": GLM6B_SOP, "chatglm2-6b": GLM2_EOP, "chatglm3-6b": GLM3_ASSISTANT}[family]
     events = []
-    monkeypatch.setattr(chattune.generate, "_ignore", events.append)
+    monkeypatch.setattr(chattune.inference.generate, "_ignore", events.append)
     boost_token(monkeypatch, base.model, other)
     (seq,) = answer(base, [HISTORY], max_new_tokens=4)
     assert seq.generated[1:] == [other] * 3

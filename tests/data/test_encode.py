@@ -15,8 +15,8 @@ from chattune.data.encode import (
     encode_prompt,
     special_token_ids,
 )
-from chattune.data.templates import Piece
-from tests.data.tool_cases import (
+from chattune.templates.registry import Piece
+from tests.templates.tool_cases import (
     PARALLEL,
     TOOLS,
     TOOLS_JSON,
@@ -202,7 +202,7 @@ def test_a_tokenizer_without_eos_is_a_model_load_error(char_tokenizer):
 
 
 def test_a_chat_template_failing_on_one_row_names_that_row(char_tokenizer):
-    from chattune.data.templates import TemplateError
+    from chattune.templates.registry import TemplateError
 
     tokenizer = fresh_char_tokenizer(
         char_tokenizer, eos_token="</s>",
@@ -234,7 +234,7 @@ def test_a_bounded_encoder_keeps_the_most_recently_used_texts_within_its_bounds(
     assert len(bounded.cache) <= 3 and bounded.chars <= 10
 
 
-# Tool calls (conversations and the Qwen2.5-style chat template in tests/data/tool_cases.py):
+# Tool calls (conversations and the Qwen2.5-style chat template in tests/templates/tool_cases.py):
 # supervised = the calls + the final answer + the end markers the template trains; nothing
 # of the tools block or the tool results.
 

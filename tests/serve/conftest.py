@@ -49,7 +49,7 @@ def server(runs):
     (without and with an API key) over the same engine; built once a session."""
     from transformers import AutoTokenizer
 
-    from chattune.runs import LoadOptions, load_run
+    from chattune.inference.runs import LoadOptions, load_run
     from chattune.serve.app import create_app
     from chattune.serve.engine import Engine
 

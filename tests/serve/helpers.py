@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from chattune.data.templates import NAMED_TEMPLATES, template_provenance
+from chattune.templates.registry import NAMED_TEMPLATES, template_provenance
 
 TEMPLATES = [*NAMED_TEMPLATES, "tokenizer"]
 KEY = "sekret-key"
@@ -21,8 +21,8 @@ ASK = [{"role": "user", "content": "Who are you?"}]
 
 def train_run(base: Path, records: list[dict], root: Path, name: str, **overrides) -> Path:
     """A run folder ``root/name`` trained on ``records`` (a tiny, quick config)."""
-    from chattune.train import train
-    from tests.test_train import make_config
+    from chattune.training.recipe import train
+    from tests.training.test_recipe import make_config
 
     data = root / f"{name}.json"
     data.write_text(json.dumps(records, ensure_ascii=False))
@@ -81,7 +81,7 @@ def example_modules(folder: Path, *names: str):
 def train_example(config_yaml: Path, model: Path, train_file: Path, root: Path, batch: int, steps: int) -> Path:
     """An example's config trained on a few rows (all of them in one batch) for ``steps``; the run folder."""
     from chattune.config_io import load_config
-    from chattune.train import train
+    from chattune.training.recipe import train
 
     config = load_config(config_yaml, [
         f"model_name_or_path={model}", f"train_files=[{train_file}]", f"output_dir={root / 'run'}",

@@ -16,8 +16,8 @@ import openai
 import pytest
 
 from chattune.data.encode import EncodeOptions, PieceEncoder, encode_conversation, encode_prompt
-from chattune.generate import generate
-from chattune.runs import load_run
+from chattune.inference.generate import generate
+from chattune.inference.runs import load_run
 from tests.serve.helpers import ASK, KEY, TEMPLATES, chat, health, long_stream, wait_for
 
 # -- the API with the official client ------------------------------------------------------
@@ -304,7 +304,7 @@ def test_chattune_serve_command(runs):
 def test_the_server_stops_at_the_templates_stop_string(server, client, monkeypatch, template):
     """MOSS's ``<eom>``, Alpaca's next ``### Instruction:``, the tutorial's ``END``, GPT4All's
     ``### Human``: the served answer ends before them, finish reason ``stop``."""
-    from chattune.data.templates import NAMED_TEMPLATES
+    from chattune.templates.registry import NAMED_TEMPLATES
 
     tokenizer = server.served.tokenizer
     stop = NAMED_TEMPLATES[template].stop_strings[0]

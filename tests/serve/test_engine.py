@@ -10,10 +10,10 @@ import openai
 import pytest
 import torch
 
-from chattune.decoding import Sequence
-from chattune.sampling import SamplingParams
+from chattune.inference.decoding import Sequence
+from chattune.inference.sampling import SamplingParams
+from chattune.inference.textstream import TextStream
 from chattune.serve.engine import QueueFull
-from chattune.textstream import TextStream
 from tests.serve.helpers import ASK, chat, wait_for
 
 

@@ -56,7 +56,7 @@ def trained(example, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(trained):
     """The run as ``run`` and ``run+world`` behind the real server on a loopback port."""
-    from chattune.runs import LoadOptions, load_run
+    from chattune.inference.runs import LoadOptions, load_run
     from chattune.serve.app import create_app
     from chattune.serve.engine import Engine
     from chattune.serve.retrieval import open_kbs
@@ -92,8 +92,8 @@ def test_the_trained_run_answers_from_the_kb_with_sources(trained, client):
 
 
 def test_the_taught_cannot_answer_row(trained):
-    from chattune.generate import generate
-    from chattune.runs import load_run
+    from chattune.inference.generate import generate
+    from chattune.inference.runs import load_run
 
     run_dir, _, taught = trained
     [row] = [r for r in taught if r["kind"] == "unrelated"]

@@ -11,8 +11,8 @@ import openai
 import pytest
 
 from chattune.errors import ConfigError, ManifestError
-from chattune.generate import generate
-from chattune.runs import LoadOptions, load_run
+from chattune.inference.generate import generate
+from chattune.inference.runs import LoadOptions, load_run
 from chattune.serve import parse_adapter
 from chattune.serve.app import create_app
 from chattune.serve.engine import Engine
@@ -61,7 +61,7 @@ def test_a_freeze_run_is_served_alone(runs, tiny_models):
 
 def test_a_ptuning_run_is_served_alone_with_its_prefix_in_the_cache(runs, tiny_models):
     """P-Tuning v2 through the engine (prefix keys/values seed each row's cache) gives the
-    greedy answers of :func:`chattune.generate.generate`, alone and when rows share a batch."""
+    greedy answers of :func:`chattune.inference.generate.generate`, alone and when rows share a batch."""
     from chattune.demo import demo_records
 
     prefixed = train_run(tiny_models("glm4"), demo_records()[0][:8], runs["root"], "prefixed", method="ptuning",

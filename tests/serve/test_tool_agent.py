@@ -52,7 +52,7 @@ def trained(example, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(trained):
     """The run (as ``run``) and its base (``base``) behind the real server on a loopback port."""
-    from chattune.runs import LoadOptions, load_run
+    from chattune.inference.runs import LoadOptions, load_run
     from chattune.serve.app import create_app
     from chattune.serve.engine import Engine
 

@@ -15,9 +15,9 @@ import openai
 import pytest
 from openai.lib.streaming.chat import ChatCompletionStreamState
 
-from chattune.tool_calls import call_prefix
-from tests.data.tool_cases import QWEN_TOOLS_TEMPLATE
+from chattune.templates.tool_calls import call_prefix
 from tests.serve import helpers
+from tests.templates.tool_cases import QWEN_TOOLS_TEMPLATE
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather of a city",

@@ -30,7 +30,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from chattune.data.records import tool_call_count
-from chattune.data.templates import (
+from chattune.errors import ModelLoadError
+from chattune.templates.registry import (
     CALL_ROLES,
     Piece,
     TemplateError,
@@ -38,7 +39,6 @@ from chattune.data.templates import (
     get_template,
     render,
 )
-from chattune.errors import ModelLoadError
 
 IGNORE_INDEX = -100
 

@@ -21,9 +21,9 @@ from chattune import __version__
 from chattune.config import DataArgs
 from chattune.data.encode import IGNORE_INDEX, EncodeOptions, PieceEncoder, encode_all
 from chattune.data.sources import FileSummary, file_digest, load_records, split_eval
-from chattune.data.templates import template_provenance, uses_tools
 from chattune.errors import ConfigError, DataError
 from chattune.model import tokenizer_hash
+from chattune.templates.registry import template_provenance, uses_tools
 
 ENCODING_VERSION = 2  # 2: tools, tool calls and results (audit counts them)
 

@@ -1,8 +1,8 @@
 """``chattune serve``: an OpenAI-compatible HTTP API over run folders, batched.
 
-- :func:`chattune.runs.load_run` loads the base model once with every adapter;
+- :func:`chattune.inference.runs.load_run` loads the base model once with every adapter;
 - :mod:`chattune.serve.engine` decodes all requests together in one worker thread, through
-  :class:`chattune.decoding.Decoder` (which ``chat`` and ``predict`` use too);
+  :class:`chattune.inference.decoding.Decoder` (which ``chat`` and ``predict`` use too);
 - :mod:`chattune.serve.schema` and :mod:`chattune.serve.app` are the HTTP side.
 
 ``chattune serve`` (its options are in :mod:`chattune.cli`) calls :func:`serve`.
@@ -39,8 +39,8 @@ def set_threads(threads: int | None) -> None:
 
 def build(args, warn=print):
     """Load what ``args`` names and return (served, engine, app); the engine is started."""
+    from chattune.inference.runs import LoadOptions, load_run
     from chattune.kb.store import THRESHOLD, TOP_K
-    from chattune.runs import LoadOptions, load_run
     from chattune.serve.app import create_app
     from chattune.serve.engine import Engine
     from chattune.serve.retrieval import open_kbs

@@ -23,10 +23,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from chattune.data.templates import TemplateError, ToolsNotSupportedError
-from chattune.decoding import BASE_ADAPTER, Event, Sequence
-from chattune.runs import LoadedRun, Profile
-from chattune.sampling import SamplingParams, params_from_defaults
+from chattune.inference.decoding import BASE_ADAPTER, Event, Sequence
+from chattune.inference.runs import LoadedRun, Profile
+from chattune.inference.sampling import SamplingParams, params_from_defaults
+from chattune.inference.textstream import TextStream
 from chattune.serve import calls, retrieval
 from chattune.serve import ui as ui_module
 from chattune.serve.calls import ToolPlan, plan_tools, prefix_ids
@@ -40,7 +40,7 @@ from chattune.serve.schema import (
     sse_event,
     validation_message,
 )
-from chattune.textstream import TextStream
+from chattune.templates.registry import TemplateError, ToolsNotSupportedError
 
 
 async def _send_error(scope, receive, send, status: int, body: dict, headers: dict | None = None) -> None:

@@ -1,10 +1,10 @@
 """Tool calls in the API: a request's tools and ``tool_choice`` as a plan for its generation,
-and the output read back (:func:`chattune.tool_calls.parse_calls`) as OpenAI's ``tool_calls``.
+and the output read back (:func:`chattune.templates.tool_calls.parse_calls`) as OpenAI's ``tool_calls``.
 
 A plan exists when a request offers tools and its ``tool_choice`` is not ``none``:
 
 - the prompt renders the tools, and for a forced call (``required``, a named function) ends
-  with :func:`chattune.tool_calls.call_prefix`'s text, which is put back before the output
+  with :func:`chattune.templates.tool_calls.call_prefix`'s text, which is put back before the output
   when it is parsed (its tokens count as prompt tokens in ``usage``);
 - generation also stops where a call's turn ends: ``default`` at ``\\nTool:`` (a model that
   missed its EOS after the calls would write the result itself), ``tokenizer`` at GLM-4's
@@ -32,9 +32,9 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
-from chattune.data.templates import Piece
-from chattune.runs import LoadedRun, Profile
-from chattune.tool_calls import (
+from chattune.inference.runs import LoadedRun, Profile
+from chattune.templates.registry import Piece
+from chattune.templates.tool_calls import (
     KEPT_TOKENS,
     TAG_CLOSE,
     ParsedOutput,

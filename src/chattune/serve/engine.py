@@ -2,7 +2,7 @@
 
 Iteration-level scheduling: each step the worker admits waiting requests (prefilled
 together and merged into the running batch) and runs one decode step for all running
-requests, through :class:`chattune.decoding.Decoder`, the decoder ``chat`` and
+requests, through :class:`chattune.inference.decoding.Decoder`, the decoder ``chat`` and
 ``predict`` use too. Each request leaves the batch the step it ends (end token,
 stop string, ``max_tokens``, or its client gone), so a short request never waits
 for a long one and a new one starts at the next step. A request whose own work fails
@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 import torch
 
-from chattune.decoding import Decoder, Event, Sequence
+from chattune.inference.decoding import Decoder, Event, Sequence
 
 log = logging.getLogger("chattune.serve")
 

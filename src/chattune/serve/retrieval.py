@@ -28,9 +28,9 @@ from dataclasses import dataclass, field, replace
 from fastapi.responses import StreamingResponse
 
 from chattune.errors import ChattuneError, ConfigError
+from chattune.inference.runs import Profile
 from chattune.kb.ask import Asked, ask, check_settings, cited, open_for_answers
 from chattune.kb.store import THRESHOLD, TOP_K, KnowledgeBase
-from chattune.runs import Profile
 from chattune.serve.schema import APIError, sse_event
 
 SEPARATOR = "+"

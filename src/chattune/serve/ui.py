@@ -21,7 +21,7 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from chattune.runs import LoadedRun
+from chattune.inference.runs import LoadedRun
 from chattune.serve.run_info import find_runs, metrics_since, run_detail, run_summary
 from chattune.serve.schema import APIError
 

@@ -1,0 +1,1 @@
+"""Inference: load a run, build and decode batches, sample, stream text."""

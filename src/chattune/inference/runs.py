@@ -1,0 +1,340 @@
+"""Load a run folder (or a bare base model) for inference: one loader for every consumer.
+
+:func:`load_run` reads the manifest, picks the tokenizer (the run folder's when it
+has one, else the base model's), checks the base model and the template against
+what training recorded (stopping unless ``force``), loads the base model the way
+the method says (quantized for qlora on CUDA; the run folder itself for full) with
+the trained weights on it, and returns a :class:`LoadedRun`: the model, the
+tokenizer and one :class:`Profile` per name a request may pick. chat, predict, the
+demo and serve all load through it.
+
+Several runs can be loaded onto one base model as named LoRA adapters (``adapters``),
+served side by side; a run whose method cannot share a batch (freeze, full,
+P-Tuning v2, DoRA) is loaded alone.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from chattune.config import GenerateArgs, ModelArgs
+from chattune.data.encode import PieceEncoder, encode_prompt
+from chattune.errors import ChattuneError, ConfigError, ManifestError
+from chattune.inference.decoding import BASE_ADAPTER
+from chattune.manifest import (
+    Manifest,
+    is_run_folder,
+    read_manifest,
+    recorded_template,
+    verify_base_model,
+    verify_template,
+)
+from chattune.methods import Method, get_method
+from chattune.model import load_model, load_tokenizer
+from chattune.templates.registry import get_template, resolve_template_name
+
+BASE_NAME = "base"
+
+
+@dataclass
+class LoadOptions:
+    """What a user may say about loading (``chattune chat/predict/serve`` flags)."""
+
+    base_model: str | None = None
+    """The base model's path, instead of the manifest's."""
+    template: str | None = None
+    """The template of ``target`` (a run folder's, instead of its manifest's; or a bare base
+    model's, instead of its tokenizer's chat template)."""
+    force: bool = False
+    """Load even when the base model or the template differs from training's (with a warning)."""
+    trust_remote_code: bool = False
+    """For a bare base model; a run folder's manifest says this itself."""
+    name: str | None = None
+    """The main run's name (default: its folder's name)."""
+    adapters: list[tuple[str, str]] = field(default_factory=list)
+    """More run folders on the same base model, as (name, folder)."""
+
+
+@dataclass
+class Profile:
+    """One name a request may pick: a run (or the bare base model) with its template,
+    generation defaults and stop tokens."""
+
+    name: str
+    template: str
+    generation: GenerateArgs
+    stop_strings: list[str]
+    stop_token_ids: frozenset[int]
+    adapter: str = BASE_ADAPTER
+    """The peft adapter its rows use (``__base__``: none, or the only weights there are)."""
+    run_dir: Path | None = None
+    manifest: Manifest | None = None
+
+
+@dataclass
+class LoadedRun:
+    """A model ready to answer: its tokenizer, the names it answers to, its context length."""
+
+    model: object
+    tokenizer: object
+    profiles: dict[str, Profile]
+    default: str
+    context_length: int
+    uses_adapters: bool
+    encoder: PieceEncoder = field(init=False)
+    tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self):
+        self.encoder = PieceEncoder(self.tokenizer, max_entries=4096, max_chars=1 << 20)  # long-lived: bounded
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are."""
+        return next(self.model.parameters()).device
+
+    def profile(self, name: str | None = None) -> Profile:
+        """The profile called ``name`` (the default one for None); KeyError if unknown."""
+        return self.profiles[name or self.default]
+
+    def prompt_ids(self, messages: list[dict], profile: Profile | None = None,
+                   max_tokens: int | None = None, tools: list[dict] | None = None) -> list[int]:
+        """Token ids of a conversation ending with the user's message (or a tool result),
+        rendered with the profile's template through training's own encoder, with the
+        ``tools`` it offers; at most ``max_tokens`` (oldest turns dropped first)."""
+        profile = profile or self.profile()
+        with self.tokenizer_lock:
+            return encode_prompt(messages, profile.template, self.encoder, max_tokens, tools)
+
+    def decode(self, ids: list[int], keep: frozenset[int] = frozenset()) -> str:
+        """Token ids to text, special tokens left out but for those in ``keep``, written as
+        their token text (a template's marker that tool call parsing needs, ChatGLM3's
+        ``<|assistant|>``)."""
+        with self.tokenizer_lock:
+            if not keep.intersection(ids):
+                return self.tokenizer.decode(ids, skip_special_tokens=True)
+            parts, run = [], []
+            for token in ids:
+                if token in keep:
+                    parts += [self.tokenizer.decode(run, skip_special_tokens=True),
+                              self.tokenizer.convert_ids_to_tokens(token)]
+                    run = []
+                else:
+                    run.append(token)
+            return "".join([*parts, self.tokenizer.decode(run, skip_special_tokens=True)])
+
+    def token_ids(self, tokens) -> frozenset[int]:
+        """The ids of those ``tokens`` (texts) that the tokenizer has as single tokens."""
+        found = set()
+        with self.tokenizer_lock:
+            for token in tokens:
+                token_id = self.tokenizer.convert_tokens_to_ids(token)
+                if isinstance(token_id, int) and (token_id != self.tokenizer.unk_token_id
+                                                  or token == self.tokenizer.unk_token):
+                    found.add(token_id)
+        return frozenset(found)
+
+
+def context_length(config) -> int:
+    """The most tokens (prompt and answer) the model's positions allow."""
+    for key in ("max_position_embeddings", "seq_length", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def stop_token_ids(tokenizer, template: str) -> frozenset[int]:
+    """EOS and the template's end tokens that the tokenizer knows."""
+    ids = {tokenizer.eos_token_id}
+    named = get_template(template)
+    for token in named.stop_tokens if named else ():
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            ids.add(token_id)
+    return frozenset(i for i in ids if i is not None)
+
+
+def make_profile(name: str, tokenizer, template: str, generation: GenerateArgs, adapter: str = BASE_ADAPTER,
+                 run_dir: Path | None = None, manifest: Manifest | None = None) -> Profile:
+    """A profile with its template's stop strings and stop tokens."""
+    named = get_template(template)
+    return Profile(name, template, generation, list(named.stop_strings) if named else [],
+                   stop_token_ids(tokenizer, template), adapter, run_dir, manifest)
+
+
+@dataclass
+class _Run:
+    name: str
+    folder: Path
+    manifest: Manifest
+
+    @property
+    def method(self) -> Method:
+        try:
+            return get_method(self.manifest.method)
+        except ConfigError:
+            raise ManifestError(f"{self.folder}: method {self.manifest.method!r} is not supported by this "
+                                "chattune") from None
+
+
+def default_name(folder: Path) -> str:
+    """A run folder's name as a model name: its folder's, spaces as dashes (``run`` for ``base``)."""
+    name = "-".join(folder.resolve().name.split())
+    return name if name and name != BASE_NAME else "run"
+
+
+def _check_names(runs: list[_Run]) -> None:
+    seen = set()
+    for run in runs:
+        name = run.name
+        if name == BASE_NAME or name in seen or not name or any(c.isspace() for c in name):
+            raise ConfigError(f"adapter name {name!r}: names must be unique, without spaces, "
+                              f"and not {BASE_NAME!r} (the bare base model's name)")
+        seen.add(name)
+
+
+def _check_batchable(runs: list[_Run]) -> None:
+    for run in runs:
+        if run.method.served_alone(run.manifest.method_settings):
+            kind = "a DoRA adapter" if run.method.batches_with_adapters else f"a {run.method.name} run"
+            raise ManifestError(f"{run.name!r} ({run.folder}) is {kind}, which cannot share a batch with "
+                                "other adapters or the base model; serve it alone: chattune serve RUN_DIR")
+
+
+def _check_same_base(runs: list[_Run]) -> None:
+    first = runs[0]
+    for run in runs[1:]:
+        for key, what in (("config_sha256", "model config"), ("tokenizer_sha256", "tokenizer")):
+            mine, theirs = getattr(run.manifest.base_model, key), getattr(first.manifest.base_model, key)
+            if mine != theirs:
+                raise ManifestError(
+                    f"adapter {run.name!r} ({run.folder}) was trained on a different base model than "
+                    f"{first.name!r} ({first.folder}): {what} sha256 {mine[:12]} != {theirs[:12]}. "
+                    "One server holds one base model; serve these from separate processes."
+                )
+
+
+def _verify(runs: list[_Run], base_path: str, tokenizer, templates: dict[str, str], options: LoadOptions,
+            warn) -> None:
+    first = runs[0]
+    problems = []
+    if not (first.method.run_is_model and not Path(base_path).exists()):
+        problems += verify_base_model(first.manifest, base_path)
+    for run in runs:
+        if run.name in templates:  # the user chose this run's template
+            continue
+        found = verify_template(run.manifest, tokenizer)
+        problems += [f"{run.name}: {p}" for p in found] if len(runs) > 1 else found
+    if problems:
+        message = "\n".join(problems)
+        if not options.force:
+            raise ManifestError(f"{message}\n(use --force to load anyway)")
+        warn(f"warning: {message}")
+
+
+def _to_device(model) -> None:
+    if torch.cuda.is_available() and getattr(model, "hf_device_map", None) is None \
+            and not getattr(model, "is_quantized", False) and next(model.parameters()).device.type == "cpu":
+        model.to("cuda")
+
+
+def _load_runs(runs: list[_Run], base_path: str, alone: bool):
+    """The model with the runs' trained weights: one run by its method, or every run as a
+    named peft adapter (``a0``, ``a1``, ...) on one base model."""
+    first = runs[0]
+    remote = first.manifest.base_model.trust_remote_code
+    if alone and first.method.run_is_model:
+        return load_model(ModelArgs(model_name_or_path=str(first.folder), trust_remote_code=remote))
+    extra = first.method.base_load_kwargs(first.manifest.method_settings)
+    model = load_model(ModelArgs(model_name_or_path=base_path, trust_remote_code=remote), **extra)
+    if alone:
+        with _trained_weights(first):
+            return first.method.load(model, first.folder)
+    from peft import PeftModel
+
+    with _trained_weights(first):
+        model = PeftModel.from_pretrained(model, str(first.folder), adapter_name="a0", is_trainable=False)
+    for i, run in enumerate(runs[1:], start=1):
+        with _trained_weights(run):
+            model.load_adapter(str(run.folder), adapter_name=f"a{i}", is_trainable=False)
+    return model
+
+
+@contextmanager
+def _trained_weights(run: _Run):
+    """Loading a run's trained weights: what fails there is the run folder's fault."""
+    try:
+        yield
+    except ChattuneError:
+        raise
+    except Exception as exc:  # peft and safetensors raise ValueError, OSError, SafetensorError, ...
+        message = " ".join(str(exc).split())
+        raise ManifestError(f"{run.folder}: could not load its trained weights ({run.method.name}): "
+                            f"{message}") from exc
+
+
+def _finish(model) -> object:
+    model.eval()
+    _to_device(model)
+    return model
+
+
+def _load_bare(target: str, options: LoadOptions) -> LoadedRun:
+    path = options.base_model or target
+    tokenizer = load_tokenizer(path, options.trust_remote_code)
+    model = _finish(load_model(ModelArgs(model_name_or_path=path, trust_remote_code=options.trust_remote_code)))
+    template = resolve_template_name(options.template or "auto", tokenizer)
+    profile = make_profile(BASE_NAME, tokenizer, template, GenerateArgs())
+    return LoadedRun(model, tokenizer, {BASE_NAME: profile}, BASE_NAME, context_length(model.config),
+                     uses_adapters=False)
+
+
+def load_run(target: str, options: LoadOptions | None = None, *, warn=print) -> LoadedRun:
+    """Load ``target`` (a run folder, or a base model's path) and ``options.adapters``.
+
+    A lone run that cannot share a batch answers under its own name only; LoRA runs are
+    peft adapters on one base model, answering under their names, and the bare base
+    model answers as ``base``.
+    """
+    options = options or LoadOptions()
+    folder = Path(target)
+    runs: list[_Run] = []
+    chosen: dict[str, str] = {}  # profile name -> template the user asked for
+    if is_run_folder(folder):
+        runs.append(_Run(options.name or default_name(folder), folder, read_manifest(folder)))
+        if options.template:
+            chosen[runs[0].name] = options.template
+    elif options.template:
+        chosen[BASE_NAME] = options.template
+    elif not folder.exists() and options.base_model is None and (
+            folder.is_absolute() or target.startswith(".") or "/" not in target):
+        raise ManifestError(f"{target}: no such run folder or model")
+    runs += [_Run(name, Path(path), read_manifest(path)) for name, path in options.adapters]
+    if not runs:
+        return _load_bare(target, options)
+    _check_names(runs)
+    first = runs[0]
+    alone = len(runs) == 1 and not options.adapters and first.method.served_alone(first.manifest.method_settings)
+    if not alone:
+        _check_batchable(runs)
+        _check_same_base(runs)
+    base_path = options.base_model or first.manifest.base_model.path
+    tokenizer_path = str(first.folder) if (first.folder / "tokenizer_config.json").is_file() else base_path
+    tokenizer = load_tokenizer(tokenizer_path, first.manifest.base_model.trust_remote_code)
+    _verify(runs, base_path, tokenizer, chosen, options, warn)
+    model = _finish(_load_runs(runs, base_path, alone))
+    profiles = {}
+    for i, run in enumerate(runs):
+        template = chosen.get(run.name) or recorded_template(run.manifest, tokenizer)
+        adapter = BASE_ADAPTER if alone else f"a{i}"
+        profiles[run.name] = make_profile(run.name, tokenizer, template, run.manifest.generation, adapter,
+                                          run.folder, run.manifest)
+    if not alone:
+        template = resolve_template_name(chosen.get(BASE_NAME, "auto"), tokenizer)
+        profiles[BASE_NAME] = make_profile(BASE_NAME, tokenizer, template, GenerateArgs())
+    return LoadedRun(model, tokenizer, profiles, first.name, context_length(model.config), uses_adapters=not alone)

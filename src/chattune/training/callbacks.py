@@ -1,0 +1,107 @@
+"""Trainer callbacks: what chattune writes into a run folder while transformers trains.
+
+- :class:`MetricsLogger`: every log event as a line of ``metrics.jsonl``, with tokens/s,
+  and a clear word when the loss goes NaN;
+- :class:`ManifestWriter`: the manifest and config in every checkpoint, so that each one
+  is a self-describing run folder (written by the trainer into the checkpoint before it is
+  renamed into place, so that a checkpoint is never without them);
+- :class:`CollapseWatch`: a warning when the model has collapsed (gradient norm 0 and the
+  loss at ln(vocabulary size), the loss of a uniform guess) for several logging steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from chattune.config import RunConfig
+from chattune.manifest import Manifest, write_run_files
+
+
+class MetricsLogger(TrainerCallback):
+    """Appends every log event (loss, lr, grad norm, tokens/s, eval loss) to metrics.jsonl."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.last_time: float | None = None
+        self.last_tokens = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """Start the tokens/s clock (also on resume)."""
+        self.last_time = time.perf_counter()
+        self.last_tokens = state.num_input_tokens_seen
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """Append the event, with tokens/s since the last training loss (all processes
+        together, and per device when there are several); warn on a NaN/inf loss. Only the
+        first process of a job writes."""
+        if not state.is_world_process_zero:
+            return
+        logs = dict(logs or {})
+        now = time.perf_counter()
+        if "loss" in logs and self.last_time is not None:
+            seen = state.num_input_tokens_seen  # summed over the processes by the Trainer
+            elapsed = max(now - self.last_time, 1e-9)
+            logs["tokens_per_second"] = round((seen - self.last_tokens) / elapsed, 1)
+            if args.world_size > 1:
+                logs["tokens_per_second_per_device"] = round(logs["tokens_per_second"] / args.world_size, 1)
+                logs["world_size"] = args.world_size
+            self.last_time, self.last_tokens = now, seen
+        loss = logs.get("loss")
+        if isinstance(loss, float) and (math.isnan(loss) or math.isinf(loss)):
+            print(f"chattune: loss is {loss} at step {state.global_step}. Under fp16 this usually "
+                  "means overflow: lower learning_rate, use bf16, or train in float32.")
+        row = {"step": state.global_step, **logs}
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+
+class ManifestWriter(TrainerCallback):
+    """Makes each checkpoint a self-describing run folder (manifest + config)."""
+
+    def __init__(self, manifest: Manifest, config: RunConfig):
+        self.manifest = manifest
+        self.config = config
+
+    def write_checkpoint_files(self, folder: Path, state) -> None:
+        """Write the run files into a checkpoint being saved (called by
+        :meth:`chattune.training.trainer.ChattuneTrainer._save_checkpoint` before the rename)."""
+        write_run_files(folder, self.manifest, self.config, {"global_step": state.global_step})
+
+
+class CollapseWatch(TrainerCallback):
+    """Warns once when the model looks dead: for ``patience`` logging steps in a row the
+    gradient norm is 0 and the loss is within ``tolerance`` of ln(vocab_size), the loss of a
+    uniform guess over the vocabulary; training goes on, but nothing is being learnt."""
+
+    def __init__(self, vocab_size: int, learning_rate: float, patience: int = 3, tolerance: float = 0.02,
+                 log=print):
+        self.uniform_loss = math.log(vocab_size)
+        self.vocab_size = vocab_size
+        self.learning_rate = learning_rate
+        self.patience = patience
+        self.tolerance = tolerance
+        self.log = log
+        self.streak = 0
+        self.warned = False
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """Count logging steps in a row that look collapsed; warn at ``patience`` of them."""
+        logs = logs or {}
+        loss, norm = logs.get("loss"), logs.get("grad_norm")
+        if loss is None or norm is None:
+            return
+        dead = (abs(float(norm)) <= 1e-12
+                and abs(float(loss) - self.uniform_loss) <= self.tolerance * self.uniform_loss)
+        self.streak = self.streak + 1 if dead else 0
+        if self.streak >= self.patience and not self.warned:
+            self.warned = True
+            self.log(f"chattune: warning: the model has collapsed by step {state.global_step}: for "
+                     f"{self.streak} logging steps the gradient norm is 0 and the loss {float(loss):.4f} is "
+                     f"ln({self.vocab_size}) = {self.uniform_loss:.4f}, a uniform guess; it no longer learns. "
+                     f"Likely cause: learning_rate={self.learning_rate:g} is too high; lower it "
+                     "(LoRA usually 1e-5 to 1e-3) and start again")

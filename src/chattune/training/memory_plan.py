@@ -1,0 +1,325 @@
+"""``chattune train --dry-run``: parameters and a memory estimate before anything is loaded.
+
+The model is built on PyTorch's meta device from its config alone (no weights
+read), the method is applied, and memory is estimated for weights, gradients,
+optimizer state and activations at the configured batch and sequence length.
+
+Activations per token and per block were fitted to what autograd actually saves
+(measured by ``tests/training/test_memory_plan.py``, Llama and GLM-4 blocks with SDPA, fit error under 1%):
+see :func:`activation_bytes`. Gradient checkpointing keeps one ``h`` per token per
+block plus one block's worth.
+
+On N devices (``--dry-run --nproc N``) :func:`device_plans` splits the same plan per device
+for DDP, FSDP full_shard, DeepSpeed ZeRO-2 and ZeRO-3 (formulas in its docstring).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from chattune import chatglm
+from chattune.config import RunConfig
+from chattune.methods import Method, block_list, count_parameters, get_method
+from chattune.model import resolve_dtype
+
+GIB = 1024 ** 3
+
+
+@dataclass
+class ShardSizes:
+    """What splitting a run over several devices needs from the meta model, beyond the
+    one-device plan (bytes unless said otherwise)."""
+
+    frozen_weights: float
+    """Frozen parameters as the one-device plan holds them (the rest of its weights train)."""
+    trained_bytes: int
+    """Bytes of each trainable parameter, its gradient and each optimizer state on one device."""
+    half: bool
+    """fp16 or bf16 training (the precision FSDP and DeepSpeed re-arrange, see device_plans)."""
+    states: int
+    """Optimizer states per trainable parameter: AdamW 2, Adafactor 1, SGD 0."""
+    eight_bit: bool
+    """An 8-bit optimizer: one byte per state."""
+    block: float
+    """The largest transformer block, in the dtype it is gathered in (fp16/bf16 when training
+    in half precision, else the load dtype; quantized layers as stored)."""
+    outside: float
+    """Every parameter outside the blocks (embeddings, final norm, head, a prefix encoder),
+    gathered like ``block``: FSDP's root unit."""
+    largest_outside: float
+    """The largest single module outside the blocks (the embedding or the head)."""
+
+
+@dataclass
+class MemoryPlan:
+    """What a training run will hold in memory (bytes)."""
+
+    method: str
+    trainable: int
+    total: int
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    tokens_per_step: int
+    sizes: ShardSizes | None = None
+    """What :func:`device_plans` needs from the model (filled by :func:`estimate`)."""
+
+    @property
+    def total_bytes(self) -> float:
+        """Weights + gradients + optimizer state + activations."""
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+
+def _dims(model_config) -> tuple[int, int, int, int]:
+    """(hidden, mlp width, blocks, vocab), also for ChatGLM remote-code configs."""
+    c = model_config
+    hidden = getattr(c, "hidden_size", None) or c.d_model
+    inner = getattr(c, "intermediate_size", None) or getattr(c, "ffn_hidden_size", None) or 4 * hidden
+    layers = getattr(c, "num_hidden_layers", None) or c.num_layers
+    vocab = getattr(c, "vocab_size", None) or c.padded_vocab_size
+    return hidden, inner, layers, vocab
+
+
+def _bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def meta_model(config: RunConfig):
+    """The configured model with the method applied, on the meta device (no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_config = chatglm.native_config(config.model.model_name_or_path) or AutoConfig.from_pretrained(
+        config.model.model_name_or_path, trust_remote_code=config.model.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.model.trust_remote_code)
+    method = get_method(config.method.method)
+    return (method.plan_apply or method.apply)(model, config.method, False), model_config
+
+
+def activation_bytes(model, model_config, tokens: int, element_bytes: int, method: Method,
+                     checkpointing: bool) -> float:
+    """Estimated bytes autograd keeps for the backward pass of one step.
+
+    Per token, a block whose weights train keeps ``(5.5 + 2.5 n) h + 4 i`` values and a
+    frozen block that gradients flow through ``(4 + 1.5 n) h + 4 i``, n being the block's
+    norm layers (2 in Llama, 4 in GLM-4); blocks before the first trained one keep
+    nothing (with freeze on MLPs only, the first trained block keeps ``(1 + n/2) h + 4 i``
+    and later ones ``(4 + n) h + 4 i``). The float32 logits add ``V`` values per token.
+    """
+    hidden, inner, layers, vocab = _dims(model_config)
+    blocks = block_list(model)
+    norms = sum(1 for m in blocks[0].modules() if "norm" in type(m).__name__.lower())
+    frozen = (4 + 1.5 * norms) * hidden + 4.0 * inner
+    trained = (5.5 + 2.5 * norms) * hidden + 4.0 * inner
+    if method.activations == "all_blocks":
+        per_block = [trained] * layers
+    elif method.activations == "trained_blocks":
+        first = min(i for i, block in enumerate(blocks) if any(p.requires_grad for p in block.parameters()))
+        if all(p.requires_grad for p in blocks[first].parameters()):
+            head, rest = trained, trained
+        else:  # e.g. only the MLPs train: the first trained block keeps its MLP's inputs only
+            head = (1 + 0.5 * norms) * hidden + 4.0 * inner
+            rest = (4 + norms) * hidden + 4.0 * inner
+        per_block = [0.0] * first + [head] + [rest] * (layers - first - 1)
+    else:  # lora, qlora, ptuning: gradients flow through every block to adapters or the prefix
+        per_block = [frozen] * layers
+    if checkpointing:
+        kept = sum(hidden for b in per_block if b) + max(per_block)
+    else:
+        kept = sum(per_block)
+    return tokens * (kept * element_bytes + vocab * 4)
+
+
+def _held_bytes(name: str, param, method: Method, config: RunConfig, load_dtype: torch.dtype,
+                half_bytes: int | None = None) -> float:
+    """Bytes of one parameter as the model holds it; ``half_bytes``: as gathered in that
+    many bytes per value instead, quantized layers excepted."""
+    quantized = method.quantized_base and param.ndim == 2 and ".layers." in name and "embed" not in name
+    if quantized and not param.requires_grad:
+        return param.numel() * (0.5 + 0.016 if config.method.quantization_bit == 4 else 1.0 + 0.008)
+    if half_bytes is not None:
+        return param.numel() * half_bytes
+    if param.requires_grad and not method.trains_base_weights:
+        return param.numel() * 4  # adapters and freeze-trained tensors stay float32
+    return param.numel() * _bytes(load_dtype)
+
+
+def _shard_sizes(model, method: Method, config: RunConfig, load_dtype: torch.dtype,
+                 trained_bytes: int, states: int) -> ShardSizes:
+    """The sizes :func:`device_plans` needs, from the meta model."""
+    half = config.train.fp16 or config.train.bf16
+    gathered = 2 if half else _bytes(load_dtype)
+    names = {id(p): n for n, p in model.named_parameters()}
+    frozen = sum(_held_bytes(n, p, method, config, load_dtype)
+                 for n, p in model.named_parameters() if not p.requires_grad)
+    blocks = block_list(model)
+    in_blocks = {id(p) for block in blocks for p in block.parameters()}
+    block = max(sum(_held_bytes(names[id(p)], p, method, config, load_dtype, gathered)
+                    for p in b.parameters()) for b in blocks)
+    outside = sum(_held_bytes(n, p, method, config, load_dtype, gathered)
+                  for n, p in model.named_parameters() if id(p) not in in_blocks)
+    largest = max((sum(_held_bytes(names[id(p)], p, method, config, load_dtype, gathered)
+                       for p in m.parameters(recurse=False))
+                   for m in model.modules() if not any(id(p) in in_blocks for p in m.parameters())),
+                  default=0.0)
+    return ShardSizes(frozen, trained_bytes, half, states, "8bit" in config.train.optim, block,
+                      outside, largest)
+
+
+def estimate(config: RunConfig) -> MemoryPlan:
+    """Parameters and memory of the configured run, without loading weights."""
+    model, model_config = meta_model(config)
+    method = get_method(config.method.method)
+    load_dtype = resolve_dtype(config.model.dtype, config.train.fp16, config.train.bf16)
+    trainable, total = count_parameters(model)
+    weights = sum(_held_bytes(name, param, method, config, load_dtype)
+                  for name, param in model.named_parameters())
+    trained_bytes = _bytes(load_dtype) if method.trains_base_weights else 4
+    gradients = trainable * trained_bytes
+    optim = config.train.optim
+    state = {"sgd": 0, "adafactor": 1}.get(optim, 2)
+    state_bytes = 1 if "8bit" in optim else trained_bytes
+    optimizer = trainable * state * state_bytes
+    mixed = config.train.fp16 or config.train.bf16 or load_dtype != torch.float32
+    tokens = config.train.per_device_train_batch_size * config.data.max_seq_length
+    activations = activation_bytes(model, model_config, tokens, 2 if mixed else 4, method,
+                                   checkpointing=config.train.gradient_checkpointing)
+    sizes = _shard_sizes(model, method, config, load_dtype, trained_bytes, state)
+    return MemoryPlan(method.name, trainable, total, weights, gradients, optimizer, activations, tokens,
+                      sizes)
+
+
+def format_plan(plan: MemoryPlan, config: RunConfig) -> str:
+    """The plan as a table a user reads before renting a GPU."""
+    def gib(value: float) -> str:
+        return f"{value / GIB:8.2f} GiB"
+
+    return "\n".join([
+        f"model      {config.model.model_name_or_path}",
+        f"method     {plan.method}: {plan.trainable:,} trainable of {plan.total:,} parameters "
+        f"({plan.trainable / max(plan.total, 1):.3%})",
+        f"step       batch {config.train.per_device_train_batch_size} x {config.data.max_seq_length} tokens"
+        f" = {plan.tokens_per_step} tokens, dtype {resolve_dtype(config.model.dtype, config.train.fp16, config.train.bf16)}"
+        f"{', fp16' if config.train.fp16 else ''}{', bf16' if config.train.bf16 else ''}"
+        f"{', gradient checkpointing' if config.train.gradient_checkpointing else ''}",
+        f"weights    {gib(plan.weights)}",
+        f"gradients  {gib(plan.gradients)}",
+        f"optimizer  {gib(plan.optimizer)}  ({config.train.optim})",
+        f"activations{gib(plan.activations)}",
+        f"total      {gib(plan.total_bytes)}  (+ about 0.5-1 GiB CUDA context and allocator slack)",
+    ])
+
+
+BACKENDS = {"ddp": "DDP", "fsdp": "FSDP full_shard", "zero2": "ZeRO-2", "zero3": "ZeRO-3"}
+"""The ways of training on several devices the N-device plan covers, and their table labels."""
+
+
+@dataclass
+class DevicePlan:
+    """What one of N devices holds under one backend (bytes)."""
+
+    backend: str
+    """A key of :data:`BACKENDS`."""
+    nproc: int
+    weights: float
+    """Including ``gathered``."""
+    gathered: float
+    """Full parameters gathered from the shards at a time (FSDP and ZeRO-3; else 0)."""
+    gradients: float
+    optimizer: float
+    activations: float
+
+    @property
+    def total_bytes(self) -> float:
+        """Weights + gradients + optimizer state + activations on this device."""
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+
+def device_plans(plan: MemoryPlan, nproc: int) -> list[DevicePlan]:
+    """The per-device memory of ``plan`` trained on ``nproc`` devices, one entry per backend.
+
+    With P trainable parameters, b bytes each on one device (float32 for adapters and
+    freeze-trained tensors, the load dtype for full fine-tuning), W the one-device weights
+    (F of them frozen), G and O its gradients and optimizer state, s optimizer states per
+    parameter, B the largest block and R everything outside the blocks (embeddings, final
+    norm, head), both as gathered (fp16/bf16 when training in half precision), M the largest
+    module outside the blocks, and N devices:
+
+    - DDP: ``W``, ``2 G``, ``O``. Everything is replicated; the second copy of the gradients
+      is DDP's all-reduce buckets (the Trainer keeps ``gradient_as_bucket_view`` off, so they
+      sit beside ``.grad``): it is counted.
+    - FSDP full_shard: ``(F + P f) / N + R + 2 B``, ``P f / N``, ``P s f / N`` (1 byte a
+      state for 8-bit optimizers), with f = 4 under fp16/bf16 (accelerate upcasts trainable
+      flat parameters to float32 whenever mixed precision is on), else b. The root unit R
+      stays gathered from the forward through the backward (torch does not reshard the root
+      after its forward); each block is gathered while it runs, with the next one prefetched.
+    - ZeRO-2: ``F + P h``, ``P h / N``, ``P (4 + 4 s) / N``, with h = 2 under fp16/bf16
+      (DeepSpeed casts the model to the half dtype), else b. DeepSpeed keeps a float32 master
+      copy of every trainable parameter in its optimizer partition, even in float32 runs, and
+      the states are float32 (1 byte with 8-bit optimizers): the optimizer column is not O / N.
+    - ZeRO-3: ``(F + P h) / N + B + max(B, M)``, ``P h / N``, ``P (4 + 4 s) / N``: each
+      module is gathered as it runs with the next one prefetched, the largest moment being two
+      blocks or, around the head, a block and the head.
+
+    Activations are per device and not sharded: the one-device figure (batch x sequence
+    tokens each) on every backend. Not counted: the transient unsharded gradient of the block
+    being reduced (FSDP, ZeRO-3), DeepSpeed's reduce and prefetch buckets and the small
+    parameters ZeRO-3 keeps unpartitioned (under ``stage3_param_persistence_threshold``),
+    the float32 copy of a gradient partition during ZeRO's optimizer step (after activations
+    are freed), and the communication buffers of each backend. With N = 1 the gathered terms
+    stay in the table, though torch runs FSDP on one device as NO_SHARD; the QLoRA base is
+    counted as stored, as on one device.
+
+    What sharding buys depends on what trains. For full fine-tuning, ZeRO-2 divides the
+    gradients and optimizer state (most of the memory) and ZeRO-3 / full_shard the weights
+    too. For LoRA (and QLoRA, P-Tuning) the trainable part, its gradients and optimizer state
+    are tiny: ZeRO-2 buys next to nothing (weights stay replicated), while full_shard and
+    ZeRO-3 shard the frozen base weights, leaving about W / N plus the gathered blocks; the
+    activations, the same on every backend, then dominate.
+    """
+    if nproc < 1:
+        raise ValueError(f"nproc: expected >= 1, got {nproc}")
+    sizes = plan.sizes
+    if sizes is None:
+        raise ValueError("device_plans needs a plan made by estimate() (its sizes are missing)")
+    n, p = nproc, plan.trainable
+    frozen = sizes.frozen_weights
+    f = 4 if sizes.half else sizes.trained_bytes
+    h = 2 if sizes.half else sizes.trained_bytes
+    state_bytes = 1 if sizes.eight_bit else 4
+    zero_optimizer = p * (4 + sizes.states * state_bytes) / n
+    fsdp_gathered = sizes.outside + 2 * sizes.block
+    zero3_gathered = sizes.block + max(sizes.block, sizes.largest_outside)
+    acts = plan.activations
+    return [
+        DevicePlan("ddp", n, plan.weights, 0.0, 2 * plan.gradients, plan.optimizer, acts),
+        DevicePlan("fsdp", n, (frozen + p * f) / n + fsdp_gathered, fsdp_gathered, p * f / n,
+                   p * sizes.states * (1 if sizes.eight_bit else f) / n, acts),
+        DevicePlan("zero2", n, frozen + p * h, 0.0, p * h / n, zero_optimizer, acts),
+        DevicePlan("zero3", n, (frozen + p * h) / n + zero3_gathered, zero3_gathered, p * h / n,
+                   zero_optimizer, acts),
+    ]
+
+
+def format_devices(devices: list[DevicePlan]) -> str:
+    """The N-device plans as a table, one row per backend, and what the columns include."""
+    n = devices[0].nproc
+    largest = max(d.total_bytes for d in devices)
+    unit, scale = ("GiB", GIB) if largest >= GIB else ("MiB", 1024 ** 2)
+    columns = ("weights", "gradients", "optimizer", "activations", "total")
+    lines = [f"{f'per device, N = {n} ({unit})':<24}" + "".join(f"{c:>12}" for c in columns)]
+    for d in devices:
+        values = (d.weights, d.gradients, d.optimizer, d.activations, d.total_bytes)
+        lines.append(f"{BACKENDS[d.backend]:<24}" + "".join(f"{v / scale:12.2f}" for v in values))
+    gathered = {d.backend: d.gathered / scale for d in devices}
+    lines += [
+        "DDP gradients include its all-reduce buckets (a second copy of the trainable gradients).",
+        f"FSDP and ZeRO-3 weights include the parameters gathered at a time: {gathered['fsdp']:.2f}"
+        f" and {gathered['zero3']:.2f} {unit}.",
+        "ZeRO optimizer: float32 master weights + float32 states; under fp16/bf16 FSDP trains"
+        " float32 weights.",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,227 @@
+"""Train: config -> data -> base model + method -> transformers Trainer -> run folder.
+
+transformers' Trainer does the loop, mixed precision, accumulation, clipping, checkpoint
+rotation and exact resume (:mod:`chattune.training.trainer`); chattune adds a manifest in every
+checkpoint and metrics.jsonl (:mod:`chattune.training.callbacks`), never overwrites checkpoints,
+writes each one whole or not at all and resumes from the newest complete one
+(:mod:`chattune.training.checkpoints`), stops a diverged run on its step without saving NaN weights,
+ends a full disk with one line,
+and trains fast: rows packed without cross-talk (:mod:`chattune.training.batching`, checked on the
+model by :mod:`chattune.training.attention`), a chunked token-weighted loss (:mod:`chattune.training.loss`),
+and on CPU faster LoRA kernels (:mod:`chattune.training.kernels`) and per-row SDPA.
+
+Every patch of the model (kernels, attention, head capture) holds for the time of
+training only: the model returned and the run folder are plain transformers / peft.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import set_seed
+
+from chattune.config import RunConfig
+from chattune.config_io import source_prefix
+from chattune.data.prepare import PreparedData, format_audit, prepare_data
+from chattune.errors import ConfigError
+from chattune.manifest import build_manifest, write_run_files
+from chattune.methods import Method, count_parameters, get_method, quantization_config
+from chattune.model import base_model_fingerprint, load_model, load_tokenizer, resolve_dtype
+from chattune.templates.registry import resolve_template_name
+from chattune.training.attention import use_varlen_sdpa, uses_varlen_attention
+from chattune.training.batching import (
+    PACKED_MODES,
+    Batches,
+    build_batches,
+    format_batches,
+    resolve_packing,
+)
+from chattune.training.callbacks import CollapseWatch, ManifestWriter, MetricsLogger
+from chattune.training.checkpoints import storage_error
+from chattune.training.distributed import (
+    World,
+    gather_objects,
+    init_distributed,
+    main_first,
+    main_only_log,
+)
+from chattune.training.kernels import use_cpu_kernels
+from chattune.training.loss import CausalLMLoss, resolve_loss
+from chattune.training.sharding import check_sharding_supported, sharding_arguments
+from chattune.training.trainer import ChattuneTrainer, place_model, resume_path, training_arguments
+
+METRICS_NAME = "metrics.jsonl"
+AUDIT_NAME = "data_audit.json"
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    output_dir: Path
+    global_step: int
+    train_loss: float
+    eval_loss: float | None
+    prepared: PreparedData
+    model: object = None
+
+
+def load_for_training(config: RunConfig, method: Method):
+    """The base model as configured (dtype, quantization, attention; no KV cache), with the
+    method applied: the model to train."""
+    dtype = resolve_dtype(config.model.dtype, config.train.fp16, config.train.bf16)
+    extra = {"quantization_config": quantization_config(config.method)} if method.quantized_base else {}
+    if config.model.attn_implementation:
+        extra["attn_implementation"] = config.model.attn_implementation
+    model = load_model(config.model, dtype, **extra)
+    model.config.use_cache = False  # a KV cache is never needed in training (and would break packing)
+    if config.train.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return method.apply(model, config.method, config.train.gradient_checkpointing)
+
+
+def speed_setup(config: RunConfig, model, prepared: PreparedData, pad_token_id: int, patches: ExitStack,
+                log=print, world_size: int = 1) -> tuple[Batches, CausalLMLoss]:
+    """Put the model where it trains, switch on (in ``patches``) the CPU kernels and per-row
+    SDPA where they apply, and settle, with probes on the model, how data is batched (planned
+    for ``world_size`` processes) and the loss computed."""
+    place_model(model, get_method(config.method.method))
+    vocab_size = model.get_input_embeddings().weight.shape[0]
+    eager_cpu = next(model.parameters()).device.type == "cpu" and not config.train.torch_compile
+    if eager_cpu:  # (torch.compile fuses on its own and keeps transformers' masked SDPA)
+        patches.enter_context(use_cpu_kernels(model))
+    # packed rows attend within their own span, not over the whole bin (the probe checks it);
+    # on CUDA, attn_implementation=flash_attention_2 gives the varlen path
+    attention = patches.enter_context(ExitStack())  # closed early when rows are not packed
+    if eager_cpu:
+        attention.enter_context(use_varlen_sdpa(model))
+    mode = resolve_packing(config, model, pad_token_id, vocab_size, log)
+    if mode not in PACKED_MODES:
+        attention.close()  # back to transformers' SDPA
+    batches = build_batches(mode, prepared, config, pad_token_id, uses_varlen_attention(model), world_size)
+    log(format_batches(batches))
+    loss = resolve_loss(config, model, vocab_size, log)
+    log(f"loss: {loss.mode}")
+    return batches, loss
+
+
+def check_machine(config: RunConfig) -> None:
+    """Refuse, naming the key and where it was set, what this machine cannot honour:
+    fp16 without CUDA (float16 mixed precision on a CPU runs about 12x slower than float32),
+    FSDP or DeepSpeed without CUDA, and an output_dir that is an existing file."""
+    if config.train.fp16 and not torch.cuda.is_available():
+        raise ConfigError(f"{source_prefix(config, 'fp16')}fp16: float16 mixed precision needs a CUDA GPU; on "
+                          "this CPU it would run about 12x slower than float32. Set fp16=false (or bf16=true)")
+    check_sharding_supported(config)
+    output_dir = Path(config.train.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"{source_prefix(config, 'output_dir')}output_dir: {output_dir} is a file; expected "
+                          "a folder for the run (it is created if missing)")
+
+
+def generation_eval(config: RunConfig, prepared, tokenizer, template: str, log=print):
+    """With ``eval_generate``: a function model -> generation metrics on a fixed sample of the
+    eval set (None without it, or without eval rows)."""
+    if not config.train.eval_generate:
+        return None
+    if prepared.eval is None or len(prepared.eval) == 0:
+        log("eval_generate: no eval rows (set eval_files or eval_fraction); generation is not scored")
+        return None
+    from chattune.evaluation.evaluate import generation_metrics, sample_rows
+
+    samples = sample_rows(prepared.eval, config.train.eval_generate_samples, config.train.seed)
+    max_new_tokens = config.train.eval_generate_max_new_tokens or config.generate.max_new_tokens
+    return lambda model: generation_metrics(model, tokenizer, template, samples, max_new_tokens=max_new_tokens,
+                                            batch_size=config.train.per_device_eval_batch_size)
+
+
+def train(config: RunConfig, *, log=print) -> TrainResult:
+    """Run one training job described by ``config``; return where its run folder is.
+
+    Raises ConfigError / DataError / ModelLoadError for bad input, and TrainingError when the
+    run diverges or its folder cannot be written (disk full, read-only); a checkpoint saved
+    before either stays as it was."""
+    if not config.model.model_name_or_path:
+        raise ConfigError("model_name_or_path: no base model given")
+    method = get_method(config.method.method)
+    method.check_supported(config.train.optim)
+    check_machine(config)
+    output_dir = Path(config.train.output_dir)
+    try:
+        return _train(config, method, output_dir, log)
+    except OSError as exc:
+        error = storage_error(exc, output_dir)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def prepare_once(config: RunConfig, tokenizer, template_name: str, world: World, log=print) -> PreparedData:
+    """The encoded data, encoded by one process: rank 0 encodes (or finds the cache), the
+    others wait and then read the Arrow cache it wrote (:func:`chattune.training.distributed.main_first`)."""
+    with main_first(world):
+        prepared = prepare_data(config.data, tokenizer, template_name, config.train.seed)
+    if world.distributed:
+        encoded = [rank for rank, reused in enumerate(gather_objects(prepared.reused, world)) if not reused]
+        readers = world.world_size - len(encoded)
+        log(f"data: encoded by rank {encoded[0]}, read from the cache by {readers} processes" if encoded
+            else f"data: all {world.world_size} processes read the cache ({prepared.cache_path})")
+        if len(encoded) > 1:
+            log(f"data: warning: ranks {encoded} each encoded the data (the cache folder is not shared "
+                "between machines; set cache_dir to a shared folder)")
+    return prepared
+
+
+def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainResult:
+    world = init_distributed(config.train.ddp_timeout)
+    log = main_only_log(world, log)
+    with main_first(world):  # rank 0 alone sets incomplete checkpoints aside
+        resume = resume_path(config, output_dir, log)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(config.train.seed)
+
+    tokenizer = load_tokenizer(config.model.model_name_or_path, config.model.trust_remote_code)
+    template_name = resolve_template_name(config.data.template, tokenizer)
+    prepared = prepare_once(config, tokenizer, template_name, world, log)
+    log(format_audit(prepared.audit))
+
+    # whole on every process, also under FSDP and ZeRO-3: the probes below run on the real weights,
+    # and the Trainer shards them when it wraps the model (so the model must fit one device once)
+    model = load_for_training(config, method)
+    trainable, total = count_parameters(model)
+    log(f"method {method.name}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.3%})")
+
+    with ExitStack() as patches:  # undone when training ends, also on an error
+        batches, loss = speed_setup(config, model, prepared, tokenizer.pad_token_id, patches, log,
+                                    world.world_size)
+        audit = {**prepared.audit, "batching": {**batches.summary, "loss": loss.mode}}
+        if world.is_main:
+            (output_dir / AUDIT_NAME).write_text(json.dumps(audit, indent=2, ensure_ascii=False))
+        base = base_model_fingerprint(config.model.model_name_or_path, config.model.trust_remote_code, tokenizer)
+        manifest = build_manifest(config, base, template_name, tokenizer, prepared.fingerprint)
+        vocab_size = model.get_input_embeddings().weight.shape[0]
+        args = training_arguments(config, batches.eval is not None, batches, sharding_arguments(config, model))
+        trainer = ChattuneTrainer(
+            model=model, args=args,
+            train_dataset=batches.train, eval_dataset=batches.eval, data_collator=batches.collator,
+            processing_class=tokenizer, compute_loss_func=loss, log=log,
+            generation_eval=generation_eval(config, prepared, tokenizer, template_name, log),
+            train_sampler=batches.train_sampler(config.train.seed),
+            callbacks=[MetricsLogger(output_dir / METRICS_NAME), ManifestWriter(manifest, config),
+                       CollapseWatch(vocab_size, config.train.learning_rate, log=log)],
+        )
+        patches.enter_context(loss.capturing())
+        result = trainer.train(resume_from_checkpoint=resume)
+        eval_loss = trainer.final_eval_loss()
+    trainer.save_final(output_dir, lambda folder: write_run_files(folder, manifest, config, {
+        "global_step": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "eval_loss": eval_loss,
+        "trainable_parameters": trainable,
+    }))
+    model.eval()
+    return TrainResult(output_dir, trainer.state.global_step, result.training_loss, eval_loss, prepared, model)

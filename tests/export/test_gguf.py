@@ -1,0 +1,595 @@
+"""GGUF export: llama.cpp's converter on tiny models of each supported architecture (every
+tensor read back and compared with the Hugging Face weights, the vocabulary in id order),
+refusals, and the Ollama Modelfile, whose TEMPLATE is rendered here by a small evaluator of
+the Go-template subset it uses and compared with chattune's own rendering.
+
+The slow test runs the GGUF in llama.cpp (``llama-cpp-python``, where installed) and compares
+greedy tokens with transformers'."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from chattune.config import GenerateArgs
+from chattune.errors import ChattuneError, ConfigError
+from chattune.export.gguf import (
+    SUPPORTED,
+    _gguf_add_bos,
+    check_gguf_architecture,
+    export_gguf,
+    ollama_template,
+    read_gguf_summary,
+    write_gguf,
+    write_modelfile,
+)
+
+FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "chatglm"
+HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "glm4": "Glm4ForCausalLM",
+           "glm": "GlmForCausalLM"}
+
+
+@pytest.fixture(scope="module")
+def ggufs(tiny_models, tmp_path_factory):
+    """arch -> (model folder, its f16 GGUF), converted once per module."""
+    out = tmp_path_factory.mktemp("gguf")
+    made: dict[str, tuple[Path, Path]] = {}
+
+    def get(arch: str) -> tuple[Path, Path]:
+        if arch not in made:
+            model = tiny_models(arch)
+            made[arch] = (model, write_gguf(model, out / f"{arch}.f16.gguf", "f16"))
+        return made[arch]
+
+    return get
+
+
+def _hf_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def _gguf_tensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor, dequantized to float32, in PyTorch's shape."""
+    from gguf import GGUFReader, dequantize
+
+    return {t.name: dequantize(t.data, t.tensor_type).astype(np.float32).reshape(
+        [int(n) for n in reversed(t.shape.tolist())]) for t in GGUFReader(str(path)).tensors}
+
+
+def _llama_permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's rotary layout for LLaMA's q/k rows: per head, the two halves interleaved."""
+    return (weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def _expected(arch: str, model_dir: Path) -> dict[str, torch.Tensor]:
+    """The HF tensors under their GGUF names (the gguf package's name map), in llama.cpp's
+    layout (LLaMA's q/k permuted)."""
+    import gguf
+
+    config = json.loads((model_dir / "config.json").read_text())
+    arch_id = {name: key for key, name in gguf.MODEL_ARCH_NAMES.items()}[SUPPORTED[HF_ARCH[arch]]]
+    names = gguf.get_tensor_name_map(arch_id, config["num_hidden_layers"])
+    expected = {}
+    for name, tensor in _hf_tensors(model_dir).items():
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        assert gguf_name, f"{name}: no GGUF name"
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config["num_attention_heads"] if "q_proj" in name else config["num_key_value_heads"]
+            tensor = _llama_permute(tensor, heads)
+        expected[gguf_name] = tensor.float()
+    return expected
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "glm4", "glm"])
+def test_f16_gguf_holds_the_weights_and_vocabulary(arch, ggufs):
+    from transformers import AutoTokenizer
+
+    model_dir, path = ggufs(arch)
+    summary = read_gguf_summary(path)
+    assert check_gguf_architecture(model_dir) == HF_ARCH[arch]
+    assert summary["architecture"] == SUPPORTED[HF_ARCH[arch]]
+    assert summary["file_type"] == 1  # MOSTLY_F16
+
+    expected, stored = _expected(arch, model_dir), _gguf_tensors(path)
+    assert sorted(stored) == sorted(expected) == sorted(summary["tensors"])
+    for name in ("token_embd.weight", "output.weight", "output_norm.weight", "blk.0.attn_q.weight",
+                 "blk.1.ffn_down.weight"):
+        assert name in stored
+    for name, want in expected.items():
+        info = summary["tensors"][name]
+        assert info["shape"] == list(want.shape), name
+        assert info["type"] == ("F16" if want.dim() == 2 else "F32"), name
+        if info["type"] == "F16":
+            want = want.half().float()
+        np.testing.assert_array_equal(stored[name], want.numpy(), err_msg=name)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    vocab = tokenizer.get_vocab()
+    assert summary["tokenizer"]["tokens"] == sorted(vocab, key=vocab.get)
+    assert summary["tokenizer"]["model"] == "gpt2" and summary["tokenizer"]["pre"] == "gpt-2"
+    assert summary["tokenizer"]["eos_id"] == tokenizer.eos_token_id
+
+
+def test_q8_0_is_smaller_and_close(ggufs, tmp_path):
+    model_dir, f16 = ggufs("qwen2")
+    q8 = write_gguf(model_dir, tmp_path / "out" / "m.q8_0.gguf", "q8_0")
+    assert q8.stat().st_size < f16.stat().st_size
+    assert not list(q8.parent.glob(".*partial"))
+    summary = read_gguf_summary(q8)
+    assert summary["architecture"] == "qwen2" and summary["file_type"] == 7  # MOSTLY_Q8_0
+    assert summary["tensors"]["blk.0.ffn_down.weight"]["type"] == "Q8_0"
+    stored, expected = _gguf_tensors(q8), _expected("qwen2", model_dir)
+    for name, want in expected.items():
+        want = want.numpy()
+        # Q8_0: blocks of 32 values, each a multiple of the block's max |w| / 127
+        np.testing.assert_allclose(stored[name], want, rtol=0, atol=float(np.abs(want).max()) / 127 + 1e-6)
+
+
+def test_outtype_and_architecture_refusals(ggufs, tmp_path):
+    model_dir, _ = ggufs("llama")
+    with pytest.raises(ConfigError, match=r"--gguf: expected one of f16, q8_0, got 'q4_0'"):
+        write_gguf(model_dir, tmp_path / "m.gguf", "q4_0")
+    with pytest.raises(ConfigError, match="no config.json"):
+        check_gguf_architecture(tmp_path)
+    other = tmp_path / "gpt2"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ConfigError, match="GPT2LMHeadModel.*LlamaForCausalLM, Qwen2ForCausalLM"):
+        write_gguf(other, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_chatglm6b_port_is_refused(tmp_path):
+    from chattune.chatglm import native_model_path
+    from chattune.tiny import build_thudm_folder
+
+    if not (FIXTURES / "chatglm-6b" / "config.json").is_file():
+        pytest.skip(f"ChatGLM fixtures not found at {FIXTURES}")
+    native = native_model_path(str(build_thudm_folder(tmp_path / "m", FIXTURES / "chatglm-6b")))
+    with pytest.raises(ConfigError, match=r"ChatGLM6BForCausalLM.*supported architectures: "
+                                          r"LlamaForCausalLM, Qwen2ForCausalLM, Glm4ForCausalLM, GlmForCausalLM"):
+        check_gguf_architecture(native)
+    with pytest.raises(ConfigError, match="ChatGLM6BForCausalLM"):
+        write_gguf(native, tmp_path / "m.gguf")
+
+
+@pytest.mark.parametrize("family", ["chatglm2-6b", "chatglm3-6b"])
+def test_chatglm2_3_sentencepiece_tokenizer_is_refused(family, tmp_path):
+    """chattune converts ChatGLM2/3 to transformers' GLM with their SentencePiece vocabulary,
+    which llama.cpp's converter cannot write for GLM (it fails on it): refused up front."""
+    from chattune.chatglm import native_model_path
+    from chattune.tiny import build_thudm_folder
+
+    if not (FIXTURES / family / "config.json").is_file():
+        pytest.skip(f"ChatGLM fixtures not found at {FIXTURES}")
+    native = native_model_path(str(build_thudm_folder(tmp_path / "m", FIXTURES / family)))
+    with pytest.raises(ConfigError, match="GlmForCausalLM with ChatGLM2/3's SentencePiece tokenizer"):
+        write_gguf(native, tmp_path / "m.gguf")
+
+
+def test_export_gguf_writes_the_file_and_modelfile_into_the_export(tiny_models, tmp_path):
+    """What ``chattune export --gguf`` calls on the exported folder: the template from
+    chattune_export.json, the generation defaults from generation_config.json."""
+    import shutil
+
+    folder = tmp_path / "my-model"
+    shutil.copytree(tiny_models("glm4"), folder)
+    (folder / "chattune_export.json").write_text(json.dumps({"template": "chatglm3"}))
+    config = json.loads((folder / "generation_config.json").read_text())
+    config.update(max_new_tokens=64, do_sample=True, temperature=0.5, top_p=0.7, top_k=20)
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    logs: list[str] = []
+    lines = list(export_gguf(folder, "q8_0", log=logs.append))
+    gguf_file = folder / "my-model.q8_0.gguf"
+    assert gguf_file.is_file() and read_gguf_summary(gguf_file)["architecture"] == "glm4"
+    assert lines[0].startswith(f"wrote {gguf_file} (") and "llama.cpp architecture glm4" in lines[0]
+    assert lines[1].startswith(f"wrote {folder / 'Modelfile'} (template 'chatglm3')")
+    assert logs and "q8_0" in logs[0]
+    modelfile = (folder / "Modelfile").read_text().splitlines()
+    for line in ("FROM ./my-model.q8_0.gguf", 'PARAMETER stop "<|user|>"', 'PARAMETER stop "<|observation|>"',
+                 "PARAMETER temperature 0.5", "PARAMETER top_p 0.7", "PARAMETER top_k 20",
+                 "PARAMETER num_predict 64"):
+        assert line in modelfile
+
+
+def test_stop_tokens_are_the_ones_chattune_stops_on(tiny_models, char_tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    def stops(template, tokenizer, name):
+        text = write_modelfile(tmp_path / name, "m.gguf", template, tokenizer, GenerateArgs()).read_text()
+        return [line.removeprefix("PARAMETER stop ") for line in text.splitlines() if line.startswith("PARAMETER stop")]
+
+    # a tokenizer without <|observation|>: chattune does not stop on that text, nor does Ollama
+    assert stops("chatglm3", char_tokenizer, "a") == ['"<|user|>"', '"</s>"']
+    qwen = AutoTokenizer.from_pretrained(tiny_models("qwen2"))
+    assert stops("chatglm", qwen, "b") == ['"<eop>"', '"<|im_end|>"']
+    qwen.add_special_tokens({"additional_special_tokens": ["eop"]})
+    assert stops("chatglm", qwen, "c") == ['"<eop>"', '"<|im_end|>"']  # "eop" would cut "people"
+
+
+def test_converter_failure_names_its_last_lines(ggufs, tmp_path):
+    model_dir, _ = ggufs("llama")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((model_dir / "config.json").read_text())
+    with pytest.raises(ChattuneError, match=r"(?s)converter failed on .*broken.*last lines:\n.+") as caught:
+        write_gguf(broken, tmp_path / "out" / "m.gguf")
+    assert not isinstance(caught.value, ConfigError)
+    assert not list((tmp_path / "out").iterdir())
+
+
+# ------------------------------------------------------------- the Modelfile and its TEMPLATE
+
+
+class GoTemplate:
+    """The Go text/template subset Ollama TEMPLATEs here use: text, ``{{ .X }}``,
+    ``{{ $.X }}``, ``{{ $v }}``, ``{{ $v := expr }}``, ``{{ $v = expr }}``, ``if``/``else
+    if``/``else``/``end``, ``range``, the functions ``eq``, ``len``, ``print``, ``not`` and
+    parenthesised calls, string and integer literals. Anything else raises."""
+
+    def __init__(self, source: str):
+        assert "{{-" not in source and "-}}" not in source
+        parts = re.split(r"({{.*?}})", source, flags=re.S)
+        self.tokens = [(p[2:-2].strip(), True) if p.startswith("{{") else (p, False) for p in parts if p]
+        self.pos = 0
+        self.body = self._block(("end", "else"))
+        assert self.pos == len(self.tokens), "unbalanced {{ end }}"
+
+    def _block(self, stops):
+        nodes = []
+        while self.pos < len(self.tokens):
+            text, action = self.tokens[self.pos]
+            if action and text.split()[0] in stops:
+                return nodes
+            self.pos += 1
+            if not action:
+                nodes.append(("text", text))
+            elif text.startswith("if "):
+                nodes.append(self._if(text[3:]))
+            elif text.startswith("range "):
+                body = self._block(("end",))
+                self._expect("end")
+                nodes.append(("range", text[6:], body))
+            elif m := re.fullmatch(r"(\$\w+)\s*(:?=)\s*(.+)", text, re.S):
+                nodes.append(("set", m[1], m[3]))
+            else:
+                nodes.append(("out", text))
+        return nodes
+
+    def _if(self, cond):
+        branches = [(cond, self._block(("end", "else")))]
+        while True:
+            text, _ = self.tokens[self.pos]
+            self.pos += 1
+            if text == "end":
+                return ("if", branches)
+            if text.startswith("else if "):
+                branches.append((text[8:], self._block(("end", "else"))))
+            else:
+                assert text == "else", text
+                branches.append((None, self._block(("end",))))
+
+    def _expect(self, word):
+        assert self.tokens[self.pos] == (word, True), self.tokens[self.pos]
+        self.pos += 1
+
+    def render(self, data: dict) -> str:
+        out: list[str] = []
+        self._run(self.body, data, data, {}, out)
+        return "".join(out)
+
+    def _run(self, nodes, dot, root, variables, out):
+        for node in nodes:
+            if node[0] == "text":
+                out.append(node[1])
+            elif node[0] == "out":
+                out.append(str(self._eval(node[1], dot, root, variables)))
+            elif node[0] == "set":
+                variables[node[1]] = self._eval(node[2], dot, root, variables)
+            elif node[0] == "range":
+                for item in self._eval(node[1], dot, root, variables):
+                    self._run(node[2], item, root, variables, out)
+            else:
+                for cond, body in node[1]:
+                    if cond is None or self._truth(self._eval(cond, dot, root, variables)):
+                        self._run(body, dot, root, variables, out)
+                        break
+
+    @staticmethod
+    def _truth(value) -> bool:
+        return bool(value)
+
+    def _eval(self, expr, dot, root, variables):
+        tokens = re.findall(r'"(?:[^"\\]|\\.)*"|\(|\)|[^\s()]+', expr)
+        value, rest = self._call(tokens, dot, root, variables)
+        assert not rest, f"unparsed: {rest}"
+        return value
+
+    def _call(self, tokens, dot, root, variables):
+        functions = {"eq": lambda a, b: a == b, "len": len, "not": lambda a: not a,
+                     "print": lambda *a: "".join(map(str, a))}
+        if tokens[0] in functions:
+            args, rest = [], tokens[1:]
+            while rest and rest[0] != ")":
+                arg, rest = self._operand(rest, dot, root, variables)
+                args.append(arg)
+            return functions[tokens[0]](*args), rest
+        return self._operand(tokens, dot, root, variables)
+
+    def _operand(self, tokens, dot, root, variables):
+        token, rest = tokens[0], tokens[1:]
+        if token == "(":
+            value, rest = self._call(rest, dot, root, variables)
+            assert rest[0] == ")"
+            return value, rest[1:]
+        if token.startswith('"'):
+            return json.loads(token), rest
+        if token.isdigit():
+            return int(token), rest
+        if token.startswith("$."):
+            return root[token[2:]], rest
+        if token.startswith("$"):
+            return variables[token], rest
+        if token.startswith("."):
+            return dot[token[1:]], rest
+        raise AssertionError(f"unsupported: {token}")
+
+
+def test_go_template_evaluator_follows_go_semantics():
+    source = ('{{ $n := "" }}{{ range .Messages }}{{ $n = print $n "x" }}{{ len $n }}:{{ .Role }}'
+              '{{ if eq .Role "user" }}U{{ else if eq (len $n) 2 }}two{{ else }}other{{ end }};{{ end }}'
+              '{{ if .System }}S={{ $.System }}{{ end }}')
+    data = {"System": "s", "Messages": [{"Role": "user"}, {"Role": "assistant"}, {"Role": "tool"}]}
+    assert GoTemplate(source).render(data) == "1:userU;2:assistanttwo;3:toolother;S=s"
+
+
+def _ollama_render(go_template: str, messages: list[dict]) -> str:
+    """What Ollama renders for a chat request: ``.System`` the system messages' text,
+    ``.Messages`` every message (system ones too) as Role/Content."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    return GoTemplate(go_template).render(
+        {"System": system, "Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]})
+
+
+def _chattune_prompt(template: str, messages: list[dict], tokenizer, specials: str = "") -> str:
+    from chattune.templates.registry import render, render_text
+
+    return render_text(render(template, messages, tokenizer), eos=tokenizer.eos_token, specials=specials)
+
+
+SYSTEM, Q1, A1, Q2, A2, Q3 = "Be brief.", "Hi there", "Hello!", "Name 3 colors", "red, blue, yellow", "是吗？"
+CONVERSATIONS = [
+    [{"role": "system", "content": SYSTEM}, {"role": "user", "content": Q1},
+     {"role": "assistant", "content": A1}, {"role": "user", "content": Q2}],
+    [{"role": "user", "content": Q1}],
+    [{"role": "system", "content": SYSTEM}, {"role": "user", "content": Q1}],
+    [{"role": "user", "content": Q1}, {"role": "assistant", "content": A1}, {"role": "user", "content": Q2},
+     {"role": "assistant", "content": A2}, {"role": "user", "content": Q3}],
+]
+NAMED = ["default", "tutorial-alpaca", "chatglm-tuning", "chatglm", "chatglm2", "chatglm3", "vicuna", "alpaca",
+         "chinese-alpaca", "chinese-alpaca-2", "moss", "gpt4all"]
+
+
+def _modelfile_template(path: Path) -> str:
+    """The TEMPLATE value as Ollama's parser reads it (triple-quoted, verbatim)."""
+    found = re.search(r'^TEMPLATE """(.*?)"""$', path.read_text(encoding="utf-8"), re.S | re.M)
+    assert found, "no TEMPLATE"
+    return found[1]
+
+
+@pytest.mark.parametrize("template", NAMED + ["tokenizer"])
+@pytest.mark.parametrize("arch", ["qwen2", "glm4"])
+def test_modelfile_template_renders_chattunes_prompt(template, arch, tiny_models, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models(arch))
+    path = write_modelfile(tmp_path, "m.gguf", template, tokenizer, GenerateArgs(), system=SYSTEM)
+    go_template = _modelfile_template(path)
+    assert "NOTE" not in path.read_text()  # the tiny chat templates translate
+    for messages in CONVERSATIONS:
+        assert _ollama_render(go_template, messages) == _chattune_prompt(template, messages, tokenizer), messages
+    if template == "tokenizer" and arch == "qwen2":  # ChatML: its answers end with the EOS token
+        for messages in CONVERSATIONS:
+            assert _ollama_render(go_template, messages) == tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True)
+
+
+def test_modelfile_lines(tiny_models, ggufs, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models("glm4"))
+    greedy = write_modelfile(tmp_path / "a", "model.f16.gguf", "chatglm3", tokenizer,
+                             GenerateArgs(max_new_tokens=64), system="You are ChatGLM3.")
+    lines = greedy.read_text(encoding="utf-8").splitlines()
+    assert greedy == tmp_path / "a" / "Modelfile"
+    assert "FROM ./model.f16.gguf" in lines
+    assert 'SYSTEM "You are ChatGLM3."' in lines
+    stops = [line for line in lines if line.startswith("PARAMETER stop ")]
+    assert stops == ['PARAMETER stop "<|user|>"', 'PARAMETER stop "<|observation|>"',
+                     'PARAMETER stop "<|endoftext|>"']
+    assert {"PARAMETER temperature 0", "PARAMETER num_predict 64", "PARAMETER repeat_penalty 1"} <= set(lines)
+    assert not any(line.startswith(("PARAMETER top_p", "PARAMETER top_k")) for line in lines)
+    assert _modelfile_template(greedy) == (
+        '{{ if .System }}<|system|>\n{{ .System }}{{ end }}{{ range .Messages }}{{ if eq .Role "user" }}'
+        '<|user|>\n{{ .Content }}<|assistant|>{{ else if eq .Role "assistant" }}\n{{ .Content }}{{ end }}{{ end }}')
+
+    sampling = GenerateArgs(do_sample=True, temperature=0.6, top_p=0.8, repetition_penalty=1.2)
+    text = write_modelfile(tmp_path / "b", "m.gguf", "default", tokenizer, sampling).read_text(encoding="utf-8")
+    assert "SYSTEM" not in text
+    assert 'PARAMETER stop "\nHuman:"\n' in text  # a newline inside quotes: Ollama keeps it
+    for line in ("PARAMETER temperature 0.6", "PARAMETER top_p 0.8", "PARAMETER top_k 0",
+                 "PARAMETER repeat_penalty 1.2", "PARAMETER repeat_last_n -1", "PARAMETER num_predict 256"):
+        assert line in text.splitlines()
+
+    beside = tmp_path / "e"  # the GGUF already there: its add_bos_token is read (ChatGLM's: false)
+    beside.mkdir()
+    (beside / "m.gguf").symlink_to(ggufs("glm")[1])
+    assert _gguf_add_bos(beside / "m.gguf") is False and _gguf_add_bos(beside / "none.gguf") is None
+    assert _modelfile_template(write_modelfile(beside, "m.gguf", "chatglm3", tokenizer, GenerateArgs())) \
+        == _modelfile_template(greedy)
+
+    auto = write_modelfile(tmp_path / "f", "m.gguf", "auto", tokenizer, GenerateArgs()).read_text()
+    assert "(template 'tokenizer')" in auto.splitlines()[0]  # the tiny tokenizer has a chat template
+
+    quoted = write_modelfile(tmp_path / "c", "m.gguf", "vicuna", tokenizer, GenerateArgs(), system='Say "hi".')
+    assert 'SYSTEM """Say "hi"."""' in quoted.read_text(encoding="utf-8").splitlines()
+    with pytest.raises(ConfigError, match="system prompt"):
+        write_modelfile(tmp_path / "d", "m.gguf", "vicuna", tokenizer, GenerateArgs(), system='a """ b')
+
+
+def test_chat_template_bos_is_left_to_the_runtime(tiny_models):
+    """A chat template that writes the BOS token itself (Llama 3's ``{{ bos_token }}``):
+    the TEMPLATE leaves it out where llama.cpp adds BOS (``add_bos_token``), else keeps it."""
+    from transformers import AutoTokenizer
+
+    from chattune.tiny import CHATML_CHAT_TEMPLATE
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models("qwen2"))
+    tokenizer.bos_token = "<|endoftext|>"
+    tokenizer.chat_template = "{{ bos_token }}" + CHATML_CHAT_TEMPLATE
+    for add_bos in (True, None, False):
+        go_template, note = ollama_template("tokenizer", tokenizer, add_bos=add_bos)
+        assert note is None
+        for messages in CONVERSATIONS:
+            want = _chattune_prompt("tokenizer", messages, tokenizer)
+            assert want.startswith("<|endoftext|><|im_start|>")
+            if add_bos is not False:
+                want = want[len("<|endoftext|>"):]
+            assert _ollama_render(go_template, messages) == want
+
+
+def test_a_bos_per_turn_is_written_after_the_first(tiny_models):
+    """chinese-alpaca-2 puts the tokenizer's BOS before every turn: the runtime adds only the
+    first one (add_bos_token), so the TEMPLATE writes the others."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models("qwen2"))
+    bos = "<|endoftext|>"
+    tokenizer.bos_token = bos
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tokenizer.convert_tokens_to_ids(bos))])
+    assert tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id
+    for add_bos in (True, False):
+        go_template, _ = ollama_template("chinese-alpaca-2", tokenizer, add_bos=add_bos)
+        for messages in CONVERSATIONS:
+            want = _chattune_prompt("chinese-alpaca-2", messages, tokenizer, specials=bos)
+            assert want.startswith(bos + "[INST] <<SYS>>")
+            if add_bos:
+                want = want[len(bos):]
+            assert _ollama_render(go_template, messages) == want
+    history = CONVERSATIONS[3]
+    assert _ollama_render(go_template, history).count(bos + "[INST] ") == 3
+
+
+def test_modelfile_stops_of_the_new_templates(tiny_models, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models("qwen2"))
+
+    def stops(template):
+        text = write_modelfile(tmp_path / template, "m.gguf", template, tokenizer, GenerateArgs()).read_text()
+        return [line.removeprefix("PARAMETER stop ") for line in text.splitlines() if line.startswith("PARAMETER stop")]
+
+    assert stops("alpaca") == ['"### Instruction:"', '"<|im_end|>"']
+    assert stops("chinese-alpaca-2") == ['"[INST]"', '"<|im_end|>"']
+    assert stops("moss") == ['"<eom>"', '"<eoh>"', '"<|Human|>:"', '"<|im_end|>"']
+    assert stops("gpt4all") == ['"### Human"', '"### Assistant"', '"<|im_end|>"']
+    moss = (tmp_path / "moss" / "Modelfile").read_text(encoding="utf-8")
+    assert "Capabilities and tools that MOSS can possess.{{ end }}\n" in moss  # its meta_instruction, quotes and all
+    assert '"in this context a human might say...", "some people might think..."' in _modelfile_template(
+        tmp_path / "moss" / "Modelfile")
+
+
+def test_untranslatable_chat_template_gets_the_generic_one(tiny_models, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models("qwen2"))
+    # questions numbered by their place in the conversation: no fixed prefix per message
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}Q{{ loop.index }}: {{ m['content'] }}\nA: "
+        "{% elif m['role'] == 'assistant' %}{{ m['content'] }}\n{% endif %}{% endfor %}")
+    go_template, note = ollama_template("tokenizer", tokenizer)
+    assert note and "could not be translated" in note
+    assert go_template == ollama_template("default", tokenizer)[0]
+    text = write_modelfile(tmp_path, "m.gguf", "tokenizer", tokenizer, GenerateArgs()).read_text()
+    assert "# NOTE: the tokenizer's chat template could not be translated" in text
+    assert "could not be translated" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("template", NAMED)
+def test_prefix_tokens_of_the_tokenizer_are_written(template, tmp_path):
+    """chattune's ChatGLM3 tokenizer adds ``[gMASK]`` ``sop`` to every text (chattune's
+    ``specials`` piece): each TEMPLATE writes them where chattune places them (first, or
+    closing the last prompt for the ChatGLM-6B-style templates)."""
+    from transformers import AutoTokenizer
+
+    from chattune.chatglm import native_model_path
+    from chattune.tiny import build_thudm_folder
+
+    if not (FIXTURES / "chatglm3-6b" / "config.json").is_file():
+        pytest.skip(f"ChatGLM fixtures not found at {FIXTURES}")
+    native = native_model_path(str(build_thudm_folder(tmp_path / "m", FIXTURES / "chatglm3-6b")))
+    tokenizer = AutoTokenizer.from_pretrained(native)
+    go_template, note = ollama_template(template, tokenizer)
+    assert note is None and "[gMASK]sop" in go_template
+    for messages in CONVERSATIONS:
+        assert _ollama_render(go_template, messages) == _chattune_prompt(
+            template, messages, tokenizer, specials="[gMASK]sop"), messages
+
+
+# ------------------------------------------------------------- llama.cpp runs the GGUF
+
+PROBES = ["The quick brown fox", "What are the three primary colors?", "你好，我是"]
+LOGIT_TOLERANCE = 3e-3
+"""llama.cpp on f16 weights against transformers on the float32 ones: the logits differ by
+rounding (measured up to 7e-4 on these models); two HF logits closer than twice this are a tie."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "glm4", "glm"])
+def test_llama_cpp_greedy_tokens_match_transformers(arch, ggufs):
+    llama_cpp = pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python builds llama.cpp)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir, path = ggufs(arch)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=2, logits_all=True, verbose=False)
+    try:
+        for prompt in PROBES:
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            assert llm.tokenize(prompt.encode(), add_bos=False, special=False) == ids, prompt
+            with torch.no_grad():
+                hf = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=16,
+                                    pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+                hf_logits = model(torch.tensor([ids + hf])).logits[0].numpy()
+            ours = []
+            for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+                ours.append(token)
+                if len(ours) == len(hf):
+                    break
+            # the same logits along transformers' answer (teacher-forced) ...
+            llm.reset()
+            llm.eval(ids + hf)
+            np.testing.assert_allclose(np.asarray(llm.scores[:len(ids) + len(hf)]), hf_logits,
+                                       rtol=0, atol=LOGIT_TOLERANCE, err_msg=prompt)
+            # ... and the same greedy tokens, up to a tie in transformers' own logits
+            if ours != hf:
+                at = next(i for i, (a, b) in enumerate(zip(ours, hf, strict=True)) if a != b)
+                row = hf_logits[len(ids) + at - 1]
+                assert abs(row[hf[at]] - row[ours[at]]) < 2 * LOGIT_TOLERANCE, (prompt, at, hf, ours)
+    finally:
+        llm.close()

@@ -1,0 +1,202 @@
+"""``chattune export``: a run becomes one model folder that loads without chattune or peft,
+checked against the run itself; dtypes, tied embeddings, refusals and atomic writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from chattune.cli import main
+from chattune.config_io import load_config
+from chattune.export.model import ExportError, export_run, write_shard
+from chattune.inference.generate import generate
+from chattune.inference.runs import LoadOptions, load_run
+from chattune.training.recipe import train
+
+CONVERSATIONS = [[{"role": "user", "content": "Who are you?"}],
+                 [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Give three tips."}]]
+
+
+def _train(model: Path, data: Path, out: Path, *extra: str) -> Path:
+    overrides = [f"model_name_or_path={model}", f"train_files=[{data}]", "max_steps=6", "save_steps=6",
+                 "learning_rate=2e-2", "per_device_train_batch_size=4", "max_seq_length=64", "max_new_tokens=12",
+                 f"output_dir={out}", "report_to=[none]", f"cache_dir={out.parent / 'cache'}", *extra]
+    return train(load_config(None, overrides), log=lambda *_: None).output_dir
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("export")
+
+
+@pytest.fixture(scope="module")
+def bf16_base(tiny_models, root):
+    """The tiny GLM-4 saved in bfloat16, as real checkpoints are."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = root / "base-bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_models("glm4"), dtype=torch.bfloat16).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_models("glm4")).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_models, data_file, root):
+    base = tiny_models("glm4")
+    return {method: _train(base, data_file, root / method, f"method={method}")
+            for method in ("lora", "freeze", "full")}
+
+
+@pytest.mark.parametrize("method", ["lora", "freeze", "full"])
+def test_export_is_a_standalone_model_equal_to_the_run(runs, root, method, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = root / f"{method}-export"
+    assert main(["export", str(runs[method]), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "check: float32: max |logit difference|" in printed and "identical on 3/3 probes" in printed
+    check = json.loads((out / "export_check.json").read_text())
+    assert check["passed"] and check["max_logit_difference"] <= 1e-4 and check["greedy_identical"] == 3
+    assert check["chat_template_matches"], check["chat_template_mismatches"]  # history and system too
+    for name in ("config.json", "model.safetensors.index.json", "generation_config.json", "tokenizer_config.json"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob("adapter_*")) and not (out / "chattune.json").exists()
+    generation = json.loads((out / "generation_config.json").read_text())
+    run = load_run(str(runs[method]))
+    assert generation["max_new_tokens"] == 12
+    eos = generation["eos_token_id"]
+    assert set(eos if isinstance(eos, list) else [eos]) == set(run.profile().stop_token_ids)
+    model = AutoModelForCausalLM.from_pretrained(out)  # no peft, no chattune files needed
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = torch.tensor([run.prompt_ids(CONVERSATIONS[0])])
+    assert tokenizer.apply_chat_template(CONVERSATIONS[0], add_generation_prompt=True, tokenize=True,
+                                         return_dict=False) == ids[0].tolist()
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits - run.model(input_ids=ids).logits).abs().max() <= 1e-4
+
+
+def test_chattune_answers_with_the_export_as_with_the_run(runs, root):
+    """chat / predict / serve / eval take an export as a plain base model, with its chat template."""
+    out = root / "lora-answers"
+    export_run(str(runs["lora"]), str(out), log=lambda *_: None)
+    exported = load_run(str(out), LoadOptions())
+    assert exported.profile().template == "tokenizer"
+    run = load_run(str(runs["lora"]))
+    for conversation in CONVERSATIONS:
+        assert exported.prompt_ids(conversation) == run.prompt_ids(conversation)
+    assert generate(exported, CONVERSATIONS, max_new_tokens=12) == generate(run, CONVERSATIONS, max_new_tokens=12)
+
+
+def test_auto_keeps_the_bases_bfloat16_and_float32_is_asked_for(bf16_base, data_file, root):
+    run = _train(bf16_base, data_file, root / "lora-bf16", "dtype=bfloat16")
+    auto = export_run(str(run), str(root / "bf16-auto"), log=lambda *_: None)
+    assert auto.check["dtype"] == "bfloat16" and auto.check["passed"]
+    from safetensors import safe_open
+
+    shard = next((root / "bf16-auto").glob("model-*.safetensors"))
+    with safe_open(str(shard), "pt") as handle:
+        assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.bfloat16}
+    wide = export_run(str(run), str(root / "bf16-as-f32"), dtype="float32", log=lambda *_: None)
+    assert wide.check["dtype"] == "float32" and wide.check["max_logit_difference"] <= 1e-4
+
+
+@pytest.mark.parametrize("extra", [["modules_to_save=[lm_head]"], ["lora_target=[embed_tokens,q_proj,v_proj]"]])
+def test_tied_embeddings_stay_right(tiny_models, data_file, root, extra):
+    """A tied model whose adapter trains the head or the embedding: merged into the one shared
+    tensor it would change both; the export unties them and matches the run."""
+    from transformers import AutoModelForCausalLM
+
+    folder = root / "tied-base"
+    if not folder.exists():
+        model = AutoModelForCausalLM.from_pretrained(tiny_models("qwen2"))
+        model.config.tie_word_embeddings = True
+        model.lm_head.weight = model.model.embed_tokens.weight
+        model.save_pretrained(folder)
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(tiny_models("qwen2")).save_pretrained(folder)
+    name = extra[0].split("=")[0]
+    run = _train(folder, data_file, root / f"tied-{name}", *extra)
+    out = root / f"tied-{name}-export"
+    result = export_run(str(run), str(out), log=lambda *_: None)
+    assert result.check["passed"], result.check
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    assert not torch.equal(exported.lm_head.weight, exported.model.embed_tokens.weight)
+
+
+def test_ptuning_cannot_become_weights(tiny_models, data_file, root):
+    run = _train(tiny_models("glm4"), data_file, root / "ptuning", "method=ptuning", "pre_seq_len=4")
+    with pytest.raises(ExportError, match=r"P-Tuning v2 run .* cannot become a standalone model.*chattune serve"):
+        export_run(str(run), str(root / "ptuning-export"))
+    assert not (root / "ptuning-export").exists()
+
+
+def test_refusals_and_nothing_half_written(runs, root, capsys, monkeypatch):
+    out = root / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["export", str(runs["lora"]), "--out", str(out)]) == 2
+    assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    import chattune.export.model as export
+
+    def failing(reference, exported, dtype, gaps=None):
+        return {**real(reference, exported, dtype, gaps), "passed": False}
+
+    real = export.compare_probes
+    monkeypatch.setattr(export, "compare_probes", failing)
+    assert main(["export", str(runs["lora"]), "--out", str(root / "failed")]) == 2
+    assert "export check failed" in capsys.readouterr().err
+    assert not (root / "failed").exists() and not list(root.glob("tmp-failed-*"))
+
+
+def test_a_changed_base_is_refused_unless_forced(runs, tiny_models, root, capsys):
+    import shutil
+
+    changed = root / "changed-base"
+    shutil.copytree(tiny_models("glm4"), changed)
+    config = json.loads((changed / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-3
+    (changed / "config.json").write_text(json.dumps(config))
+    args = ["export", str(runs["lora"]), "--out", str(root / "changed-export"), "--base-model", str(changed)]
+    assert main(args) == 2
+    assert "differs from the one the adapter was trained on" in capsys.readouterr().err
+    assert main([*args, "--force"]) == 0  # forced: the adapter merged into that base, checked against it
+
+
+def test_small_shards_and_their_index(runs, root):
+    from transformers import AutoModelForCausalLM
+
+    out = root / "sharded"
+    export_run(str(runs["full"]), str(out), shard_size="200KB", log=lambda *_: None)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 3 and sorted(p.name for p in out.glob("model-*.safetensors")) == shards
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_half_precision_divergence_only_at_a_near_tie_passes():
+    from chattune.export.model import compare_probes
+
+    logits = [torch.tensor([[1.0, 2.0]])]
+    reference, exported = (logits, [[1, 2, 3]]), (logits, [[1, 5, 6]])
+    tie = compare_probes(reference, exported, torch.bfloat16, gaps=[[3.0, 0.01, 2.0]])
+    assert tie["passed"] and tie["greedy_ties"] == [{"probe": 0, "step": 1, "top_gap": 0.01}]
+    clear = compare_probes(reference, exported, torch.bfloat16, gaps=[[3.0, 2.0, 2.0]])
+    assert not clear["passed"]
+    assert not compare_probes(reference, exported, torch.float32, gaps=[[3.0, 0.01, 2.0]])["passed"]
+
+
+def test_write_shard_is_read_by_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.zeros(0),
+               "d": torch.arange(6, dtype=torch.int64).view(2, 3), "e": torch.randn(4, 4).half().t()}
+    write_shard(tmp_path / "x.safetensors", tensors)
+    loaded = load_file(str(tmp_path / "x.safetensors"))
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor.contiguous()), name

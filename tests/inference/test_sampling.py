@@ -1,0 +1,94 @@
+"""The one sampler: greedy, repetition penalty as transformers applies it, top-k, top-p, seeds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chattune.config import GenerateArgs
+from chattune.inference.sampling import (
+    SamplingParams,
+    params_from_defaults,
+    penalize_repeats,
+    sample,
+    sample_row,
+)
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_greedy_takes_the_largest_logit_per_row():
+    logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 2.9]])
+    rows = [(SamplingParams(max_tokens=1), [], None)] * 2
+    assert sample(logits, rows) == [1, 0]
+
+
+def test_the_repetition_penalty_is_transformers_own():
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    logits = torch.randn(1, 50, generator=_gen(0))
+    seen = [3, 7, 7, 12, 40]
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([seen]), logits.clone())[0]
+    torch.testing.assert_close(penalize_repeats(logits[0].clone(), seen, 1.3), expected)
+    assert torch.equal(penalize_repeats(logits[0], seen, 1.0), logits[0])
+
+
+def test_the_penalty_changes_a_greedy_pick():
+    logits = torch.tensor([[2.0, 1.8, -5.0]])
+    params = SamplingParams(max_tokens=1, repetition_penalty=1.3)
+    assert sample(logits, [(params, [0], None)]) == [1]  # 2.0 / 1.3 < 1.8
+    assert sample(logits, [(params, [], None)]) == [0]
+
+
+def test_top_k_keeps_only_the_k_best():
+    logits = torch.tensor([5.0, 4.9, 4.8, -1.0, -2.0])
+    params = SamplingParams(max_tokens=1, temperature=5.0, top_k=2)
+    picks = {sample_row(logits, params, _gen(s)) for s in range(200)}
+    assert picks == {0, 1}
+    assert sample_row(logits, SamplingParams(max_tokens=1, temperature=1.0, top_k=1), _gen(0)) == 0
+
+
+def test_top_p_keeps_the_smallest_set_over_the_mass():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    params = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.75)
+    picks = {sample_row(probs.log(), params, _gen(s)) for s in range(300)}
+    assert picks == {0, 1}
+
+
+def test_a_seed_repeats_and_rows_are_independent():
+    logits = torch.zeros(2, 1000)
+    params = SamplingParams(max_tokens=1, temperature=1.0)
+    first = sample(logits, [(params, [], _gen(1)), (params, [], _gen(2))])
+    again = sample(logits, [(params, [], _gen(1)), (params, [], _gen(2))])
+    assert first == again and first[0] != first[1]
+    alone = sample(logits[:1], [(params, [], _gen(2))])
+    assert alone == first[1:]  # a row's draw does not depend on its neighbours
+
+
+@pytest.mark.parametrize(("kw", "expected"), [
+    ({}, (12, 0.0, 0.9, 0, 1.0)),
+    ({"temperature": 0.5}, (12, 0.5, 0.9, 0, 1.0)),
+    ({"temperature": 0.5, "do_sample": False}, (12, 0.0, 0.9, 0, 1.0)),
+    ({"do_sample": True}, (12, 0.7, 0.9, 0, 1.0)),
+    ({"top_k": 5, "top_p": 0.5, "repetition_penalty": 1.2}, (12, 0.0, 0.5, 5, 1.2)),
+])
+def test_request_settings_over_the_run_s_defaults(kw, expected):
+    params = params_from_defaults(GenerateArgs(max_new_tokens=12), **kw)
+    assert (params.max_tokens, params.temperature, params.top_p, params.top_k, params.repetition_penalty) == expected
+    sampled = params_from_defaults(GenerateArgs(do_sample=True, temperature=0.3), 4)
+    assert (sampled.max_tokens, sampled.temperature) == (4, 0.3)
+
+
+def test_a_row_that_breaks_the_sampler_fails_alone():
+    logits = torch.zeros(3, 100)
+    good = SamplingParams(max_tokens=1, temperature=1.0)
+    broken = SamplingParams(max_tokens=1, temperature=1e-320)  # 0 in float32: logits / 0, no distribution
+    failed = []
+    tokens = sample(logits, [(good, [], _gen(1)), (broken, [], _gen(2)), (good, [], _gen(3))],
+                    on_error=lambda i, exc: failed.append(i))
+    assert failed == [1] and tokens[1] is None
+    assert [tokens[0], tokens[2]] == [sample(logits[:1], [(good, [], _gen(s))])[0] for s in (1, 3)]
+    with pytest.raises(RuntimeError):
+        sample(logits, [(broken, [], _gen(2))])
