@@ -3,7 +3,7 @@
     python benchmarks/kb_retrieval.py                          # BM25 only, a few seconds
     python benchmarks/kb_retrieval.py --embedding PATH         # also a local sentence-transformers model
 
-The corpus is :func:`chattune.kb.fiction.world`: English and Chinese documents (town
+The corpus is :func:`fiction.world` (examples/kb/fiction.py): English and Chinese documents (town
 gazetteers and biographies, 320 facts with the default seed), each fact asked by a
 question worded differently from the sentence that states it. The documents are written
 to a temporary folder and built into a KB through :func:`chattune.kb.store.build`
@@ -20,11 +20,16 @@ at or above it (so they get the "cannot answer" reply).
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from chattune.kb import fiction, store
+from chattune.kb import store
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "kb"))
+
+import fiction  # noqa: E402  (the generated world, examples/kb/fiction.py)
 
 
 def evaluate(kb: store.KnowledgeBase, facts: list[fiction.Fact], thresholds: list[float]) -> dict:

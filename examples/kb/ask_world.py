@@ -1,6 +1,6 @@
 """Ask the fictional world's questions with and without its knowledge base; print the share right.
 
-The questions are :func:`chattune.kb.fiction.world`'s (seed 0: 320 facts, English and
+The questions are :func:`fiction.world`'s (fiction.py, next to this script) (seed 0: 320 facts, English and
 Chinese, worded differently from the documents), none of them trained on (see
 make_kb_data.py). An answer is right when its text holds the fact's answer. With the KB,
 each question goes through :func:`chattune.kb.ask.ask` as ``chattune serve``'s ``RUN+KB``
@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
-from chattune.kb import fiction
 from chattune.kb.ask import ask, open_for_answers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fiction  # noqa: E402  (the generated world, examples/kb/fiction.py)
 
 
 def retrieved(kb_dir: str, facts: list[fiction.Fact]) -> list[bool]:

@@ -10,7 +10,7 @@ sentence), or, when the retrieved chunks do not hold the answer, the "cannot ans
 the known information" sentence. Some rows pair a question with
 another question's chunks, so the model also learns to say it cannot answer.
 
-The facts come from :func:`chattune.kb.fiction.world` with *other* seeds than the one the
+The facts come from :func:`fiction.world` (fiction.py, next to this script) with *other* seeds than the one the
 example asks about (seed 0): other towns, people, founders, rivers, years. A training fact
 whose subject (a town or person) also occurs in seed 0's documents is dropped, and no
 paragraph of the training documents states a fact of seed 0 (its subject and answer
@@ -37,11 +37,16 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import tempfile
 from pathlib import Path
 
-from chattune.kb import fiction, store
+from chattune.kb import store
 from chattune.kb.prompt import cannot_answer, kb_prompt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fiction  # noqa: E402  (the generated world, examples/kb/fiction.py)
 
 ASKED_SEED = 0
 """The world ask_world.py asks about; never trained on."""

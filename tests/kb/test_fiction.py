@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-from chattune.kb import fiction, store
+from chattune.kb import store
+from tests.kb.world import fiction
 
 
 def test_world_has_200_facts_in_two_languages_deterministically():

@@ -17,10 +17,10 @@ from openai.lib.streaming.chat import ChatCompletionStreamState
 from chattune.cli import main
 from chattune.errors import ConfigError
 from chattune.kb import store
-from chattune.kb.fiction import UNANSWERABLE, write_world
 from chattune.kb.prompt import CANNOT_ANSWER_EN, CANNOT_ANSWER_ZH, TEMPLATE_EN, kb_prompt
 from chattune.serve.app import create_app
 from chattune.serve.retrieval import open_kbs, parse_kb
+from tests.kb.world import fiction
 from tests.serve.server_thread import ServerThread
 
 ANSWER = "Oren Tal, a shipwright."
@@ -30,7 +30,7 @@ ANSWER = "Oren Tal, a shipwright."
 def world(tmp_path_factory):
     """The fictional world's documents built into a BM25 KB; (KB folder, facts)."""
     root = tmp_path_factory.mktemp("kb-world")
-    facts = write_world(root / "docs")
+    facts = fiction.write_world(root / "docs")
     store.build([root / "docs"], root / "kb")
     return root / "kb", facts
 
@@ -139,8 +139,8 @@ def test_a_streamed_answer_has_sources_first_and_markers_last(client, world, scr
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
-@pytest.mark.parametrize(("question", "reply"), [(UNANSWERABLE[0], CANNOT_ANSWER_EN),
-                                                 (UNANSWERABLE[10], CANNOT_ANSWER_ZH)])
+@pytest.mark.parametrize(("question", "reply"), [(fiction.UNANSWERABLE[0], CANNOT_ANSWER_EN),
+                                                 (fiction.UNANSWERABLE[10], CANNOT_ANSWER_ZH)])
 def test_nothing_relevant_gets_the_cannot_answer_reply_without_the_model(client, server, prefilled, question,
                                                                          reply):
     steps = server.engine.counters["steps"]

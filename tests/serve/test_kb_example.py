@@ -15,8 +15,8 @@ import openai
 import pytest
 
 from chattune.cli import main
-from chattune.kb import fiction
 from chattune.kb.prompt import CANNOT_ANSWER_EN
+from tests.kb.world import fiction
 from tests.serve.helpers import example_modules, train_example
 from tests.serve.server_thread import ServerThread
 

@@ -379,11 +379,11 @@ def test_runs_shows_a_served_runs_summary_audit_and_curves(browser, urls, server
 def kb_url(server, tmp_path_factory):
     """The session's models with the generated world's KB (``MODEL+docs``); (url, facts)."""
     from chattune.kb import store
-    from chattune.kb.fiction import write_world
     from chattune.serve.retrieval import open_kbs
+    from tests.kb.world import fiction
 
     root = tmp_path_factory.mktemp("browser-kb")
-    facts = write_world(root / "docs")
+    facts = fiction.write_world(root / "docs")
     store.build([root / "docs"], root / "kb")
     thread = ServerThread(create_app(server.served, server.engine, kbs=open_kbs([f"docs={root / 'kb'}"]))).start()
     yield thread.url, facts

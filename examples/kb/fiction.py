@@ -1,4 +1,4 @@
-"""A generated fictional world for knowledge-base tests and benchmarks: documents and facts.
+"""A generated fictional world (documents and facts) for the KB example, its tests and benchmark.
 
 The world (the Orvane Reach and, in Chinese, the 澜州 region) is written as several
 documents of paragraphs, English and Chinese: town gazetteers and biographies. Each
