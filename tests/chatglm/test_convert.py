@@ -15,7 +15,7 @@ from chattune.chatglm import convert, native_config, native_model_path, thudm_fa
 from chattune.chatglm.convert import cache_root
 from chattune.cli import main
 from chattune.errors import ModelLoadError
-from chattune.tiny import build_thudm_folder
+from tests.chatglm.thudm_folder import build_thudm_folder
 
 FAMILIES = ("chatglm-6b", "chatglm2-6b", "chatglm3-6b")
 # the published config.json values the fixtures shrank (../shared/fixtures/chatglm/README.md)

@@ -1,7 +1,7 @@
 """What a user runs on THUDM's ChatGLM-6B, ChatGLM2-6B and ChatGLM3-6B, end to end, on tiny models.
 
 For each family a folder as downloaded from THUDM (remote code, tokenizer, a tiny config and random
-weights in ``pytorch_model.bin``, built by :func:`chattune.tiny.build_thudm_folder` from
+weights in ``pytorch_model.bin``, built by :func:`tests.chatglm.thudm_folder.build_thudm_folder` from
 ``../shared/fixtures/chatglm``) goes through the whole pipeline with its real tokenizer:
 ``chattune data prepare`` (the audit, the template ``auto`` picks, the encoded ids and labels),
 training with LoRA, freeze and P-Tuning v2 on the THUDM path, reloading the run folders, chat with
@@ -89,7 +89,7 @@ def family(request) -> str:
 @pytest.fixture(scope="module")
 def thudm_folder(family, native_cache, tmp_path_factory) -> Path:
     """A folder as downloaded from THUDM/<family>, with tiny random weights."""
-    from chattune.tiny import build_thudm_folder
+    from tests.chatglm.thudm_folder import build_thudm_folder
 
     source = FIXTURES / family
     if not (source / "config.json").is_file():

@@ -23,11 +23,11 @@ from chattune.export.gguf import (
     _gguf_add_bos,
     check_gguf_architecture,
     export_gguf,
-    ollama_template,
     read_gguf_summary,
     write_gguf,
-    write_modelfile,
 )
+from chattune.export.modelfile import write_modelfile
+from chattune.templates.forms import ollama_template
 
 FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "chatglm"
 HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "glm4": "Glm4ForCausalLM",
@@ -152,7 +152,7 @@ def test_outtype_and_architecture_refusals(ggufs, tmp_path):
 
 def test_chatglm6b_port_is_refused(tmp_path):
     from chattune.chatglm import native_model_path
-    from chattune.tiny import build_thudm_folder
+    from tests.chatglm.thudm_folder import build_thudm_folder
 
     if not (FIXTURES / "chatglm-6b" / "config.json").is_file():
         pytest.skip(f"ChatGLM fixtures not found at {FIXTURES}")
@@ -169,7 +169,7 @@ def test_chatglm2_3_sentencepiece_tokenizer_is_refused(family, tmp_path):
     """chattune converts ChatGLM2/3 to transformers' GLM with their SentencePiece vocabulary,
     which llama.cpp's converter cannot write for GLM (it fails on it): refused up front."""
     from chattune.chatglm import native_model_path
-    from chattune.tiny import build_thudm_folder
+    from tests.chatglm.thudm_folder import build_thudm_folder
 
     if not (FIXTURES / family / "config.json").is_file():
         pytest.skip(f"ChatGLM fixtures not found at {FIXTURES}")
@@ -363,7 +363,8 @@ def _ollama_render(go_template: str, messages: list[dict]) -> str:
 
 
 def _chattune_prompt(template: str, messages: list[dict], tokenizer, specials: str = "") -> str:
-    from chattune.templates.registry import render, render_text
+    from chattune.templates.pieces import render_text
+    from chattune.templates.registry import render
 
     return render_text(render(template, messages, tokenizer), eos=tokenizer.eos_token, specials=specials)
 
@@ -536,7 +537,7 @@ def test_prefix_tokens_of_the_tokenizer_are_written(template, tmp_path):
     from transformers import AutoTokenizer
 
     from chattune.chatglm import native_model_path
-    from chattune.tiny import build_thudm_folder
+    from tests.chatglm.thudm_folder import build_thudm_folder
 
     if not (FIXTURES / "chatglm3-6b" / "config.json").is_file():
         pytest.skip(f"ChatGLM fixtures not found at {FIXTURES}")
