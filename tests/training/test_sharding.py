@@ -1,7 +1,7 @@
 """Sharding settings (FSDP, DeepSpeed ZeRO) as TrainingArguments kwargs, checked on CPU.
 
 FSDP itself is not run here: on CPU accelerate trains several processes as plain DDP even
-with the FSDP plugin set (see chattune.training.sharding), so real FSDP / ZeRO runs are in
+with the FSDP plugin set (see docs/design/sharding.md), so real FSDP / ZeRO runs are in
 test_sharding_gpu.py.
 """
 
@@ -23,7 +23,6 @@ from chattune.methods import get_method
 from chattune.training.sharding import (
     block_class_names,
     check_sharding_supported,
-    filled_deepspeed_config,
     fsdp_options,
     load_deepspeed_config,
     sharding_arguments,
@@ -247,93 +246,3 @@ def test_deepspeed_without_the_package_says_how_to_install():
     with pytest.raises(ConfigError) as caught:
         sharding_arguments(config_with(deepspeed=path))
     assert str(caught.value) == f"deepspeed: {path} needs the deepspeed package: pip install 'chattune[deepspeed]'"
-
-
-FULL_DS = {
-    "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
-    "gradient_clipping": "auto",
-    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
-    "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
-                                                      "warmup_num_steps": "auto", "total_num_steps": "auto"}},
-    "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
-    "zero_optimization": {"stage": 3, "overlap_comm": True, "reduce_bucket_size": "auto",
-                          "stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto"},
-}
-TRAIN = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 8, "learning_rate": 2e-4,
-         "weight_decay": 0.01, "max_grad_norm": 0.5, "warmup_steps": 5, "max_steps": 100, "bf16": True}
-
-
-def test_filled_deepspeed_config_values(tmp_path):
-    config = config_with(deepspeed=write(tmp_path / "ds.json", FULL_DS), **TRAIN)
-    filled = filled_deepspeed_config(config, world_size=2)
-    assert filled == {
-        "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 8, "train_batch_size": 64,
-        "gradient_clipping": 0.5,
-        "optimizer": {"type": "AdamW", "params": {"lr": 2e-4, "betas": [0.9, 0.999], "eps": 1e-8,
-                                                  "weight_decay": 0.01}},
-        "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 2e-4,
-                                                          "warmup_num_steps": 5, "total_num_steps": 100}},
-        "bf16": {"enabled": True}, "fp16": {"enabled": False},
-        "zero_optimization": {"stage": 3, "overlap_comm": True, "reduce_bucket_size": "auto",  # from the model
-                              "stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto"},
-    }
-    assert json.loads(Path(config.train.deepspeed).read_text()) == FULL_DS  # the file is not changed
-    assert filled_deepspeed_config(config, world_size=3, micro_batch_size=6)["train_batch_size"] == 6 * 8 * 3
-
-
-def test_filled_deepspeed_config_of_the_zero2_example():
-    config = config_with(deepspeed=str(EXAMPLES / "deepspeed" / "zero2.json"), per_device_train_batch_size=2,
-                         gradient_accumulation_steps=4, fp16=True)
-    filled = filled_deepspeed_config(config, world_size=8)
-    assert (filled["train_micro_batch_size_per_gpu"], filled["gradient_accumulation_steps"],
-            filled["train_batch_size"], filled["gradient_clipping"]) == (2, 4, 64, 1.0)
-    assert filled["bf16"] == {"enabled": False} and filled["fp16"]["enabled"] is True
-    assert filled["zero_optimization"]["reduce_bucket_size"] == "auto"
-
-
-def test_epoch_runs_leave_total_steps_and_no_warmup_is_one_step(tmp_path):
-    config = config_with(deepspeed=write(tmp_path / "ds.json", FULL_DS), warmup_steps=0)
-    params = filled_deepspeed_config(config, world_size=1)["scheduler"]["params"]
-    assert params["total_num_steps"] == "auto" and params["warmup_num_steps"] == 1
-
-
-def test_values_set_in_the_json_must_agree(tmp_path):
-    settings = {**FULL_DS, "gradient_accumulation_steps": 2, "bf16": {"enabled": False}}
-    config = config_with(deepspeed=write(tmp_path / "ds.json", settings), **TRAIN)
-    with pytest.raises(ConfigError, match="deepspeed: .*ds.json: gradient_accumulation_steps=2 but "
-                                          "gradient_accumulation_steps=8; bf16.enabled=False but bf16=True; "
-                                          'set these to "auto"'):
-        filled_deepspeed_config(config, world_size=1)
-    with pytest.raises(ConfigError, match="world_size: must be >= 1"):
-        filled_deepspeed_config(config, world_size=0)
-
-
-def test_filled_values_are_what_transformers_fills(tmp_path):
-    """transformers' own filling (HfTrainerDeepSpeedConfig, run without the deepspeed package:
-    its constructor's version check skipped, accelerate's config lookups mixed in, which it
-    inherits only where deepspeed is installed) gives the same numbers from the same settings."""
-    from accelerate.utils.deepspeed import HfDeepSpeedConfig as AccelerateConfig
-    from transformers import TrainingArguments
-    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
-
-    class Filler(HfTrainerDeepSpeedConfig, AccelerateConfig):
-        pass
-
-    config = config_with(deepspeed=write(tmp_path / "ds.json", FULL_DS), **TRAIN)
-    t = config.train
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
-                             per_device_train_batch_size=t.per_device_train_batch_size,
-                             gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
-                             weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, warmup_steps=t.warmup_steps,
-                             max_steps=t.max_steps, bf16=t.bf16)
-    theirs = Filler.__new__(Filler)
-    theirs.config, theirs._dtype, theirs.mismatches = copy.deepcopy(FULL_DS), None, []
-    theirs.set_stage_and_offload()
-    theirs.trainer_config_process(args)
-    theirs.trainer_config_finalize(args, SimpleNamespace(config=SimpleNamespace(hidden_size=64)), t.max_steps)
-    ours = filled_deepspeed_config(config, world_size=args.world_size)
-    hidden = {"reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"}
-    for key in hidden:
-        assert ours["zero_optimization"].pop(key) == "auto"
-        theirs.config["zero_optimization"].pop(key)
-    assert ours == theirs.config

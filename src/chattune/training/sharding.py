@@ -2,59 +2,13 @@
 
 The config keys ``fsdp``, ``fsdp_config`` and ``deepspeed`` become keyword arguments of
 transformers' ``TrainingArguments`` (:func:`sharding_arguments`); transformers and
-accelerate do the sharding itself. With neither key set, several processes (torchrun)
-train with plain data parallel (DDP) and nothing is added here.
-
-FSDP (transformers >= 5, accelerate's FSDP plugin)
-    ``fsdp`` holds the familiar option words (``full_shard auto_wrap``, ``shard_grad_op
-    offload``, ...). chattune checks them against transformers' ``FSDPOption`` and translates
-    them into ``fsdp_config`` entries itself, as transformers' own (deprecated) string path
-    does, and passes ``fsdp=True``: ``full_shard`` -> ``reshard_after_forward: true``,
-    ``shard_grad_op`` -> ``false``, ``offload`` -> ``cpu_offload: true``. ``auto_wrap`` is
-    accepted but changes nothing: transformers 5 always wraps by the transformer-block policy,
-    and chattune fills ``transformer_layer_cls_to_wrap`` with the class of the architecture's
-    own blocks (the list :func:`chattune.methods.block_list` finds for ``freeze``; also
-    through a peft wrapper), so that each block is one FSDP unit even where a model's
-    ``_no_split_modules`` is missing or names other classes.
-
-    chattune sets ``version: 2`` explicitly (transformers' default today; explicit so that
-    the run's recorded config says what ran and a change of default cannot change a run).
-    FSDP2 (``fully_shard``) shards each parameter as a DTensor, so frozen base weights and
-    trainable LoRA weights may share a unit: peft models need nothing more (no
-    ``use_orig_params``). With bf16/fp16, accelerate upcasts the *trainable* parameters to
-    float32 master weights (LoRA weights already are). A user's ``version: 1`` (FSDP1,
-    deprecated in transformers) is kept: then ``no_shard`` / ``hybrid_shard`` /
-    ``hybrid_shard_zero2`` become possible, chattune sets ``use_orig_params: true`` (needed
-    when frozen and trainable parameters share a flat parameter, as with LoRA; transformers'
-    default too), and for a peft model the Trainer replaces the wrap policy with peft's
-    ``fsdp_auto_wrap_policy`` (each trainable LoRA layer its own unit, blocks from the
-    ``FSDP_TRANSFORMER_CLS_TO_WRAP`` environment variable or ``_no_split_modules``, not from
-    ``transformer_layer_cls_to_wrap``). Every entry a user gives in ``fsdp_config`` wins
-    over what chattune fills in.
-
-DeepSpeed (optional extra: ``pip install 'chattune[deepspeed]'``)
-    ``deepspeed`` names a JSON file; it is read and checked here (ZeRO stage 2 or 3) and the
-    loaded mapping is passed as ``TrainingArguments(deepspeed=...)``. transformers replaces
-    its ``"auto"`` values at run time (``HfTrainerDeepSpeedConfig.trainer_config_process``
-    when the TrainingArguments are built, ``trainer_config_finalize`` once the model and the
-    number of steps are known) and refuses values that contradict the Trainer's.
-    :func:`filled_deepspeed_config` does the same filling from the chattune config, so that
-    a dry run or a test can show the numbers a run will use. For ZeRO-3 the TrainingArguments
-    must exist (and stay alive) before the base model is loaded, so that ``from_pretrained``
-    partitions the weights as it loads them (``deepspeed.zero.Init``); ``sharding_arguments``
-    needs no model for DeepSpeed (``model=None`` is fine).
-
-Both need CUDA (:func:`check_sharding_supported`). On CPU, accelerate (1.15) enables its
-FSDP plugin only for GPU-type devices: two torchrun processes with ``use_cpu=True`` and
-gloo build the TrainingArguments with the FSDP settings, and the Trainer then trains them
-as plain DDP (``DistributedType.MULTI_CPU``, a ``DistributedDataParallel`` wrapper), without
-a word, although torch's ``fully_shard`` itself shards and trains a LoRA model on CPU over
-gloo. DeepSpeed is likewise enabled only off CPU.
+accelerate do the sharding itself, on CUDA only (:func:`check_sharding_supported`).
+Design notes (FSDP option words and versions, DeepSpeed's ``"auto"`` values and ZeRO-3
+loading, what accelerate does on CPU): docs/design/sharding.md.
 """
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
 from pathlib import Path
@@ -257,84 +211,3 @@ def _check_zero_stage(settings: dict, path: str) -> None:
         found = "has no zero_optimization.stage" if stage is None else f"has zero_optimization.stage {stage!r}"
         raise ConfigError(f"deepspeed: {path} {found}; chattune supports ZeRO stages 2 and 3 "
                           "(examples/deepspeed/zero2.json, examples/deepspeed/zero3.json)")
-
-
-def filled_deepspeed_config(config: RunConfig, world_size: int, *,
-                            micro_batch_size: int | None = None) -> dict[str, Any]:
-    """The configured DeepSpeed JSON with the ``"auto"`` values the chattune config implies
-    filled in, as transformers fills them at run time: batch sizes (train_batch_size =
-    micro batch x gradient_accumulation_steps x world_size), gradient clipping, the optimizer
-    block's lr / betas / eps / weight_decay, the scheduler block's warmup and, with max_steps,
-    total_num_steps, and fp16 / bf16. ``micro_batch_size``: the per-device batch the Trainer
-    gets, where the batching plan changed it (default: per_device_train_batch_size).
-    Left ``"auto"``: what needs the model (the hidden-size based ZeRO bucket sizes) or the
-    data (total_num_steps of an epoch-based run); transformers fills those once it has them.
-    A value that is set and contradicts the config is a ConfigError, as it would be an error
-    in transformers."""
-    if world_size < 1:
-        raise ConfigError(f"world_size: must be >= 1, got {world_size}")
-    path = config.train.deepspeed
-    if not path:
-        raise ConfigError("deepspeed: not set; name a DeepSpeed JSON config (e.g. examples/deepspeed/zero2.json)")
-    settings = copy.deepcopy(load_deepspeed_config(path))
-    mismatches: list[str] = []
-    for key, value, source, must_match in _deepspeed_values(config, world_size, micro_batch_size):
-        mismatch = _fill(settings, key, value, must_match)
-        if mismatch is not None:
-            mismatches.append(f"{key}={mismatch!r} but {source}={value!r}")
-    if mismatches:
-        raise ConfigError(f"deepspeed: {path}: {'; '.join(mismatches)}; set these to \"auto\" or to the "
-                          "config's values")
-    return settings
-
-
-def _deepspeed_values(config: RunConfig, world_size: int, micro_batch_size: int | None) -> list[tuple]:
-    """(DeepSpeed key, value, chattune key, must match) for every value transformers fills."""
-    t = config.train
-    micro = micro_batch_size or t.per_device_train_batch_size
-    betas, eps = _adam_defaults()
-    values = [
-        ("train_micro_batch_size_per_gpu", micro, "per_device_train_batch_size", True),
-        ("gradient_accumulation_steps", t.gradient_accumulation_steps, "gradient_accumulation_steps", True),
-        ("train_batch_size", micro * t.gradient_accumulation_steps * world_size,
-         "per_device_train_batch_size x gradient_accumulation_steps x world_size", True),
-        ("gradient_clipping", t.max_grad_norm, "max_grad_norm", True),
-        ("optimizer.params.lr", t.learning_rate, "learning_rate", True),
-        ("optimizer.params.betas", betas, "adam betas (transformers' defaults)", True),
-        ("optimizer.params.eps", eps, "adam epsilon (transformers' default)", True),
-        ("optimizer.params.weight_decay", t.weight_decay, "weight_decay", True),
-        ("scheduler.params.warmup_min_lr", 0, "(no chattune key)", False),
-        ("scheduler.params.warmup_max_lr", t.learning_rate, "learning_rate", True),
-        ("scheduler.params.warmup_num_steps", max(1, t.warmup_steps), "warmup_steps", True),
-        ("fp16.enabled", t.fp16, "fp16", True),
-        ("bf16.enabled", t.bf16, "bf16", True),
-    ]
-    if t.max_steps > 0:
-        values.append(("scheduler.params.total_num_steps", t.max_steps, "max_steps", True))
-    return values
-
-
-def _adam_defaults() -> tuple[list[float], float]:
-    """transformers' default Adam betas and epsilon (chattune has no keys for them)."""
-    from transformers import TrainingArguments
-
-    fields = TrainingArguments.__dataclass_fields__
-    return [fields["adam_beta1"].default, fields["adam_beta2"].default], fields["adam_epsilon"].default
-
-
-def _fill(settings: dict, dotted_key: str, value, must_match: bool):
-    """Replace an ``"auto"`` at ``dotted_key`` with ``value`` (only where the enclosing block
-    exists, as transformers does); return the set value where it contradicts ``value``."""
-    *parents, leaf = dotted_key.split(".")
-    node = settings
-    for part in parents:
-        node = node.get(part)
-        if not isinstance(node, dict):
-            return None
-    current = node.get(leaf)
-    if current == "auto":
-        node[leaf] = value
-        return None
-    if must_match and current is not None and current != value:
-        return current
-    return None
