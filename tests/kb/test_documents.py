@@ -11,10 +11,20 @@ from chattune.kb.documents import (
     collect_sources,
     file_sha256,
     format_skipped,
-    load_documents,
+    read_document,
     read_text,
 )
 from tests.kb.conftest import write_pdf
+
+
+def load_documents(paths) -> tuple[list[Document], list[Skipped]]:
+    """Every supported file under ``paths`` read as ``kb build`` reads them: (documents, skipped)."""
+    sources, skipped = collect_sources(paths)
+    documents = []
+    for source in sources:
+        result = read_document(source)
+        (documents if isinstance(result, Document) else skipped).append(result)
+    return documents, skipped
 
 
 def test_txt_md_utf8_bom_and_gb18030(tmp_path):

@@ -217,16 +217,6 @@ def read_document(source: Source, sha256: str | None = None) -> Document | Skipp
     return Document(source.file, source.path, text, digest)
 
 
-def load_documents(paths: Iterable[str | Path]) -> tuple[list[Document], list[Skipped]]:
-    """Read every supported file under ``paths``; the documents read and the files skipped (why)."""
-    sources, skipped = collect_sources(paths)
-    documents: list[Document] = []
-    for source in sources:
-        result = read_document(source)
-        (documents if isinstance(result, Document) else skipped).append(result)
-    return documents, skipped
-
-
 def format_skipped(skipped: list[Skipped]) -> str:
     """One line per skipped file, ``skipped FILE: REASON``, after a count."""
     if not skipped:
