@@ -13,9 +13,9 @@ from chattune.data.encode import (
     encode_all,
     encode_conversation,
     encode_prompt,
-    special_token_ids,
 )
-from chattune.templates.registry import Piece
+from chattune.templates.pieces import Piece
+from chattune.templates.tokens import special_token_ids
 from tests.templates.tool_cases import (
     PARALLEL,
     TOOLS,
@@ -202,7 +202,7 @@ def test_a_tokenizer_without_eos_is_a_model_load_error(char_tokenizer):
 
 
 def test_a_chat_template_failing_on_one_row_names_that_row(char_tokenizer):
-    from chattune.templates.registry import TemplateError
+    from chattune.templates.pieces import TemplateError
 
     tokenizer = fresh_char_tokenizer(
         char_tokenizer, eos_token="</s>",

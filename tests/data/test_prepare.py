@@ -215,7 +215,7 @@ class TestUnusable:
             prepare(data_args(good), tokenizer)
 
     def test_template_tokenizer_without_a_chat_template(self, good, char_tokenizer):
-        from chattune.templates.registry import TemplateError
+        from chattune.templates.pieces import TemplateError
 
         with pytest.raises(TemplateError, match="has no chat template; choose a named template"):
             prepare(data_args(good), char_tokenizer, template="tokenizer")

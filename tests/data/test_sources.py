@@ -72,7 +72,7 @@ class TestRealData:
             cells = [c.strip() for c in line.strip("|").split("|")]
             if len(cells) == 6 and re.fullmatch(r"[0-9a-f]{64}", cells[5]):
                 table[cells[0]] = cells[5]
-        assert set(table) == {
+        assert set(table) >= {  # the files these tests read; the folder holds more since
             "alpaca_en_demo.json",
             "alpaca_zh_demo.json",
             "axolotl_conversation.json",

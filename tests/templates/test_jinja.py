@@ -13,9 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from chattune.data.encode import PieceEncoder, encode_prompt, special_token_ids
-from chattune.templates.jinja import PROBE_CONVERSATIONS, chat_template, check_chat_template
-from chattune.templates.registry import NAMED_TEMPLATES, render, render_text
+from chattune.data.encode import PieceEncoder, encode_prompt
+from chattune.export.jinja_check import PROBE_CONVERSATIONS, check_chat_template
+from chattune.templates.forms import chat_template
+from chattune.templates.pieces import render_text
+from chattune.templates.registry import NAMED_TEMPLATES, render
+from chattune.templates.tokens import special_token_ids
 
 FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "chatglm"
 TINY_ARCHS = ("glm4", "llama", "qwen2")

@@ -59,14 +59,12 @@ from __future__ import annotations
 
 import pytest
 
+from chattune.templates.handwritten import chatglm3_call_code
+from chattune.templates.pieces import TemplateError, ToolsNotSupportedError, render_text
 from chattune.templates.registry import (
     NAMED_TEMPLATES,
     PROBE_CONVERSATION,
-    TemplateError,
-    ToolsNotSupportedError,
-    chatglm3_call_code,
     render,
-    render_text,
     resolve_template_name,
     template_provenance,
 )

@@ -75,7 +75,7 @@ def test_generation_stops_at_the_templates_stop(base, name, kind, stop, monkeypa
 def test_every_template_with_its_own_end_marker_names_a_stop():
     """A template whose answers end with text of its own (not only EOS) stops on that text."""
     for name, template in NAMED_TEMPLATES.items():
-        ends = [p for p in template.render_fn([*QUESTION, {"role": "assistant", "content": "A"}])
+        ends = [p for p in template.render([*QUESTION, {"role": "assistant", "content": "A"}])
                 if p.role == "answer_end"]
         if ends:
             assert template.stop_strings or template.stop_tokens, name

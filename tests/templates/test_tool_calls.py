@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from chattune.templates.registry import render, render_text
+from chattune.templates.pieces import render_text
+from chattune.templates.registry import render
 from chattune.templates.tool_calls import (
     ParsedCall,
     ParsedOutput,

@@ -31,31 +31,11 @@ from dataclasses import dataclass, field
 
 from chattune.data.records import tool_call_count
 from chattune.errors import ModelLoadError
-from chattune.templates.registry import (
-    CALL_ROLES,
-    Piece,
-    TemplateError,
-    ToolsNotSupportedError,
-    get_template,
-    render,
-)
+from chattune.templates.pieces import CALL_ROLES, Piece, TemplateError, ToolsNotSupportedError
+from chattune.templates.registry import get_template, render
+from chattune.templates.tokens import special_token_ids, token_id
 
 IGNORE_INDEX = -100
-
-
-def special_token_ids(tokenizer) -> list[int]:
-    """The tokens a tokenizer adds by itself when it encodes one text (e.g. BOS),
-    except EOS, found by comparing encodings with and without special tokens."""
-    probe = "a"
-    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
-    full = tokenizer(probe)["input_ids"]
-    extra: list[int] = []
-    if plain and len(full) > len(plain):
-        for start in range(len(full) - len(plain) + 1):
-            if full[start:start + len(plain)] == plain:
-                extra = full[:start] + full[start + len(plain):]
-                break
-    return [i for i in extra if i != tokenizer.eos_token_id]
 
 
 class PieceEncoder:
@@ -124,11 +104,7 @@ class PieceEncoder:
         """The id of a special token the tokenizer has (not its unknown token), else None."""
         found = self.token_ids.get(token, -1)
         if found == -1:
-            found = self.tokenizer.convert_tokens_to_ids(token)
-            unknown = self.tokenizer.unk_token_id
-            if not isinstance(found, int) or (found == unknown and token != self.tokenizer.unk_token):
-                found = None
-            self.token_ids[token] = found
+            found = self.token_ids[token] = token_id(self.tokenizer, token)
         return found
 
     def _keep(self, text: str, ids: list[int]) -> None:

@@ -23,7 +23,8 @@ from chattune.data.encode import IGNORE_INDEX, EncodeOptions, PieceEncoder, enco
 from chattune.data.sources import FileSummary, file_digest, load_records, split_eval
 from chattune.errors import ConfigError, DataError
 from chattune.model import tokenizer_hash
-from chattune.templates.registry import template_provenance, uses_tools
+from chattune.templates.pieces import uses_tools
+from chattune.templates.registry import template_provenance
 
 ENCODING_VERSION = 2  # 2: tools, tool calls and results (audit counts them)
 

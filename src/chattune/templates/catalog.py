@@ -13,28 +13,21 @@ import json
 from pathlib import Path
 
 from chattune.errors import ConfigError, DataError
-from chattune.templates.registry import (
-    NAMED_TEMPLATES,
-    PROBE_CONVERSATION,
-    Piece,
-    get_template,
-    render,
-    render_text,
-)
+from chattune.templates.pieces import Piece, render_text
+from chattune.templates.registry import NAMED_TEMPLATES, PROBE_CONVERSATION, get_template, render
 
 TRAINED_OPEN, TRAINED_CLOSE = "⟪", "⟫"
 
 
 def describe(name: str) -> str:
-    """A named template's one-line description: the first line of its render function's docstring."""
-    doc = (NAMED_TEMPLATES[name].render_fn.__doc__ or "").strip()
-    return " ".join(doc.split("\n\n")[0].split()).replace("``", "")
+    """A named template's one-line description."""
+    return NAMED_TEMPLATES[name].description
 
 
 def _placeholders(tokenizer) -> tuple[str, str]:
     if tokenizer is None:
         return "<eos>", "<specials>"
-    from chattune.data.encode import special_token_ids
+    from chattune.templates.tokens import special_token_ids
 
     specials = "".join(tokenizer.convert_ids_to_tokens(special_token_ids(tokenizer)))
     return tokenizer.eos_token or "<eos>", specials

@@ -2,13 +2,15 @@
 (the text its template trained, see :mod:`chattune.templates.registry`) as OpenAI-shaped calls,
 and the text that forces a call (``tool_choice``).
 
-What is parsed, per template (``text`` is the model's output after the generation prompt):
+A template names its call format (``Template.tool_format``; ``tokenizer``: :data:`CHAT_TEMPLATE_FORMAT`),
+and everything here follows the format, never the template's name. What is parsed, per format
+(``text`` is the model's output after the generation prompt):
 
-- ``default``: each ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` block is a
+- ``json-tags`` (``default``): each ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` block is a
   call, wherever it is (render_default writes the assistant's text, then one block per line,
   then EOS); the text outside the blocks is the content. A last block without its
   ``</tool_call>`` (the output ended, or a stop string cut it) is still a call.
-- ``tokenizer``: the same ``<tool_call>`` blocks (Qwen2 / Hermes: a newline on each side of
+- ``json-tags-or-name-json`` (``tokenizer``): the same ``<tool_call>`` blocks (Qwen2 / Hermes: a newline on each side of
   the JSON), and, in an output without such a block, GLM-4's form: the first line is exactly
   the name of one of the request's tools and the rest is its arguments as JSON (the
   ``{name}\\n{json}`` that GLM-4's chat template writes after ``<|assistant|>``). No copy
@@ -34,14 +36,29 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from chattune.templates.registry import Piece, TemplateError, render
+from chattune.templates.pieces import Piece, TemplateError
+from chattune.templates.registry import NAMED_TEMPLATES, get_template, render
 
 TAG_OPEN, TAG_CLOSE = "<tool_call>", "</tool_call>"
 CHATGLM3_MARKER = "<|assistant|>"
-KEPT_TOKENS: dict[str, tuple[str, ...]] = {"chatglm3": (CHATGLM3_MARKER,)}
-"""Special tokens a template's calls are written with that must stay in the decoded text
+CHAT_TEMPLATE_FORMAT = "json-tags-or-name-json"
+"""The call format read from a tokenizer's own chat template (``tokenizer``)."""
+FORMAT_KEPT_TOKENS: dict[str, tuple[str, ...]] = {"chatglm3": (CHATGLM3_MARKER,)}
+"""Special tokens a format's calls are written with that must stay in the decoded text
 (decoding otherwise drops special tokens): ChatGLM3's ``<|assistant|>`` between a text
 message and the call after it."""
+
+
+def call_format(template_name: str) -> str | None:
+    """The call format of a template (resolved, not ``auto``); None: it renders no tools."""
+    template = get_template(template_name)
+    return CHAT_TEMPLATE_FORMAT if template is None else template.tool_format
+
+
+KEPT_TOKENS: dict[str, tuple[str, ...]] = {
+    name: FORMAT_KEPT_TOKENS[template.tool_format] for name, template in NAMED_TEMPLATES.items()
+    if template.tool_format in FORMAT_KEPT_TOKENS}
+"""The kept tokens (:data:`FORMAT_KEPT_TOKENS`) per template name."""
 PROBE_NAME = "chattune_probe_function"
 
 
@@ -282,17 +299,18 @@ def parse_calls(template_name: str, text: str, tools: list[dict] | None) -> Pars
     the form ``template_name`` trains (see the module's docstring). Without calls the
     content is ``text`` itself (less any kept marker token). Never raises."""
     errors: list[str] = []
+    form = call_format(template_name)
     try:
-        if template_name == "chatglm3":
+        if form == "chatglm3":
             found = _parse_chatglm3(text, errors)
         else:
             found = _parse_tagged(text, errors)
-            if found is None and template_name == "tokenizer":
+            if found is None and form == CHAT_TEMPLATE_FORMAT:
                 found = _parse_name_json(text, tools, errors)
     except Exception as exc:  # never a 500 for a model's output: what cannot be read is content
         return ParsedOutput(text, [], [f"the output could not be read for tool calls: {_why(exc)}"])
     if not found or not found[1]:
-        plain = text.replace(CHATGLM3_MARKER, "") if template_name == "chatglm3" else text
+        plain = text.replace(CHATGLM3_MARKER, "") if form == "chatglm3" else text
         return ParsedOutput(plain, [], errors)
     outside, calls = found
     known = tool_names(tools)
@@ -311,9 +329,10 @@ def streamable(template_name: str, text: str, tools: list[dict] | None) -> int:
     may still be a tool's name (GLM-4's form). ``chatglm3``: nothing (a call starts with a
     bare name, which cannot be told from text until the output ends).
     """
-    if template_name == "chatglm3":
+    form = call_format(template_name)
+    if form == "chatglm3":
         return 0
-    if template_name == "tokenizer" and TAG_OPEN not in text:
+    if form == CHAT_TEMPLATE_FORMAT and TAG_OPEN not in text:
         first, newline, _ = text.lstrip().partition("\n")
         names = tool_names(tools)
         if (first.strip() in names) if newline else any(name.startswith(first.strip()) for name in names):
@@ -368,7 +387,7 @@ def call_prefix(template_name: str, tool_choice, tools: list[dict] | None, token
     if tool_choice in (None, "auto", "none") or not tools:
         return []
     name = forced_name(tool_choice, tools)
-    if template_name == "chatglm3":
+    if call_format(template_name) == "chatglm3":
         if name is None:
             return []
         return [Piece(f"{name}\n", "tool_call"), Piece("```python\ntool_call(", "tool_call")]
