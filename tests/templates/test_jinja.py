@@ -1,8 +1,8 @@
-"""Exported chat templates against chattune's own prompt ids (see chattune/templates/jinja.py).
+"""Exported chat templates against chattune's own prompt ids (see docs/templates.md).
 
 For each named template and tokenizer: ``apply_chat_template(messages,
 add_generation_prompt=True, tokenize=True)`` must equal ``encode_prompt(messages, template,
-PieceEncoder(tokenizer))`` where the module docstring says the pair is exact, and
+PieceEncoder(tokenizer))`` where docs/templates.md says the pair is exact, and
 ``check_chat_template`` must report the difference where it says it is not.
 """
 
