@@ -1,30 +1,8 @@
 """Tool calls in the API: a request's tools and ``tool_choice`` as a plan for its generation,
 and the output read back (:func:`chattune.templates.tool_calls.parse_calls`) as OpenAI's ``tool_calls``.
 
-A plan exists when a request offers tools and its ``tool_choice`` is not ``none``:
-
-- the prompt renders the tools, and for a forced call (``required``, a named function) ends
-  with :func:`chattune.templates.tool_calls.call_prefix`'s text, which is put back before the output
-  when it is parsed (its tokens count as prompt tokens in ``usage``);
-- generation also stops where a call's turn ends: ``default`` at ``\\nTool:`` (a model that
-  missed its EOS after the calls would write the result itself), ``tokenizer`` at GLM-4's
-  ``<|observation|>`` token when the tokenizer has it; with ``parallel_tool_calls: false`` a
-  ``<tool_call>`` format stops after the first call;
-- the template's marker tokens stay in the decoded text (ChatGLM3's ``<|assistant|>``);
-- calls come back as ``message.tool_calls`` (``{"id": "call_...", "type": "function",
-  "function": {"name", "arguments"}}``, ``arguments`` a JSON text), ``content`` None when there
-  is nothing else, ``finish_reason`` ``tool_calls`` (``length`` when the output was cut).
-  What could not be read (arguments that are not JSON, a block that is not a call, a call to
-  a function not offered, no call where one was required) is listed, one line each, in the
-  response's ``"chattune": {"tool_call_errors": [...]}`` (the last chunk's, when streamed);
-  the call itself keeps the arguments as the model wrote them.
-
-Streaming: content is sent as it comes until a call may begin (for ``<tool_call>`` formats the
-text before the tag; nothing for ChatGLM3, whose calls begin with a bare name, or while a
-GLM-4 style first line may be a tool's name); the rest is held until the output ends, then
-sent as OpenAI's deltas: the remaining content, per call one chunk with its index, id, type,
-name and ``arguments: ""`` and then the arguments in pieces, and a last chunk with the finish
-reason.
+What a plan changes (prompt, stops, kept marker tokens), the response and stream shapes and
+where unreadable calls are reported: docs/design/tool_calls_api.md.
 """
 
 from __future__ import annotations
