@@ -3,8 +3,9 @@
 It writes a synthetic Alpaca data set (a new identity for the assistant and
 facts about a fictional world, in English and Chinese), builds a tiny random
 GLM-4 model, fine-tunes it with LoRA through the same ``train`` code path a
-user's config takes, and prints exact match on the taught instructions and
-held-out eval loss, before and after.
+user's config takes, and prints exact match, ROUGE-L and BLEU-4 on the taught instructions
+and held-out eval loss, before and after, computed by ``chattune eval``'s code
+(:mod:`chattune.evaluation.evaluate`), so they mean what its figures mean.
 """
 
 from __future__ import annotations
@@ -13,18 +14,24 @@ import json
 import time
 from pathlib import Path
 
-import torch
 import yaml
 
 from chattune.config_io import load_config
-from chattune.data.encode import EncodeOptions, PieceEncoder, encode_all
-from chattune.data.formats import read_rows, to_record
-from chattune.evaluation.metrics import average, similarity
-from chattune.inference.generate import generate
+from chattune.evaluation.evaluate import (
+    EvalData,
+    RowResult,
+    generate_rows,
+    generation_settings,
+    read_eval_data,
+    reference_loss,
+    summarize,
+)
 from chattune.inference.runs import LoadOptions, load_run
 from chattune.tiny import build_tiny_model
-from chattune.training.collate import PadCollator
 from chattune.training.recipe import train
+
+MAX_SEQ_LENGTH = 128
+MAX_NEW_TOKENS = 40
 
 KINGDOMS = [
     ("Veloria", "Quennis", "the Amber River", "Queen Ysolde", "维洛里亚", "昆尼斯"),
@@ -65,31 +72,13 @@ def demo_records() -> tuple[list[dict], list[dict]]:
     return taught, held_out
 
 
-def _answer_scores(run, records) -> tuple[dict[str, float], list[str]]:
-    """Exact match (share of rows), ROUGE-L and BLEU-4 (as ``chattune eval``) of greedy answers."""
-    conversations = [r.messages[:-1] for r in records]
-    answers = []
-    for start in range(0, len(conversations), 16):
-        answers += generate(run, conversations[start:start + 16], do_sample=False, max_new_tokens=40)
-    references = [r.messages[-1]["content"] for r in records]
-    scores = average([similarity(a, ref) for a, ref in zip(answers, references, strict=True)])
-    hits = sum(a == ref for a, ref in zip(answers, references, strict=True))
-    return {"exact_match": hits / len(records), "rouge-l": scores["rouge-l"], "bleu-4": scores["bleu-4"]}, answers
-
-
-@torch.no_grad()
-def _eval_loss(run, records, max_len: int) -> float:
-    encoder = PieceEncoder(run.tokenizer)
-    encoded = encode_all([r.messages for r in records], run.profile().template, encoder, EncodeOptions(max_len))
-    batch = PadCollator(run.tokenizer.pad_token_id)(
-        [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded if not e.dropped]
-    )
-    batch = {k: v.to(run.device) for k, v in batch.items()}
-    return float(run.model(**batch).loss)
-
-
-def _read(path: Path):
-    return [to_record(row, "alpaca") for row in read_rows(path)]
+def _scores(run, taught: EvalData, held_out: EvalData) -> tuple[dict[str, float], list[RowResult]]:
+    """``chattune eval``'s figures for greedy answers to the taught rows (exact match, ROUGE-L and
+    BLEU-4, 0-100) and its loss of the held-out references."""
+    settings = generation_settings(max_new_tokens=MAX_NEW_TOKENS)
+    results = generate_rows(run, run.profile().name, taught, batch_size=16, log=lambda *_: None, **settings)
+    figures = summarize(results, *reference_loss(run, run.profile(), held_out, max_seq_length=MAX_SEQ_LENGTH))
+    return figures, results
 
 
 def run_demo(workdir: str = "chattune-demo", *, max_steps: int = 400, log=print) -> dict:
@@ -115,12 +104,12 @@ def run_demo(workdir: str = "chattune-demo", *, max_steps: int = 400, log=print)
         "model_name_or_path": str(model_dir),
         "train_files": [str(data_dir / "demo_train.json")],
         "eval_files": [str(data_dir / "demo_eval.json")],
-        "template": "auto", "max_seq_length": 128,
+        "template": "auto", "max_seq_length": MAX_SEQ_LENGTH,
         "method": "lora", "lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.0,
         "output_dir": str(run_dir), "per_device_train_batch_size": 8,
         "max_steps": max_steps, "learning_rate": 1e-3, "lr_scheduler_type": "cosine",
         "warmup_steps": 10, "logging_steps": 10, "save_steps": max_steps, "save_total_limit": 1,
-        "seed": 42, "max_new_tokens": 40, "report_to": ["none"], "cache_dir": str(root / "cache"),
+        "seed": 42, "max_new_tokens": MAX_NEW_TOKENS, "report_to": ["none"], "cache_dir": str(root / "cache"),
     }
     config_path = root / "demo.yaml"
     config_path.write_text(yaml.safe_dump(values, sort_keys=False, allow_unicode=True))
@@ -131,32 +120,31 @@ def run_demo(workdir: str = "chattune-demo", *, max_steps: int = 400, log=print)
         shutil.rmtree(run_dir)
 
     base = load_run(str(model_dir), LoadOptions(template=config.data.template))
-    taught_records, held_records = _read(data_dir / "demo_train.json"), _read(data_dir / "demo_eval.json")
-    before, _ = _answer_scores(base, taught_records)
-    loss_before = _eval_loss(base, held_records, 128)
+    taught_data = read_eval_data(str(data_dir / "demo_train.json"), fmt="alpaca")
+    held_data = read_eval_data(str(data_dir / "demo_eval.json"), fmt="alpaca")
+    before, _ = _scores(base, taught_data, held_data)
     del base
     timings["eval before"] = time.perf_counter() - started - sum(timings.values())
     log(f"[3/4] fine-tuning with LoRA (config {config_path}) ...")
     result = train(config, log=lambda *_: None)
     timings["training"] = time.perf_counter() - started - sum(timings.values())
     tuned = load_run(str(run_dir))
-    after, answers = _answer_scores(tuned, taught_records)
-    loss_after = _eval_loss(tuned, held_records, 128)
+    after, answers = _scores(tuned, taught_data, held_data)
     seconds = time.perf_counter() - started
     timings["eval after"] = seconds - sum(timings.values())
-    log("[4/4] results")
+    log("[4/4] results (as chattune eval computes them)")
     log(f"{'':<34}{'before':>10}{'after':>10}")
-    taught_label = f"taught (n={len(taught_records)})"
-    log(f"{'exact match, ' + taught_label:<34}{before['exact_match']:>10.1%}{after['exact_match']:>10.1%}")
-    log(f"{'ROUGE-L, ' + taught_label:<34}{before['rouge-l']:>10.2f}{after['rouge-l']:>10.2f}")
-    log(f"{'BLEU-4, ' + taught_label:<34}{before['bleu-4']:>10.2f}{after['bleu-4']:>10.2f}")
-    log(f"{'eval loss, held-out (n=' + str(len(held_records)) + ')':<34}{loss_before:>10.3f}{loss_after:>10.3f}")
+    taught_label = f"taught (n={len(taught_data.examples)})"
+    for name, shown in (("exact_match", "exact match"), ("rouge-l", "ROUGE-L"), ("bleu-4", "BLEU-4")):
+        log(f"{shown + ', ' + taught_label:<34}{before[name]:>10.2f}{after[name]:>10.2f}")
+    held_label = f"eval loss, held-out (n={len(held_data.examples)})"
+    log(f"{held_label:<34}{before['eval_loss']:>10.3f}{after['eval_loss']:>10.3f}")
     log(f"template {tuned.profile().template}, {result.global_step} steps, "
         f"{seconds:.0f} s in all ({', '.join(f'{k} {v:.1f} s' for k, v in timings.items())})")
     log("\nsample generations:")
-    for record, answer in list(zip(taught_records, answers, strict=True))[::9]:
-        log(f"  Q: {record.messages[-2]['content']}  {record.messages[-2].get('input', '')}".rstrip())
-        log(f"  A: {answer}")
+    for row in answers[::9]:
+        log(f"  Q: {row.example.messages[-1]['content']}  {row.example.messages[-1].get('input', '')}".rstrip())
+        log(f"  A: {row.predict}")
     log(f"\nrun folder: {run_dir}\ntry: chattune chat {run_dir}\n"
         f"     chattune predict {run_dir} --data {data_dir / 'demo_eval.json'} --out {root / 'pred.jsonl'}\n"
         f"     chattune eval {run_dir} --data {data_dir / 'demo_eval.json'} --compare base\n"
@@ -165,6 +153,6 @@ def run_demo(workdir: str = "chattune-demo", *, max_steps: int = 400, log=print)
     return {"exact_match_before": before["exact_match"], "exact_match_after": after["exact_match"],
             "rouge_l_before": before["rouge-l"], "rouge_l_after": after["rouge-l"],
             "bleu_4_before": before["bleu-4"], "bleu_4_after": after["bleu-4"],
-            "eval_loss_before": loss_before, "eval_loss_after": loss_after,
+            "eval_loss_before": before["eval_loss"], "eval_loss_after": after["eval_loss"],
             "steps": result.global_step, "seconds": seconds, "timings": timings,
             "run_dir": str(run_dir)}

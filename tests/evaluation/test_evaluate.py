@@ -859,3 +859,25 @@ def test_call_scores_compare_arguments_as_json():
     assert call_scores([paris], [paris, rome]) == {"tool_name_match": 0.0, "tool_args_match": 0.0}
     assert call_scores(None, [paris]) == call_scores([], [paris]) == {"tool_name_match": 0.0, "tool_args_match": 0.0}
     assert call_scores([{"name": "w", "arguments": '{"city": "Paris"}'}], [paris])["tool_args_match"] == 0.0
+
+
+def test_reference_loss_is_the_training_loss_on_the_same_rows(lora_loaded, data_file):
+    """One scoring path: the references batched by training's collator and scored by training's
+    (chunked) loss give what training's loss gives on those rows in one padded batch."""
+    from chattune.training.collate import PadCollator
+    from chattune.training.loss import CausalLMLoss, auto_loss
+
+    run = lora_loaded
+    served = run.profile()
+    data = ev.read_eval_data(str(data_file))
+    rows = ev.reference_rows(run, served, data, max_seq_length=96)
+    batch = PadCollator(run.tokenizer.pad_token_id)(rows)
+    training = CausalLMLoss()
+    with torch.no_grad():
+        outputs = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        mean = float(training(outputs, batch["labels"]))
+    assert auto_loss(run.model, run.model.get_input_embeddings().weight.shape[0])[0].mode == "chunked"
+    for batch_size in (1, 4, len(rows)):
+        loss, tokens = ev.reference_loss(run, served, data, max_seq_length=96, batch_size=batch_size)
+        assert tokens == training.eval_count
+        assert loss == pytest.approx(mean, abs=1e-5)

@@ -79,3 +79,53 @@ def test_a_long_history_is_cut_to_leave_room_for_the_answer(run):
     seq = answer(run, [history], max_new_tokens=5, ignore_eos=True)[0]
     assert len(seq.prompt_ids) + 5 <= run.context_length
     assert len(seq.generated) == 5
+
+
+# --- one way to decode a batch: generate, eval during training and the export probe agree ------------------------
+
+
+PROMPTS = [ASK, [{"role": "user", "content": "What is the capital of Veloria? Please answer."}],
+           [{"role": "user", "content": "你是谁？"}]]
+
+
+def test_generate_and_the_decoder_give_the_same_tokens_through_decode_batch(run):
+    from chattune.inference.decoding import Sequence, decode_batch
+    from chattune.inference.generate import decode, sequence
+    from chattune.inference.sampling import SamplingParams
+    from chattune.inference.textstream import TextStream
+
+    served = run.profile()
+    answers = answer(run, PROMPTS, max_new_tokens=8, ignore_eos=True)
+    ids = [run.prompt_ids(p, served) for p in PROMPTS]
+    built = decode(run, [sequence(run, served, i, SamplingParams(max_tokens=8, ignore_eos=True)) for i in ids])
+    bare = decode_batch(run.model, [Sequence(i, SamplingParams(max_tokens=8, ignore_eos=True),
+                                             TextStream(run.decode, [], strip=True), lambda _: None,
+                                             adapter=served.adapter) for i in ids],
+                        pad_token_id=run.tokenizer.pad_token_id, use_adapters=run.uses_adapters)
+    assert [s.prompt_ids for s in answers] == ids
+    assert [s.generated for s in answers] == [s.generated for s in built] == [s.generated for s in bare]
+    assert [s.text.text for s in answers] == [s.text.text for s in built]
+
+
+def test_eval_during_training_answers_as_generate_does(run, monkeypatch):
+    """generation_metrics (eval_generate) scores the very answers generate gives the same prompt ids."""
+    from chattune.evaluation import evaluate as ev
+
+    served = run.profile()
+    answers = answer(run, PROMPTS, max_new_tokens=6, do_sample=False)
+    scored = []
+    real_score = ev.score
+    monkeypatch.setattr(ev, "score", lambda text, label: scored.append(text) or real_score(text, label))
+    samples = [(s.prompt_ids, [1, 2]) for s in answers]
+    figures = ev.generation_metrics(run.model, run.tokenizer, served.template, samples, max_new_tokens=6,
+                                    batch_size=2)
+    assert scored == [s.text.text for s in answers]
+    assert figures["answer_length"] == pytest.approx(sum(len(s.generated) for s in answers) / len(answers))
+
+
+def test_the_export_probe_decodes_as_generate_does(run):
+    from chattune.export.model import GREEDY_TOKENS, probe
+
+    answers = answer(run, PROMPTS, max_new_tokens=GREEDY_TOKENS, ignore_eos=True)
+    _, tokens = probe(run.model, [s.prompt_ids for s in answers])
+    assert tokens == [s.generated for s in answers]

@@ -45,7 +45,7 @@ from chattune.evaluation.metrics import (
 )
 from chattune.inference.decoding import BASE_ADAPTER, Sequence
 from chattune.inference.generate import answer
-from chattune.inference.runs import LoadedRun, Profile
+from chattune.inference.runs import LoadedRun, ServedModel
 from chattune.templates.registry import render
 from chattune.templates.tool_calls import KEPT_TOKENS, parse_calls
 
@@ -141,7 +141,7 @@ def reference_calls(messages: list[dict]) -> list[dict] | None:
     return [{"name": call["name"], "arguments": call.get("arguments", {})} for call in last["tool_calls"]]
 
 
-def answer_calls(run: LoadedRun, profile: Profile, seq: Sequence,
+def answer_calls(run: LoadedRun, profile: ServedModel, seq: Sequence,
                  tools: list[dict] | None) -> tuple[list[dict], list[str]]:
     """The tool calls in a decoded answer, read in the form the profile's template writes
     them (:func:`chattune.templates.tool_calls.parse_calls`): ``[{"name", "arguments"}]``, the arguments
@@ -158,7 +158,7 @@ def answer_calls(run: LoadedRun, profile: Profile, seq: Sequence,
     return calls, parsed.errors
 
 
-def call_label(run: LoadedRun, profile: Profile, example: EvalExample) -> str:
+def call_label(run: LoadedRun, profile: ServedModel, example: EvalExample) -> str:
     """A call reference as text: what the profile's template trains the model to write for the
     calls (and any text before them), without its end tokens."""
     message = {"role": "assistant", "content": example.reference or "", "tool_calls": example.calls}
@@ -170,6 +170,11 @@ def call_label(run: LoadedRun, profile: Profile, example: EvalExample) -> str:
             break
         written.append(piece)
     return "".join(p.text for p in reversed(written) if p.role in CALL_ANSWER_ROLES).strip()
+
+
+def score(text: str, label: str) -> dict[str, float]:
+    """An answer's scores against its label: ROUGE-1/2/L, BLEU-4 and exact match (0-100)."""
+    return {**similarity(text, label), "exact_match": exact_match(text, label)}
 
 
 def generation_settings(max_new_tokens: int | None = None, **overrides) -> dict:
@@ -200,7 +205,7 @@ def generate_rows(run: LoadedRun, profile: str, data: EvalData, *, batch_size: i
             calls = answer_calls(run, chosen, seq, example.tools)[0] if example.tools or example.calls else None
             scores = None
             if label is not None:
-                scores = {**similarity(text, label), "exact_match": exact_match(text, label)}
+                scores = score(text, label)
             if example.calls is not None:
                 scores.update(call_scores(calls, example.calls))
             results.append(RowResult(example, prompt, text, len(seq.generated), scores, label, calls))
@@ -208,11 +213,9 @@ def generate_rows(run: LoadedRun, profile: str, data: EvalData, *, batch_size: i
     return results
 
 
-@torch.no_grad()
-def reference_loss(run: LoadedRun, profile: Profile, data: EvalData, *, max_seq_length: int,
-                   batch_size: int = 8) -> tuple[float | None, int]:
-    """Teacher-forced loss of the references (mean over their supervised tokens, as training's
-    eval loss) and the number of those tokens; (None, 0) when no row has a reference."""
+def reference_rows(run: LoadedRun, served: ServedModel, data: EvalData, *, max_seq_length: int) -> list[dict]:
+    """The answered rows encoded as training encodes them (``input_ids``, ``labels``; rows too
+    long for ``max_seq_length`` left out, as training drops them)."""
     encoded = []
     options = EncodeOptions(max_seq_length=max_seq_length)
     for example in data.examples:
@@ -222,33 +225,39 @@ def reference_loss(run: LoadedRun, profile: Profile, data: EvalData, *, max_seq_
         if example.calls is not None:
             last["tool_calls"] = example.calls
         with run.tokenizer_lock:
-            row = encode_conversation(example.messages + [last], profile.template, run.encoder, options,
+            row = encode_conversation(example.messages + [last], served.template, run.encoder, options,
                                       tools=example.tools)
         if row.dropped is None:
-            encoded.append(row)
-    if not encoded:
+            encoded.append({"input_ids": row.input_ids, "labels": row.labels})
+    return encoded
+
+
+@torch.no_grad()
+def reference_loss(run: LoadedRun, profile: ServedModel, data: EvalData, *, max_seq_length: int,
+                   batch_size: int = 8) -> tuple[float | None, int]:
+    """Teacher-forced loss of the references (mean over their supervised tokens, as training's
+    eval loss) and the number of those tokens; (None, 0) when no row has a reference. The rows
+    are batched by training's collator and scored by training's loss
+    (:class:`chattune.training.loss.CausalLMLoss`, chunked where exact, so memory does not grow
+    with the vocabulary)."""
+    from chattune.training.collate import PadCollator
+    from chattune.training.loss import auto_loss
+
+    rows = reference_rows(run, profile, data, max_seq_length=max_seq_length)
+    if not rows:
         return None, 0
     model = run.model
+    collate = PadCollator(run.tokenizer.pad_token_id)
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
     try:
         with _adapter(run, profile.adapter):
-            for start in range(0, len(encoded), batch_size):
-                batch = encoded[start:start + batch_size]
-                longest = max(len(r.input_ids) for r in batch)
-                pad = run.tokenizer.pad_token_id
-                ids = torch.tensor([r.input_ids + [pad] * (longest - len(r.input_ids)) for r in batch])
-                labels = torch.tensor([r.labels + [IGNORE_INDEX] * (longest - len(r.labels)) for r in batch])
-                mask = torch.tensor([[1] * len(r.input_ids) + [0] * (longest - len(r.input_ids)) for r in batch])
-                device = run.device
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-                shifted = labels[:, 1:].to(device)
-                losses = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].float().reshape(-1, logits.shape[-1]), shifted.reshape(-1),
-                    ignore_index=IGNORE_INDEX, reduction="sum")
-                total += losses.item()
-                tokens += int((shifted != IGNORE_INDEX).sum())
+            loss = auto_loss(model, model.get_input_embeddings().weight.shape[0])[0]
+            for start in range(0, len(rows), batch_size):
+                batch_total, count = loss.batch_sum(model, collate(rows[start:start + batch_size]))
+                total += float(batch_total)
+                tokens += int(count)
     finally:
         model.train(was_training)
     return (total / tokens if tokens else None), tokens
@@ -474,36 +483,28 @@ def sample_rows(dataset, count: int, seed: int) -> list[tuple[list[int], list[in
 @torch.no_grad()
 def generation_metrics(model, tokenizer, template: str, samples: list[tuple[list[int], list[int]]], *,
                        max_new_tokens: int, batch_size: int = 8) -> dict[str, float]:
-    """Greedy answers to ``samples`` (through the decoder chat and serve use) scored against
-    their references: the averaged ROUGE-1/2/L, BLEU-4 and exact match, and the mean answer
-    length in tokens. For ``eval_generate`` during training."""
-    from chattune.inference.decoding import Decoder, Sequence, run_to_end
-    from chattune.inference.runs import stop_token_ids
+    """Greedy answers to ``samples`` (built and decoded as every batch is,
+    :func:`chattune.inference.generate.sequence` and :func:`chattune.inference.generate.decode`)
+    scored against their references as ``chattune eval`` scores them (:func:`score`): the averaged
+    ROUGE-1/2/L, BLEU-4 and exact match, and the mean answer length in tokens. For
+    ``eval_generate`` during training."""
+    from chattune.inference.generate import decode, sequence
+    from chattune.inference.runs import in_memory_run
     from chattune.inference.sampling import SamplingParams
-    from chattune.inference.textstream import TextStream
-    from chattune.templates.registry import get_template
 
-    stops = stop_token_ids(tokenizer, template)
-    named = get_template(template)
-    stop_strings = list(named.stop_strings) if named else []
-
-    def decode(ids):
-        return tokenizer.decode(ids, skip_special_tokens=True)
-
+    run = in_memory_run(model, tokenizer, template)
+    served = run.profile()
     was_training = model.training
     model.eval()
     rows, lengths = [], []
     try:
         for start in range(0, len(samples), batch_size):
             batch = samples[start:start + batch_size]
-            seqs = [Sequence(prompt, SamplingParams(max_tokens=max_new_tokens),
-                             TextStream(decode, stop_strings, strip=True), lambda event: None,
-                             stop_token_ids=stops) for prompt, _ in batch]
-            for _ in run_to_end(Decoder(model, pad_token_id=tokenizer.pad_token_id), seqs):
-                pass
+            seqs = decode(run, [sequence(run, served, prompt, SamplingParams(max_tokens=max_new_tokens))
+                                for prompt, _ in batch])
             for seq, (_, reference_ids) in zip(seqs, batch, strict=True):
-                reference = decode([i for i in reference_ids if i not in stops]).strip()
-                rows.append({**similarity(seq.text.text, reference), "exact_match": exact_match(seq.text.text, reference)})
+                reference = run.decode([i for i in reference_ids if i not in served.stop_token_ids]).strip()
+                rows.append(score(seq.text.text, reference))
                 lengths.append(len(seq.generated))
     finally:
         model.train(was_training)

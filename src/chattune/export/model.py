@@ -111,8 +111,8 @@ def _stop_ids(tokenizer, template: str) -> list[int]:
 @torch.no_grad()
 def probe(model, prompts: list[list[int]]) -> tuple[list[torch.Tensor], list[list[int]]]:
     """Float32 logits of every prompt position, and 32 greedy tokens (no stopping) per prompt,
-    through chattune's decoder."""
-    from chattune.inference.decoding import Decoder, Sequence, run_to_end
+    through chattune's decoder (:func:`chattune.inference.decoding.decode_batch`)."""
+    from chattune.inference.decoding import Sequence, decode_batch
     from chattune.inference.sampling import SamplingParams
     from chattune.inference.textstream import TextStream
 
@@ -123,8 +123,7 @@ def probe(model, prompts: list[list[int]]) -> tuple[list[torch.Tensor], list[lis
     seqs = [Sequence(ids, SamplingParams(max_tokens=GREEDY_TOKENS, ignore_eos=True),
                      TextStream(lambda _: "", [], strip=False), lambda _: None) for ids in prompts]
     pad = getattr(model.config, "pad_token_id", None)
-    for _ in run_to_end(Decoder(model, pad_token_id=pad if isinstance(pad, int) else 0), seqs):
-        pass
+    decode_batch(model, seqs, pad_token_id=pad if isinstance(pad, int) else 0)
     return logits, [seq.generated for seq in seqs]
 
 
@@ -383,7 +382,9 @@ def write_tokenizer(tokenizer, template: str, folder: Path) -> list[str]:
 
     from transformers import AutoTokenizer
 
-    from chattune.templates.jinja import PROBE_CONVERSATIONS, chat_template, role_pattern
+    from chattune.export.jinja_check import PROBE_CONVERSATIONS
+    from chattune.templates.forms import chat_template
+    from chattune.templates.role_pattern import role_pattern
 
     saved = copy.deepcopy(tokenizer)
     if getattr(saved, "split_special_tokens", False):

@@ -1,8 +1,10 @@
 """The decoder: a batch of requests, one KV cache, one step at a time.
 
-Every generation in chattune goes through :class:`Decoder`: ``chattune chat`` and
-``predict`` drive it directly (:func:`run_to_end`), the server's engine drives it
-from its worker thread, admitting requests between steps. So a request gets the
+Every generation in chattune goes through :class:`Decoder`: a batch decoded to its end
+(``predict``, ``eval``, the demo, generation metrics during training, the export
+check) goes through :func:`decode_batch` (:func:`decode_steps` when streamed, as
+``chattune chat``), and the server's engine drives the decoder from its worker
+thread, admitting requests between steps. So a request gets the
 same tokens in a batch of one, in a batch of many, in the terminal and over HTTP.
 
 The running batch is one left-padded KV cache: ``mask`` marks the real positions
@@ -341,3 +343,19 @@ def run_to_end(decoder: Decoder, seqs: list[Sequence]) -> Iterator[None]:
         decoder.step()
         decoder.retire()
         yield
+
+
+def decode_steps(model, seqs: list[Sequence], *, pad_token_id: int, use_adapters: bool = False) -> Iterator[None]:
+    """Decode ``seqs`` together on ``model`` until each has ended, yielding after the prefill and
+    after each step (for a caller that streams what the sequences' ``emit`` received)."""
+    if seqs:
+        yield from run_to_end(Decoder(model, pad_token_id=pad_token_id, use_adapters=use_adapters), seqs)
+
+
+def decode_batch(model, seqs: list[Sequence], *, pad_token_id: int, use_adapters: bool = False) -> list[Sequence]:
+    """The one way a batch is decoded to its end: ``seqs`` together on ``model`` (rows padded
+    with ``pad_token_id``; ``use_adapters``: each row's peft adapter) until every one has ended.
+    Returns ``seqs``, finished (``.generated`` the token ids, ``.text.text`` the answer)."""
+    for _ in decode_steps(model, seqs, pad_token_id=pad_token_id, use_adapters=use_adapters):
+        pass
+    return seqs

@@ -1,37 +1,64 @@
 """Answer conversations with a loaded run: in a batch (predict, demo, eval) or streamed (chat).
 
-Both decode through :class:`chattune.inference.decoding.Decoder`, the server's decoder, with
-the run's template, generation defaults and stop tokens (:class:`chattune.inference.runs.Profile`),
-so an answer here has the tokens the server gives the same request. The prompt is
-cut to leave room for the answer (oldest turns dropped first).
+A request becomes a :class:`chattune.inference.decoding.Sequence` in one place, :func:`sequence`
+(prompt ids with the served model's stop strings, stop tokens, adapter and answer decoding;
+:func:`conversation_sequence` renders a conversation into those prompt ids first), for the
+batches here, generation metrics during training and the server alike; a batch is then
+decoded by :func:`chattune.inference.decoding.decode_batch`, on the server's decoder, with
+the run's template, generation defaults and stop tokens
+(:class:`chattune.inference.runs.ServedModel`), so an answer here has the tokens the server
+gives the same request. The prompt is cut to leave room for the answer (oldest turns dropped
+first).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 
-from chattune.inference.decoding import Decoder, Event, Sequence, run_to_end
-from chattune.inference.runs import LoadedRun, Profile
+from chattune.inference.decoding import Event, Sequence, decode_batch, decode_steps
+from chattune.inference.runs import LoadedRun, ServedModel
 from chattune.inference.sampling import SamplingParams, params_from_defaults
 from chattune.inference.textstream import TextStream
 
 
-def sampling_params(profile: Profile, *, max_new_tokens: int | None = None, **overrides) -> SamplingParams:
-    """The profile's generation defaults with the caller's overrides (None: the default)."""
-    return params_from_defaults(profile.generation, max_new_tokens, **overrides)
+def sampling_params(served: ServedModel, *, max_new_tokens: int | None = None, **overrides) -> SamplingParams:
+    """The served model's generation defaults with the caller's overrides (None: the default)."""
+    return params_from_defaults(served.generation, max_new_tokens, **overrides)
 
 
-def _sequence(run: LoadedRun, profile: Profile, messages: list[dict], params: SamplingParams, emit,
-              tools: list[dict] | None = None) -> Sequence:
+def _ignore(event: Event) -> None:
+    """Events of a batch whose answers are read when it ends."""
+
+
+def sequence(run: LoadedRun, served: ServedModel, prompt_ids: list[int], params: SamplingParams,
+             emit: Callable[[Event], None] = _ignore, *, stop_strings: list[str] | None = None,
+             stop_token_ids: frozenset[int] = frozenset(), keep: frozenset[int] = frozenset(),
+             strip: bool = True) -> Sequence:
+    """The sequence that decodes an answer to ``prompt_ids`` as ``served`` answers: its adapter,
+    its stop tokens (and ``stop_token_ids``), ``stop_strings`` (None: the served model's), the
+    answer's text decoded by the run's tokenizer (special tokens in ``keep`` written out) and,
+    with ``strip``, stripped of surrounding whitespace."""
+    decode = partial(run.decode, keep=keep) if keep else run.decode
+    stops = served.stop_strings if stop_strings is None else stop_strings
+    return Sequence(prompt_ids, params, TextStream(decode, stops, strip=strip), emit, adapter=served.adapter,
+                    stop_token_ids=served.stop_token_ids | stop_token_ids)
+
+
+def conversation_sequence(run: LoadedRun, served: ServedModel, messages: list[dict], params: SamplingParams,
+                          emit: Callable[[Event], None] = _ignore, tools: list[dict] | None = None) -> Sequence:
+    """:func:`sequence` for a conversation (ending with the user's message, or a tool's result)
+    rendered with the served model's template and the ``tools`` it offers, cut to leave room for
+    the answer (``params.max_tokens``, itself cut to the room the context leaves)."""
     budget = max(8, run.context_length - params.max_tokens)
-    ids = run.prompt_ids(messages, profile, budget, tools)
+    ids = run.prompt_ids(messages, served, budget, tools)
     params.max_tokens = max(1, min(params.max_tokens, run.context_length - len(ids)))
-    return Sequence(ids, params, TextStream(run.decode, profile.stop_strings, strip=True), emit,
-                    adapter=profile.adapter, stop_token_ids=profile.stop_token_ids)
+    return sequence(run, served, ids, params, emit)
 
 
-def _decoder(run: LoadedRun) -> Decoder:
-    return Decoder(run.model, pad_token_id=run.tokenizer.pad_token_id, use_adapters=run.uses_adapters)
+def decode(run: LoadedRun, seqs: list[Sequence]) -> list[Sequence]:
+    """``seqs`` decoded together on the run's model (:func:`chattune.inference.decoding.decode_batch`)."""
+    return decode_batch(run.model, seqs, pad_token_id=run.tokenizer.pad_token_id, use_adapters=run.uses_adapters)
 
 
 def answer(run: LoadedRun, conversations: list[list[dict]], profile: str | None = None, *,
@@ -43,12 +70,9 @@ def answer(run: LoadedRun, conversations: list[list[dict]], profile: str | None 
     (max_new_tokens, temperature, top_k, seed, ...)."""
     chosen = run.profile(profile)
     offered = tools if tools is not None else [None] * len(conversations)
-    seqs = [_sequence(run, chosen, messages, sampling_params(chosen, **overrides), _ignore, row_tools)
+    seqs = [conversation_sequence(run, chosen, messages, sampling_params(chosen, **overrides), tools=row_tools)
             for messages, row_tools in zip(conversations, offered, strict=True)]
-    if seqs:
-        for _ in run_to_end(_decoder(run), seqs):
-            pass
-    return seqs
+    return decode(run, seqs)
 
 
 def generate(run: LoadedRun, conversations: list[list[dict]], profile: str | None = None, *,
@@ -62,12 +86,9 @@ def stream(run: LoadedRun, messages: list[dict], profile: str | None = None, **o
     :func:`generate` returns for the same conversation)."""
     chosen = run.profile(profile)
     pieces: list[str] = []
-    seq = _sequence(run, chosen, messages, sampling_params(chosen, **overrides),
-                    lambda event: pieces.append(event.text) if event.kind == "text" else None)
-    for _ in run_to_end(_decoder(run), [seq]):
+    seq = conversation_sequence(run, chosen, messages, sampling_params(chosen, **overrides),
+                                lambda event: pieces.append(event.text) if event.kind == "text" else None)
+    for _ in decode_steps(run.model, [seq], pad_token_id=run.tokenizer.pad_token_id,
+                          use_adapters=run.uses_adapters):
         yield from pieces
         pieces.clear()
-
-
-def _ignore(event: Event) -> None:
-    """Events of a batch whose answers are read when it ends."""

@@ -5,7 +5,7 @@ has one, else the base model's), checks the base model and the template against
 what training recorded (stopping unless ``force``), loads the base model the way
 the method says (quantized for qlora on CUDA; the run folder itself for full) with
 the trained weights on it, and returns a :class:`LoadedRun`: the model, the
-tokenizer and one :class:`Profile` per name a request may pick. chat, predict, the
+tokenizer and one :class:`ServedModel` per name a request may pick. chat, predict, the
 demo and serve all load through it.
 
 Several runs can be loaded onto one base model as named LoRA adapters (``adapters``),
@@ -61,9 +61,9 @@ class LoadOptions:
 
 
 @dataclass
-class Profile:
-    """One name a request may pick: a run (or the bare base model) with its template,
-    generation defaults and stop tokens."""
+class ServedModel:
+    """A served model: a name a request may pick, for a run (or the bare base model) with its
+    template, generation defaults and stop tokens."""
 
     name: str
     template: str
@@ -82,7 +82,7 @@ class LoadedRun:
 
     model: object
     tokenizer: object
-    profiles: dict[str, Profile]
+    profiles: dict[str, ServedModel]
     default: str
     context_length: int
     uses_adapters: bool
@@ -97,11 +97,11 @@ class LoadedRun:
         """Where the model's weights are."""
         return next(self.model.parameters()).device
 
-    def profile(self, name: str | None = None) -> Profile:
-        """The profile called ``name`` (the default one for None); KeyError if unknown."""
+    def profile(self, name: str | None = None) -> ServedModel:
+        """The served model called ``name`` (the default one for None); KeyError if unknown."""
         return self.profiles[name or self.default]
 
-    def prompt_ids(self, messages: list[dict], profile: Profile | None = None,
+    def prompt_ids(self, messages: list[dict], profile: ServedModel | None = None,
                    max_tokens: int | None = None, tools: list[dict] | None = None) -> list[int]:
         """Token ids of a conversation ending with the user's message (or a tool result),
         rendered with the profile's template through training's own encoder, with the
@@ -159,11 +159,11 @@ def stop_token_ids(tokenizer, template: str) -> frozenset[int]:
     return frozenset(i for i in ids if i is not None)
 
 
-def make_profile(name: str, tokenizer, template: str, generation: GenerateArgs, adapter: str = BASE_ADAPTER,
-                 run_dir: Path | None = None, manifest: Manifest | None = None) -> Profile:
-    """A profile with its template's stop strings and stop tokens."""
+def make_served_model(name: str, tokenizer, template: str, generation: GenerateArgs, adapter: str = BASE_ADAPTER,
+                 run_dir: Path | None = None, manifest: Manifest | None = None) -> ServedModel:
+    """A served model with its template's stop strings and stop tokens."""
     named = get_template(template)
-    return Profile(name, template, generation, list(named.stop_strings) if named else [],
+    return ServedModel(name, template, generation, list(named.stop_strings) if named else [],
                    stop_token_ids(tokenizer, template), adapter, run_dir, manifest)
 
 
@@ -289,9 +289,16 @@ def _load_bare(target: str, options: LoadOptions) -> LoadedRun:
     tokenizer = load_tokenizer(path, options.trust_remote_code)
     model = _finish(load_model(ModelArgs(model_name_or_path=path, trust_remote_code=options.trust_remote_code)))
     template = resolve_template_name(options.template or "auto", tokenizer)
-    profile = make_profile(BASE_NAME, tokenizer, template, GenerateArgs())
+    profile = make_served_model(BASE_NAME, tokenizer, template, GenerateArgs())
     return LoadedRun(model, tokenizer, {BASE_NAME: profile}, BASE_NAME, context_length(model.config),
                      uses_adapters=False)
+
+
+def in_memory_run(model, tokenizer, template: str, name: str = BASE_NAME) -> LoadedRun:
+    """A model already in memory (being trained, say) answering as ``name`` with ``template``, its
+    stop tokens and the default generation settings, as a loaded run does."""
+    return LoadedRun(model, tokenizer, {name: make_served_model(name, tokenizer, template, GenerateArgs())}, name,
+                     context_length(model.config), uses_adapters=False)
 
 
 def load_run(target: str, options: LoadOptions | None = None, *, warn=print) -> LoadedRun:
@@ -332,9 +339,9 @@ def load_run(target: str, options: LoadOptions | None = None, *, warn=print) -> 
     for i, run in enumerate(runs):
         template = chosen.get(run.name) or recorded_template(run.manifest, tokenizer)
         adapter = BASE_ADAPTER if alone else f"a{i}"
-        profiles[run.name] = make_profile(run.name, tokenizer, template, run.manifest.generation, adapter,
+        profiles[run.name] = make_served_model(run.name, tokenizer, template, run.manifest.generation, adapter,
                                           run.folder, run.manifest)
     if not alone:
         template = resolve_template_name(chosen.get(BASE_NAME, "auto"), tokenizer)
-        profiles[BASE_NAME] = make_profile(BASE_NAME, tokenizer, template, GenerateArgs())
+        profiles[BASE_NAME] = make_served_model(BASE_NAME, tokenizer, template, GenerateArgs())
     return LoadedRun(model, tokenizer, profiles, first.name, context_length(model.config), uses_adapters=not alone)

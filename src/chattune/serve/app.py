@@ -16,7 +16,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from functools import partial
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,9 +23,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from chattune.inference.decoding import BASE_ADAPTER, Event, Sequence
-from chattune.inference.runs import LoadedRun, Profile
+from chattune.inference.generate import sequence
+from chattune.inference.runs import LoadedRun, ServedModel
 from chattune.inference.sampling import SamplingParams, params_from_defaults
-from chattune.inference.textstream import TextStream
 from chattune.serve import calls, retrieval
 from chattune.serve import ui as ui_module
 from chattune.serve.calls import ToolPlan, plan_tools, prefix_ids
@@ -40,7 +39,7 @@ from chattune.serve.schema import (
     sse_event,
     validation_message,
 )
-from chattune.templates.registry import TemplateError, ToolsNotSupportedError
+from chattune.templates.pieces import TemplateError, ToolsNotSupportedError
 
 
 async def _send_error(scope, receive, send, status: int, body: dict, headers: dict | None = None) -> None:
@@ -111,7 +110,7 @@ def _status_type(status: int) -> str:
         status, "server_error" if status >= 500 else "invalid_request_error")
 
 
-def _sampling(profile: Profile, body: SamplingFields, prompt_tokens: int, limit: int,
+def _sampling(profile: ServedModel, body: SamplingFields, prompt_tokens: int, limit: int,
               prompt_field: str) -> SamplingParams:
     """Request settings over the run's generation defaults, checked against the context length."""
     room = limit - prompt_tokens
@@ -201,7 +200,7 @@ def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
 
     created = int(time.time())
 
-    def pick(name: str | None) -> Profile:
+    def pick(name: str | None) -> ServedModel:
         """The model a request names (the default when it names none), or 404."""
         profile = served.profiles.get(name or served.default) or kb_models.get(name, (None,))[0]
         if profile is None:
@@ -209,7 +208,7 @@ def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
                            f"{', '.join([*served.profiles, *kb_models])}", param="model", code="model_not_found")
         return profile
 
-    def card(profile: Profile) -> dict:
+    def card(profile: ServedModel) -> dict:
         """A model as /v1/models lists it."""
         extra = retrieval.card_extra(kbs, kb_models[profile.name][1]) if profile.name in kb_models else {}
         return {"id": profile.name, "object": "model", "created": created, "owned_by": "chattune",
@@ -291,7 +290,7 @@ def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
         params = _sampling(model, body, len(ids), served.context_length, "prompt")
         return await _respond(request, model, ids, params, body.stop_list(), body, chat=False)
 
-    async def _respond(request, model: Profile, ids, params, stops, body, *, chat: bool,
+    async def _respond(request, model: ServedModel, ids, params, stops, body, *, chat: bool,
                        plan: ToolPlan | None = None, cite: retrieval.Citation | None = None):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -302,10 +301,9 @@ def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
             except RuntimeError:  # the event loop is closed: nobody is listening
                 pass
 
-        decode = partial(served.decode, keep=plan.kept_ids) if plan and plan.kept_ids else served.decode
-        stop_ids = model.stop_token_ids | plan.stop_token_ids if plan else model.stop_token_ids
-        seq = Sequence(ids, params, TextStream(decode, stops, strip=chat), emit, adapter=model.adapter,
-                       stop_token_ids=stop_ids)
+        seq = sequence(served, model, ids, params, emit, stop_strings=stops,
+                       stop_token_ids=plan.stop_token_ids if plan else frozenset(),
+                       keep=plan.kept_ids if plan else frozenset(), strip=chat)
         try:
             engine.submit(seq)
         except QueueFull as exc:

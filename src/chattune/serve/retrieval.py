@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from fastapi.responses import StreamingResponse
 
 from chattune.errors import ChattuneError, ConfigError
-from chattune.inference.runs import Profile
+from chattune.inference.runs import ServedModel
 from chattune.kb.ask import Asked, ask, check_settings, cited, open_for_answers
 from chattune.kb.store import THRESHOLD, TOP_K, KnowledgeBase
 from chattune.serve.schema import APIError, sse_event
@@ -73,7 +73,7 @@ def open_kbs(specs: list[str], top_k: int = TOP_K, threshold: float = THRESHOLD)
     return KbServing(bases, top_k, threshold)
 
 
-def kb_profiles(profiles: dict[str, Profile], kbs: KbServing | None) -> dict[str, tuple[Profile, str]]:
+def kb_profiles(profiles: dict[str, ServedModel], kbs: KbServing | None) -> dict[str, tuple[ServedModel, str]]:
     """``{"M+NAME": (profile answering as M+NAME, NAME)}`` for every served model ``M`` and KB ``NAME``."""
     if kbs is None:
         return {}

@@ -14,7 +14,9 @@ Both return the sum over supervised tokens divided by ``num_items_in_batch`` (th
 supervised tokens of the whole accumulated batch, as transformers' Trainer counts
 them), so the loss is a token-weighted mean however rows are batched or packed.
 In evaluation (no gradients) :class:`CausalLMLoss` also keeps the running sum and
-count, from which the trainer reports the token-weighted eval loss.
+count, from which the trainer reports the token-weighted eval loss. ``chattune eval`` (and the
+demo) score references with the same loss (:meth:`CausalLMLoss.batch_sum` on batches of
+:class:`chattune.training.collate.PadCollator`, chunked where :func:`auto_loss` finds it exact).
 """
 
 from __future__ import annotations
@@ -231,6 +233,16 @@ class CausalLMLoss:
             total = F.cross_entropy(logits.float(), targets[supervised].to(logits.device), reduction="sum")
         return total, supervised.sum()
 
+    def batch_sum(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`loss_sum` of ``model`` on a collated batch (:mod:`chattune.training.collate`; its
+        labels are kept from the model, the forward runs without a KV cache): how a reference is
+        scored outside the Trainer, exactly as training scores it."""
+        device = next(model.parameters()).device
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items() if k != "labels"}
+        inputs.setdefault("use_cache", False)
+        with self.capturing():
+            return self.loss_sum(model(**inputs), batch["labels"])
+
     def __call__(self, outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
         total, count = self.loss_sum(outputs, labels)
         if not torch.is_grad_enabled():
@@ -247,18 +259,27 @@ class CausalLMLoss:
         self.eval_sum, self.eval_count = 0.0, 0
 
 
+def auto_loss(model, vocab_size: int, chunk_size: int = 1024) -> tuple[CausalLMLoss, str | None]:
+    """Chunked where the model's logits are exactly its output layer applied to the last hidden
+    states (checked on a probe), with None; else plain, with the reason chunked is not possible."""
+    head = output_layer(model)
+    reason = "the model has no output layer chattune can find" if head is None else \
+        check_head_logits(model, head, vocab_size)
+    if reason is None:
+        return CausalLMLoss(HeadCapture(head), chunk_size), None
+    return CausalLMLoss(), reason
+
+
 def resolve_loss(config: RunConfig, model, vocab_size: int, log=print) -> CausalLMLoss:
     """The loss function: ``auto`` is chunked where the model's logits are exactly its output
     layer applied to the last hidden states (checked on a probe), else plain."""
     wanted = config.train.loss
     if wanted == "plain":
         return CausalLMLoss()
-    head = output_layer(model)
-    reason = "the model has no output layer chattune can find" if head is None else \
-        check_head_logits(model, head, vocab_size)
+    loss, reason = auto_loss(model, vocab_size, config.train.loss_chunk_size)
     if reason is None:
-        return CausalLMLoss(HeadCapture(head), config.train.loss_chunk_size)
+        return loss
     if wanted == "auto":
         log(f"loss: plain ({reason})")
-        return CausalLMLoss()
+        return loss
     raise ConfigError(f"loss: chunked is not possible for this model: {reason}. Use loss=plain.")

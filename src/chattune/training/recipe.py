@@ -84,8 +84,8 @@ def load_for_training(config: RunConfig, method: Method):
     return method.apply(model, config.method, config.train.gradient_checkpointing)
 
 
-def speed_setup(config: RunConfig, model, prepared: PreparedData, pad_token_id: int, patches: ExitStack,
-                log=print, world_size: int = 1) -> tuple[Batches, CausalLMLoss]:
+def setup_batching_and_loss(config: RunConfig, model, prepared: PreparedData, pad_token_id: int,
+                            patches: ExitStack, log=print, world_size: int = 1) -> tuple[Batches, CausalLMLoss]:
     """Put the model where it trains, switch on (in ``patches``) the CPU kernels and per-row
     SDPA where they apply, and settle, with probes on the model, how data is batched (planned
     for ``world_size`` processes) and the loss computed."""
@@ -196,8 +196,8 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
     log(f"method {method.name}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.3%})")
 
     with ExitStack() as patches:  # undone when training ends, also on an error
-        batches, loss = speed_setup(config, model, prepared, tokenizer.pad_token_id, patches, log,
-                                    world.world_size)
+        batches, loss = setup_batching_and_loss(config, model, prepared, tokenizer.pad_token_id, patches, log,
+                                                world.world_size)
         audit = {**prepared.audit, "batching": {**batches.summary, "loss": loss.mode}}
         if world.is_main:
             (output_dir / AUDIT_NAME).write_text(json.dumps(audit, indent=2, ensure_ascii=False))
