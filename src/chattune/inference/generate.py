@@ -32,7 +32,7 @@ def _ignore(event: Event) -> None:
 
 
 def sequence(run: LoadedRun, served: ServedModel, prompt_ids: list[int], params: SamplingParams,
-             emit: Callable[[Event], None] = _ignore, *, stop_strings: list[str] | None = None,
+             emit: Callable[[Event], None] | None = None, *, stop_strings: list[str] | None = None,
              stop_token_ids: frozenset[int] = frozenset(), keep: frozenset[int] = frozenset(),
              strip: bool = True) -> Sequence:
     """The sequence that decodes an answer to ``prompt_ids`` as ``served`` answers: its adapter,
@@ -41,12 +41,13 @@ def sequence(run: LoadedRun, served: ServedModel, prompt_ids: list[int], params:
     with ``strip``, stripped of surrounding whitespace."""
     decode = partial(run.decode, keep=keep) if keep else run.decode
     stops = served.stop_strings if stop_strings is None else stop_strings
+    emit = _ignore if emit is None else emit  # looked up now: a test may watch the events
     return Sequence(prompt_ids, params, TextStream(decode, stops, strip=strip), emit, adapter=served.adapter,
                     stop_token_ids=served.stop_token_ids | stop_token_ids)
 
 
 def conversation_sequence(run: LoadedRun, served: ServedModel, messages: list[dict], params: SamplingParams,
-                          emit: Callable[[Event], None] = _ignore, tools: list[dict] | None = None) -> Sequence:
+                          emit: Callable[[Event], None] | None = None, tools: list[dict] | None = None) -> Sequence:
     """:func:`sequence` for a conversation (ending with the user's message, or a tool's result)
     rendered with the served model's template and the ``tools`` it offers, cut to leave room for
     the answer (``params.max_tokens``, itself cut to the room the context leaves)."""
