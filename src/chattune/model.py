@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from chattune import chatglm
+from chattune import chatglm, gguf_import
 from chattune.config import ModelArgs
 from chattune.errors import ConfigError, ModelLoadError
 
@@ -84,6 +84,19 @@ def load_error(path: str, exc: Exception, what: str = "model") -> ModelLoadError
     return ModelLoadError(f"{head}: {detail}")
 
 
+def native_model_path(path: str) -> str:
+    """The folder ``from_pretrained`` loads for a model path: ``path`` itself, or for a GGUF
+    file (``gguf_import``) or a THUDM ChatGLM folder (``chatglm``) its converted native folder."""
+    native = gguf_import.native_model_path(path)
+    return native if native != path else chatglm.native_model_path(path)
+
+
+def native_config(path: str):
+    """The native config a GGUF file or a THUDM ChatGLM folder converts to (no weights
+    read), or None for any other path."""
+    return gguf_import.native_config(path) or chatglm.native_config(path)
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     """The model's tokenizer (fast when available), with a pad token set.
 
@@ -94,7 +107,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
     if not path:
         raise ConfigError("model_name_or_path: no base model given; set it to a model folder")
-    path = chatglm.native_model_path(path)
+    path = native_model_path(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # from_pretrained raises OSError, ValueError, ...
@@ -128,7 +141,7 @@ def load_model(args: ModelArgs, dtype: torch.dtype = torch.float32, **extra):
     kwargs = {"dtype": dtype, "trust_remote_code": args.trust_remote_code, **extra}
     if args.device_map:
         kwargs["device_map"] = args.device_map
-    path = chatglm.native_model_path(args.model_name_or_path)
+    path = native_model_path(args.model_name_or_path)
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as exc:
@@ -155,13 +168,14 @@ def tokenizer_hash(tokenizer) -> str:
 
 
 def base_model_fingerprint(path: str, trust_remote_code: bool = False, tokenizer=None) -> dict:
-    """What a manifest records of a base model: its path and the two hashes.
+    """What a manifest records of a base model: its path and the two hashes (for a GGUF file,
+    also its sha256 and quantization type).
 
     Raises ModelLoadError when its config (or, without ``tokenizer``, its tokenizer) cannot be loaded.
     """
     from transformers import AutoConfig
 
-    native = chatglm.native_model_path(path)
+    native = native_model_path(path)
     try:
         model_config = AutoConfig.from_pretrained(native, trust_remote_code=trust_remote_code)
     except Exception as exc:
@@ -177,6 +191,7 @@ def base_model_fingerprint(path: str, trust_remote_code: bool = False, tokenizer
     }
     if native != path:
         record["native_path"] = native
+    record.update(gguf_import.gguf_record(native))
     return record
 
 

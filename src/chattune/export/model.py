@@ -35,12 +35,11 @@ from pathlib import Path
 
 import torch
 
-from chattune import chatglm
 from chattune.config import ModelArgs
 from chattune.errors import ChattuneError, ConfigError, ManifestError
 from chattune.manifest import read_manifest, recorded_template, verify_base_model
 from chattune.methods import get_method
-from chattune.model import DTYPES, load_model, load_tokenizer
+from chattune.model import DTYPES, load_model, load_tokenizer, native_model_path
 
 PROBES = [
     [{"role": "user", "content": "Who are you?"}],
@@ -317,7 +316,7 @@ def export_run(run_dir: str, out: str, *, dtype: str = "auto", shard_size: str =
                            trust_remote_code=manifest.base_model.trust_remote_code)
     from transformers import AutoConfig
 
-    native = chatglm.native_model_path(model_args.model_name_or_path)
+    native = native_model_path(model_args.model_name_or_path)
     chosen = export_dtype(dtype, AutoConfig.from_pretrained(native, trust_remote_code=model_args.trust_remote_code))
     if method.quantized_base:
         log(f"export: QLoRA run: merging into the unquantized base loaded in {chosen}, never into 4-bit weights")

@@ -209,12 +209,13 @@ def _check_batchable(runs: list[_Run]) -> None:
 def _check_same_base(runs: list[_Run]) -> None:
     first = runs[0]
     for run in runs[1:]:
-        for key, what in (("config_sha256", "model config"), ("tokenizer_sha256", "tokenizer")):
+        for key, what in (("config_sha256", "model config"), ("tokenizer_sha256", "tokenizer"),
+                          ("gguf_sha256", "GGUF file")):
             mine, theirs = getattr(run.manifest.base_model, key), getattr(first.manifest.base_model, key)
             if mine != theirs:
                 raise ManifestError(
                     f"adapter {run.name!r} ({run.folder}) was trained on a different base model than "
-                    f"{first.name!r} ({first.folder}): {what} sha256 {mine[:12]} != {theirs[:12]}. "
+                    f"{first.name!r} ({first.folder}): {what} sha256 {str(mine)[:12]} != {str(theirs)[:12]}. "
                     "One server holds one base model; serve these from separate processes."
                 )
 

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from chattune import chatglm
 from chattune.config import RunConfig
 from chattune.methods import Method, block_list, count_parameters, get_method
-from chattune.model import resolve_dtype
+from chattune.model import native_config, resolve_dtype
 
 GIB = 1024 ** 3
 
@@ -91,7 +90,7 @@ def meta_model(config: RunConfig):
     """The configured model with the method applied, on the meta device (no weights read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    model_config = chatglm.native_config(config.model.model_name_or_path) or AutoConfig.from_pretrained(
+    model_config = native_config(config.model.model_name_or_path) or AutoConfig.from_pretrained(
         config.model.model_name_or_path, trust_remote_code=config.model.trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.model.trust_remote_code)
