@@ -191,6 +191,16 @@ def test_half_precision_divergence_only_at_a_near_tie_passes():
     assert not compare_probes(reference, exported, torch.float32, gaps=[[3.0, 0.01, 2.0]])["passed"]
 
 
+def test_the_float32_bound_grows_with_the_logits_scale():
+    """A real model's logits (SmolLM2: up to 43) move by 1.1e-4 when LoRA is merged, rounding only."""
+    from chattune.export.model import compare_probes
+
+    small, large = torch.tensor([[1.0, 2.0]]), torch.tensor([[43.0, -20.0]])
+    for logits, moved, passed in ((small, 1.1e-4, False), (large, 1.1e-4, True), (large, 5e-4, False)):
+        check = compare_probes(([logits], [[1]]), ([logits + moved], [[1]]), torch.float32)
+        assert check["passed"] == passed and check["bound"] == max(1e-4, 1e-5 * logits.abs().max().item())
+
+
 def test_write_shard_is_read_by_safetensors(tmp_path):
     from safetensors.torch import load_file
 

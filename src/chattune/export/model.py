@@ -18,7 +18,8 @@ ids) and the tokenizer with a ``chat_template`` that renders what training rende
 
 The check (``export_check.json``): probe conversations through base + adapter in memory
 and through the exported folder reloaded from disk: the largest logit difference (float32
-at most 1e-4; half precision within a bound relative to the logits' scale, reported) and
+at most 1e-4, or 1e-5 of the logits' scale where that is larger: a real model's logits reach
+40 and more; half precision within a bound relative to the logits' scale, reported) and
 32 greedy tokens each, which must be identical.
 """
 
@@ -50,6 +51,9 @@ PROBES = [
 ]
 GREEDY_TOKENS = 32
 FLOAT32_TOLERANCE = 1e-4
+FLOAT32_RELATIVE_BOUND = 1e-5
+"""float32: the bound is the larger of these two (the second times the largest |logit|): merging
+LoRA into 30 layers of SmolLM2-135M moves logits of up to 43 by 1.1e-4, rounding only."""
 HALF_RELATIVE_BOUND = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
 CHECK_NAME = "export_check.json"
 
@@ -144,7 +148,8 @@ def compare_probes(reference, exported, dtype: torch.dtype, gaps: list[list[floa
     out_logits, out_tokens = exported
     worst = max((a - b).abs().max().item() for a, b in zip(ref_logits, out_logits, strict=True))
     scale = max(t.abs().max().item() for t in ref_logits)
-    bound = FLOAT32_TOLERANCE if dtype == torch.float32 else HALF_RELATIVE_BOUND[dtype] * max(1.0, scale)
+    bound = (max(FLOAT32_TOLERANCE, FLOAT32_RELATIVE_BOUND * scale) if dtype == torch.float32
+             else HALF_RELATIVE_BOUND[dtype] * max(1.0, scale))
     same = [a == b for a, b in zip(ref_tokens, out_tokens, strict=True)]
     ties = []
     for i, (a, b) in enumerate(zip(ref_tokens, out_tokens, strict=True)):
