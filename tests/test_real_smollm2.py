@@ -90,6 +90,27 @@ def test_the_converted_folder_is_smollm2_with_its_chat_template(smollm2):
     assert tokenizer("Hello, world!")["input_ids"] == [19556, 28, 905, 17]
 
 
+def test_the_gguf_file_itself_chats_predicts_and_evaluates(smollm2, tmp_path, capsys):
+    """The bare GGUF path as chat/serve (load_run), predict and eval take a base model."""
+    from chattune.cli import main
+    from chattune.inference.generate import generate
+    from chattune.inference.runs import load_run
+
+    gguf, _ = smollm2
+    bare = load_run(str(gguf))
+    assert bare.profile().template == "tokenizer"
+    assert "Paris" in generate(bare, [ASK], max_new_tokens=16)[0]
+    data = tmp_path / "q.json"
+    data.write_text(json.dumps([{"instruction": ASK[0]["content"], "input": "", "output": "Paris."}]))
+    assert main(["predict", str(gguf), "--data", str(data), "--out", str(tmp_path / "p.jsonl"),
+                 "--max-new-tokens", "12"]) == 0
+    assert "Paris" in json.loads((tmp_path / "p.jsonl").read_text())["prediction"]
+    assert main(["eval", str(gguf), "--data", str(data), "--out", str(tmp_path / "eval"),
+                 "--max-new-tokens", "12"]) == 0
+    assert (tmp_path / "eval").is_dir()
+    capsys.readouterr()
+
+
 @pytest.fixture(scope="module")
 def run(smollm2, tmp_path_factory) -> Path:
     """A LoRA run on the GGUF file itself: 3 steps, short rows."""

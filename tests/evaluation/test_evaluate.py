@@ -881,3 +881,11 @@ def test_reference_loss_is_the_training_loss_on_the_same_rows(lora_loaded, data_
         loss, tokens = ev.reference_loss(run, served, data, max_seq_length=96, batch_size=batch_size)
         assert tokens == training.eval_count
         assert loss == pytest.approx(mean, abs=1e-5)
+
+
+def test_the_default_out_dir_of_a_model_file_is_beside_it(tmp_path):
+    """``chattune eval model.gguf``: a GGUF file is a model path, and its results go beside it."""
+    model = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    model.write_bytes(b"GGUF")
+    assert ev.default_out_dir(model, "data/q.json") == tmp_path / "SmolLM2-135M-Instruct.Q4_1-eval" / "q"
+    assert ev.default_out_dir(tmp_path, "data/q.json") == tmp_path / "eval" / "q"

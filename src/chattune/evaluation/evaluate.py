@@ -453,8 +453,12 @@ def base_profile(run: LoadedRun, profile: str | None = None) -> LoadedRun | None
 
 
 def default_out_dir(run_dir: str | Path, data_path: str) -> Path:
-    """``RUN/eval/<data file name without suffix>``."""
-    return Path(run_dir) / "eval" / Path(data_path).stem
+    """``RUN/eval/<data file name without suffix>``; for a model file (``model.gguf``),
+    ``model-eval/<data file name without suffix>`` beside it."""
+    run = Path(run_dir)
+    if run.is_file():
+        return run.parent / f"{run.stem}-eval" / Path(data_path).stem
+    return run / "eval" / Path(data_path).stem
 
 
 def sample_rows(dataset, count: int, seed: int) -> list[tuple[list[int], list[int]]]:
