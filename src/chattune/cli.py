@@ -296,9 +296,9 @@ def cmd_convert(args) -> int:
         raise ModelLoadError(f"--dtype: only for a GGUF file; {args.source} is not one")
     family = thudm_family(args.source)
     if family is None:
-        raise ModelLoadError(f"{args.source}: neither a GGUF file nor a THUDM ChatGLM folder (its config.json "
-                             "has no model_type \"chatglm\"); expected a .gguf file or a download of "
-                             "chatglm-6b, chatglm2-6b or chatglm3-6b")
+        raise ModelLoadError(f"{args.source}: not a THUDM ChatGLM folder (its config.json has no model_type "
+                             "\"chatglm\") nor a GGUF file; expected a download of chatglm-6b, chatglm2-6b "
+                             "or chatglm3-6b, or a .gguf file")
     if args.out:
         target = convert(args.source, args.out, family)
         print(f"{family}: native model folder at {target}\ntrain or chat with model_name_or_path={target}")
