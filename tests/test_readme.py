@@ -34,5 +34,6 @@ def test_the_two_commands_are_there_and_match_ci():
 def test_every_subcommand_in_the_readme_exists():
     parser = build_parser()
     choices = parser._subparsers._group_actions[0].choices  # noqa: SLF001
-    for command in ("data", "train", "chat", "predict", "tiny-model", "demo", "convert", "serve", "eval", "report", "export", "templates"):
+    for command in ("data", "train", "chat", "predict", "tiny-model", "demo", "convert", "fetch", "serve", "eval", "report",
+                    "export", "templates"):
         assert command in choices and f"chattune {command}" in README
