@@ -140,6 +140,14 @@ def test_training_on_the_gguf_records_it_in_the_manifest(run, smollm2):
     assert len(losses) == 3 and all(0 < loss < 10 for loss in losses), losses
 
 
+def test_the_report_names_the_gguf(run, tmp_path):
+    from chattune.cli import main
+
+    assert main(["report", str(run), "--out", str(tmp_path / "report.html")]) == 0
+    page = (tmp_path / "report.html").read_text()
+    assert "converted from GGUF at" in page and f"Q4_1, sha256 {MODELS['smollm2'].sha256}" in page
+
+
 @pytest.fixture(scope="module")
 def loaded(run):
     from chattune.inference.runs import load_run

@@ -344,7 +344,9 @@ def _summary_section(manifest: dict) -> str:
     rows = [
         ("base model", base.get("path")),
         ("model type", base.get("model_type")),
-        ("converted from THUDM format at", base.get("native_path")) if base.get("native_path") else None,
+        (("converted from GGUF at" if base.get("gguf_sha256") else "converted from THUDM format at"),
+         base.get("native_path")) if base.get("native_path") else None,
+        ("GGUF file", f"{base.get('gguf_file_type')}, sha256 {base['gguf_sha256']}") if base.get("gguf_sha256") else None,
         ("template", template.get("name")),
         ("template source", template.get("source")),
         ("max sequence length", manifest.get("max_seq_length")),
