@@ -93,6 +93,11 @@ def role_pattern(tokenizer, eos: str, bos: str = "") -> RolePattern | None:
     if not (generation == tail == without[1] == without[3] and between == without[2]):
         return None
     user_prefix = _common_suffix(without[0], between, sys_next)
+    if eos and eos in between:
+        # the answer's EOS ends the answer, not the next user's prefix: a template that writes a
+        # default system turn (SmolLM2's) ends all three texts with "<|im_end|>\n<|im_start|>user\n"
+        after_eos = len(between) - between.index(eos) - len(eos)
+        user_prefix = user_prefix[len(user_prefix) - after_eos:] if len(user_prefix) > after_eos else user_prefix
     cut = len(user_prefix)
     no_system = without[0][:len(without[0]) - cut]
     common = head[:next((i for i, (x, y) in enumerate(zip(head, no_system, strict=False)) if x != y),
