@@ -161,3 +161,21 @@ def test_convert_command_and_dry_run(llama_ggufs, tmp_path, capsys):
     assert config.model_type == "llama" and not cache_root().exists()
     assert main(["train", f"model_name_or_path={files['q8_0']}", "max_seq_length=64", "--dry-run"]) == 0
     assert "parameters" in capsys.readouterr().out and not cache_root().exists()
+
+
+def test_a_gguf_beside_a_model_folder_s_files_is_read_alone(llama_ggufs, tmp_path):
+    """``chattune export --gguf`` leaves the GGUF beside config.json and the tokenizer files;
+    named as a model path, the GGUF is read alone (transformers would mix those files into
+    the tokenizer it rebuilds from the GGUF, which then lost its special tokens)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model_dir, files = llama_ggufs
+    folder = shutil.copytree(model_dir, tmp_path / "export")
+    gguf = Path(shutil.copy(files["q8_0"], folder / "export.q8_0.gguf"))
+    assert gguf_file(str(folder)) is None  # the folder is the Hugging Face model
+    native = native_model_path(str(gguf))
+    tokenizer, original = AutoTokenizer.from_pretrained(native), AutoTokenizer.from_pretrained(model_dir)
+    assert (tokenizer.eos_token, tokenizer.bos_token) == (original.eos_token, original.bos_token)
+    assert tokenizer.chat_template == original.chat_template

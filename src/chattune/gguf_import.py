@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,6 +142,17 @@ def gguf_loading():
         gguf_utils.is_gguf_available = saved
 
 
+@contextlib.contextmanager
+def _alone(file: Path):
+    """A temporary folder holding only a link to ``file``: transformers reads a GGUF's tokenizer
+    and config from the folder it names, and mixes in a ``tokenizer_config.json`` or
+    ``config.json`` beside the file (an export folder's: the rebuilt tokenizer then loses its
+    special tokens)."""
+    with tempfile.TemporaryDirectory(prefix="chattune-gguf-") as folder:
+        os.symlink(file, Path(folder) / file.name)
+        yield folder
+
+
 def supported_architectures() -> list[str]:
     """The GGUF architectures (``general.architecture``) transformers can read."""
     from transformers.integrations.gguf import GGUF_ARCHS
@@ -195,8 +207,8 @@ def native_config(path: str):
     info = read_info(file)
     check_architecture(info, file)
     try:
-        with gguf_loading():
-            return AutoConfig.from_pretrained(str(file.parent), gguf_file=file.name)
+        with gguf_loading(), _alone(file) as folder:
+            return AutoConfig.from_pretrained(folder, gguf_file=file.name)
     except Exception as exc:
         raise _load_failure(file, info, exc, "config") from exc
 
@@ -270,8 +282,8 @@ def _load(file: Path, info: GgufInfo, dtype):
     """The model and tokenizer transformers reads from ``file``, ready to save as a plain folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder, name = str(file.parent), file.name
-    with gguf_loading():
+    name = file.name
+    with gguf_loading(), _alone(file) as folder:
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         except Exception as exc:
