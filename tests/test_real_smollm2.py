@@ -206,7 +206,7 @@ def exported(run, tmp_path_factory) -> Path:
     from chattune.cli import main
 
     out = tmp_path_factory.mktemp("real-export") / "smollm2-lora"
-    assert main(["export", str(run), "--out", str(out)]) == 0
+    assert main(["export", str(run), "--out", str(out), "--gguf", "q8_0"]) == 0
     return out
 
 
@@ -226,13 +226,13 @@ def test_the_export_equals_the_run(exported, loaded):
 
 
 def test_the_export_becomes_a_gguf_that_chattune_reads_back(exported, loaded):
-    """export --gguf q8_0 writes llama.cpp's file; naming that file as a model path converts it
+    """export --gguf q8_0 wrote llama.cpp's file; naming that file as a model path converts it
     back, and it answers as the run does."""
-    from chattune.export.gguf import read_gguf_summary, write_gguf
+    from chattune.export.gguf import read_gguf_summary
     from chattune.inference.generate import generate
     from chattune.inference.runs import load_run
 
-    out = write_gguf(exported, exported.parent / "smollm2-lora.q8_0.gguf", "q8_0")
+    out = exported / "smollm2-lora.q8_0.gguf"
     summary = read_gguf_summary(out)
     assert summary["architecture"] == "llama" and summary["file_type"] == 7, summary  # MOSTLY_Q8_0
     again = load_run(str(out))
@@ -242,3 +242,19 @@ def test_the_export_becomes_a_gguf_that_chattune_reads_back(exported, loaded):
         mine, theirs = again.model(input_ids=ids).logits, loaded.model(input_ids=ids).logits
     assert (mine - theirs).abs().max() <= 0.05 * theirs.abs().max()  # Q8_0: 1.3 on logits up to 43
     assert generate(again, [ASK], max_new_tokens=24) == generate(loaded, [ASK], max_new_tokens=24)
+
+
+def test_the_modelfile_renders_the_chat_template_with_history(exported, loaded):
+    """SmolLM2's template writes a default system turn: the TEMPLATE still ends an answer in the
+    history with one <|im_end|> (tests/templates/test_role_pattern.py)."""
+    import re
+
+    from tests.templates.go_template import GoTemplate
+
+    go = re.search(r'TEMPLATE """(.*?)"""', (exported / "Modelfile").read_text(), re.S).group(1)
+    for messages in ([*ASK, {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And Italy?"}],
+                     [{"role": "system", "content": "Be brief."}, *ASK]):
+        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+        shown = GoTemplate(go).render({"System": system, "Messages": [{"Role": m["role"], "Content": m["content"]}
+                                                                     for m in messages]})
+        assert shown == loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
