@@ -27,13 +27,12 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from chattune.chatglm.convert import NATIVE_MARKER, cache_root
+from chattune.chatglm.convert import NATIVE_MARKER, cache_root, native_folder, write_marker
 from chattune.errors import ModelLoadError
 
 CONVERTER_VERSION = 1
@@ -252,29 +251,16 @@ def convert(source: str | os.PathLike, target: str | os.PathLike, dtype: str = "
     info = info or read_info(file)
     check_architecture(info, file)
     sha256 = file_sha256(file)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = target.parent / f"tmp-{target.name}-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
-    try:
+    with native_folder(target) as work:
         model, tokenizer = _load(file, info, getattr(torch, dtype))
         model.save_pretrained(work)
         tokenizer.save_pretrained(work)
-        (work / NATIVE_MARKER).write_text(json.dumps({
+        write_marker(work, {
             "source": str(file), "family": FAMILY, "gguf_sha256": sha256, "gguf_file_type": info.file_type,
             "gguf_architecture": info.architecture, "gguf_name": info.name,
             "architecture": f"{type(model).__name__} (transformers)", "dtype": dtype,
             "converter_version": CONVERTER_VERSION,
-        }, indent=2) + "\n", encoding="utf-8")
-        try:
-            work.rename(target)
-        except OSError:
-            if not (target / NATIVE_MARKER).is_file():  # not another process's identical conversion
-                raise
-            shutil.rmtree(work, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+        })
     return target
 
 

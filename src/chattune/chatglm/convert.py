@@ -27,6 +27,8 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from chattune.errors import ModelLoadError
@@ -139,6 +141,33 @@ def native_config(path: str):
     return _glm6b_config(config) if family == "chatglm-6b" else _glm_config(config, family)
 
 
+@contextmanager
+def native_folder(target: Path) -> Iterator[Path]:
+    """A native folder written whole or not at all: the block writes into a ``tmp-`` folder
+    beside ``target`` (its marker last), renamed to ``target`` when the block ends; another
+    process's identical conversion that got there first is kept. On failure nothing is left."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = target.parent / f"tmp-{target.name}-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        yield work
+        try:
+            work.rename(target)
+        except OSError:
+            if not (target / NATIVE_MARKER).is_file():  # not another process's identical conversion
+                raise
+            shutil.rmtree(work, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def write_marker(folder: Path, record: dict) -> None:
+    """The marker that makes ``folder`` a finished native folder: what it was converted from."""
+    (folder / NATIVE_MARKER).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
 def convert(source: str | os.PathLike, target: str | os.PathLike, family: str | None = None) -> Path:
     """Convert the THUDM folder ``source`` into a native folder ``target`` (written under a
     ``tmp-`` name, then renamed: a failed conversion leaves nothing half-made). Returns ``target``."""
@@ -155,29 +184,14 @@ def convert(source: str | os.PathLike, target: str | os.PathLike, family: str | 
                              "download the whole model folder")
     if target.exists():
         raise ModelLoadError(f"{target}: already exists; expected a new folder to write the converted model to")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = target.parent / f"tmp-{target.name}-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
-    try:
+    with native_folder(target) as work:
         if family == "chatglm-6b":
             _convert_glm6b(source, work, config, files)
         else:
             _convert_glm(source, work, config, files, family)
-        (work / NATIVE_MARKER).write_text(json.dumps({
-            "source": str(source), "family": family, "template": TEMPLATES[family],
-            "converter_version": CONVERTER_VERSION,
-            "architecture": "chatglm6b (chattune)" if family == "chatglm-6b" else "glm (transformers)",
-        }, indent=2) + "\n", encoding="utf-8")
-        try:
-            work.rename(target)
-        except OSError:
-            if not (target / NATIVE_MARKER).is_file():  # not another process's identical conversion
-                raise
-            shutil.rmtree(work, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+        write_marker(work, {"source": str(source), "family": family, "template": TEMPLATES[family],
+                            "converter_version": CONVERTER_VERSION,
+                            "architecture": "chatglm6b (chattune)" if family == "chatglm-6b" else "glm (transformers)"})
     return target
 
 
