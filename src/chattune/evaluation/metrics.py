@@ -1,52 +1,8 @@
-"""Text-similarity metrics (ROUGE-1/2/L, BLEU-4) as the published fine-tuning tables compute them.
-
-The numbers match, row for row, LLaMA-Factory's ``ComputeSimilarity``
-(hiyouga/LLaMA-Factory, ``src/llamafactory/train/sft/metric.py``, read at commits
-65ea7a0d7c37e82f0b46f3808ec336604f18a5e9 and 158f4cb57744439811013639661ebd103e07d742,
-which agree; its ``scripts/eval_bleu_rouge.py`` does the same per row), which itself
-descends from ChatGLM-6B's p-tuning ``compute_metrics`` (THUDM/ChatGLM-6B,
-``ptuning/main.py``, commit 90f2e47f5456cfef637e2d7a5e2f88334d603e14).
-
-For one (prediction, reference) pair:
-
-* ROUGE: both strings are segmented with ``jieba.cut`` (default mode, HMM on), the
-  tokens joined with single spaces and handed to ``rouge_chinese.Rouge().get_scores``;
-  the ``"f"`` of ``rouge-1``, ``rouge-2`` and ``rouge-l`` is kept. rouge_chinese
-  counts *distinct* n-grams for ROUGE-N (sets, not multisets), uses plain LCS over
-  all words for ROUGE-L, and computes ``F = 2PR / (P + R + 1e-8)`` -- so an identical
-  pair scores 99.9999995, which rounds to 100.0. If either side has no token once
-  whitespace is dropped (``" ".join(tokens).split()`` is empty), all three ROUGE
-  values are 0.0 (LLaMA-Factory's rule; rouge_chinese itself would raise).
-* BLEU-4: NLTK ``sentence_bleu([list(reference)], list(prediction),
-  smoothing_function=SmoothingFunction().method3)`` on *characters* (spaces count as
-  characters), uniform weights (0.25,) * 4. There is no special case: NLTK returns 0
-  when no character matches (so an empty prediction or an empty reference gives 0.0),
-  and a whitespace-only prediction against a whitespace-only reference does score
-  (e.g. " " vs " " gives 35.3553).
-* Every value is multiplied by 100 and then ``round(value, 4)``; the corpus figure is
-  the plain ``np.mean`` of the rounded rows.
-
-Strings are used exactly as given: nothing is stripped or normalised.
-
-Differences between the two sources, for readers of older tables:
-
-* ChatGLM-6B has no empty-text rule, so an empty (or whitespace-only) prediction or
-  reference makes its ``compute_metrics`` raise rouge_chinese's ``ValueError``
-  ("Hypothesis is empty." / "Reference is empty."); LLaMA-Factory (and this module)
-  score such a row 0.0 for ROUGE and still compute BLEU-4.
-* An earlier ChatGLM-6B ``ptuning/main.py`` (commit
-  08d880141d7450099a579e00877e3318be26da5f) called ``sentence_bleu`` without
-  smoothing (NLTK's method0), which gives 0 BLEU-4 to any row without a matching
-  character 4-gram; later ChatGLM-6B and LLaMA-Factory use method3.
-* Rounding (×100 then 4 decimals per row) and the mean over rows are the same in both.
-
-For a row whose reference answer is a tool call (:func:`call_scores`): ``tool_name_match``
-(the predicted calls name the reference's functions) and ``tool_args_match`` (each call's
-name and arguments too, the arguments compared as JSON, :func:`same_json`), 100.0 or 0.0.
-
-jieba, rouge_chinese, nltk and numpy are imported on first use only, so importing
-this module is cheap; jieba's "Building prefix dict ..." messages are silenced. No
-NLTK data is needed (nothing here calls ``nltk.download``).
+"""Text-similarity metrics (ROUGE-1/2/L, BLEU-4) as the published fine-tuning tables compute them,
+row for row equal to LLaMA-Factory's ``ComputeSimilarity`` (jieba words for ROUGE, characters
+for BLEU-4 with method3 smoothing, x100 rounded to 4 decimals, the mean over rows), and the
+tool-call scores. The sources, the exact rules and how older ChatGLM-6B tables differ:
+``docs/design/metrics.md``. jieba, rouge_chinese, nltk and numpy are imported on first use.
 """
 
 from __future__ import annotations
