@@ -435,7 +435,7 @@ def tool_text(name, messages, tokenizer=None, tools=TOOLS):
 
 
 def test_default_renders_tools_calls_and_results_in_its_own_json_form():
-    """default: chattune's own documented form (render_default's docstring), in the style of its
+    """default: chattune's own documented form (registry.DEFAULT_TOOLS and docs/templates.md), in the style of its
     ``Role: text`` lines: ``Tools: {json.dumps(tools)}`` after the system line; each call
     ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` (one per line, after the message's
     text and a newline), EOS after the calls; each result ``\nTool: {result}``, then

@@ -7,7 +7,7 @@ and everything here follows the format, never the template's name. What is parse
 (``text`` is the model's output after the generation prompt):
 
 - ``json-tags`` (``default``): each ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` block is a
-  call, wherever it is (render_default writes the assistant's text, then one block per line,
+  call, wherever it is (the `default` template writes the assistant's text, then one block per line,
   then EOS); the text outside the blocks is the content. A last block without its
   ``</tool_call>`` (the output ended, or a stop string cut it) is still a call.
 - ``json-tags-or-name-json`` (``tokenizer``): the same ``<tool_call>`` blocks (Qwen2 / Hermes: a newline on each side of
