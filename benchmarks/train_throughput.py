@@ -3,6 +3,7 @@ baseline written the way the ChatGLM-6B + LoRA tutorial does it, on the same mod
 
     python benchmarks/train_throughput.py                  # about 7 minutes on 2 CPU cores
     python benchmarks/train_throughput.py --preset gpu-1b  # on a CUDA GPU: see below
+    python benchmarks/train_throughput.py --preset smollm2 # a real model: about 10 minutes on 2 CPU cores
 
 Every arm trains the same tiny random GLM-4 (4 layers x 256; a byte-level BPE tokenizer of
 8192 tokens trained on the data, so rows are about as long as with a real tokenizer: mean
@@ -30,6 +31,14 @@ as the tutorial does with fp16), max_seq_length and pack_length 2048, all 951 tr
 rows, batch 16 (about 3200 tokens a step: 1-2 full bins), one run per arm.
 ``--peak-tflops`` adds the MFU against the card's datasheet dense peak (989 for an
 H100/H200 SXM in bf16) to the measured one. Options given with the preset override it.
+
+``--preset smollm2`` is the real-model arm: SmolLM2-135M-Instruct (``chattune fetch smollm2``,
+its GGUF converted once into chattune's native float32 folder, which every arm loads: chattune
+by path, the baseline with plain ``AutoModelForCausalLM.from_pretrained``), the GGUF's own
+ChatML template, max_seq_length 512, the first 64 rows, batch 4, learning rate 2e-4, 32
+held-out rows; chattune's default (packed) and the tutorial baseline, interleaved, fastest of
+2 runs each. ``--model`` takes any model folder, ``.gguf`` file or ``chattune fetch`` name
+in place of the tiny random GLM-4.
 """
 
 from __future__ import annotations
@@ -107,7 +116,7 @@ def chattune_config(spec: dict, model: Path, out: Path, **overrides):
 
     values = {
         "model_name_or_path": str(model), "train_files": [spec["train"]], "eval_files": [spec["eval"]],
-        "template": "alpaca", "max_seq_length": spec["max_seq_length"], "lora_rank": 8,
+        "template": spec.get("template", "alpaca"), "max_seq_length": spec["max_seq_length"], "lora_rank": 8,
         "per_device_train_batch_size": spec["batch"], "num_train_epochs": 1,
         "learning_rate": spec["lr"], "logging_steps": 10, "save_steps": 10 ** 6, "seed": spec["seed"],
         "report_to": ["none"], "output_dir": str(out), "cache_dir": spec["cache"], **overrides,
@@ -119,10 +128,12 @@ def prepared_data(spec: dict, model: Path):
     """The encoded train and eval rows every arm trains and evaluates on (chattune's encoder)."""
     from chattune.data.prepare import prepare_data
     from chattune.model import load_tokenizer
+    from chattune.templates.registry import resolve_template_name
 
     config = chattune_config(spec, model, Path(spec["root"]) / "unused")
     tokenizer = load_tokenizer(str(model))
-    return prepare_data(config.data, tokenizer, "alpaca", spec["seed"]), tokenizer
+    template = resolve_template_name(spec.get("template", "alpaca"), tokenizer)
+    return prepare_data(config.data, tokenizer, template, spec["seed"]), tokenizer
 
 
 def tutorial_collator(pad_token_id: int):
@@ -220,7 +231,18 @@ def useful_flops(model, rows, config) -> float:
 PRESETS = {
     "gpu-1b": {"hidden": 2048, "layers": 24, "max_seq_length": 2048, "train_rows": 951, "batch": 16,
                "lr": 2e-4, "dtype": "bfloat16", "arms": "default,pad,baseline", "repeat": 1},
+    "smollm2": {"model": "smollm2", "template": "auto", "max_seq_length": 512, "train_rows": 64, "eval_rows": 32,
+                "batch": 4, "lr": 2e-4, "arms": "default,baseline", "repeat": 2},
 }
+
+
+def resolve_model(name: str) -> Path:
+    """The native folder of ``name``: a ``chattune fetch`` name, a ``.gguf`` file or a model folder."""
+    from chattune.gguf_import import native_model_path
+    from chattune.pretrained import MODELS, fetch
+
+    path = fetch(name) if name in MODELS else Path(name).expanduser()
+    return Path(native_model_path(str(path)))
 
 
 def worker(arm: str, spec: dict) -> dict:
@@ -296,7 +318,13 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the arguments, run every arm, print the table and the targets."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS),
-                        help="a named configuration (gpu-1b: 0.94B GLM-4, bf16, packed to 2048)")
+                        help="a named configuration (gpu-1b: 0.94B GLM-4, bf16, packed to 2048; "
+                             "smollm2: SmolLM2-135M-Instruct from its GGUF, 64 rows at 512)")
+    parser.add_argument("--model", default=None,
+                        help="a model folder, .gguf file or `chattune fetch` name (smollm2, gemma3-270m) to "
+                             "train instead of the tiny random GLM-4 (its native folder, for every arm)")
+    parser.add_argument("--template", default="alpaca",
+                        help="the prompt template of every arm (auto: the model's own chat template)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--train-rows", type=int, default=480)
     parser.add_argument("--eval-rows", type=int, default=48)
@@ -337,8 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     spec = {
         "root": str(root), "train": str(train_path), "eval": str(eval_path), "mfu_train": str(mfu_train),
         "max_seq_length": args.max_seq_length, "batch": args.batch, "lr": args.lr, "seed": 42,
-        "threads": args.threads, "cache": str(root / "cache"), "dtype": args.dtype,
-        "model": str(build_model(root, args.data, args.hidden, args.layers)),
+        "threads": args.threads, "cache": str(root / "cache"), "dtype": args.dtype, "template": args.template,
+        "model": str(resolve_model(args.model) if args.model else build_model(root, args.data, args.hidden,
+                                                                               args.layers)),
         "mfu_model": str(build_model(root, args.data, args.mfu_hidden, args.layers)) if "mfu" in arms else "",
     }
     spec_path = root / "spec.json"
@@ -362,9 +391,12 @@ def main(argv: list[str] | None = None) -> int:
     small = next((r for r in results if r["arm"] != "mfu"), None)
     print()
     if small is not None:
-        print(f"model glm4 {args.hidden}x{args.layers} ({small['parameters'] / 1e6:.0f}M parameters, {args.dtype}), "
+        name = f"{args.model} ({Path(spec['model']).name})" if args.model else f"glm4 {args.hidden}x{args.layers}"
+        print(f"model {name} ({small['parameters'] / 1e6:.0f}M parameters, {args.dtype}), "
               f"{small['rows']} rows ({small['tokens']} tokens, "
-              f"{small['supervised']} supervised) x 1 epoch, batch {args.batch}, LoRA r=8 all linear, lr {args.lr}; "
+              f"{small['supervised']} supervised) x 1 epoch, "
+              + (f"max_seq_length {args.max_seq_length}, template {args.template}, " if args.model else "")
+              + f"batch {args.batch}, LoRA r=8 all linear, lr {args.lr}; "
               f"eval loss before training {untrained['eval_loss']:.4f}"
               + (f"; fastest of {args.repeat} runs" if args.repeat > 1 else ""))
     print(table(results, peaks, baseline))
