@@ -7,7 +7,16 @@ from __future__ import annotations
 import re
 
 from chattune.templates.jinja import Writer, slots_jinja, tokenizer_style
-from chattune.templates.ollama import slots_go
+from chattune.templates.ollama import (
+    CONTENT,
+    ELSE,
+    END,
+    IF_SYSTEM,
+    SYSTEM,
+    go_literal,
+    messages,
+    slots_go,
+)
 from chattune.templates.registry import get_template
 from chattune.templates.role_pattern import RolePattern, role_pattern
 from chattune.templates.tokens import special_token_ids
@@ -64,16 +73,6 @@ def _named_go(name: str, eos: str, specials: str, turn_specials: str) -> str:
 
 def _pattern_go(pattern: RolePattern) -> str:
     """A role pattern in Ollama's Go-template syntax."""
-    from chattune.templates.ollama import (
-        CONTENT,
-        ELSE,
-        END,
-        IF_SYSTEM,
-        SYSTEM,
-        go_literal,
-        messages,
-    )
-
     without = ELSE + go_literal(pattern.without_system) if pattern.without_system else ""
     return (go_literal(pattern.common) + IF_SYSTEM + go_literal(pattern.with_system) + SYSTEM
             + go_literal(pattern.system_suffix) + without + END

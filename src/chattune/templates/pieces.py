@@ -64,12 +64,13 @@ def split_system(messages: list[dict]) -> tuple[str, list[dict]]:
     return "", messages
 
 
-def answer_pieces(answer: str, turn: int, end: str = "") -> list[Piece]:
-    """An answer, the template's end-of-answer text (if any) and EOS, all trained."""
+def answer_pieces(answer: str, turn: int, end: str = "", eos: bool = True) -> list[Piece]:
+    """An answer, the template's end-of-answer text (if any) and EOS (unless ``eos`` is False),
+    all trained."""
     pieces = [Piece(answer, "assistant", turn)]
     if end:
         pieces.append(Piece(end, "answer_end", turn))
-    return pieces + [Piece("", "eos", turn)]
+    return pieces + ([Piece("", "eos", turn)] if eos else [])
 
 
 def render_text(pieces: list[Piece], eos: str = "", specials: str = "") -> str:

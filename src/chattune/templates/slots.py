@@ -120,8 +120,7 @@ def _answer(slots: Slots, content: str, turn: int, history: bool) -> list[Piece]
     text = slots.answer_lead + content
     if history and not slots.history_eos:
         return [Piece(text, "assistant", turn), *_template(slots.history_suffix, turn)]
-    pieces = answer_pieces(text, turn, slots.answer_end) if slots.eos else (
-        [Piece(text, "assistant", turn)] + ([Piece(slots.answer_end, "answer_end", turn)] if slots.answer_end else []))
+    pieces = answer_pieces(text, turn, slots.answer_end, slots.eos)
     return pieces + (_template(slots.history_suffix, turn) if history else [])
 
 
