@@ -455,6 +455,11 @@ class TestHostileConvertAndInspect:
         assert len(read_jsonl(out)) == 1
 
 
+    def test_a_negative_show_is_refused(self, tmp_path, capsys):
+        src = write_jsonl(tmp_path / "m.jsonl", [{"instruction": "q1", "output": "a1"}])
+        assert one_error_line(["data", "inspect", str(src), "--show", "-1"], capsys) == "--show: must be >= 0, got -1"
+
+
 @pytest.fixture
 def prepare_setup(tiny_models, tmp_path):
     """(config path, good data path, tiny model path) for ``chattune data prepare``."""

@@ -44,6 +44,19 @@ def test_a_group_names_its_impossible_key(group, values, key):
 
 
 
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**70])
+def test_a_seed_numpy_cannot_take_is_refused_naming_the_range(seed):
+    from chattune.config_io import load_config
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, [f"seed={seed}"])
+    assert str(caught.value) == f"seed: must be an integer from 0 to 2**32 - 1 (4294967295), got {seed}"
+
+
+@pytest.mark.parametrize("seed", [0, 2**32 - 1])
+def test_the_ends_of_the_seed_range_are_valid(seed):
+    TrainArgs(seed=seed).validate()
+
 
 def test_config_errors_are_chattune_errors():
     assert issubclass(ConfigError, ChattuneError) and issubclass(ConfigError, ValueError)

@@ -352,6 +352,21 @@ def test_invalid_yaml_is_config_error(tmp_path):
     assert str(path) in str(info.value) and "YAML" in str(info.value)
 
 
+
+def test_a_binary_config_file_is_one_line_config_error(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(b"lora_rank: 8\n" + bytes(range(128, 256)))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: not UTF-8 text (invalid start byte at byte 13); expected a YAML config file"
+
+
+def test_a_yaml_error_is_one_line(tmp_path):
+    path = write_yaml(tmp_path, "lora_rank: [8\nfp16: : true\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "\n" not in str(info.value)
+
 def test_config_error_is_value_error():
     assert issubclass(ConfigError, ValueError)
 

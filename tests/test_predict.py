@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -190,3 +191,55 @@ def test_predict_shows_the_record_s_tools_in_the_prompt(run_dir, run, tmp_path):
     assert lines[0]["prediction"] == generate(tuned, [question], tools=[functions], max_new_tokens=6)[0]
     assert 'Tools: [{"name": "get_weather"' in tuned.decode(tuned.prompt_ids(question, tools=functions))
     assert "calls" in lines[0] and "calls" not in lines[1]
+
+
+@pytest.mark.parametrize(("out", "message"), [
+    ("/proc/x.jsonl", "--out: cannot write /proc/x.jsonl ("),
+    ("afile/x.jsonl", "--out: {t}/afile/x.jsonl: {t}/afile is a file, not a folder"),
+    ("adir", "--out: {t}/adir is a folder; expected a file path"),
+])
+def test_an_unwritable_out_is_refused_before_the_run_loads(out, message, tmp_path, capsys, monkeypatch):
+    import chattune.cli
+
+    if out.startswith("/proc") and not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux /proc")
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    data = tmp_path / "in.jsonl"
+    data.write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n")
+
+    def no_loading(args):
+        raise AssertionError("the run was loaded")
+
+    monkeypatch.setattr(chattune.cli, "_load_run", no_loading)
+    target = out if out.startswith("/") else str(tmp_path / out)
+    assert main(["predict", "never-loaded", "--data", str(data), "--out", target]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and err[0].startswith("chattune: error: " + message.format(t=tmp_path)), err
+
+
+def test_a_negative_limit_is_refused(run, tmp_path):
+    from chattune.errors import ConfigError
+    from chattune.predict import predict_file
+
+    with pytest.raises(ConfigError, match=r"^--limit: must be >= 1, got -1$"):
+        predict_file(run, "unused.jsonl", str(tmp_path / "pred.jsonl"), limit=-1)
+
+
+def test_a_write_that_fails_midway_leaves_no_output(run, tmp_path, monkeypatch):
+    import errno
+
+    import chattune.predict
+    from chattune.errors import ConfigError
+
+    def disk_full(run, rows, handle, *args):
+        handle.write("{}\n")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(chattune.predict, "_predict_rows", disk_full)
+    data = tmp_path / "in.jsonl"
+    data.write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n")
+    out = tmp_path / "pred.jsonl"
+    with pytest.raises(ConfigError, match=r"--out .*pred\.jsonl: cannot write the predictions \(No space left"):
+        chattune.predict.predict_file(run, str(data), str(out))
+    assert list(tmp_path.iterdir()) == [data]  # neither pred.jsonl nor its partial file

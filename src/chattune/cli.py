@@ -56,6 +56,10 @@ def cmd_data_inspect(args) -> int:
     """Print the conversion summary of data files without writing anything."""
     from chattune.data.sources import format_summary
 
+    if args.show < 0:
+        from chattune.errors import ConfigError
+
+        raise ConfigError(f"--show: must be >= 0, got {args.show}")
     records, summaries = _read_for_cli(args)
     print(format_summary(summaries))
     if records and args.show:
@@ -182,9 +186,11 @@ def cmd_chat(args) -> int:
 
 def cmd_predict(args) -> int:
     """Batched generation (greedy unless sampling flags say otherwise) over a data file, as JSONL."""
+    from chattune.paths import check_output_file
     from chattune.predict import predict_file
 
     overrides = _overrides(args)
+    check_output_file(args.out, "--out")
     count = predict_file(_load_run(args), args.data, args.out, fmt=args.format, columns=_columns(args.columns),
                          batch_size=args.batch_size, limit=args.limit, **overrides)
     print(f"wrote {count} predictions to {args.out}")
@@ -194,9 +200,12 @@ def cmd_predict(args) -> int:
 def cmd_eval(args) -> int:
     """Score a run on a data file (ROUGE, BLEU-4, exact match, loss), optionally beside the base or another run."""
     from chattune.evaluation import evaluate as ev
+    from chattune.paths import check_output_dir
 
     data = ev.read_eval_data(args.data, fmt=args.format, columns=_columns(args.columns), limit=args.limit)
     settings = ev.generation_settings(**_overrides(args))
+    out = check_output_dir(args.out or ev.default_out_dir(args.run_dir, args.data),
+                           "--out" if args.out else "--out (default RUN/eval/DATA)")
     run = _load_run(args)
     result, rows = ev.evaluate(run, data, batch_size=args.batch_size, log=_to_stderr, **settings)
     other_rows = None
@@ -207,7 +216,7 @@ def cmd_eval(args) -> int:
                                                max_seq_length=result["data"]["max_seq_length"], log=_to_stderr,
                                                **settings)
         result["compare"] = ev.compare(rows, other_rows, other_name, other_result["metrics"])
-    out = ev.write_eval(args.out or ev.default_out_dir(args.run_dir, args.data), result, rows, other_rows)
+    out = ev.write_eval(out, result, rows, other_rows)
     print(ev.format_eval(result))
     print(f"wrote {out}/eval.json, generated_predictions.jsonl, predict_results.json, eval_rows.jsonl")
     return 0

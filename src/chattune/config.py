@@ -22,6 +22,8 @@ OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adafactor",
 MAX_LEARNING_RATE = 1e30
 """Above this, Adam's first step (learning_rate / (1 - beta1)) overflows float32."""
 CUDA_OPTIMIZERS = ("adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+MAX_SEED = 2**32 - 1
+"""numpy's (and so transformers' ``set_seed``) largest seed."""
 
 
 def _check(condition: bool, message: str) -> None:
@@ -258,6 +260,8 @@ class TrainArgs:
         _check(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
                "weight_decay: must be a finite number >= 0")
         _check(self.warmup_steps >= 0, "warmup_steps: must be >= 0")
+        _check(0 <= self.seed <= MAX_SEED,
+               f"seed: must be an integer from 0 to 2**32 - 1 ({MAX_SEED}), got {self.seed}")
         _check(self.logging_steps >= 1, "logging_steps: must be >= 1")
         _check(self.save_steps >= 1, "save_steps: must be >= 1")
         _check(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit: must be >= 1")

@@ -8,7 +8,9 @@ reference answer is a tool call also gets ``reference_calls`` and its scores,
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 
 from chattune.data.formats import read_rows, to_record
@@ -28,10 +30,14 @@ def predict_file(run: LoadedRun, data_path: str, out_path: str, *, fmt: str = "a
 
     A row that cannot be read is written with its error instead of a prediction,
     so the output has exactly one line per input row. With rows whose reference is a tool
-    call, the share of them whose calls were right is logged at the end.
+    call, the share of them whose calls were right is logged at the end. The lines go to a
+    temporary file beside ``out_path``, renamed to it once all are written: a failed write
+    (disk full) leaves no half-written output, and ends in a ConfigError naming the path.
     """
     if batch_size < 1:
         raise ConfigError(f"--batch-size: must be >= 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit: must be >= 1, got {limit}")
     settings = {k: v for k, v in overrides.items() if v is not None}
     if "temperature" not in settings:
         settings.setdefault("do_sample", False)  # greedy unless asked to sample
@@ -39,43 +45,59 @@ def predict_file(run: LoadedRun, data_path: str, out_path: str, *, fmt: str = "a
     if limit is not None:
         rows = rows[:limit]
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    written = 0
-    profile = run.profile()
-    scored: list[dict] = []
-    with out.open("w", encoding="utf-8") as handle:
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start:start + batch_size]
-            items, prompts = [], []
-            for row in batch:
-                try:
-                    record = to_record(row, fmt, columns, need_answer=False)
-                except RecordError as exc:
-                    items.append({"source": row.where, "error": str(exc)})
-                    continue
-                messages, reference = split_prompt(record.messages)
-                item = {"source": row.where, "prompt": messages, "reference": reference}
-                calls = reference_calls(record.messages)
-                if calls is not None:
-                    item["reference_calls"] = calls
-                items.append(item)
-                prompts.append((item, messages, record.tools, calls))
-            if prompts:
-                seqs = answer(run, [p[1] for p in prompts], tools=[p[2] for p in prompts], **settings)
-                for (item, _, tools, calls), seq in zip(prompts, seqs, strict=True):
-                    item["prediction"] = seq.text.text
-                    if tools or calls is not None:
-                        item["calls"], errors = answer_calls(run, profile, seq, tools)
-                        if errors:
-                            item["call_errors"] = errors
-                    if calls is not None:
-                        item.update(call_scores(item["calls"], calls))
-                        scored.append(item)
-            for item in items:
-                handle.write(json.dumps(item, ensure_ascii=False) + "\n")
-                written += 1
-            log(f"predicted {min(start + batch_size, len(rows))}/{len(rows)}")
+    partial = out.with_name(f".{out.name}.partial")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with partial.open("w", encoding="utf-8") as handle:
+            written, scored = _predict_rows(run, rows, handle, fmt, columns, batch_size, log, settings)
+        os.replace(partial, out)
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot write the predictions ({exc.strerror or exc}); "
+                          "nothing was written there") from exc
+    finally:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
     if scored:
         shares = ", ".join(f"{name} {sum(i[name] for i in scored) / len(scored):.1f}%" for name in CALL_METRIC_NAMES)
         log(f"{len(scored)} rows with a tool call as reference: {shares}")
     return written
+
+
+def _predict_rows(run: LoadedRun, rows, handle, fmt: str, columns, batch_size: int, log,
+                  settings: dict) -> tuple[int, list[dict]]:
+    """Answer ``rows`` batch by batch into ``handle``; (lines written, the rows scored as calls)."""
+    written = 0
+    profile = run.profile()
+    scored: list[dict] = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        items, prompts = [], []
+        for row in batch:
+            try:
+                record = to_record(row, fmt, columns, need_answer=False)
+            except RecordError as exc:
+                items.append({"source": row.where, "error": str(exc)})
+                continue
+            messages, reference = split_prompt(record.messages)
+            item = {"source": row.where, "prompt": messages, "reference": reference}
+            calls = reference_calls(record.messages)
+            if calls is not None:
+                item["reference_calls"] = calls
+            items.append(item)
+            prompts.append((item, messages, record.tools, calls))
+        if prompts:
+            seqs = answer(run, [p[1] for p in prompts], tools=[p[2] for p in prompts], **settings)
+            for (item, _, tools, calls), seq in zip(prompts, seqs, strict=True):
+                item["prediction"] = seq.text.text
+                if tools or calls is not None:
+                    item["calls"], errors = answer_calls(run, profile, seq, tools)
+                    if errors:
+                        item["call_errors"] = errors
+                if calls is not None:
+                    item.update(call_scores(item["calls"], calls))
+                    scored.append(item)
+        for item in items:
+            handle.write(json.dumps(item, ensure_ascii=False) + "\n")
+            written += 1
+        log(f"predicted {min(start + batch_size, len(rows))}/{len(rows)}")
+    return written, scored

@@ -889,3 +889,41 @@ def test_the_default_out_dir_of_a_model_file_is_beside_it(tmp_path):
     model.write_bytes(b"GGUF")
     assert ev.default_out_dir(model, "data/q.json") == tmp_path / "SmolLM2-135M-Instruct.Q4_1-eval" / "q"
     assert ev.default_out_dir(tmp_path, "data/q.json") == tmp_path / "eval" / "q"
+
+
+@pytest.mark.parametrize(("out", "message"), [
+    ("/proc/x", "--out: cannot write /proc/x ("),
+    ("afile/x", "--out: {t}/afile/x: {t}/afile is a file, not a folder"),
+    ("afile", "--out: {t}/afile is a file; expected a folder"),
+])
+def test_an_unwritable_out_is_refused_before_the_run_loads(out, message, data_file, tmp_path, capsys,
+                                                           monkeypatch):
+    import chattune.cli
+
+    if out.startswith("/proc") and not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux /proc")
+    (tmp_path / "afile").write_text("x")
+
+    def no_loading(args):
+        raise AssertionError("the run was loaded")
+
+    monkeypatch.setattr(chattune.cli, "_load_run", no_loading)
+    target = out if out.startswith("/") else str(tmp_path / out)
+    assert main(["eval", "never-loaded", "--data", str(data_file), "--out", target]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and err[0].startswith("chattune: error: " + message.format(t=tmp_path)), err
+
+
+def test_a_failed_write_of_the_eval_files_names_the_folder_and_leaves_no_eval_json(tmp_path, monkeypatch):
+    import errno
+
+    from chattune.evaluation import evaluate as ev
+
+    def disk_full(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ev, "_write_rows", disk_full)
+    result = {"metrics": {}, "runtime_s": 1.0, "samples_per_second": 1.0}
+    with pytest.raises(ConfigError, match=r"^--out .*out: cannot write the eval files \(No space left on device\)"):
+        ev.write_eval(tmp_path / "out", result, [])
+    assert not (tmp_path / "out" / "eval.json").exists()

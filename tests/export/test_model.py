@@ -154,6 +154,46 @@ def test_refusals_and_nothing_half_written(runs, root, capsys, monkeypatch):
     assert not (root / "failed").exists() and not list(root.glob("tmp-failed-*"))
 
 
+
+@pytest.mark.parametrize(("out", "message"), [
+    ("/proc/x", "--out: cannot write /proc/x ("),
+    ("afile/sub", "--out: {t}/afile/sub: {t}/afile is a file, not a folder"),
+])
+def test_an_unwritable_out_is_refused_before_the_model_loads(out, message, runs, tmp_path, capsys, monkeypatch):
+    import chattune.export.model as export
+
+    if out.startswith("/proc") and not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux /proc")
+    (tmp_path / "afile").write_text("x")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model or tokenizer was loaded")
+
+    monkeypatch.setattr(export, "load_tokenizer", no_loading)
+    monkeypatch.setattr(export, "load_model", no_loading)
+    target = out if out.startswith("/") else str(tmp_path / out)
+    assert main(["export", str(runs["lora"]), "--out", target]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and err[0].startswith("chattune: error: " + message.format(t=tmp_path)), err
+
+
+def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(runs, root, capsys, monkeypatch):
+    import errno
+
+    import chattune.export.model as export
+
+    def disk_full(model, folder, shard_size):
+        (folder / "model-00001-of-00002.safetensors").write_bytes(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export, "write_weights", disk_full)
+    out = root / "full-disk"
+    assert main(["export", str(runs["lora"]), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"chattune: error: --out {out}: cannot write the exported model (No space left on device); "
+                       f"nothing was written to {out}")
+    assert not out.exists() and not list(root.glob("tmp-full-disk-*"))
+
 def test_a_changed_base_is_refused_unless_forced(runs, tiny_models, root, capsys):
     import shutil
 

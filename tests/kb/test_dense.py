@@ -99,3 +99,40 @@ def test_a_vanished_model_says_which_to_pass(docs, tmp_path, tiny_embedder):
     with pytest.raises(ConfigError, match=f"{tmp_path / 'kb'}: its embedding model {model} is gone; pass "
                                           "--embedding with the model it was built with"):
         store.search(tmp_path / "kb", "veldmoor")
+
+
+def _modules_junk(folder):
+    (folder / "modules.json").write_text("[1, 2]")
+    return "TypeError"
+
+
+def _no_pooling(folder):
+    import json
+
+    modules = json.loads((folder / "modules.json").read_text())
+    (folder / "modules.json").write_text(json.dumps(modules[:1]))  # the transformer alone: no sentence embedding
+    return "KeyError"
+
+
+def _config_of_nothing(folder):
+    (folder / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    (folder / "modules.json").unlink()
+    return "Error"
+
+
+@pytest.mark.parametrize("damage", [_modules_junk, _no_pooling, _config_of_nothing])
+def test_a_folder_that_is_not_an_embedding_model_is_one_line(damage, docs, tmp_path, tiny_embedder, capsys):
+    from chattune.cli import main
+
+    folder = shutil.copytree(tiny_embedder, tmp_path / "not-a-model")
+    reason = damage(folder)
+    capsys.readouterr()
+    assert main(["kb", "build", str(docs), "--out", str(tmp_path / "kb"), "--embedding", str(folder)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("chattune: error:")]
+    assert len(err) == 1, err
+    assert err[0].startswith(f"chattune: error: --embedding {folder}: not a sentence-transformers embedding "
+                             f"model ("), err[0]
+    assert reason in err[0] and err[0].endswith("expected a folder saved by sentence-transformers "
+                                                "(SentenceTransformer.save: modules.json, config.json, "
+                                                "weights and tokenizer files)")
+    assert not (tmp_path / "kb").exists()

@@ -72,3 +72,47 @@ def test_an_fsdp_checkpoint_without_optimizer_shards_is_not(tmp_path):
         child.unlink()
     (folder / "optimizer_0").rmdir()
     assert checkpoint_problems(folder) == ["no optimizer.pt"]
+
+
+def test_a_full_disk_under_safetensors_is_a_one_line_error_naming_the_run_folder(tmp_path):
+    from safetensors import SafetensorError
+
+    from chattune.training.checkpoints import storage_error
+
+    exc = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    error = storage_error(exc, tmp_path, 3_000_000, "saving checkpoint-2")
+    assert error is not None and "\n" not in str(error)
+    assert str(error).startswith(f"output_dir {tmp_path}: the disk is full (no space left on the device) "
+                                 "while saving checkpoint-2: it needs about 3.0 MB")
+
+
+def test_a_file_over_the_size_limit_under_safetensors_names_the_limit(tmp_path):
+    from safetensors import SafetensorError
+
+    from chattune.training.checkpoints import storage_error
+
+    error = storage_error(SafetensorError("Error while serializing: I/O error: File too large (os error 27)"),
+                          tmp_path, None, "saving checkpoint-1")
+    assert error is not None and "file size limit" in str(error) and "ulimit -f" in str(error)
+
+
+def test_other_safetensors_errors_are_not_storage_errors(tmp_path):
+    from safetensors import SafetensorError
+
+    from chattune.training.checkpoints import error_code, storage_error
+
+    exc = SafetensorError("Error while deserializing header: HeaderTooLarge")
+    assert error_code(exc) is None and storage_error(exc, tmp_path) is None
+    assert error_code(OSError(28, "No space left on device")) == 28
+
+
+def test_torch_save_over_the_file_size_limit_names_the_limit(tmp_path, monkeypatch):
+    from chattune.training import checkpoints
+
+    monkeypatch.setattr(checkpoints, "file_size_limit", lambda: 102_400)
+    exc = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 101568 vs 101456")
+    error = checkpoints.storage_error(exc, tmp_path, 1000, "saving checkpoint-1")
+    assert str(error) == (f"output_dir {tmp_path}: a file reached this process's file size limit of 0.1 MB "
+                          "(ulimit -f) while saving checkpoint-1; raise the limit or choose another output_dir")
+    monkeypatch.setattr(checkpoints, "file_size_limit", lambda: None)
+    assert checkpoints.storage_error(exc, tmp_path, 1000, "saving checkpoint-1") is None

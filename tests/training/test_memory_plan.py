@@ -197,6 +197,19 @@ def test_dry_run_nproc_zero_is_a_config_error(tiny_models, capsys):
     assert "--nproc" in captured.err and "per device" not in captured.out
 
 
+
+@pytest.mark.parametrize(("model", "message"), [
+    ("", "model_name_or_path: no base model given"),
+    ("afile", "could not load the config '{t}/afile': it is a file; expected a model folder"),
+    ("missing", "could not load the config '{t}/missing': no such folder"),
+])
+def test_dry_run_without_a_usable_model_is_one_line(model, message, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    path = str(tmp_path / model) if model else ""
+    assert main(["train", f"model_name_or_path={path}", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and err[0].startswith("chattune: error: " + message.format(t=tmp_path)), err
+
 def test_overrides_may_follow_the_options(tiny_models, tmp_path, capsys):
     """``chattune train CFG --nproc 2 max_seq_length=64``: the key=value after an option still counts."""
     config = tmp_path / "run.yaml"

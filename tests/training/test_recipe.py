@@ -142,3 +142,29 @@ def test_gradient_checkpointing_trains(tiny_models, data_file, tmp_path):
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 4 and all(loss == loss for loss in losses)  # no NaN
     assert (tmp_path / "gc" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("target", ["/proc/x", "afile/sub"])
+def test_an_output_dir_that_cannot_be_written_is_refused_before_the_model_loads(target, tiny_models, data_file,
+                                                                                tmp_path, monkeypatch, capsys):
+    import chattune.training.recipe as recipe
+    from chattune.cli import main
+
+    if target.startswith("/proc") and not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux /proc")
+    (tmp_path / "afile").write_text("x")
+    output_dir = target if target.startswith("/") else str(tmp_path / target)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model or tokenizer was loaded")
+
+    model = tiny_models("glm4")
+    capsys.readouterr()
+    monkeypatch.setattr(recipe, "load_tokenizer", no_loading)
+    monkeypatch.setattr(recipe, "load_model", no_loading)
+    code = main(["train", f"model_name_or_path={model}", f"train_files={data_file}",
+                 f"output_dir={output_dir}", "report_to=none"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("chattune: error: output_dir: ") and output_dir in err[0], err[0]
+    assert not Path(output_dir).exists()

@@ -106,3 +106,98 @@ def test_resume_path_never_overwrites_checkpoints(tmp_path):
     with pytest.raises(ConfigError, match="is not a complete checkpoint .empty folder"):
         resume_path(config_of(tmp_path, resume_from_checkpoint=str(out / "checkpoint-4")), out)
     assert (out / "checkpoint-4").is_dir()  # a refused resume moves nothing
+
+
+# --- a checkpoint the disk cannot take, a checkpoint damaged on disk ---------------------------
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 40 kB tmpfs: the run's first adapter_model.safetensors (64 kB) does not fit."""
+    import os
+    import subprocess
+    import sys
+
+    mount = tmp_path / "tiny-disk"
+    mount.mkdir()
+    if sys.platform != "linux" or os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root on Linux")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_while_safetensors_writes_is_one_line_and_leaves_no_checkpoint(tiny_disk, tiny_models,
+                                                                                   data_file, capsys):
+    from tests.training.test_faults import overrides, run_cli
+
+    out = tiny_disk / "out"
+    code, err = run_cli(capsys, overrides(tiny_models("glm4"), data_file, out, save_steps=1, max_steps=2))
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"chattune: error: output_dir {out}: the disk is full"), err[0]
+    assert "while saving checkpoint-1" in err[0]
+    assert not list(out.glob("*checkpoint-*"))  # the partial save is gone, nothing looks complete
+
+
+def test_a_failed_safetensors_write_keeps_the_earlier_checkpoints(tiny_models, data_file, tmp_path, capsys,
+                                                                  monkeypatch):
+    import peft.peft_model
+    from safetensors import SafetensorError
+
+    from chattune.training.checkpoints import checkpoint_problems
+    from tests.training.test_faults import overrides, run_cli
+
+    original = peft.peft_model.safe_save_file
+
+    def full_at_step_2(tensors, filename, *args, **kwargs):
+        if "tmp-checkpoint-2" in str(filename):
+            with open(filename, "wb") as handle:
+                handle.write(b"\0" * 100)  # what the disk took before it was full
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return original(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", full_at_step_2)
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, overrides(tiny_models("glm4"), data_file, out, save_steps=1, max_steps=3))
+    assert code == 2 and len(err) == 1, err
+    assert f"output_dir {out}: the disk is full" in err[0] and "while saving checkpoint-2" in err[0]
+    assert "the earlier checkpoints are untouched (last complete: checkpoint-1)" in err[0]
+    assert sorted(p.name for p in out.glob("*checkpoint-*")) == ["checkpoint-1"]
+    assert checkpoint_problems(out / "checkpoint-1") == []
+
+
+def _poison(safetensors_file) -> None:
+    """Overwrite every tensor byte of a safetensors file with float32 NaN; its size stays."""
+    import struct
+
+    data = bytearray(safetensors_file.read_bytes())
+    start = 8 + struct.unpack("<Q", data[:8])[0]
+    data[start:] = struct.pack("<f", float("nan")) * ((len(data) - start) // 4)
+    safetensors_file.write_bytes(bytes(data))
+
+
+def test_resuming_from_a_checkpoint_with_nan_weights_stops_naming_it(tiny_models, data_file, tmp_path, capsys):
+    from chattune.training.checkpoints import checkpoint_problems
+    from tests.training.test_faults import overrides, run_cli
+
+    out = tmp_path / "out"
+    model = tiny_models("glm4")
+    assert run_cli(capsys, overrides(model, data_file, out, save_steps=2, max_steps=4))[0] == 0
+    _poison(out / "checkpoint-4" / "adapter_model.safetensors")
+    assert checkpoint_problems(out / "checkpoint-4") == []  # whole on disk, only its values are bad
+    code, err = run_cli(capsys, overrides(model, data_file, out, save_steps=2, max_steps=6,
+                                          resume_from_checkpoint="true"))
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"chattune: error: resume_from_checkpoint: {out / 'checkpoint-4'} is a bad checkpoint: ")
+    assert "NaN or inf" in err[0] and f"resume from an earlier one: resume_from_checkpoint={out / 'checkpoint-2'}" \
+        in err[0]
+    assert "last good checkpoint" not in err[0]
+    assert sorted(p.name for p in out.glob("*checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    code, err = run_cli(capsys, overrides(model, data_file, out, save_steps=2, max_steps=6,
+                                          resume_from_checkpoint=str(out / "checkpoint-2")))
+    assert code == 0, err
+    assert checkpoint_problems(out / "checkpoint-6") == []

@@ -22,6 +22,7 @@ the run's identity).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -370,8 +371,21 @@ def compare(ours: list[RowResult], theirs: list[RowResult], name: str, their_fig
 
 def write_eval(out_dir: str | Path, result: dict, results: list[RowResult],
                other: list[RowResult] | None = None) -> Path:
-    """Write the eval files into ``out_dir`` (made if missing); returns it."""
+    """Write the eval files into ``out_dir`` (made if missing); returns it. ``eval.json`` is
+    written last, so a folder without it is incomplete; a failed write (disk full) ends in a
+    ConfigError naming the folder."""
     out = Path(out_dir)
+    try:
+        _write_eval_files(out, result, results, other)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            (out / "eval.json").unlink(missing_ok=True)
+        raise ConfigError(f"--out {out}: cannot write the eval files ({exc.strerror or exc}); "
+                          "expected a writable folder with free space") from exc
+    return out
+
+
+def _write_eval_files(out: Path, result: dict, results: list[RowResult], other: list[RowResult] | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with (out / "generated_predictions.jsonl").open("w", encoding="utf-8") as handle:
         for row in results:
@@ -387,7 +401,6 @@ def write_eval(out_dir: str | Path, result: dict, results: list[RowResult],
     if other is not None:
         _write_rows(out / "compare_rows.jsonl", other)
     (out / "eval.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return out
 
 
 def _write_rows(path: Path, results: list[RowResult]) -> None:

@@ -41,6 +41,7 @@ from chattune.errors import ChattuneError, ConfigError, ManifestError
 from chattune.manifest import read_manifest, recorded_template, verify_base_model
 from chattune.methods import get_method
 from chattune.model import DTYPES, load_model, load_tokenizer, native_model_path
+from chattune.paths import check_output_dir
 
 PROBES = [
     [{"role": "user", "content": "Who are you?"}],
@@ -101,6 +102,8 @@ def export_dtype(choice: str, base_config) -> torch.dtype:
 def _check_target(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out: {out} is a file; expected a folder to write the model to")
+    check_output_dir(out, "--out")
+    check_output_dir(out.parent, "--out")  # the export is written beside it, then renamed
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"--out: {out} exists and is not empty; pass --overwrite to replace it")
 
@@ -337,11 +340,11 @@ def export_run(run_dir: str, out: str, *, dtype: str = "auto", shard_size: str =
         model = model.unload() if merge_lora_in_place(model) else model.merge_and_unload()
     _untie_if_trained(model, log)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     work = target.parent / f"tmp-{target.name}-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
         model.config.dtype = chosen
         model.config.save_pretrained(work)
         write_weights(model, work, limit)
@@ -367,6 +370,10 @@ def export_run(run_dir: str, out: str, *, dtype: str = "auto", shard_size: str =
         if target.exists():
             shutil.rmtree(target)
         work.rename(target)
+    except OSError as exc:
+        shutil.rmtree(work, ignore_errors=True)
+        raise ExportError(f"--out {target}: cannot write the exported model ({exc.strerror or exc}); "
+                          f"nothing was written to {target}") from exc
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

@@ -63,17 +63,36 @@ def _hash(root: Path, stamp: tuple) -> str:
     return digest.hexdigest()
 
 
+EXPECTED_MODEL = ("expected a folder saved by sentence-transformers (SentenceTransformer.save: modules.json, "
+                  "config.json, weights and tokenizer files)")
+
+
+def not_a_model(path: str | Path, exc: BaseException) -> ModelLoadError:
+    """The one-line error for a folder that does not load (or does not embed) as a
+    sentence-transformers model, with the library's reason shortened to one line."""
+    reason = " ".join(str(exc).split())
+    reason = f"{type(exc).__name__}: {reason[:200]}{'...' if len(reason) > 200 else ''}" if reason \
+        else type(exc).__name__
+    return ModelLoadError(f"--embedding {path}: not a sentence-transformers embedding model ({reason}); "
+                          f"{EXPECTED_MODEL}")
+
+
 @lru_cache(maxsize=2)
 def load_model(path: str):
-    """The sentence-transformers model at local ``path``, on CPU (loaded once per process)."""
+    """The sentence-transformers model at local ``path``, on CPU (loaded once per process),
+    checked by embedding one probe text; a folder that fails either way raises ModelLoadError."""
     require_dense()
     from sentence_transformers import SentenceTransformer
 
     try:
-        return SentenceTransformer(str(path), device="cpu", local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"--embedding {path}: cannot load a sentence-transformers model "
-                             f"from it ({exc})") from exc
+        model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
+        probe = model.encode(["probe"], convert_to_numpy=True, show_progress_bar=False)
+    except Exception as exc:  # a folder that is not such a model fails in many ways: KeyError, TypeError, ...
+        raise not_a_model(path, exc) from exc
+    if getattr(probe, "ndim", 0) != 2 or probe.shape[1] == 0:
+        raise not_a_model(path, ValueError(f"its output has shape {getattr(probe, 'shape', None)}, "
+                                           "not one vector per text"))
+    return model
 
 
 def embedding_dim(model) -> int:

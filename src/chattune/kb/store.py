@@ -39,6 +39,7 @@ from chattune.kb.documents import (
     read_document,
 )
 from chattune.kb.splitter import SplitterSettings, split_text
+from chattune.paths import check_output_dir
 
 MANIFEST = "kb.json"
 CHUNKS = "chunks.jsonl"
@@ -285,6 +286,7 @@ def build(docs: Sequence[str | Path], out: str | Path, *, embedding: str | Path 
     if root.exists() and (not root.is_dir() or (any(root.iterdir()) and not (root / MANIFEST).is_file())):
         raise ConfigError(f"--out {root}: exists and is not a knowledge base; expected a new or empty "
                           "folder (or a KB folder to rebuild)")
+    check_output_dir(root, "--out")
     sources, skipped = collect_sources(docs)
     documents = []
     for source in sources:

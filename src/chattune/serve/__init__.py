@@ -64,6 +64,23 @@ def build(args, warn=print):
     return served, engine, app
 
 
+def check_address(host: str, port: int) -> None:
+    """Raise ConfigError, before any model loads, when the server could not listen on
+    ``host:port``: a port outside 0-65535, a host that does not resolve, an address in use."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port: must be from 0 to 65535, got {port}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); "
+                          "expected a free port on an address of this machine") from exc
+
+
 def serve(args) -> int:
     """Run the server in the foreground until interrupted (``chattune serve``)."""
     import uvicorn
@@ -74,6 +91,7 @@ def serve(args) -> int:
     runs_dir = getattr(args, "runs_dir", None)
     if runs_dir is not None and not os.path.isdir(runs_dir):
         raise ConfigError(f"--runs-dir: {runs_dir} is not a folder (expected a folder holding run folders)")
+    check_address(args.host, args.port)
     served, engine, app = build(args, warn=lambda m: print(m, file=sys.stderr))
     key = args.api_key or os.environ.get(API_KEY_ENV)
     loopback = args.host in ("127.0.0.1", "localhost", "::1")

@@ -19,6 +19,8 @@ import shutil
 import zipfile
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from chattune.errors import TrainingError
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -30,8 +32,12 @@ WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safeten
                 "adapter_model.bin", "pytorch_model.bin", "pytorch_model.bin.index.json")
 SHARDED_PREFIXES = ("pytorch_model_fsdp", "optimizer_", "global_step")
 """Folders of sharded checkpoints: FSDP's model and optimizer shards, DeepSpeed's engine state."""
-STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
 FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+"""What a failed save raises: OSError, torch.save's RuntimeError, safetensors' SafetensorError."""
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+"""How safetensors' Rust writer names the system error of a failed write."""
 
 
 def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
@@ -202,20 +208,44 @@ def megabytes(count: float) -> str:
     return f"{count / 1e6:.1f} MB"
 
 
+def error_code(exc: BaseException) -> int | None:
+    """The system error number behind ``exc``: an OSError's errno, or the ``(os error N)``
+    that safetensors' SafetensorError carries in its message; None if it names none."""
+    code = getattr(exc, "errno", None)
+    if isinstance(code, int):
+        return code
+    if isinstance(exc, SafetensorError):
+        match = _OS_ERROR.search(str(exc))
+        return int(match.group(1)) if match else None
+    return None
+
+
+def file_size_limit() -> int | None:
+    """This process's largest file in bytes (``ulimit -f``), or None when unlimited."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
 def storage_error(exc: BaseException, target: Path, needed: int | None = None,
                   what: str = "writing the run folder") -> TrainingError | None:
     """A one-line TrainingError when ``exc`` means ``target`` cannot take the write (disk full,
-    read-only, no permission), with the space it needed; None for any other error.
-    torch.save reports a full disk as a RuntimeError (``unexpected pos``) without errno: then
-    the free space decides."""
-    code = getattr(exc, "errno", None)
+    read-only, no permission, a file over the size limit; an OSError, or a SafetensorError
+    naming its ``os error``), with the space it needed; None for any other error.
+    torch.save reports a full disk, or a file over ``ulimit -f``, as a RuntimeError
+    (``unexpected pos``) without errno: then the free space, and the limit, decide."""
+    code = error_code(exc)
     try:
         free = shutil.disk_usage(target if target.exists() else target.parent).free
     except OSError:
         free = None
-    full = code in FULL_ERRNOS or (
-        not isinstance(exc, OSError) and isinstance(exc, RuntimeError) and free is not None
-        and needed is not None and free < needed)
+    unnumbered = not isinstance(exc, OSError) and isinstance(exc, RuntimeError)
+    full = code in FULL_ERRNOS or (unnumbered and free is not None and needed is not None and free < needed)
+    if not full and unnumbered and "unexpected pos" in str(exc) and file_size_limit() is not None:
+        code = errno.EFBIG
     last = last_complete_checkpoint(target)
     kept = f"; the earlier checkpoints are untouched (last complete: {last.name})" if last else ""
     if full:
@@ -224,6 +254,11 @@ def storage_error(exc: BaseException, target: Path, needed: int | None = None,
         return TrainingError(
             f"output_dir {target}: the disk is full (no space left on the device) while {what}:{need}{have}. "
             f"Free some space or choose another output_dir{kept}")
+    if code == errno.EFBIG:
+        limit = file_size_limit()
+        size = f" of {megabytes(limit)}" if limit is not None else ""
+        return TrainingError(f"output_dir {target}: a file reached this process's file size limit{size} "
+                             f"(ulimit -f) while {what}; raise the limit or choose another output_dir{kept}")
     if code in STORAGE_ERRNOS:
         reason = os.strerror(code).lower() if code else str(exc)
         return TrainingError(f"output_dir {target}: cannot write {getattr(exc, 'filename', None) or target} "

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from chattune.config import RunConfig
+from chattune.errors import ChattuneError, ConfigError
 from chattune.methods import Method, block_list, count_parameters, get_method
-from chattune.model import native_config, resolve_dtype
+from chattune.model import load_error, native_config, resolve_dtype
 
 GIB = 1024 ** 3
 
@@ -87,11 +88,21 @@ def _bytes(dtype: torch.dtype) -> int:
 
 
 def meta_model(config: RunConfig):
-    """The configured model with the method applied, on the meta device (no weights read)."""
+    """The configured model with the method applied, on the meta device (no weights read).
+
+    Raises ConfigError without a model and ModelLoadError when its config cannot be read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    model_config = native_config(config.model.model_name_or_path) or AutoConfig.from_pretrained(
-        config.model.model_name_or_path, trust_remote_code=config.model.trust_remote_code)
+    path = config.model.model_name_or_path
+    if not path:
+        raise ConfigError("model_name_or_path: no base model given; set it to a model folder")
+    try:
+        model_config = native_config(path) or AutoConfig.from_pretrained(
+            path, trust_remote_code=config.model.trust_remote_code)
+    except ChattuneError:
+        raise
+    except Exception as exc:  # from_pretrained raises OSError, ValueError, ...
+        raise load_error(path, exc, "config") from exc
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.model.trust_remote_code)
     method = get_method(config.method.method)

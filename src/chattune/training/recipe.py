@@ -31,6 +31,7 @@ from chattune.errors import ConfigError
 from chattune.manifest import build_manifest, write_run_files
 from chattune.methods import Method, count_parameters, get_method, quantization_config
 from chattune.model import base_model_fingerprint, load_model, load_tokenizer, resolve_dtype
+from chattune.paths import check_output_dir
 from chattune.templates.registry import resolve_template_name
 from chattune.training.attention import use_varlen_sdpa, uses_varlen_attention
 from chattune.training.batching import (
@@ -41,7 +42,7 @@ from chattune.training.batching import (
     resolve_packing,
 )
 from chattune.training.callbacks import CollapseWatch, ManifestWriter, MetricsLogger
-from chattune.training.checkpoints import storage_error
+from chattune.training.checkpoints import WRITE_ERRORS, storage_error
 from chattune.training.distributed import (
     World,
     gather_objects,
@@ -112,15 +113,13 @@ def setup_batching_and_loss(config: RunConfig, model, prepared: PreparedData, pa
 def check_machine(config: RunConfig) -> None:
     """Refuse, naming the key and where it was set, what this machine cannot honour:
     fp16 without CUDA (float16 mixed precision on a CPU runs about 12x slower than float32),
-    FSDP or DeepSpeed without CUDA, and an output_dir that is an existing file."""
+    FSDP or DeepSpeed without CUDA, and an output_dir that cannot be a writable folder (an
+    existing file, a path under a file, ``/proc/x``), before any model loads."""
     if config.train.fp16 and not torch.cuda.is_available():
         raise ConfigError(f"{source_prefix(config, 'fp16')}fp16: float16 mixed precision needs a CUDA GPU; on "
                           "this CPU it would run about 12x slower than float32. Set fp16=false (or bf16=true)")
     check_sharding_supported(config)
-    output_dir = Path(config.train.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConfigError(f"{source_prefix(config, 'output_dir')}output_dir: {output_dir} is a file; expected "
-                          "a folder for the run (it is created if missing)")
+    check_output_dir(config.train.output_dir, f"{source_prefix(config, 'output_dir')}output_dir")
 
 
 def generation_eval(config: RunConfig, prepared, tokenizer, template: str, log=print):
@@ -153,7 +152,7 @@ def train(config: RunConfig, *, log=print) -> TrainResult:
     output_dir = Path(config.train.output_dir)
     try:
         return _train(config, method, output_dir, log)
-    except OSError as exc:
+    except WRITE_ERRORS as exc:
         error = storage_error(exc, output_dir)
         if error is None:
             raise

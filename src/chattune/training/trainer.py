@@ -27,9 +27,11 @@ from chattune.errors import ConfigError, TrainingError
 from chattune.methods import Method
 from chattune.training.batching import Batches
 from chattune.training.checkpoints import (
+    CHECKPOINT_RE,
     INCOMPLETE_PREFIX,
     STAGING_PREFIX,
     TRAINER_STATE,
+    WRITE_ERRORS,
     checkpoint_problems,
     folder_bytes,
     fsync_dir,
@@ -112,6 +114,22 @@ class ChattuneTrainer(Trainer):
                 f"{len(bad)} trainable tensors hold NaN or inf values after the update (e.g. {bad[0]}), "
                 f"so {where} was not written", self.state.global_step)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """The Trainer's load of a checkpoint's weights, then a check that the trainable ones
+        are finite: a checkpoint whose weights were damaged on disk (NaN or inf, the files
+        whole) stops the run with a TrainingError naming it, before any step trains on it."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        bad = non_finite(self.model)
+        if not bad:
+            return
+        folder = Path(resume_from_checkpoint)
+        earlier = [path for step, path in list_checkpoints(folder.parent)
+                   if path != folder and step < _step_of(folder) and not checkpoint_problems(path)]
+        fix = (f"resume from an earlier one: resume_from_checkpoint={earlier[0]}" if earlier
+               else f"{folder.parent} holds no complete checkpoint older than it; start again in a new output_dir")
+        raise TrainingError(f"resume_from_checkpoint: {folder} is a bad checkpoint: {len(bad)} trainable tensors "
+                            f"hold NaN or inf values (e.g. {bad[0]}), so training cannot go on from it; {fix}")
+
     # --- atomic checkpoints -----------------------------------------------------------------
 
     def checkpoint_bytes(self) -> int:
@@ -155,7 +173,7 @@ class ChattuneTrainer(Trainer):
             if main:
                 self._write_checkpoint_state(staging)
                 fsync_tree(staging)
-        except (OSError, RuntimeError) as exc:
+        except WRITE_ERRORS as exc:
             error = storage_error(exc, run_dir, needed, f"saving {name}")
             if error is None:
                 raise
@@ -209,7 +227,7 @@ class ChattuneTrainer(Trainer):
             if main:
                 write_files(staging)
                 fsync_tree(staging)
-        except (OSError, RuntimeError) as exc:
+        except WRITE_ERRORS as exc:
             needed = folder_bytes(staging) if staging.exists() else None
             error = storage_error(exc, output_dir, needed and needed + 1, "saving the final run folder")
             if error is None:
@@ -255,6 +273,12 @@ class ChattuneTrainer(Trainer):
         last = [entry["eval_loss"] for entry in self.state.log_history
                 if "eval_loss" in entry and entry.get("step") == self.state.global_step]
         return last[-1] if last else self.evaluate()["eval_loss"]
+
+
+def _step_of(folder: Path) -> int:
+    """N of a ``checkpoint-N`` folder (0 for any other name)."""
+    match = CHECKPOINT_RE.match(folder.name)
+    return int(match.group(1)) if match else 0
 
 
 def resume_path(config: RunConfig, output_dir: Path, log=print) -> str | None:
