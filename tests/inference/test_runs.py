@@ -135,3 +135,39 @@ def test_impossible_flags_are_refused_before_loading(run_dir, tmp_path, capsys, 
     data.write_text('[{"instruction": "hi", "output": "x"}]')
     assert main(["predict", str(run_dir), "--data", str(data), "--out", str(tmp_path / "p.jsonl"), *flag]) == 2
     assert flag[0] in capsys.readouterr().err
+
+
+
+@pytest.fixture(scope="module")
+def bare_run(tiny_models):
+    """The tiny GLM-4 model loaded bare (its tokenizer's chat template)."""
+    return load_run(str(tiny_models("glm4")))
+
+
+def test_prompt_ids_are_encode_prompt_s_and_stop_counting_past_most(bare_run, monkeypatch):
+    from chattune.data.encode import PieceEncoder, encode_prompt
+    from chattune.inference.runs import PIECES_PER_LOCK, PromptTooLong
+
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": "hi"} for i in range(401)]
+    ids = bare_run.prompt_ids(messages)
+    assert ids == encode_prompt(messages, "tokenizer", PieceEncoder(bare_run.tokenizer)) and len(ids) > 1000
+    tokenized = []
+    ids_of = bare_run.encoder.ids_of
+    monkeypatch.setattr(bare_run.encoder, "ids_of", lambda pieces: tokenized.append(len(pieces)) or ids_of(pieces))
+    with pytest.raises(PromptTooLong) as info:
+        bare_run.prompt_ids(messages, most=100)
+    assert 100 < info.value.tokens < len(ids) and tokenized == [PIECES_PER_LOCK]
+
+
+@pytest.mark.parametrize("text", ["x" * 5000, "a b\tc\n" * 700, "漢字かな" * 300, "e\u0301" * 900, "\ufb01" * 900,
+                                  "<|user|><|assistant|>" * 100, "🙂" * 500, " " * 5000 + "hi"])
+def test_fewest_prompt_tokens_is_a_lower_bound(bare_run, text):
+    from chattune.inference.runs import make_served_model
+
+    messages = [{"role": "user", "content": text}, {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": text, "input": text}]
+    fewest = bare_run.fewest_prompt_tokens(messages)
+    assert fewest > 0
+    for template in ("tokenizer", "default", "alpaca", "chatglm2"):
+        profile = make_served_model("base", bare_run.tokenizer, template, bare_run.profile().generation)
+        assert fewest <= len(bare_run.prompt_ids(messages, profile)), template

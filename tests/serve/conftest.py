@@ -3,6 +3,7 @@ over them (built once a session), and clients and hooks for each test."""
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,13 +19,15 @@ from tests.serve.server_thread import ServerThread
 @pytest.fixture(scope="module", autouse=True)
 def _torch_threads_as_serve_sets_them():
     """As ``chattune serve`` does (``--threads``: one less than the cores): with every core in
-    torch's thread team, any other busy thread (HTTP, clients, another process) stalls it."""
+    torch's thread team, any other busy thread (HTTP, clients, another process) stalls it; and
+    Python's switch interval as it sets it."""
     from chattune.serve import set_threads
 
-    before = torch.get_num_threads()
+    before, interval = torch.get_num_threads(), sys.getswitchinterval()
     set_threads(None)
     yield
     torch.set_num_threads(before)
+    sys.setswitchinterval(interval)
 
 
 @pytest.fixture(scope="session")

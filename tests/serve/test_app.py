@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -192,6 +193,77 @@ def test_past_the_queue_429_with_retry_after(server, slow_steps):
             stream.close()
         engine.max_batch, engine.max_waiting = limits
     wait_for(lambda: health(server)["running"] == health(server)["waiting"] == 0)
+
+
+# -- long conversations ------------------------------------------------------------------------
+
+HEALTH_WITHIN = 0.5
+"""Seconds /health may take while a long conversation is built: at most about 80 ms measured on two
+busy cores (the whole minute of the rendering, when it was rendered on the event loop)."""
+STREAM_SILENT_AT_MOST = 1.0
+"""Seconds a running stream may go without a chunk meanwhile (at most about 60 ms measured)."""
+
+
+def test_a_long_conversation_holds_up_no_stream_and_no_health_check(server, slow_steps, scripted):
+    """5,000 messages whose users' text alone fits the context, so the server renders them all:
+    meanwhile a running stream's tokens keep coming and /health answers at once."""
+    url, key = server.keyed_url, {"Authorization": f"Bearer {KEY}"}  # 180 KB: past the open server's limit
+    scripted(" hello" * 1500)  # a chunk of text every step
+    http = httpx.Client(timeout=600, headers=key)
+    streamed = {"model": "base", "messages": ASK, "max_tokens": 1500, "stream": True, "ignore_eos": True}
+    stream = http.send(http.build_request("POST", f"{url}/v1/chat/completions", json=streamed), stream=True)
+    lines = stream.iter_lines()
+    assert next(lines).startswith("data: ")
+    arrivals, done = [], threading.Event()
+
+    def read():
+        for _ in lines:
+            arrivals.append(time.monotonic())
+            if done.is_set():
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": "hi"} for i in range(4999)]
+    reply = {}
+    big = threading.Thread(target=lambda: reply.update(answer=http.post(
+        f"{url}/v1/chat/completions", json={"model": "a", "messages": messages, "max_tokens": 4})))
+    waits = []
+    started = time.monotonic()
+    big.start()
+    while True:
+        asked = time.monotonic()
+        assert httpx.get(f"{url}/health", timeout=600).json()["status"] == "ok"
+        waits.append(time.monotonic() - asked)
+        if not big.is_alive():
+            break
+        time.sleep(0.02)
+    ended = time.monotonic()
+    big.join()
+    done.set()
+    reader.join(30)
+    stream.close()
+    http.close()
+    error = reply["answer"].json()["error"]
+    assert reply["answer"].status_code == 400 and (error["code"], error["param"]) == ("context_length_exceeded",
+                                                                                      "messages")
+    assert "the prompt is at least" in error["message"]  # counted as far as the context, then refused
+    heard = [started, *(t for t in arrivals if started < t < ended), ended]
+    silent = max(later - earlier for earlier, later in zip(heard, heard[1:], strict=False))
+    assert max(waits) < HEALTH_WITHIN and silent < STREAM_SILENT_AT_MOST, (waits, silent)
+    wait_for(lambda: health(server)["running"] == 0)
+
+
+def test_users_text_past_the_context_is_refused_before_rendering(server, monkeypatch):
+    served = server.served
+    rendered = []
+    monkeypatch.setattr(served, "prompt_ids", lambda *args, **kwargs: rendered.append(args))
+    text = "x" * (served.encoder.widest_token * served.context_length)  # no token has more of them
+    reply = httpx.post(f"{server.url}/v1/chat/completions",
+                       json={"model": "a", "messages": [{"role": "user", "content": text}]})
+    error = reply.json()["error"]
+    assert reply.status_code == 400 and (error["code"], error["param"]) == ("context_length_exceeded", "messages")
+    assert f"at least {served.context_length} tokens" in error["message"] and rendered == []
 
 
 # -- bad requests ----------------------------------------------------------------------------

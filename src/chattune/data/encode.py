@@ -26,8 +26,11 @@ that reason.
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from chattune.data.records import tool_call_count
 from chattune.errors import ModelLoadError
@@ -36,6 +39,18 @@ from chattune.templates.registry import get_template, render
 from chattune.templates.tokens import special_token_ids, token_id
 
 IGNORE_INDEX = -100
+_SPACE = re.compile(r"\s+")
+
+
+def _visible(text: str) -> int:
+    return len(_SPACE.sub("", text))
+
+
+def visible_chars(texts: list[str]) -> int:
+    """The non-space characters of ``texts``, each text counted in whichever of its given, NFC
+    and NFKC forms has the fewest (a tokenizer that normalizes so sees no fewer)."""
+    return sum(min(_visible(text), _visible(unicodedata.normalize("NFC", text)),
+                   _visible(unicodedata.normalize("NFKC", text))) for text in texts)
 
 
 class PieceEncoder:
@@ -99,6 +114,18 @@ class PieceEncoder:
         elif self.bounded:
             self.cache.move_to_end(text)
         return list(found)
+
+    def ids_of(self, pieces: list[Piece]) -> list[int]:
+        """The token ids of ``pieces`` in order, the texts not cached yet tokenized in one call."""
+        self.warm([p.text for p in pieces if p.text and p.role not in _ATOMIC_ROLES])
+        return [i for piece in pieces for i in self.ids(piece)]
+
+    @cached_property
+    def widest_token(self) -> int:
+        """The most non-space characters one token's text has (each token decoded on its own, once):
+        a text of N such characters is at least N / widest_token tokens (see :func:`visible_chars`)."""
+        texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))], skip_special_tokens=False)
+        return max(1, max(map(_visible, texts), default=1))
 
     def _token_id(self, token: str) -> int | None:
         """The id of a special token the tokenizer has (not its unknown token), else None."""
@@ -306,6 +333,13 @@ def _cuts_tools(pieces: list[Piece], piece_ids: list[list[int]], limit: int, ans
     return bool(ends) and (answer is None or limit < max(ends))
 
 
+def prompt_pieces(messages: list[dict], template: str, tokenizer, tools: list[dict] | None = None) -> list[Piece]:
+    """A prompt's pieces as :func:`encode_prompt` tokenizes them, one by one (a ``joined``
+    template's text runs joined)."""
+    pieces = render(template, messages, tokenizer, tools)
+    return join_pieces(pieces)[0] if _is_joined(template) else pieces
+
+
 def encode_prompt(messages: list[dict], template: str, encoder: PieceEncoder,
                   max_prompt_tokens: int | None = None, tools: list[dict] | None = None) -> list[int]:
     """Token ids of a conversation ending with the user's turn (or a tool result), ready
@@ -315,12 +349,8 @@ def encode_prompt(messages: list[dict], template: str, encoder: PieceEncoder,
     ``max_prompt_tokens`` is set, the oldest turns are dropped to fit, then the
     left of the prompt is cut.
     """
-    joined = _is_joined(template)
     while True:
-        pieces = render(template, messages, encoder.tokenizer, tools)
-        if joined:
-            pieces, _ = join_pieces(pieces)
-        ids = [i for p in pieces for i in encoder.ids(p)]
+        ids = [i for p in prompt_pieces(messages, template, encoder.tokenizer, tools) for i in encoder.ids(p)]
         if max_prompt_tokens is None or len(ids) <= max_prompt_tokens or _user_turns(messages) <= 1:
             break
         messages = _drop_oldest_turn(messages)

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from chattune.config import GenerateArgs, ModelArgs
-from chattune.data.encode import PieceEncoder, encode_prompt
+from chattune.data.encode import PieceEncoder, encode_prompt, prompt_pieces, visible_chars
+from chattune.data.records import user_text
 from chattune.errors import ChattuneError, ConfigError, ManifestError
 from chattune.inference.decoding import BASE_ADAPTER
 from chattune.manifest import (
@@ -39,6 +40,16 @@ from chattune.model import load_model, load_tokenizer
 from chattune.templates.registry import get_template, resolve_template_name
 
 BASE_NAME = "base"
+PIECES_PER_LOCK = 256
+"""Prompt pieces tokenized per hold of the tokenizer lock (what the engine's decoding may wait for)."""
+
+
+class PromptTooLong(ChattuneError):
+    """A prompt has more tokens than its caller allows: ``tokens`` were counted before stopping."""
+
+    def __init__(self, tokens: int, most: int):
+        super().__init__(f"the prompt is at least {tokens} tokens, more than {most}")
+        self.tokens, self.most = tokens, most
 
 
 @dataclass
@@ -102,13 +113,35 @@ class LoadedRun:
         return self.profiles[name or self.default]
 
     def prompt_ids(self, messages: list[dict], profile: ServedModel | None = None,
-                   max_tokens: int | None = None, tools: list[dict] | None = None) -> list[int]:
+                   max_tokens: int | None = None, tools: list[dict] | None = None, *,
+                   most: int | None = None) -> list[int]:
         """Token ids of a conversation ending with the user's message (or a tool result),
         rendered with the profile's template through training's own encoder, with the
-        ``tools`` it offers; at most ``max_tokens`` (oldest turns dropped first)."""
+        ``tools`` it offers; at most ``max_tokens`` (oldest turns dropped first).
+
+        Without ``max_tokens`` the template renders outside the tokenizer lock, which is then
+        held for :data:`PIECES_PER_LOCK` pieces at a time, and ``most`` stops the counting:
+        PromptTooLong as soon as the ids so far are more than ``most``."""
         profile = profile or self.profile()
+        if max_tokens is not None:
+            with self.tokenizer_lock:
+                return encode_prompt(messages, profile.template, self.encoder, max_tokens, tools)
+        pieces = prompt_pieces(messages, profile.template, self.tokenizer, tools)
+        ids: list[int] = []
+        for start in range(0, len(pieces), PIECES_PER_LOCK):
+            with self.tokenizer_lock:
+                ids += self.encoder.ids_of(pieces[start:start + PIECES_PER_LOCK])
+            if most is not None and len(ids) > most:
+                raise PromptTooLong(len(ids), most)
+        return ids
+
+    def fewest_prompt_tokens(self, messages: list[dict]) -> int:
+        """A lower bound on the prompt tokens of ``messages`` under any template, from the users'
+        text alone (every template shows it), found without rendering anything."""
+        chars = visible_chars([user_text(m) for m in messages if m["role"] == "user"])
         with self.tokenizer_lock:
-            return encode_prompt(messages, profile.template, self.encoder, max_tokens, tools)
+            widest = self.encoder.widest_token
+        return -(-chars // widest)
 
     def decode(self, ids: list[int], keep: frozenset[int] = frozenset()) -> str:
         """Token ids to text, special tokens left out but for those in ``keep``, written as

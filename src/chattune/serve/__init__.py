@@ -26,11 +26,19 @@ def parse_adapter(text: str) -> tuple[str, str]:
     return name.strip(), path.strip()
 
 
+SWITCH_INTERVAL = 0.001
+"""Seconds a Python thread runs before it hands the interpreter to another that waits for it
+(Python's default: 0.005)."""
+
+
 def set_threads(threads: int | None) -> None:
     """torch's CPU threads: as given, else on a CPU-only machine one less than the cores, so
-    that the model's threads never wait on a core the HTTP side holds."""
+    that the model's threads never wait on a core the HTTP side holds; and Python's switch
+    interval (:data:`SWITCH_INTERVAL`), so that a long prompt rendered in a worker thread holds
+    the engine's thread and the event loop up for at most that long at a time."""
     import torch
 
+    sys.setswitchinterval(SWITCH_INTERVAL)
     if threads is None and not torch.cuda.is_available():
         threads = max(1, (os.cpu_count() or 2) - 1)
     if threads:

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 
 from chattune.inference.decoding import BASE_ADAPTER, Event, Sequence
 from chattune.inference.generate import sequence
-from chattune.inference.runs import LoadedRun, ServedModel
+from chattune.inference.runs import LoadedRun, PromptTooLong, ServedModel
 from chattune.inference.sampling import SamplingParams, params_from_defaults
 from chattune.serve import calls, retrieval
 from chattune.serve import ui as ui_module
@@ -110,14 +110,19 @@ def _status_type(status: int) -> str:
         status, "server_error" if status >= 500 else "invalid_request_error")
 
 
+def _no_room(prompt_field: str, prompt_tokens: int | str, limit: int) -> APIError:
+    """The 400 for a prompt of ``prompt_tokens`` tokens (a number, or ``at least N``) that fills the context."""
+    return APIError(400, f"{prompt_field}: the prompt is {prompt_tokens} tokens and the model's context is "
+                    f"{limit} tokens, which leaves no room for an answer", param=prompt_field,
+                    code="context_length_exceeded")
+
+
 def _sampling(profile: ServedModel, body: SamplingFields, prompt_tokens: int, limit: int,
               prompt_field: str) -> SamplingParams:
     """Request settings over the run's generation defaults, checked against the context length."""
     room = limit - prompt_tokens
     if room < 1:
-        raise APIError(400, f"{prompt_field}: the prompt is {prompt_tokens} tokens and the model's context is "
-                       f"{limit} tokens, which leaves no room for an answer", param=prompt_field,
-                       code="context_length_exceeded")
+        raise _no_room(prompt_field, prompt_tokens, limit)
     field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
     requested = getattr(body, field)
     if requested is not None and requested > room:
@@ -170,6 +175,7 @@ def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
     if ui:
         ui_module.add_ui(app, served, runs_dir)
     vocab = served.model.get_input_embeddings().num_embeddings
+    served.fewest_prompt_tokens([])  # decodes every token once, before a request waits for it
     kb_models = retrieval.kb_profiles(served.profiles, kbs)
     app.state.kb_names = list(kbs.bases) if kbs else []
 
@@ -233,14 +239,37 @@ def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
         """One model, or 404."""
         return card(pick(name))
 
+    def chat_prompt(model: ServedModel, messages: list[dict], shown: list[dict] | None, choice: str | dict,
+                    body: ChatCompletionRequest) -> tuple[list[int], ToolPlan | None, SamplingParams]:
+        """A chat request's prompt ids, tool plan and sampling settings (CPU work, for a worker
+        thread). A conversation that cannot fit the context is refused before it is rendered
+        when its users' text alone is too long, else as soon as its tokens counted fill it."""
+        limit = served.context_length
+        fewest = served.fewest_prompt_tokens(messages)
+        if fewest >= limit:
+            raise _no_room("messages", f"at least {fewest}", limit)
+        try:
+            ids = served.prompt_ids(messages, model, tools=shown, most=limit - 1)
+        except PromptTooLong as exc:
+            raise _no_room("messages", f"at least {exc.tokens}", limit) from exc
+        except ToolsNotSupportedError as exc:
+            param = "tools" if shown else "messages"
+            raise APIError(400, f"{param}: model {model.name!r}: {exc}", param=param) from exc
+        except TemplateError as exc:
+            raise APIError(400, f"messages: {exc}", param="messages") from exc
+        plan = plan_tools(served, model, shown, choice, body.parallel_tool_calls)
+        ids = ids + prefix_ids(served, plan)
+        return ids, plan, _sampling(model, body, len(ids), limit, "messages")
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        """A chat answer, rendered with the model's own template; with tools, calls come back
-        as ``tool_calls`` (see :mod:`chattune.serve.calls`); a ``MODEL+KB`` model answers from
+        """A chat answer, rendered with the model's own template (in a worker thread, so that a
+        long conversation holds up no other request); with tools, calls come back as
+        ``tool_calls`` (see :mod:`chattune.serve.calls`); a ``MODEL+KB`` model answers from
         the knowledge base, with ``sources`` (see :mod:`chattune.serve.retrieval`)."""
         body.check_supported()
         model = pick(body.model)
-        messages = body.conversation()
+        messages = await asyncio.to_thread(body.conversation)
         cite = None
         if model.name in kb_models:
             if body.tools:
@@ -254,18 +283,14 @@ def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
         tools = body.functions()
         choice = body.choice(tools)
         shown = tools if choice != "none" else None  # tool_choice none: the tools are not rendered
-        try:
-            ids = served.prompt_ids(messages, model, tools=shown)
-        except ToolsNotSupportedError as exc:
-            param = "tools" if shown else "messages"
-            raise APIError(400, f"{param}: model {model.name!r}: {exc}", param=param) from exc
-        except TemplateError as exc:
-            raise APIError(400, f"messages: {exc}", param="messages") from exc
-        plan = plan_tools(served, model, shown, choice, body.parallel_tool_calls)
-        ids = ids + prefix_ids(served, plan)
-        params = _sampling(model, body, len(ids), served.context_length, "messages")
+        ids, plan, params = await asyncio.to_thread(chat_prompt, model, messages, shown, choice, body)
         stops = model.stop_strings + (plan.stop_strings if plan else []) + body.stop_list()
         return await _respond(request, model, ids, params, stops, body, chat=True, plan=plan, cite=cite)
+
+    def encode_text(text: str) -> list[int]:
+        """A plain prompt's ids, as the tokenizer encodes the text (for a worker thread)."""
+        with served.tokenizer_lock:
+            return served.tokenizer(text)["input_ids"]
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -281,8 +306,7 @@ def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
         if not prompt:
             raise APIError(400, "prompt: the prompt is empty", param="prompt")
         if isinstance(prompt, str):
-            with served.tokenizer_lock:
-                ids = served.tokenizer(prompt)["input_ids"]
+            ids = await asyncio.to_thread(encode_text, prompt)
         else:
             ids = list(prompt)
             if any(not 0 <= i < vocab for i in ids):

@@ -1,10 +1,15 @@
 """The ``tokenizer`` template: pieces from the tokenizer's own Jinja chat template.
 
 Each assistant span is what the template adds for that message; tools, calls and results are
-found by rendering with and without them (see :func:`render_with_chat_template`).
+found by rendering with and without them (see :func:`render_with_chat_template`). A long
+conversation is rendered once whole and each answer in a window of about two turns, so the
+work grows with the conversation's length, not with its square.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from chattune.data.records import user_text
 from chattune.templates.pieces import Piece, TemplateError, ToolsNotSupportedError, uses_tools
@@ -104,13 +109,95 @@ def _template_source(tokenizer) -> str:
     return str(template)
 
 
+WINDOWED_FROM = 3
+"""Answers from which a conversation is rendered in windows (:func:`_windowed_turns`)."""
+
+Apply = Callable[..., str]
+
+
+@dataclass(frozen=True)
+class _Turn:
+    """An answer as rendered: the text the prompt adds before it (after the previous answer's
+    span), its span, and the messages and prompt text its span was rendered after."""
+
+    prompt: str
+    span: str
+    before: list[dict]
+    before_text: str
+
+
+def _exact_turns(apply: Apply, plain: list[dict]) -> tuple[Iterator[_Turn], Callable[[], str]]:
+    """Each answer rendered after the whole conversation before it (two renders of a prefix per
+    answer: quadratic in the conversation's length), and the text after the last answer; a
+    TemplateError, when the turn that shows it is reached, for a template that does not render
+    prefixes as prefixes."""
+    consumed = [""]
+
+    def turns() -> Iterator[_Turn]:
+        for i, message in enumerate(plain):
+            if message["role"] != "assistant":
+                continue
+            prompt_text = apply(plain[:i], True)
+            full_text = apply(plain[: i + 1], False)
+            if not prompt_text.startswith(consumed[0]) or not full_text.startswith(prompt_text):
+                raise TemplateError("the tokenizer's chat template does not render conversation prefixes as "
+                                    "prefixes; choose a named template")
+            turn = _Turn(prompt_text[len(consumed[0]):], full_text[len(prompt_text):], plain[:i], prompt_text)
+            consumed[0] = full_text
+            yield turn
+
+    def rest() -> str:
+        prompt_text = apply(plain, True)
+        if not prompt_text.startswith(consumed[0]):
+            raise TemplateError("the tokenizer's chat template is not prefix-stable; choose a named template")
+        return prompt_text[len(consumed[0]):]
+
+    return turns(), rest
+
+
+def _windowed_turns(apply: Apply, plain: list[dict]) -> tuple[Iterator[_Turn], Callable[[], str]] | None:
+    """:func:`_exact_turns` in linear time: the conversation rendered once whole, and each answer
+    in a window from the last user message before the previous answer (the first answer after
+    the whole conversation before it), its texts checked against the whole rendering's at that
+    point. None when a window fails or differs from the whole rendering (a template that
+    numbers its turns, say): then only rendering prefix by prefix says what the template does."""
+    ends_with_answer = plain[-1]["role"] == "assistant"
+    turns: list[_Turn] = []
+    at, start, last_user, previous = 0, 0, 0, None
+    try:
+        whole = apply(plain, not ends_with_answer)
+        for i, message in enumerate(plain):
+            if message["role"] == "user":
+                last_user = i
+            if message["role"] != "assistant":
+                continue
+            consumed = apply(plain[start:previous + 1], False) if previous is not None else ""
+            prompt_text = apply(plain[start:i], True)
+            full_text = apply(plain[start:i + 1], False)
+            if not prompt_text.startswith(consumed) or not full_text.startswith(prompt_text):
+                return None
+            turn = _Turn(prompt_text[len(consumed):], full_text[len(prompt_text):], plain[start:i], prompt_text)
+            if not (whole.startswith(turn.prompt, at) and whole.startswith(turn.span, at + len(turn.prompt))):
+                return None
+            at += len(turn.prompt) + len(turn.span)
+            turns.append(turn)
+            previous, start = i, last_user
+    except TemplateError:
+        return None
+    if ends_with_answer and at != len(whole):
+        return None
+    return iter(turns), lambda: whole[at:]
+
+
 def render_with_chat_template(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[Piece]:
     """Pieces from the tokenizer's Jinja chat template (the tokenizer must have one).
 
     Each assistant span is what the template adds for that message: the text
     of ``messages[:i+1]`` past the generation prompt of ``messages[:i]``. The
     template must render each prefix of the conversation as a prefix of the
-    whole (true of nearly all chat templates); otherwise this raises.
+    whole (true of nearly all chat templates); otherwise this raises. From
+    :data:`WINDOWED_FROM` answers on, each span is rendered in a window of about two turns
+    and checked against one rendering of the whole conversation (:func:`_windowed_turns`).
 
     Tools go to the template as ``tools=`` (``{"type": "function", "function": ...}`` each),
     calls as OpenAI's ``tool_calls``, results as ``tool`` messages (GLM-4's and Qwen2's
@@ -146,8 +233,10 @@ def render_with_chat_template(tokenizer, messages: list[dict], tools: list[dict]
 
     ends_with_answer = plain[-1]["role"] == "assistant"
     eos = getattr(tokenizer, "eos_token", None)
+    answers = sum(m["role"] == "assistant" for m in plain)
+    found = _windowed_turns(apply, plain) if answers >= WINDOWED_FROM else None
+    turns, rest = found or _exact_turns(apply, plain)
     pieces: list[Piece] = []
-    consumed = ""
     users = 0
     first_prompt = None  # the messages of the first prompt span and its generation flag
     pending: list[dict] = []
@@ -157,18 +246,12 @@ def render_with_chat_template(tokenizer, messages: list[dict], tools: list[dict]
             pending.append(message)
             continue
         turn = max(users - 1, 0)
-        prompt_text = apply(plain[:i], True)
-        full_text = apply(plain[: i + 1], False)
-        if not prompt_text.startswith(consumed) or not full_text.startswith(prompt_text):
-            raise TemplateError(
-                "the tokenizer's chat template does not render conversation prefixes as prefixes; "
-                "choose a named template"
-            )
+        rendered = next(turns)
         first_prompt = first_prompt or (plain[:i], True)
-        pieces += _locate_messages(prompt_text[len(consumed):], pending, turn)
-        span = full_text[len(prompt_text):]
+        pieces += _locate_messages(rendered.prompt, pending, turn)
+        span = rendered.span
         if message.get("tool_calls"):
-            pieces += _call_pieces(span, message, apply, plain[:i], prompt_text, eos, turn)
+            pieces += _call_pieces(span, message, apply, rendered.before, rendered.before_text, eos, turn)
         else:
             at = span.find(message["content"])
             if at > 0:
@@ -179,14 +262,10 @@ def render_with_chat_template(tokenizer, messages: list[dict], tools: list[dict]
                 pieces.append(Piece(tail, "answer_end", turn))
             if not (eos and eos in tail):
                 pieces.append(Piece("", "eos", turn))
-        consumed = full_text
         pending = []
     if not ends_with_answer:
-        prompt_text = apply(plain, True)
-        if not prompt_text.startswith(consumed):
-            raise TemplateError("the tokenizer's chat template is not prefix-stable; choose a named template")
         first_prompt = first_prompt or (plain, True)
-        pieces += _locate_messages(prompt_text[len(consumed):], pending, max(users - 1, 0))
+        pieces += _locate_messages(rest(), pending, max(users - 1, 0))
     if chat_tools:
         msgs, generation = first_prompt
         shown, bare = apply(msgs, generation), apply(msgs, generation, None)
