@@ -100,6 +100,14 @@ def table(results: dict[str, list[Outcome]]) -> str:
         right = sum(o.right for o in outcomes)
         lines.append(f"{model:<12}{len(outcomes):>8}{sum(len(o.calls) for o in outcomes):>12}"
                      f"{sum(o.right_calls for o in outcomes):>13}{right:>15}{right / len(outcomes):>13.1%}")
+    for model, outcomes in results.items():
+        languages = sorted({o.prompt.get("lang", "?") for o in outcomes})
+        parts = []
+        for language in languages:
+            mine = [o for o in outcomes if o.prompt.get("lang", "?") == language]
+            parts.append(f"{language} {sum(o.right for o in mine)}/{len(mine)} right "
+                         f"({sum(o.right_calls for o in mine)} right calls)")
+        lines.append(f"{model}, by language: {', '.join(parts)}")
     return "\n".join(lines)
 
 
@@ -123,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="only the first N prompts")
     parser.add_argument("--max-tokens", type=int, default=96, help="per reply (default 96)")
     parser.add_argument("--show-wrong", type=int, default=3, help="print up to N wrong prompts per model")
+    parser.add_argument("--out", help="also write every prompt's calls, answer and verdict here (JSON)")
     args = parser.parse_args(argv)
     client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=120)
     models = args.model or [m.id for m in client.models.list()]
@@ -136,6 +145,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"answer {outcome.answer[:80]!r}" + (f" error {outcome.error}" if outcome.error else ""),
                   file=sys.stderr)
     print(table(results))
+    if args.out:
+        Path(args.out).write_text(json.dumps({model: [
+            {"prompt": o.prompt, "calls": o.calls, "answer": o.answer, "error": o.error, "right": o.right,
+             "right_calls": o.right_calls} for o in outcomes] for model, outcomes in results.items()},
+            ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     return 0
 
 

@@ -115,3 +115,13 @@ def test_ask_world_scores_and_prints_a_table(example, trained, tmp_path, capsys)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["all"]["questions"] == 8 and 0 <= result["all"]["with_kb"] <= 1
     assert result["all"]["retrieved"] >= 0.75  # BM25's hit@3 on the world is 0.97
+
+
+def test_the_real_model_config_sends_the_prompt_as_served_and_cuts_no_row(tmp_path):
+    from chattune.config_io import load_config
+
+    config = load_config(EXAMPLE / "kb_smollm2.yaml", [f"model_name_or_path={tmp_path}"])
+    (source,) = config.data.train_files
+    assert Path(source.path).name == "kb_train.jsonl" and source.max_samples == 320
+    assert config.data.template == "auto" and not config.data.train_on_prompt
+    assert config.data.max_seq_length >= 1761  # the longest row in SmolLM2's tokens: no question is cut off

@@ -77,6 +77,10 @@ def test_the_agent_loop_gets_the_right_final_answers(example, trained, client):
     assert outcomes[0].answer == "It is 21°C and sunny in Paris."
     table = agent.table({"run": outcomes})
     assert table.splitlines()[1].split() == ["run", "3", "2", "3", "3", "100.0%"]
+    languages = sorted({p["lang"] for p in prompts})
+    counts = {lang: sum(p["lang"] == lang for p in prompts) for lang in languages}
+    assert table.splitlines()[2] == "run, by language: " + ", ".join(
+        f"{lang} {n}/{n} right ({n} right calls)" for lang, n in counts.items())
 
 
 def test_the_base_model_does_not(example, trained, client):
@@ -84,3 +88,12 @@ def test_the_base_model_does_not(example, trained, client):
     _, prompts = trained
     outcomes = agent.evaluate(client, "base", prompts, max_tokens=24)
     assert sum(o.right for o in outcomes) == 0
+
+
+def test_the_real_model_config_renders_tools_with_chattunes_template(tmp_path):
+    from chattune.config_io import load_config
+    from chattune.templates.registry import get_template
+
+    config = load_config(EXAMPLE / "tools_smollm2.yaml", [f"model_name_or_path={tmp_path}"])
+    assert [Path(s.path).name for s in config.data.train_files] == ["tools_train.jsonl"]
+    assert get_template(config.data.template).tools and config.method.method == "lora"
