@@ -57,6 +57,24 @@ class TestLoad:
         tokenizer = load_tokenizer(str(glm4_copy))
         assert tokenizer.pad_token == tokenizer.eos_token
 
+    def test_an_exported_tokenizer_is_loaded_as_its_run_s(self, glm4_copy, tiny_models):
+        """An export escapes special-token text for runtimes (export/escape.py); chattune
+        loads it back without that, never reading special tokens from text, as its run did."""
+        from transformers import AutoTokenizer
+
+        from chattune.export.escape import add_unescape, escape_jinja, is_escaping
+
+        exported = AutoTokenizer.from_pretrained(glm4_copy)
+        add_unescape(exported)
+        original = exported.chat_template
+        exported.chat_template = escape_jinja(["<|user|>"]) + original
+        exported.save_pretrained(glm4_copy)
+        tokenizer = load_tokenizer(str(glm4_copy))
+        assert not is_escaping(tokenizer) and tokenizer.backend_tokenizer.normalizer is None
+        assert tokenizer.split_special_tokens and tokenizer.chat_template == original
+        assert tokenizer("<|user|>", add_special_tokens=False)["input_ids"] != [tokenizer.convert_tokens_to_ids("<|user|>")]
+        assert not load_tokenizer(str(tiny_models("glm4"))).split_special_tokens  # not an export: as it is
+
     def test_no_path_is_a_config_error(self):
         with pytest.raises(ConfigError, match="^model_name_or_path: no base model given"):
             load_tokenizer("")

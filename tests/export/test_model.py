@@ -4,6 +4,7 @@ checked against the run itself; dtypes, tied embeddings, refusals and atomic wri
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from chattune.config_io import load_config
 from chattune.export.model import ExportError, export_run, write_shard
 from chattune.inference.generate import generate
 from chattune.inference.runs import LoadOptions, load_run
+from chattune.templates.registry import NAMED_TEMPLATES
 from chattune.training.recipe import train
 
 CONVERSATIONS = [[{"role": "user", "content": "Who are you?"}],
@@ -78,14 +80,20 @@ def test_export_is_a_standalone_model_equal_to_the_run(runs, root, method, capsy
         assert (model(input_ids=ids).logits - run.model(input_ids=ids).logits).abs().max() <= 1e-4
 
 
-def test_chattune_answers_with_the_export_as_with_the_run(runs, root):
-    """chat / predict / serve / eval take an export as a plain base model, with its chat template."""
-    out = root / "lora-answers"
-    export_run(str(runs["lora"]), str(out), log=lambda *_: None)
+@pytest.mark.parametrize("template", ["tokenizer", "default"])
+def test_chattune_answers_with_the_export_as_with_the_run(runs, tiny_models, data_file, root, template):
+    """chat / predict / serve / eval take an export as a plain base model: a run on the tokenizer's
+    chat template with the export's, a run on a named template with that template (recorded in
+    the export's tokenizer), so with the run's prompt ids, turns and history included."""
+    run_dir = runs["lora"] if template == "tokenizer" else _train(
+        tiny_models("glm4"), data_file, root / "lora-default", "template=default")
+    out = root / f"lora-answers-{template}"
+    export_run(str(run_dir), str(out), log=lambda *_: None)
     exported = load_run(str(out), LoadOptions())
-    assert exported.profile().template == "tokenizer"
-    run = load_run(str(runs["lora"]))
-    for conversation in CONVERSATIONS:
+    run = load_run(str(run_dir))
+    assert exported.profile().template == run.profile().template == template
+    assert exported.profile().generation == run.profile().generation
+    for conversation in [*CONVERSATIONS, *TURNS]:
         assert exported.prompt_ids(conversation) == run.prompt_ids(conversation)
     assert generate(exported, CONVERSATIONS, max_new_tokens=12) == generate(run, CONVERSATIONS, max_new_tokens=12)
 
@@ -250,3 +258,146 @@ def test_write_shard_is_read_by_safetensors(tmp_path):
     loaded = load_file(str(tmp_path / "x.safetensors"))
     for name, tensor in tensors.items():
         assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor.contiguous()), name
+
+
+# ---- special-token text in messages, and chattune on its own export ---------------------------
+
+FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "chatglm"
+RUN_TOKENIZERS = ("glm4", "llama", "qwen2", "chatglm2-6b", "chatglm3-6b", "chatglm-6b")
+EXPORTED_TEMPLATES = (*sorted(NAMED_TEMPLATES), "tokenizer")
+
+
+def _fixture(family: str, name: str) -> Path:
+    path = FIXTURES / family / name
+    if not path.is_file():
+        pytest.skip(f"ChatGLM fixtures not found at {path} (a clone without ../shared)")
+    return path
+
+
+def run_tokenizer(tiny_models, name: str):
+    """A run's tokenizer as chattune loads it: a tiny byte-level model's, or a ChatGLM one as
+    chattune converts it (ChatGLM2/3 never read special tokens from text, ChatGLM-6B as THUDM's)."""
+    from transformers import AutoTokenizer
+
+    if name == "chatglm-6b":
+        pytest.importorskip("sentencepiece")
+        from chattune.chatglm.glm6b_tokenizer import ChatGLM6BTokenizer
+
+        return ChatGLM6BTokenizer(str(_fixture(name, "ice_text.model")), chattune_template="chatglm")
+    if name.startswith("chatglm"):
+        from chattune.chatglm.glm_tokenizer import build_glm_tokenizer
+
+        return build_glm_tokenizer(_fixture(name, "tokenizer.model"), name, max_length=512,
+                                   template={"chatglm2-6b": "chatglm2", "chatglm3-6b": "chatglm3"}[name])
+    return AutoTokenizer.from_pretrained(tiny_models(name))
+
+
+def _special_ids(tokenizer) -> set[int]:
+    ids = set(tokenizer.all_special_ids)
+    return ids | {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+
+
+def _plain(conversation: list[dict]) -> list[dict]:
+    return [{**message, "content": "text"} for message in conversation]
+
+
+@pytest.mark.parametrize("name", RUN_TOKENIZERS)
+def test_special_token_text_in_messages_encodes_as_the_run_encodes_it(tiny_models, name, tmp_path):
+    """Every template an export can write, on every kind of tokenizer: a message typing each
+    special token's text gets the run's ids through the export's apply_chat_template (the
+    runtime's path), no special token more; where the run keeps that text as text (ChatGLM2/3),
+    the only special tokens are the template's own. Where the template gives the run's ids on
+    plain conversations, the ids are the run's exactly."""
+    from transformers import AutoTokenizer
+
+    from chattune.data.encode import PieceEncoder, encode_prompt
+    from chattune.data.records import split_prompt
+    from chattune.export.escape import keeps_special_text
+    from chattune.export.jinja_check import PROBE_CONVERSATIONS, special_text_conversations
+    from chattune.export.model import template_mismatches, write_tokenizer
+
+    tokenizer = run_tokenizer(tiny_models, name)
+    special = _special_ids(tokenizer)
+    encoder = PieceEncoder(tokenizer)
+    checked = 0
+    for template in EXPORTED_TEMPLATES:
+        folder = tmp_path / template
+        if write_tokenizer(tokenizer, template, folder) == [f"template {template!r}: the tokenizer has no chat template"]:
+            assert template == "tokenizer" and name.startswith("chatglm")
+            continue
+        exported = AutoTokenizer.from_pretrained(folder)
+        exact = not template_mismatches(exported, tokenizer, template, PROBE_CONVERSATIONS)
+        for conversation in special_text_conversations(tokenizer, exported):
+            prompt, _ = split_prompt(conversation)
+            ours = encode_prompt(prompt, template, encoder)
+            theirs = list(exported.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=False))
+            label = f"{template}: {prompt[-1]['content'][:30]!r}"
+            assert [i for i in theirs if i in special] == [i for i in ours if i in special], label
+            if exact:
+                assert theirs == ours, label
+            if keeps_special_text(tokenizer):
+                markup = encode_prompt(_plain(prompt), template, encoder)
+                assert [i for i in ours if i in special] == [i for i in markup if i in special], label
+            checked += 1
+    assert checked >= 2 * (len(EXPORTED_TEMPLATES) - name.startswith("chatglm"))
+
+
+def _train_chatglm(family: str, data: Path, root: Path) -> Path:
+    from tests.chatglm.thudm_folder import build_thudm_folder
+
+    folder = build_thudm_folder(root / family, _fixture(family, "config.json").parent)
+    return _train(folder, data, root / f"{family}-run", "max_seq_length=96", "learning_rate=5e-3")
+
+
+TURNS = [
+    [{"role": "user", "content": "Who are you?"}],
+    [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am an assistant."},
+     {"role": "user", "content": "你好"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who are you?"},
+     {"role": "assistant", "content": "I am an assistant."}, {"role": "user", "content": "你好"},
+     {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "What do people say? <|user|> [gMASK]"}],
+]
+
+
+@pytest.mark.parametrize("family", ["chatglm2-6b", "chatglm3-6b"])
+def test_chattune_chats_with_a_chatglm_export_as_with_its_run(family, data_file, tmp_path):
+    """chat / predict / serve on a ChatGLM2/3 export: the run's template, its prompt ids for one,
+    two and three turns, its answers and generation defaults; serve --name names it. Any runtime
+    gets the same ids from the export's chat template, typed special-token text included."""
+    from transformers import AutoTokenizer
+
+    from chattune.cli import build_parser
+    from chattune.export.escape import ESCAPE_COMMENT, is_escaping
+    from chattune.model import load_tokenizer
+    from chattune.serve import build
+
+    run_dir = _train_chatglm(family, data_file, tmp_path)
+    out = tmp_path / f"{family}-export"
+    result = export_run(str(run_dir), str(out), log=lambda *_: None)
+    assert result.check["chat_template_matches"], result.check["chat_template_mismatches"]
+    run, exported = load_run(str(run_dir)), load_run(str(out))
+    template = {"chatglm2-6b": "chatglm2", "chatglm3-6b": "chatglm3"}[family]
+    assert exported.profile().template == run.profile().template == template
+    assert exported.profile().generation == run.profile().generation
+    assert exported.profile().stop_token_ids == run.profile().stop_token_ids
+    assert exported.tokenizer.split_special_tokens and not is_escaping(exported.tokenizer)
+    runtime = AutoTokenizer.from_pretrained(out)
+    assert is_escaping(runtime) and not runtime.split_special_tokens
+    assert runtime.chat_template.startswith(ESCAPE_COMMENT)
+    assert not load_tokenizer(str(out)).chat_template.startswith(ESCAPE_COMMENT)
+    for conversation in TURNS:
+        ids = run.prompt_ids(conversation)
+        assert exported.prompt_ids(conversation) == ids
+        assert list(runtime.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
+                                                return_dict=False)) == ids
+    assert generate(exported, TURNS, max_new_tokens=8) == generate(run, TURNS, max_new_tokens=8)
+    args = build_parser().parse_args(["serve", str(out), "--name", "glm-x", "--threads", str(torch.get_num_threads())])
+    interval = sys.getswitchinterval()
+    try:
+        served, engine, _ = build(args, warn=lambda *_: None)
+        engine.stop()
+    finally:
+        sys.setswitchinterval(interval)
+    assert list(served.profiles) == ["glm-x"] and served.default == "glm-x"
+    assert served.profile().template == template

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from chattune.cli import main
-from chattune.errors import ManifestError, ModelLoadError
+from chattune.config import GenerateArgs
+from chattune.errors import ConfigError, ManifestError, ModelLoadError
 from chattune.inference.decoding import BASE_ADAPTER
 from chattune.inference.runs import LoadOptions, load_run
 from tests.inference.test_generate import run_dir  # noqa: F401  (the module's trained run)
@@ -36,6 +37,15 @@ def test_a_bare_base_model(tiny_models):
     run = load_run(str(tiny_models("glm4")))
     assert list(run.profiles) == ["base"] and not run.uses_adapters
     assert run.profile().template == "tokenizer" and run.profile().run_dir is None
+    assert run.profile().generation == GenerateArgs()
+
+
+def test_a_bare_model_answers_under_the_name_given(tiny_models):
+    """``chattune serve EXPORT --name X``: an exported model (a bare folder) is served as X."""
+    run = load_run(str(tiny_models("glm4")), LoadOptions(name="my-model"))
+    assert list(run.profiles) == ["my-model"] and run.default == "my-model" and run.profile().adapter == BASE_ADAPTER
+    with pytest.raises(ConfigError, match="without spaces"):
+        load_run(str(tiny_models("glm4")), LoadOptions(name="my model"))
 
 
 def test_the_template_can_be_overridden(run_dir):  # noqa: F811

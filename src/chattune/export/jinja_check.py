@@ -4,7 +4,9 @@ and describe every difference in ids, with its likely cause.
 The check passes ``split_special_tokens=False`` to the tokenizer calls that tokenize the
 rendered text (as the exported tokenizer reads it) and leaves the tokenizer as it was. Pass the
 tokenizer the run trained with (not the exported copy), so that chattune's side is the training
-tokenization. Which pairs are exact: ``docs/templates.md``.
+tokenization. Which pairs are exact: ``docs/templates.md``. The Jinja is checked alone: where the
+run's tokenizer keeps special-token text as text, the export also escapes the messages
+(``export/escape.py``), which this check does not, so it reports such text.
 """
 
 from __future__ import annotations
@@ -81,14 +83,29 @@ def _describe(label: str, tokenizer, want: list[int], got: list[int], rendered: 
             f"likely cause: {why}; rendered: {short!r}")
 
 
+def special_text_conversations(*tokenizers) -> list[list[dict]]:
+    """Conversations whose messages spell out every special and added token of ``tokenizers``
+    (a user, a system message and a history answer typing them); none when they have none."""
+    specials = set()
+    for tokenizer in tokenizers:
+        specials |= {str(t) for t in getattr(tokenizer, "all_special_tokens", []) or []}
+        specials |= {str(t) for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values()}
+    if not specials:
+        return []
+    typed = " ".join(sorted(specials))
+    return [[{"role": "user", "content": "People type special-token text: " + typed}],
+            [{"role": "system", "content": "System text " + typed},
+             {"role": "user", "content": typed + " and more"},
+             {"role": "assistant", "content": "An answer " + typed},
+             {"role": "user", "content": "Again: " + typed}]]
+
+
 def _probes(tokenizer) -> list[tuple[str, list[dict]]]:
     """The built-in probe conversations, one of them made of the tokenizer's special-token text."""
     cases = [(f"probe conversation {i}", messages) for i, messages in enumerate(PROBE_CONVERSATIONS)]
-    specials = {str(t) for t in getattr(tokenizer, "all_special_tokens", []) or []}
-    specials |= {str(t) for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values()}
-    if specials:
-        typed = "People type special-token text: " + " ".join(sorted(specials))
-        cases.append(("probe conversation with special-token text", [{"role": "user", "content": typed}]))
+    typed = special_text_conversations(tokenizer)
+    if typed:
+        cases.append(("probe conversation with special-token text", typed[0]))
     return cases
 
 

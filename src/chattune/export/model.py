@@ -385,42 +385,55 @@ def write_tokenizer(tokenizer, template: str, folder: Path) -> list[str]:
     ``template``; return how the exported tokenizer's ``apply_chat_template`` differs from
     chattune's prompt ids on probe conversations (empty: identical).
 
-    A rendered chat template spells special tokens out as text, so they are recognised in text
-    (chattune's own ChatGLM2/3 tokenizers keep them out of user text); special tokens that are
-    plain words (ChatGLM2/3's ``sop``, ``eop``) would then match inside words ("people"), so they
-    are renamed ``<sop>``, ``<eop>`` (same ids)."""
+    A rendered chat template spells special tokens out as text, so the exported tokenizer
+    reads them from text; special tokens that are plain words (ChatGLM2/3's ``sop``, ``eop``)
+    would then match inside words ("people"), so they are renamed ``<sop>``, ``<eop>`` (same
+    ids). Where the run's tokenizer keeps special-token text in messages as text (chattune's
+    ChatGLM2/3 tokenizers), the chat template escapes the messages and the tokenizer unescapes
+    them after matching special tokens (``export/escape.py``), so a message cannot forge turns.
+    A named template is recorded as the tokenizer's ``chattune_template``: chattune renders the
+    export with it, piece by piece, as the run (``template: auto``)."""
     import copy
 
     from transformers import AutoTokenizer
 
-    from chattune.export.jinja_check import PROBE_CONVERSATIONS
+    from chattune.export.escape import add_unescape, escape_jinja, keeps_special_text, special_texts
+    from chattune.export.jinja_check import PROBE_CONVERSATIONS, special_text_conversations
     from chattune.templates.forms import chat_template
+    from chattune.templates.registry import get_template
     from chattune.templates.role_pattern import role_pattern
 
+    escaping = keeps_special_text(tokenizer)
     saved = copy.deepcopy(tokenizer)
-    if getattr(saved, "split_special_tokens", False):
+    if escaping:
+        add_unescape(saved)
+    elif getattr(saved, "split_special_tokens", False):
         saved.split_special_tokens = False
         saved.init_kwargs["split_special_tokens"] = False
-    saved.init_kwargs.pop("chattune_template", None)
+    if get_template(template) is not None:
+        saved.init_kwargs["chattune_template"] = template
+    else:
+        saved.init_kwargs.pop("chattune_template", None)
     saved.save_pretrained(folder)
     _bracket_word_specials(folder)
     exported = AutoTokenizer.from_pretrained(folder)
+    escape = escape_jinja(special_texts(exported)) if escaping else ""
     jinja = chat_template(template, exported)
     if jinja:
-        exported.chat_template = jinja
+        exported.chat_template = escape + jinja
         exported.save_pretrained(folder)
     if not jinja:
         return [f"template {template!r}: the tokenizer has no chat template"]
     exported = AutoTokenizer.from_pretrained(folder)
     words = [[{"role": "user", "content": "Do people study philosophy or isopropyl alcohol?"}]]  # "sop" inside
-    probes = PROBES + PROBE_CONVERSATIONS + words
+    probes = PROBES + PROBE_CONVERSATIONS + words + special_text_conversations(tokenizer, exported)
     mismatches = template_mismatches(exported, tokenizer, template, probes)
     if mismatches and template == "tokenizer":
         # chattune trains an EOS after answers the tokenizer's template leaves unterminated: the
         # export's template is chattune's rendering of it, as a prefix/text/suffix pattern
         pattern = role_pattern(tokenizer, tokenizer.eos_token or "")
         if pattern is not None:
-            exported.chat_template = pattern.jinja()
+            exported.chat_template = escape + pattern.jinja()
             exported.save_pretrained(folder)
             exported = AutoTokenizer.from_pretrained(folder)
             mismatches = template_mismatches(exported, tokenizer, template, probes)

@@ -318,14 +318,27 @@ def _finish(model) -> object:
     return model
 
 
+def _bare_generation(path: str) -> GenerateArgs:
+    """An exported run's generation defaults (its ``generation_config.json``, beside
+    ``chattune_export.json``); chattune's defaults for any other model."""
+    folder = Path(path)
+    if not (folder / "chattune_export.json").is_file():
+        return GenerateArgs()
+    from chattune.export.modelfile import generation_defaults
+
+    return generation_defaults(folder)
+
+
 def _load_bare(target: str, options: LoadOptions) -> LoadedRun:
     path = options.base_model or target
+    name = options.name or BASE_NAME
+    if any(c.isspace() for c in name):
+        raise ConfigError(f"model name {name!r}: names must be without spaces")
     tokenizer = load_tokenizer(path, options.trust_remote_code)
     model = _finish(load_model(ModelArgs(model_name_or_path=path, trust_remote_code=options.trust_remote_code)))
     template = resolve_template_name(options.template or "auto", tokenizer)
-    profile = make_served_model(BASE_NAME, tokenizer, template, GenerateArgs())
-    return LoadedRun(model, tokenizer, {BASE_NAME: profile}, BASE_NAME, context_length(model.config),
-                     uses_adapters=False)
+    profile = make_served_model(name, tokenizer, template, _bare_generation(path))
+    return LoadedRun(model, tokenizer, {name: profile}, name, context_length(model.config), uses_adapters=False)
 
 
 def in_memory_run(model, tokenizer, template: str, name: str = BASE_NAME) -> LoadedRun:
