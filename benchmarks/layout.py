@@ -32,6 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     # pure: records and their file formats, text metrics (nothing of chattune but errors)
     ("chattune.data.records", "chattune.data.formats", "chattune.evaluation.metrics"),
     ("chattune.chatglm", "chattune.gguf_import", "chattune.pretrained"),  # model files into native folders
+    ("chattune.special_text",),  # an exported tokenizer read back as its run's
     ("chattune.model", "chattune.methods", "chattune.config_io"),
     ("chattune.templates",),
     ("chattune.data",),  # sources, encode, prepare: records through a template into tokens

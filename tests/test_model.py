@@ -62,7 +62,8 @@ class TestLoad:
         loads it back without that, never reading special tokens from text, as its run did."""
         from transformers import AutoTokenizer
 
-        from chattune.export.escape import add_unescape, escape_jinja, is_escaping
+        from chattune.export.escape import escape_jinja
+        from chattune.special_text import add_unescape, is_escaping
 
         exported = AutoTokenizer.from_pretrained(glm4_copy)
         add_unescape(exported)

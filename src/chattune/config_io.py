@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import re
 import types
@@ -19,7 +20,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from chattune.config import GROUPS, DataSource, RunConfig
+from chattune.config import GROUPS, DataSource, GenerateArgs, RunConfig
 from chattune.errors import ConfigError
 from chattune.methods import check_run_config
 
@@ -280,3 +281,17 @@ def describe_keys(markdown: bool = False) -> str:
             else:
                 lines += [f"  {f.name} (default: {default!r})", f"      {doc}"]
     return "\n".join(lines)
+
+
+def generation_defaults(folder: Path):
+    """The run's generation defaults as ``chattune export`` wrote them (generation_config.json),
+    as a :class:`chattune.config.GenerateArgs`; its defaults where a key is absent."""
+    try:
+        saved = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        saved = {}
+    names = {field.name for field in dataclasses.fields(GenerateArgs)}
+    generation = GenerateArgs(**{name: saved[name] for name in names if saved.get(name) is not None})
+    if "top_k" not in names and saved.get("top_k") is not None:
+        generation.top_k = saved["top_k"]  # read by write_modelfile
+    return generation

@@ -99,14 +99,14 @@ def native_config(path: str):
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     """The model's tokenizer (fast when available), with a pad token set; an exported model's
-    as its run's was (:func:`chattune.export.escape.restore_run_tokenizer`).
+    as its run's was (:func:`chattune.special_text.restore_run_tokenizer`).
 
     Raises ConfigError for an empty path and ModelLoadError (see :func:`load_error`)
     when the tokenizer cannot be loaded.
     """
     from transformers import AutoTokenizer
 
-    from chattune.export.escape import restore_run_tokenizer
+    from chattune.special_text import restore_run_tokenizer
 
     if not path:
         raise ConfigError("model_name_or_path: no base model given; set it to a model folder")

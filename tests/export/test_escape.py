@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from chattune.export.escape import (
+from chattune.export.escape import escape_jinja, escape_text
+from chattune.special_text import (
     MARK,
     add_unescape,
-    escape_jinja,
-    escape_text,
     is_escaping,
     restore_run_tokenizer,
     unescape_normalizer,

@@ -312,9 +312,9 @@ def test_special_token_text_in_messages_encodes_as_the_run_encodes_it(tiny_model
 
     from chattune.data.encode import PieceEncoder, encode_prompt
     from chattune.data.records import split_prompt
-    from chattune.export.escape import keeps_special_text
     from chattune.export.jinja_check import PROBE_CONVERSATIONS, special_text_conversations
     from chattune.export.model import template_mismatches, write_tokenizer
+    from chattune.special_text import keeps_special_text
 
     tokenizer = run_tokenizer(tiny_models, name)
     special = _special_ids(tokenizer)
@@ -368,9 +368,9 @@ def test_chattune_chats_with_a_chatglm_export_as_with_its_run(family, data_file,
     from transformers import AutoTokenizer
 
     from chattune.cli import build_parser
-    from chattune.export.escape import ESCAPE_COMMENT, is_escaping
     from chattune.model import load_tokenizer
     from chattune.serve import build
+    from chattune.special_text import ESCAPE_COMMENT, is_escaping
 
     run_dir = _train_chatglm(family, data_file, tmp_path)
     out = tmp_path / f"{family}-export"

@@ -37,8 +37,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from chattune.config_io import generation_defaults
 from chattune.errors import ChattuneError, ConfigError
-from chattune.export.modelfile import generation_defaults, write_modelfile
+from chattune.export.modelfile import write_modelfile
 
 SUPPORTED: dict[str, str] = {
     "LlamaForCausalLM": "llama",

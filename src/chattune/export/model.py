@@ -397,8 +397,9 @@ def write_tokenizer(tokenizer, template: str, folder: Path) -> list[str]:
 
     from transformers import AutoTokenizer
 
-    from chattune.export.escape import add_unescape, escape_jinja, keeps_special_text, special_texts
+    from chattune.export.escape import escape_jinja, special_texts
     from chattune.export.jinja_check import PROBE_CONVERSATIONS, special_text_conversations
+    from chattune.special_text import add_unescape, keeps_special_text
     from chattune.templates.forms import chat_template
     from chattune.templates.registry import get_template
     from chattune.templates.role_pattern import role_pattern

@@ -3,7 +3,6 @@ syntax, ``templates/forms.py``), stop strings and the run's generation defaults.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -78,21 +77,4 @@ def write_modelfile(out_dir: str | os.PathLike, gguf_name: str, template: str, t
     return path
 
 
-
-def generation_defaults(folder: Path):
-    """The run's generation defaults as ``chattune export`` wrote them (generation_config.json),
-    as a :class:`chattune.config.GenerateArgs`; its defaults where a key is absent."""
-    from dataclasses import fields
-
-    from chattune.config import GenerateArgs
-
-    try:
-        saved = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        saved = {}
-    names = {field.name for field in fields(GenerateArgs)}
-    generation = GenerateArgs(**{name: saved[name] for name in names if saved.get(name) is not None})
-    if "top_k" not in names and saved.get("top_k") is not None:
-        generation.top_k = saved["top_k"]  # read by write_modelfile
-    return generation
 

@@ -324,7 +324,7 @@ def _bare_generation(path: str) -> GenerateArgs:
     folder = Path(path)
     if not (folder / "chattune_export.json").is_file():
         return GenerateArgs()
-    from chattune.export.modelfile import generation_defaults
+    from chattune.config_io import generation_defaults
 
     return generation_defaults(folder)
 
