@@ -21,6 +21,7 @@ from chattune.cli import main
 from chattune.config_io import load_config
 from chattune.training.checkpoints import checkpoint_problems
 from chattune.training.recipe import train
+from tests.training.tmpfs import mounted_tmpfs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -203,17 +204,8 @@ def test_weights_turned_non_finite_are_never_saved(tiny_models, data_file, tmp_p
 
 @pytest.fixture
 def small_disk(tmp_path):
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if sys.platform != "linux" or os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root on Linux")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "small", "1m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 def test_a_full_disk_ends_in_one_line_and_keeps_the_earlier_checkpoints(small_disk, tiny_models, data_file, capsys):

@@ -20,6 +20,7 @@ from chattune.training.trainer import (
     training_arguments,
 )
 from tests.training.test_collate import rows_of
+from tests.training.tmpfs import mounted_tmpfs
 
 EVAL_LENGTHS = [5, 30, 12, 41, 8, 19, 27, 3, 36, 14, 22]
 
@@ -114,21 +115,8 @@ def test_resume_path_never_overwrites_checkpoints(tmp_path):
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 40 kB tmpfs: the run's first adapter_model.safetensors (64 kB) does not fit."""
-    import os
-    import subprocess
-    import sys
-
-    mount = tmp_path / "tiny-disk"
-    mount.mkdir()
-    if sys.platform != "linux" or os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root on Linux")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40k", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "tiny-disk", "40k") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 def test_a_full_disk_while_safetensors_writes_is_one_line_and_leaves_no_checkpoint(tiny_disk, tiny_models,
