@@ -307,6 +307,60 @@ class GenerateArgs:
         _check(self.repetition_penalty > 0, "repetition_penalty: must be > 0")
 
 
+STAGES = ("sft", "dpo", "orpo", "simpo", "kto")
+PAIRED_STAGES = ("dpo", "orpo", "simpo")
+"""Stages trained on pairs of a chosen and a rejected answer (KTO takes single labelled answers)."""
+REFERENCE_STAGES = ("dpo", "kto")
+"""Stages whose loss compares the model with a reference model (ORPO and SimPO need none)."""
+
+
+@dataclass
+class PreferenceArgs:
+    """The training stage: supervised fine-tuning, or preference optimisation (DPO, ORPO,
+    SimPO, KTO) on pairs of answers or labelled answers."""
+
+    stage: Literal["sft", "dpo", "orpo", "simpo", "kto"] = "sft"
+    """``sft``: learn the answers (instruction data). ``dpo``: prefer the chosen answer over the
+    rejected one, relative to a reference model; ``orpo``: the chosen answer's loss plus an
+    odds-ratio term, no reference; ``simpo``: length-normalised log-probabilities with a target
+    margin, no reference; ``kto``: single answers labelled desirable or not, relative to a
+    reference. The preference stages read pair data (chosen/rejected) or, for kto, labelled rows."""
+    pref_beta: float = 0.1
+    """beta: how far the model may move from the reference (dpo, kto), the weight of the
+    odds-ratio term (orpo), the reward scale (simpo; SimPO's paper uses 2.0-2.5)."""
+    pref_loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """dpo: the loss of the reward margin: ``sigmoid`` (DPO), ``ipo`` (IPO, squared, per token),
+    ``hinge`` (SLiC)."""
+    pref_label_smoothing: float = 0.0
+    """dpo (sigmoid) and simpo: the assumed share of pairs whose labels are flipped (conservative DPO), in [0, 0.5)."""
+    simpo_gamma: float = 0.5
+    """simpo: the target reward margin gamma."""
+    pref_ftx: float = 0.0
+    """dpo, simpo: weight of an added supervised loss on the chosen answers (0: none); orpo
+    always has its own."""
+    kto_desirable_weight: float = 1.0
+    """kto: weight of the desirable answers' losses."""
+    kto_undesirable_weight: float = 1.0
+    """kto: weight of the undesirable answers' losses (raise it when they are fewer)."""
+    pref_reference: Literal["auto", "adapter_off", "copy", "precompute"] = "auto"
+    """dpo, kto: the reference model. ``adapter_off``: the model with its new adapter switched off
+    (LoRA; no second copy); ``precompute``: the reference log-probabilities of every answer
+    computed in one pass before training (any method; no second copy); ``copy``: a frozen copy
+    of the model (one more model in memory). ``auto``: adapter_off for a new adapter, else precompute."""
+
+    def validate(self) -> None:
+        """Reject impossible values, naming the key."""
+        _check(math.isfinite(self.pref_beta) and self.pref_beta > 0, "pref_beta: must be a finite number > 0")
+        _check(0.0 <= self.pref_label_smoothing < 0.5, "pref_label_smoothing: must be in [0, 0.5)")
+        _check(math.isfinite(self.simpo_gamma) and self.simpo_gamma >= 0, "simpo_gamma: must be a finite number >= 0")
+        _check(math.isfinite(self.pref_ftx) and self.pref_ftx >= 0, "pref_ftx: must be a finite number >= 0")
+        for key in ("kto_desirable_weight", "kto_undesirable_weight"):
+            value = getattr(self, key)
+            _check(math.isfinite(value) and value > 0, f"{key}: must be a finite number > 0")
+        _check(not (self.pref_label_smoothing and self.stage == "dpo" and self.pref_loss != "sigmoid"),
+               f"pref_label_smoothing: applies to pref_loss=sigmoid only, not {self.pref_loss}")
+
+
 @dataclass
 class RunConfig:
     """The whole configuration of one training run."""
@@ -316,11 +370,12 @@ class RunConfig:
     method: MethodArgs = field(default_factory=MethodArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
     generate: GenerateArgs = field(default_factory=GenerateArgs)
+    preference: PreferenceArgs = field(default_factory=PreferenceArgs)
 
     def validate(self) -> None:
         """Check every group (raises ConfigError naming the key); what depends on the method
         table is checked by :func:`chattune.methods.check_run_config`."""
-        for group in (self.data, self.method, self.train, self.generate):
+        for group in (self.data, self.method, self.train, self.generate, self.preference):
             group.validate()
 
     def to_flat_dict(self) -> dict[str, Any]:
@@ -337,4 +392,5 @@ GROUPS: dict[str, type] = {
     "method": MethodArgs,
     "train": TrainArgs,
     "generate": GenerateArgs,
+    "preference": PreferenceArgs,
 }

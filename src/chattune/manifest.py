@@ -72,6 +72,9 @@ class Manifest:
     chattune_version: str = __version__
     results: dict = field(default_factory=dict)
     """What training reported: global_step, train_loss, eval_loss, trainable_parameters."""
+    stage: dict = field(default_factory=dict)
+    """A preference run's stage (dpo, orpo, simpo, kto), its settings and the reference it used
+    (``{}`` for supervised fine-tuning)."""
 
     def to_json(self) -> dict:
         """The manifest as written to ``chattune.json``."""
@@ -84,6 +87,7 @@ class Manifest:
             "max_seq_length": self.max_seq_length,
             "data_fingerprint": self.data_fingerprint,
             "generation": dataclasses.asdict(self.generation),
+            **({"stage": self.stage} if self.stage else {}),
             **self.results,
         }
 
@@ -106,6 +110,7 @@ class Manifest:
             generation=_generation(_section(data, "generation", where), where),
             chattune_version=str(data.get("chattune_version", "unknown")),
             results={k: data[k] for k in RESULT_KEYS if k in data},
+            stage=dict(_section(data, "stage", where)) if "stage" in data else {},
         )
 
 
@@ -160,8 +165,8 @@ def _generation(values: dict, where: str) -> GenerateArgs:
 
 
 def build_manifest(config: RunConfig, base: dict, template_name: str, tokenizer,
-                   data_fingerprint: str) -> Manifest:
-    """The manifest of a run about to train."""
+                   data_fingerprint: str, stage: dict | None = None) -> Manifest:
+    """The manifest of a run about to train (``stage``: a preference run's stage record)."""
     method = get_method(config.method.method)
     settings = method.manifest_settings(config.method)
     settings.pop("name")
@@ -174,6 +179,7 @@ def build_manifest(config: RunConfig, base: dict, template_name: str, tokenizer,
         max_seq_length=config.data.max_seq_length,
         data_fingerprint=data_fingerprint,
         generation=dataclasses.replace(config.generate),
+        stage=dict(stage or {}),
     )
 
 

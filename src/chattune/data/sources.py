@@ -117,7 +117,7 @@ def read_source(source: DataSource, *, strict: bool = False, dedup: bool = True,
     return records, summary
 
 
-def _apply_sampling(records: list[Record], source: DataSource, summary: FileSummary,
+def apply_sampling(records: list[Record], source: DataSource, summary: FileSummary,
                     rng: random.Random) -> list[Record]:
     """Apply max_samples, then weight, with a seeded generator."""
     if source.max_samples is not None and len(records) > source.max_samples:
@@ -143,7 +143,7 @@ def load_records(sources: list[DataSource], *, strict: bool = False, dedup: bool
     summaries = []
     for source in sources:
         file_records, summary = read_source(source, strict=strict, dedup=dedup, seen=seen)
-        records += _apply_sampling(file_records, source, summary, rng)
+        records += apply_sampling(file_records, source, summary, rng)
         summaries.append(summary)
     return records, summaries
 

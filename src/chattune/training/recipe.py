@@ -16,6 +16,7 @@ training only: the model returned and the run folder are plain transformers / pe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -26,10 +27,21 @@ from transformers import set_seed
 
 from chattune.config import RunConfig
 from chattune.config_io import source_prefix
-from chattune.data.prepare import PreparedData, format_audit, prepare_data
+from chattune.data.pair_encode import (
+    PreparedPreference,
+    format_preference_audit,
+    prepare_preference_data,
+)
+from chattune.data.prepare import PreparedData, data_fingerprint, format_audit, prepare_data
 from chattune.errors import ConfigError
-from chattune.manifest import build_manifest, write_run_files
-from chattune.methods import Method, count_parameters, get_method, quantization_config
+from chattune.manifest import build_manifest, is_run_folder, read_manifest, write_run_files
+from chattune.methods import (
+    LORA_SETTINGS,
+    Method,
+    count_parameters,
+    get_method,
+    quantization_config,
+)
 from chattune.model import base_model_fingerprint, load_model, load_tokenizer, resolve_dtype
 from chattune.paths import check_output_dir
 from chattune.templates.registry import resolve_template_name
@@ -52,6 +64,13 @@ from chattune.training.distributed import (
 )
 from chattune.training.kernels import use_cpu_kernels
 from chattune.training.loss import CausalLMLoss, resolve_loss
+from chattune.training.preference import (
+    PreferenceCollator,
+    PreferenceObjective,
+    frozen_copy,
+    precompute_reference,
+    resolve_reference,
+)
 from chattune.training.sharding import check_sharding_supported, sharding_arguments
 from chattune.training.trainer import ChattuneTrainer, place_model, resume_path, training_arguments
 
@@ -67,13 +86,42 @@ class TrainResult:
     global_step: int
     train_loss: float
     eval_loss: float | None
-    prepared: PreparedData
+    prepared: PreparedData | PreparedPreference
     model: object = None
 
 
-def load_for_training(config: RunConfig, method: Method):
+PEFT_METHODS = ("lora", "qlora")
+
+
+def start_from_run(config: RunConfig, log=print) -> tuple[RunConfig, Path | None]:
+    """Where a run starts when ``model_name_or_path`` is a run folder: a full fine-tune's folder is
+    a model (loaded as any); a LoRA run's adapter is trained further on its base, with its LoRA
+    settings (the returned config names that base; the second value is the run folder). Any other
+    pairing is a ConfigError saying how to start from a merged export instead."""
+    path = config.model.model_name_or_path
+    if not path or not is_run_folder(path):
+        return config, None
+    manifest = read_manifest(path)
+    if get_method(manifest.method).run_is_model:
+        return config, None
+    if manifest.method in PEFT_METHODS and config.method.method in PEFT_METHODS:
+        settings = {k: v for k, v in manifest.method_settings.items() if k in LORA_SETTINGS}
+        started = dataclasses.replace(
+            config,
+            model=dataclasses.replace(config.model, model_name_or_path=manifest.base_model.path,
+                                      trust_remote_code=manifest.base_model.trust_remote_code),
+            method=dataclasses.replace(config.method, **settings))
+        log(f"starting from {path}: its {manifest.method} adapter trains further on its base "
+            f"{manifest.base_model.path} (LoRA settings from the run: rank {settings.get('lora_rank')})")
+        return started, Path(path)
+    raise ConfigError(f"model_name_or_path: {path} is a {manifest.method} run; a {config.method.method} run can "
+                      f"start from a LoRA run (with method=lora) or a full fine-tune's folder. Merge it first: "
+                      f"chattune export {path} --out merged, then model_name_or_path=merged")
+
+
+def load_for_training(config: RunConfig, method: Method, continued: Path | None = None):
     """The base model as configured (dtype, quantization, attention; no KV cache), with the
-    method applied: the model to train."""
+    method applied (or, ``continued``, that run's adapter loaded to train further): the model to train."""
     dtype = resolve_dtype(config.model.dtype, config.train.fp16, config.train.bf16)
     extra = {"quantization_config": quantization_config(config.method)} if method.quantized_base else {}
     if config.model.attn_implementation:
@@ -82,6 +130,10 @@ def load_for_training(config: RunConfig, method: Method):
     model.config.use_cache = False  # a KV cache is never needed in training (and would break packing)
     if config.train.gradient_checkpointing:
         model.enable_input_require_grads()
+    if continued is not None:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(continued), is_trainable=True)
     return method.apply(model, config.method, config.train.gradient_checkpointing)
 
 
@@ -108,6 +160,48 @@ def setup_batching_and_loss(config: RunConfig, model, prepared: PreparedData, pa
     loss = resolve_loss(config, model, vocab_size, log)
     log(f"loss: {loss.mode}")
     return batches, loss
+
+
+def setup_preference(config: RunConfig, model, prepared: PreparedPreference, pad_token_id: int,
+                     patches: ExitStack, reference: str | None, ref_model=None, log=print) -> tuple[Batches, PreferenceObjective]:
+    """As :func:`setup_batching_and_loss` for a preference stage: the model placed, CPU kernels
+    and per-row SDPA where they apply, each batch's sequences packed into one row where the model
+    keeps packed rows apart (else padded), the answer log-probabilities chunked where exact, and
+    the objective with its reference."""
+    place_model(model, get_method(config.method.method))
+    vocab_size = model.get_input_embeddings().weight.shape[0]
+    eager_cpu = next(model.parameters()).device.type == "cpu" and not config.train.torch_compile
+    if eager_cpu:
+        patches.enter_context(use_cpu_kernels(model))
+    attention = patches.enter_context(ExitStack())
+    if eager_cpu:
+        attention.enter_context(use_varlen_sdpa(model))
+    packed = resolve_packing(config, model, pad_token_id, vocab_size, log) in PACKED_MODES
+    if not packed:
+        attention.close()
+    collator = PreferenceCollator(pad_token_id, packed)
+    chunked = resolve_loss(config, model, vocab_size, log)
+    objective = PreferenceObjective(config.preference, reference, chunked.capture, config.train.loss_chunk_size,
+                                    ref_model)
+    mode = "pairs packed" if packed else "pairs padded"
+    log(f"batching: {mode} ({'each batch one row' if packed else 'padded to the longest'}); "
+        f"log-probabilities: {chunked.mode}; reference: {reference or 'none (' + config.preference.stage + ')'}")
+    batches = Batches(mode, prepared.train, prepared.eval, collator, config.train.per_device_train_batch_size,
+                      config.train.per_device_eval_batch_size, {"mode": mode})
+    return batches, objective
+
+
+def stage_record(config: RunConfig, reference: str | None, started_from: Path | None) -> dict:
+    """What a preference run's manifest says of its stage: the stage, its settings, the reference used."""
+    p = config.preference
+    keys = {"dpo": ("pref_beta", "pref_loss", "pref_label_smoothing", "pref_ftx"),
+            "orpo": ("pref_beta",),
+            "simpo": ("pref_beta", "simpo_gamma", "pref_label_smoothing", "pref_ftx"),
+            "kto": ("pref_beta", "kto_desirable_weight", "kto_undesirable_weight")}[p.stage]
+    record = {"name": p.stage, **{key: getattr(p, key) for key in keys}, "reference": reference}
+    if started_from is not None:
+        record["started_from"] = str(started_from)
+    return record
 
 
 def check_machine(config: RunConfig) -> None:
@@ -182,38 +276,64 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
         resume = resume_path(config, output_dir, log)
     output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(config.train.seed)
+    config, continued = start_from_run(config, log)
+    stage = config.preference.stage
 
     tokenizer = load_tokenizer(config.model.model_name_or_path, config.model.trust_remote_code)
     template_name = resolve_template_name(config.data.template, tokenizer)
-    prepared = prepare_once(config, tokenizer, template_name, world, log)
-    log(format_audit(prepared.audit))
+    if stage == "sft":
+        prepared = prepare_once(config, tokenizer, template_name, world, log)
+        log(format_audit(prepared.audit))
+        fingerprint = prepared.fingerprint
+    else:
+        prepared = prepare_preference_data(config.data, tokenizer, template_name, stage, config.train.seed)
+        fingerprint = f"{stage}-{data_fingerprint(config.data, template_name, tokenizer, config.train.seed)}"
+        prepared.audit["fingerprint"] = prepared.fingerprint = fingerprint
+        log(format_preference_audit(prepared.audit))
 
     # whole on every process, also under FSDP and ZeRO-3: the probes below run on the real weights,
     # and the Trainer shards them when it wraps the model (so the model must fit one device once)
-    model = load_for_training(config, method)
+    model = load_for_training(config, method, continued)
     trainable, total = count_parameters(model)
     log(f"method {method.name}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.3%})")
+    reference = None
+    if stage != "sft":
+        reference = resolve_reference(config.preference, method.name in (*PEFT_METHODS, "ptuning"), continued is not None)
+    ref_model = frozen_copy(model) if reference == "copy" else None
 
     with ExitStack() as patches:  # undone when training ends, also on an error
-        batches, loss = setup_batching_and_loss(config, model, prepared, tokenizer.pad_token_id, patches, log,
-                                                world.world_size)
-        audit = {**prepared.audit, "batching": {**batches.summary, "loss": loss.mode}}
+        objective = None
+        if stage == "sft":
+            batches, loss = setup_batching_and_loss(config, model, prepared, tokenizer.pad_token_id, patches, log,
+                                                    world.world_size)
+            loss_mode = loss.mode
+        else:
+            batches, objective = setup_preference(config, model, prepared, tokenizer.pad_token_id, patches,
+                                                  reference, ref_model, log)
+            loss, loss_mode = None, "preference"
+        audit = {**prepared.audit, "batching": {**batches.summary, "loss": loss_mode}}
         if world.is_main:
             (output_dir / AUDIT_NAME).write_text(json.dumps(audit, indent=2, ensure_ascii=False))
         base = base_model_fingerprint(config.model.model_name_or_path, config.model.trust_remote_code, tokenizer)
-        manifest = build_manifest(config, base, template_name, tokenizer, prepared.fingerprint)
+        manifest = build_manifest(config, base, template_name, tokenizer, fingerprint,
+                                  stage_record(config, reference, continued) if stage != "sft" else None)
         vocab_size = model.get_input_embeddings().weight.shape[0]
+        patches.enter_context(loss.capturing() if loss is not None else objective.capturing())
+        if reference == "precompute":
+            size = config.train.per_device_eval_batch_size
+            batches.train = precompute_reference(objective, model, batches.train, batches.collator, size, log)
+            if batches.eval is not None:
+                batches.eval = precompute_reference(objective, model, batches.eval, batches.collator, size, log)
         args = training_arguments(config, batches.eval is not None, batches, sharding_arguments(config, model))
         trainer = ChattuneTrainer(
             model=model, args=args,
             train_dataset=batches.train, eval_dataset=batches.eval, data_collator=batches.collator,
-            processing_class=tokenizer, compute_loss_func=loss, log=log,
-            generation_eval=generation_eval(config, prepared, tokenizer, template_name, log),
+            processing_class=tokenizer, compute_loss_func=loss, log=log, objective=objective,
+            generation_eval=generation_eval(config, prepared, tokenizer, template_name, log) if stage == "sft" else None,
             train_sampler=batches.train_sampler(config.train.seed),
             callbacks=[MetricsLogger(output_dir / METRICS_NAME), ManifestWriter(manifest, config),
                        CollapseWatch(vocab_size, config.train.learning_rate, log=log)],
         )
-        patches.enter_context(loss.capturing())
         result = trainer.train(resume_from_checkpoint=resume)
         eval_loss = trainer.final_eval_loss()
     trainer.save_final(output_dir, lambda folder: write_run_files(folder, manifest, config, {

@@ -55,11 +55,37 @@ class ChattuneTrainer(Trainer):
     gradient norm or weight stops training with a :class:`TrainingError` (the Trainer's
     ``logging_nan_inf_filter`` would hide it)."""
 
-    def __init__(self, *args, log=print, generation_eval=None, train_sampler=None, **kwargs):
+    def __init__(self, *args, log=print, generation_eval=None, train_sampler=None, objective=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.chattune_log = log
         self.generation_eval = generation_eval  # model -> {metric: value}, added to each evaluation
         self.chattune_sampler = train_sampler  # packed steps planned per rank (Batches.train_sampler)
+        self.objective = objective  # a preference stage's loss (chattune.training.preference), else None
+        if objective is not None:
+            self.loss_is_scaled_for_ga = False  # a mean over pairs: the Trainer divides by the accumulation steps
+
+    # --- preference stages ------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """A preference stage's loss on a batch of pairs (or labelled rows); else the Trainer's own."""
+        if self.objective is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = self.objective(model, inputs)
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """A preference stage's evaluation step: its loss only (rewards are kept by the objective)."""
+        if self.objective is None:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        with torch.no_grad():
+            loss = self.objective(model, self._prepare_inputs(inputs))
+        return loss.detach(), None, None
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """The Trainer's log, with a preference stage's training rewards beside the training loss."""
+        if self.objective is not None and "loss" in logs:
+            logs.update(self.objective.pop_metrics("train"))
+        super().log(logs, *args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
         """The planned sampler of packed steps on several processes, else the Trainer's own."""
@@ -249,8 +275,13 @@ class ChattuneTrainer(Trainer):
         loss = self.compute_loss_func
         if isinstance(loss, CausalLMLoss):
             loss.reset_eval()
+        if self.objective is not None:
+            self.objective.pop_metrics("eval")
         output = super().evaluation_loop(*args, **kwargs)
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        if self.objective is not None:
+            output.metrics.update({f"{prefix}_{name}": value
+                                   for name, value in self.objective.pop_metrics("eval").items()})
         if self.generation_eval is not None and prefix == "eval":
             capture = getattr(loss, "capture", None)
             with capture.paused() if capture is not None else contextlib.nullcontext():
