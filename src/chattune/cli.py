@@ -200,8 +200,11 @@ def cmd_predict(args) -> int:
 def cmd_eval(args) -> int:
     """Score a run on a data file (ROUGE, BLEU-4, exact match, loss), optionally beside the base or another run."""
     from chattune.evaluation import evaluate as ev
+    from chattune.evaluation import preference_eval
     from chattune.paths import check_output_dir
 
+    if preference_eval.is_pair_file(args.data):
+        return _eval_pairs(args)
     data = ev.read_eval_data(args.data, fmt=args.format, columns=_columns(args.columns), limit=args.limit)
     settings = ev.generation_settings(**_overrides(args))
     out = check_output_dir(args.out or ev.default_out_dir(args.run_dir, args.data),
@@ -218,7 +221,25 @@ def cmd_eval(args) -> int:
         result["compare"] = ev.compare(rows, other_rows, other_name, other_result["metrics"])
     out = ev.write_eval(out, result, rows, other_rows)
     print(ev.format_eval(result))
-    print(f"wrote {out}/eval.json, generated_predictions.jsonl, predict_results.json, eval_rows.jsonl")
+    print(ev.format_written(out, result))
+    return 0
+
+
+def _eval_pairs(args) -> int:
+    """``chattune eval RUN --data PAIRS``: reward and likelihood accuracy on preference pairs."""
+    from chattune.evaluation import evaluate as ev
+    from chattune.evaluation import preference_eval
+    from chattune.paths import check_output_dir
+
+    out = check_output_dir(args.out or ev.default_out_dir(args.run_dir, args.data),
+                           "--out" if args.out else "--out (default RUN/eval/DATA)")
+    run = _load_run(args)
+    base_run, base_name = ev.load_compare(run, "base", base_model=args.base_model, force=args.force, warn=_to_stderr)
+    result, rows = preference_eval.evaluate_pairs(run, base_run, base_name, args.data, batch_size=args.batch_size,
+                                                  limit=args.limit, log=_to_stderr)
+    preference_eval.write_pairs_result(out, result, rows)
+    print(preference_eval.format_pairs_result(result, compare=args.compare == "base"))
+    print(f"wrote {out / 'preference.json'} and {out / 'preference_rows.jsonl'}")
     return 0
 
 
@@ -233,6 +254,8 @@ def cmd_export(args) -> int:
     result = export_run(args.run_dir, args.out, dtype=args.dtype, shard_size=args.shard_size,
                         overwrite=args.overwrite, force=args.force, base_model=args.base_model, log=_to_stderr)
     print(f"exported {args.run_dir} to {result.out_dir}\ncheck: {format_check(result.check)}")
+    if result.note:
+        print(result.note)
     if args.gguf:
         from chattune.export.gguf import export_gguf
 

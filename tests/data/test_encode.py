@@ -119,6 +119,59 @@ def test_answer_is_cut_from_the_right_when_the_prompt_cannot_shrink(encoder, cha
     assert not text.endswith("</s>")
 
 
+def test_a_truncated_row_counts_the_characters_cut(encoder, char_tokenizer):
+    """``chars_cut``: the rendered row's characters that are not in it, whichever cut took them."""
+    user_cut = encode_conversation(alpaca("Summarise this", "Short.", "x" * 200), "tutorial-alpaca", encoder,
+                                   EncodeOptions(80))
+    assert user_cut.chars_cut == 200 - decode(char_tokenizer, user_cut.input_ids).count("x")
+    answer_cut = encode_conversation(alpaca("Q", "A" * 100), "tutorial-alpaca", encoder, EncodeOptions(60))
+    kept = decode(char_tokenizer, answer_cut.input_ids).count("A")
+    assert answer_cut.chars_cut == 100 - kept + len("\nEND\n")  # and the end marker after the answer
+    old_turn = encode_conversation(turns(("q1" * 30, "a1"), ("q2", "a2")), "default", encoder, EncodeOptions(40))
+    assert old_turn.turns_dropped == 1 and decode(char_tokenizer, old_turn.input_ids) == "Human: q2\nAssistant: a2</s>"
+    rendered = "Human: " + "q1" * 30 + "\nAssistant: a1\nHuman: q2\nAssistant: a2"
+    assert old_turn.chars_cut == len(rendered) - len("Human: q2\nAssistant: a2")
+    whole = encode_conversation(alpaca("Q", "A"), "tutorial-alpaca", encoder, EncodeOptions(60))
+    assert not whole.truncated and whole.chars_cut == 0
+
+
+LONG_TEXT_WORDS = ["river", "city", "the", "capital", "你好", "北京", "assistant", "123", "\n", "aaaa"]
+
+
+@pytest.mark.parametrize("template", ["default", "tokenizer", "tutorial-alpaca", "chatglm2", "chatglm3"])
+def test_a_text_far_longer_than_a_row_is_tokenized_by_its_start_only(tiny_models, template):
+    """An encoder with ``head_tokens`` (data preparation's) hands the tokenizer a few KB of a
+    300 KB text, and every row comes out as the whole text gives it: a user text cut, an answer
+    cut, a system text filling the row, an old turn dropped, a text without spaces."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models("glm4"))
+    rng = random.Random(0)
+    big = " ".join(rng.choice(LONG_TEXT_WORDS) for _ in range(60000))
+    conversations = [alpaca(big, "ok fine"), alpaca("hi", big), turns(("hi", "ok"), system=big),
+                     turns((big, big), ("q", "a")), alpaca("北京" * 40000, "ok")]
+    for limit in (64, 300):
+        whole, head = PieceEncoder(tokenizer), PieceEncoder(tokenizer, head_tokens=limit)
+        expected = [encode_conversation(messages, template, whole, EncodeOptions(limit)) for messages in conversations]
+        assert encode_all(conversations, template, head, EncodeOptions(limit)) == expected
+        assert all(row.truncated for row in expected)
+        assert sum(row.chars_cut > len(big) - 10 * limit for row in expected) >= 2  # not all dropped: rows cut
+        assert len(head.head(big)) < len(big) // 10 and len(head.cache[big]) < len(whole.cache[big]) // 10
+        assert len(head.cache[big]) > 2 * limit  # its first `limit` tokens and more
+
+
+def test_a_text_within_reach_of_a_row_is_tokenized_whole(char_tokenizer):
+    """No head cut below HEAD_FACTOR characters per kept token, nor without head_tokens."""
+    from chattune.data.encode import HEAD_FACTOR
+
+    head = PieceEncoder(char_tokenizer, head_tokens=10)
+    text = "x" * (HEAD_FACTOR * 10)
+    assert head.head(text) is text and PieceEncoder(char_tokenizer).head(text * 100) == text * 100
+    longer = text + "x"
+    assert head.head(longer) == "x" * (2 * 10 * head.widest_token)
+    assert head.head(" " * len(longer)) == " " * len(longer)  # nothing visible: nothing to measure it by
+
+
 def test_row_whose_answer_would_vanish_is_dropped(encoder):
     messages = alpaca("Q", "answer")
     encoded = encode_conversation(messages, "tutorial-alpaca", encoder, EncodeOptions(30))

@@ -99,6 +99,88 @@ class TestValid:
         assert json.loads((again.cache_path / "audit.json").read_text())["fingerprint"] == first.fingerprint
 
 
+# --------------------------------------------------------------------------- long data
+
+
+class TestLongData:
+    def test_a_multi_megabyte_row_is_cut_in_characters_first_and_the_audit_says_how_many(
+            self, tiny_models, tmp_path, monkeypatch, capsys):
+        """A 16 MB single-line row: the tokenizer never sees more than a few KB of it, the row is
+        cut to max_seq_length in about a second (its whole text tokenized takes 10 s and more
+        here), and the audit counts the characters the cut left out."""
+        import time
+
+        from transformers import PreTrainedTokenizerFast
+
+        from chattune.model import load_tokenizer
+
+        tokenizer = load_tokenizer(str(tiny_models("glm4")))
+        big = "the river city is the capital 北京 你好 123 " * 400_000
+        path = write_jsonl(tmp_path / "big.jsonl", [{"instruction": "Summarise", "input": big, "output": "A city."},
+                                                    alpaca(1), alpaca(2)])
+        assert path.stat().st_size > 16_000_000
+        seen = []
+        call = PreTrainedTokenizerFast.__call__
+
+        def spy(self, text, *args, **kwargs):
+            seen.append(max(map(len, text)) if isinstance(text, list) else len(text))
+            return call(self, text, *args, **kwargs)
+
+        monkeypatch.setattr(PreTrainedTokenizerFast, "__call__", spy)
+        capsys.readouterr()
+        started = time.perf_counter()
+        prepared = prepare(data_args(path, max_seq_length=128), tokenizer)
+        elapsed = time.perf_counter() - started
+        assert max(seen) < 20_000 and elapsed < 8, (max(seen), elapsed)
+        train = prepared.audit["train"]
+        assert (train["rows_in"], train["rows_out"], train["rows_truncated"]) == (3, 3, 1)
+        row = next(ids for ids in prepared.train["input_ids"] if len(ids) == 128)
+        kept = tokenizer.decode(row).split("### Input:\n")[1].split("\n\n### Response:")[0]
+        assert big.startswith(kept) and len(kept) > 100
+        assert train["chars_cut"] == len(big) - len(kept)
+        assert train["most_cut"] == {"source": f"{path}:1", "chars_cut": len(big) - len(kept)}
+        cut = f"{len(big) - len(kept):,}"
+        assert (f"[train] rows in 3, out 3, truncated 1 ({cut} characters cut; the most from one row: {cut}, "
+                f"{path}:1), dropped 0") in format_audit(prepared.audit)
+        assert capsys.readouterr().err == ""  # a second: nothing to report on the way
+
+    def test_a_long_preparation_says_how_far_it_is(self, tmp_path, char_tokenizer, monkeypatch):
+        """Progress lines (here every 0 s, 4 rows at a time): reading, each split's rows, the end."""
+        import re
+
+        from chattune.data import prepare as module
+
+        monkeypatch.setattr(module, "PROGRESS_SECONDS", 0.0)
+        monkeypatch.setattr(module, "PROGRESS_ROWS", 4)
+        path = write_jsonl(tmp_path / "d.jsonl", [alpaca(i) for i in range(10)])
+        lines = []
+        prepare(data_args(path, eval_fraction=0.2), char_tokenizer, log=lines.append)
+        assert [re.sub(r",? (in )?\d+ s$", "", line) for line in lines] == [
+            "data: read 10/10 rows (100%)", "data: encoding train 4/8 rows (50%)",
+            "data: encoding train 8/8 rows (100%)", "data: encoding eval 2/2 rows (100%)",
+            "data: read, encoded and cached 8 train and 2 eval rows"]
+
+    def test_a_small_data_set_prints_nothing_new(self, good, char_tokenizer, capsys):
+        prepare(data_args(good), char_tokenizer)
+        assert capsys.readouterr() == ("", "")
+
+    def test_progress_lines_wait_their_time(self):
+        from chattune.data.prepare import Progress
+
+        now, lines = [100.0], []
+        progress = Progress(lines.append, every=5, clock=lambda: now[0])
+        for seconds, done in ((1, 1000), (4.9, 2000), (5.0, 3000), (9.9, 4000), (10.0, 5000)):
+            now[0] = 100 + seconds
+            progress.rows("encoding train", done, 10_000)
+        assert lines == ["data: encoding train 3,000/10,000 rows (30%), 5 s",
+                         "data: encoding train 5,000/10,000 rows (50%), 10 s"]
+        quick = Progress(lines.append, every=5, clock=lambda: now[0])
+        quick.finished("done")  # 0 s and no line before: nothing
+        assert len(lines) == 2
+        progress.finished("read, encoded and cached 1 train and 0 eval rows")
+        assert lines[-1] == "data: read, encoded and cached 1 train and 0 eval rows in 10 s"
+
+
 # --------------------------------------------------------------------------- nothing to train on
 
 

@@ -507,8 +507,7 @@ def test_rows_without_a_reference_are_answered_but_not_scored(lora, tmp_path):
     assert (result["data"]["scored"], result["data"]["no_reference"], result["data"]["unreadable"]) == (2, 2, 1)
     assert "empty user message" in result["data"]["unreadable_reasons"][0]
     predictions = read_jsonl(tmp_path / "out" / "generated_predictions.jsonl")
-    assert len(predictions) == 4
-    assert [p["label"] for p in predictions] == ["I am Lumi, an assistant trained with chattune.", "", "", "我是Lumi。"]
+    assert [p["label"] for p in predictions] == ["I am Lumi, an assistant trained with chattune.", "我是Lumi。"]
     eval_rows = read_jsonl(tmp_path / "out" / "eval_rows.jsonl")
     assert [r["no_reference"] for r in eval_rows] == [False, True, True, False]
     assert [r["index"] for r in eval_rows] == [0, 1, 2, 4]
@@ -518,6 +517,34 @@ def test_rows_without_a_reference_are_answered_but_not_scored(lora, tmp_path):
         assert result["metrics"][name] == pytest.approx(sum(r["scores"][name] for r in scored) / 2)
     assert result["metrics"]["answer_length"] == pytest.approx(sum(r["tokens"] for r in eval_rows) / 4)
     assert "5 rows: 2 scored, 2 without a reference, 1 unreadable" in stdout
+    assert (f'2 rows without a reference: answered in {tmp_path / "out"}/eval_rows.jsonl ("no_reference": true), '
+            "not scored and not in generated_predictions.jsonl") in stdout
+
+
+def test_the_predictions_file_recomputed_gives_predict_results_with_blank_rows(tiny_models, data_file, tmp_path):
+    """As LLaMA-Factory users do: ROUGE/BLEU recomputed from generated_predictions.jsonl with
+    chattune's metric functions are predict_results.json's figures, with every third row blank
+    (the tiny base model, whose answers score above zero on some rows)."""
+    rows = data_rows(data_file)
+    for row in rows[1::3]:
+        row["output"] = ""
+    blank = len(rows[1::3])
+    path = tmp_path / "blank.json"
+    path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    code, stdout, err = cli("eval", tiny_models("glm4"), "--data", path, "--out", tmp_path / "out")
+    assert code == 0, err
+    predictions = read_jsonl(tmp_path / "out" / "generated_predictions.jsonl")
+    assert [p["label"] for p in predictions] == [r["output"] for r in rows if r["output"]]
+    assert len(predictions) == len(rows) - blank
+    recomputed = average([similarity(p["predict"], p["label"]) for p in predictions])
+    assert recomputed["bleu-4"] > 0  # real figures: a blank row left in would lower them
+    results = read_json(tmp_path / "out" / "predict_results.json")
+    assert {f"predict_{name}": value for name, value in recomputed.items()} == \
+        {key: value for key, value in results.items() if key.removeprefix("predict_") in METRIC_NAMES}
+    eval_rows = read_jsonl(tmp_path / "out" / "eval_rows.jsonl")
+    assert [r["index"] for r in eval_rows if r["no_reference"]] == list(range(1, len(rows), 3))
+    assert f"{len(rows)} rows: {len(rows) - blank} scored, {blank} without a reference" in stdout
+    assert f"{blank} rows without a reference: answered in" in stdout
 
 
 def test_an_empty_reference_is_no_reference(lora_loaded, tmp_path):
@@ -536,7 +563,8 @@ def test_a_column_map_without_response_gives_rows_without_a_reference(lora, tmp_
     assert code == 0, err
     result = read_json(tmp_path / "out" / "eval.json")
     assert (result["data"]["scored"], result["data"]["no_reference"]) == (0, 2)
-    assert [p["label"] for p in read_jsonl(tmp_path / "out" / "generated_predictions.jsonl")] == ["", ""]
+    assert read_jsonl(tmp_path / "out" / "generated_predictions.jsonl") == []  # nothing scored
+    assert len(read_jsonl(tmp_path / "out" / "eval_rows.jsonl")) == 2
     assert result["metrics"]["rouge-l"] is None and result["metrics"]["eval_loss"] is None
 
 

@@ -1,5 +1,6 @@
-"""``chattune export``: a run becomes one model folder that loads without chattune or peft,
-checked against the run itself; dtypes, tied embeddings, refusals and atomic writes."""
+"""``chattune export``: a run becomes one model folder that loads without chattune or peft
+(ChatGLM-6B's, chattune's port, says it needs chattune), checked against the run itself; dtypes,
+tied embeddings, refusals and atomic writes."""
 
 from __future__ import annotations
 
@@ -66,6 +67,8 @@ def test_export_is_a_standalone_model_equal_to_the_run(runs, root, method, capsy
     for name in ("config.json", "model.safetensors.index.json", "generation_config.json", "tokenizer_config.json"):
         assert (out / name).is_file(), name
     assert not list(out.glob("adapter_*")) and not (out / "chattune.json").exists()
+    assert not (out / "README.md").exists() and "note:" not in printed  # loads without chattune: nothing to say
+    assert "needs_chattune" not in json.loads((out / "chattune_export.json").read_text())
     generation = json.loads((out / "generation_config.json").read_text())
     run = load_run(str(runs[method]))
     assert generation["max_new_tokens"] == 12
@@ -401,3 +404,54 @@ def test_chattune_chats_with_a_chatglm_export_as_with_its_run(family, data_file,
         sys.setswitchinterval(interval)
     assert list(served.profiles) == ["glm-x"] and served.default == "glm-x"
     assert served.profile().template == template
+
+
+def test_a_chatglm6b_export_says_it_needs_chattune(data_file, tmp_path, capsys):
+    """ChatGLM-6B's export is chattune's port (model_type chatglm6b): `chattune export` says in one
+    line that it needs chattune and how to load it, and so do README.md and chattune_export.json in
+    the folder. What the note says holds: transformers alone rejects the folder; after
+    ``import chattune.model`` the Auto classes load it, the run's model."""
+    import subprocess
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pytest.importorskip("sentencepiece")
+    run_dir = _train_chatglm("chatglm-6b", data_file, tmp_path)
+    out = tmp_path / "chatglm-6b-export"
+    capsys.readouterr()
+    assert main(["export", str(run_dir), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    note = ("note: a ChatGLM-6B export needs chattune to load: model_type chatglm6b is chattune's port, which "
+            f"transformers alone rejects; use chattune chat {out} (or predict, serve, eval), or in Python "
+            "`import chattune.model` before AutoModelForCausalLM/AutoTokenizer.from_pretrained "
+            f"(see {out}/README.md)")
+    assert printed[-1] == note and printed[-2].startswith("check: float32:")
+    provenance = json.loads((out / "chattune_export.json").read_text())
+    assert provenance["needs_chattune"] is True and provenance["note"] == note
+    readme = (out / "README.md").read_text(encoding="utf-8")
+    assert readme.startswith(f"# A ChatGLM-6B model exported by chattune (from {run_dir.resolve()})")
+    assert "This folder needs chattune to load. Its `config.json` says `model_type: chatglm6b`" in readme
+    assert "chattune chat THIS_FOLDER" in readme and "import chattune.model" in readme
+    assert json.loads((out / "config.json").read_text())["model_type"] == "chatglm6b"
+
+    plain = subprocess.run([sys.executable, "-c", "import sys\nfrom transformers import AutoConfig\n"
+                            "AutoConfig.from_pretrained(sys.argv[1])", str(out)], capture_output=True, text=True,
+                           timeout=120)
+    assert plain.returncode != 0 and "chatglm6b" in plain.stderr
+    import chattune.model  # noqa: F401  (imported already here: what the note tells a user to do)
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    run = load_run(str(run_dir))
+    ids = run.prompt_ids(CONVERSATIONS[0])
+    assert tokenizer.encode("你好 world", add_special_tokens=False) == \
+        run.tokenizer.encode("你好 world", add_special_tokens=False)
+    with torch.no_grad():
+        tensor = torch.tensor([ids])
+        assert (model(input_ids=tensor).logits - run.model(input_ids=tensor).logits).abs().max() <= 1e-4
+
+
+def test_only_chatglm6b_exports_carry_the_note(tmp_path):
+    from chattune.export.model import chattune_only_note
+
+    assert chattune_only_note("chatglm6b", tmp_path / "x").startswith("note: a ChatGLM-6B export needs chattune")
+    assert all(chattune_only_note(kind, tmp_path / "x") is None for kind in ("glm4", "glm", "llama", "qwen2", None))

@@ -13,7 +13,12 @@ A row that has to be shortened is encoded piece by piece, as below.
 
 Truncation keeps each row within ``max_seq_length`` tokens in total: it drops
 the oldest turns first, then shortens the user's text, then cuts the answer
-from the right. A row whose last answer would vanish is dropped and counted.
+from the right. A row whose last answer would vanish is dropped and counted. Every cut
+keeps the start of a text, so no more than its first ``max_seq_length`` tokens can ever be
+trained: an encoder made with ``head_tokens`` (data preparation) tokenizes a text far longer
+than that (a 50 MB line) by its start only (:meth:`PieceEncoder.head`), in a fraction of a
+second instead of minutes, and the row comes out the same. A truncated row counts the
+characters the cuts left out (``Encoded.chars_cut``).
 
 Tools: a turn is a user message and everything after it up to the next user message
 (calls, results, the final answer), and turns are dropped whole. Tool calls are trained,
@@ -40,6 +45,9 @@ from chattune.templates.tokens import special_token_ids, token_id
 
 IGNORE_INDEX = -100
 _SPACE = re.compile(r"\s+")
+HEAD_FACTOR = 64
+"""A text is only looked at for a head cut (:meth:`PieceEncoder.head`) when it has more than
+this many characters per token that can be kept: below that, measuring costs more than it saves."""
 
 
 def _visible(text: str) -> int:
@@ -61,10 +69,15 @@ class PieceEncoder:
     ``max_chars``: the cache then keeps the most recently used texts within those bounds
     (least recently used first out) and never a text longer than ``max_chars`` itself.
 
+    ``head_tokens`` (training's ``max_seq_length``): no use of this encoder keeps more than a
+    text's first ``head_tokens`` tokens, so a text far longer than that is tokenized by its
+    start only (:meth:`head`; not for prompts, whose left cut keeps a text's end).
+
     Raises ModelLoadError for a tokenizer without an EOS token: every answer ends with it.
     """
 
-    def __init__(self, tokenizer, *, max_entries: int | None = None, max_chars: int | None = None):
+    def __init__(self, tokenizer, *, max_entries: int | None = None, max_chars: int | None = None,
+                 head_tokens: int | None = None):
         if tokenizer.eos_token_id is None:
             name = getattr(tokenizer, "name_or_path", "") or "(unnamed)"
             raise ModelLoadError(
@@ -73,6 +86,7 @@ class PieceEncoder:
             )
         self.tokenizer = tokenizer
         self.max_entries, self.max_chars = max_entries, max_chars
+        self.head_tokens = head_tokens
         self.bounded = max_entries is not None or max_chars is not None
         self.cache: dict[str, list[int]] = OrderedDict() if self.bounded else {}
         self.cache[""] = []
@@ -86,7 +100,7 @@ class PieceEncoder:
         missing = list({t for t in texts if t not in self.cache})
         for start in range(0, len(missing), 1024):
             batch = missing[start:start + 1024]
-            ids = self.tokenizer(batch, add_special_tokens=False)["input_ids"]
+            ids = self.tokenizer([self.head(text) for text in batch], add_special_tokens=False)["input_ids"]
             if not self.bounded:
                 self.cache.update(zip(batch, ids, strict=True))
                 continue
@@ -106,7 +120,7 @@ class PieceEncoder:
         text = piece.text
         found = self.cache.get(text)
         if found is None:
-            found = self.tokenizer([text], add_special_tokens=False)["input_ids"][0]
+            found = self.tokenizer([self.head(text)], add_special_tokens=False)["input_ids"][0]
             if self.bounded:
                 self._keep(text, found)
             else:
@@ -119,6 +133,22 @@ class PieceEncoder:
         """The token ids of ``pieces`` in order, the texts not cached yet tokenized in one call."""
         self.warm([p.text for p in pieces if p.text and p.role not in _ATOMIC_ROLES])
         return [i for piece in pieces for i in self.ids(piece)]
+
+    def head(self, text: str) -> str:
+        """What of ``text`` to tokenize: all of it, or where it is far longer than ``head_tokens``
+        tokens can be, its start: the first prefix (growing by doubling) holding twice the visible
+        characters that ``head_tokens`` of the widest token hold (:func:`visible_chars`). The
+        prefix is then more than ``2 * head_tokens`` tokens, and its first ``head_tokens`` tokens
+        (all that a cut keeps) are the whole text's, however long the text is."""
+        if self.head_tokens is None or len(text) <= HEAD_FACTOR * self.head_tokens:
+            return text
+        need = 2 * self.head_tokens * self.widest_token
+        end = need
+        while end < len(text):
+            if visible_chars([text[:end]]) >= need:
+                return text[:end]
+            end *= 2
+        return text
 
     @cached_property
     def widest_token(self) -> int:
@@ -170,6 +200,7 @@ class Encoded:
     dropped: str | None = None
     tool_calls: int = 0  # the calls in the row as encoded (after dropped turns)
     supervised_call_tokens: int = 0  # supervised tokens of tool calls (their text and end tokens)
+    chars_cut: int = 0  # characters of the rendered row that truncation left out
 
 
 def _drop_oldest_turn(messages: list[dict]) -> list[dict]:
@@ -266,6 +297,7 @@ def _encode_conversation(messages: list[dict], template: str, encoder: PieceEnco
     limit = options.max_seq_length
     if _is_joined(template):
         rendered = pieces if pieces is not None else render(template, messages, encoder.tokenizer, tools)
+        pieces = rendered
         joined, flags = join_pieces(rendered, _trained(rendered, options))
         joined_ids = [encoder.ids(p) for p in joined]
         if sum(map(len, joined_ids)) <= limit:
@@ -273,11 +305,13 @@ def _encode_conversation(messages: list[dict], template: str, encoder: PieceEnco
             if all(label == IGNORE_INDEX for label in encoded.labels):
                 return Encoded(dropped="no token is supervised")
             return encoded
-        pieces = rendered
     turns_dropped = 0
+    chars = None  # the characters of the conversation as first rendered
     while True:
         if pieces is None:
             pieces = render(template, messages, encoder.tokenizer, tools)
+        if chars is None:
+            chars = sum(len(p.text) for p in pieces)
         piece_ids = [encoder.ids(p) for p in pieces]
         total = sum(map(len, piece_ids))
         if total <= limit or _user_turns(messages) <= 1:
@@ -287,6 +321,7 @@ def _encode_conversation(messages: list[dict], template: str, encoder: PieceEnco
         turns_dropped += 1
     excess = total - limit
     truncated = turns_dropped > 0 or excess > 0
+    counts = [len(ids) for ids in piece_ids]  # each piece's tokens before the cuts below
     if excess > 0:
         last_answer_turn = _last_answer_turn(pieces)
         user_indexes = [i for i, p in enumerate(pieces) if p.role == "user" and p.turn == last_answer_turn]
@@ -313,7 +348,24 @@ def _encode_conversation(messages: list[dict], template: str, encoder: PieceEnco
         return Encoded(truncated=truncated, turns_dropped=turns_dropped, dropped="no token is supervised")
     encoded.tool_calls = tool_call_count(messages)
     encoded.supervised_call_tokens = _call_tokens(pieces, piece_ids, trained)
+    if truncated:
+        kept = _chars_kept(pieces, piece_ids, counts, len(encoded.input_ids), encoder.tokenizer)
+        encoded.chars_cut = max(0, chars - kept)
     return encoded
+
+
+def _chars_kept(pieces: list[Piece], piece_ids: list[list[int]], counts: list[int], kept: int, tokenizer) -> int:
+    """The characters of ``pieces`` that a row of their first ``kept`` tokens holds: a piece's
+    whole text where all of its ``counts`` tokens are in it, else what its kept tokens decode to."""
+    chars = position = 0
+    for piece, ids, count in zip(pieces, piece_ids, counts, strict=True):
+        taken = max(0, min(len(ids), kept - position))
+        position += len(ids)
+        if taken == count:
+            chars += len(piece.text)
+        elif taken and piece.role not in _ATOMIC_ROLES:
+            chars += min(len(piece.text), len(tokenizer.decode(ids[:taken], skip_special_tokens=False)))
+    return chars
 
 
 def _final_answer_index(pieces: list[Piece]) -> int | None:

@@ -3,6 +3,10 @@
 The fingerprint covers everything the encoded rows depend on: the data files'
 bytes and how they are read, the tokenizer, the template, the maximum length
 and the encoding options. The same fingerprint reuses the cached data set.
+
+A long preparation says how far it is (:class:`Progress`: a line at most every few seconds,
+none for a data set prepared faster than that); the audit counts the characters truncation
+cut and names the row that lost the most.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import hashlib
 import json
 import os
 import shutil
+import sys
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +32,11 @@ from chattune.model import tokenizer_hash
 from chattune.templates.pieces import uses_tools
 from chattune.templates.registry import template_provenance
 
-ENCODING_VERSION = 2  # 2: tools, tool calls and results (audit counts them)
+ENCODING_VERSION = 3  # 2: tools, tool calls and results (audit counts them); 3: characters cut
+PROGRESS_SECONDS = 5.0
+"""The least time between two progress lines, and before the first."""
+PROGRESS_ROWS = 1000
+"""Rows encoded between two looks at the clock."""
 
 
 @dataclass
@@ -39,6 +49,40 @@ class PreparedData:
     fingerprint: str
     cache_path: Path
     reused: bool
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class Progress:
+    """Progress lines of a long data preparation through ``log``: at most one every ``every``
+    seconds and none in the first ``every`` seconds, so a small data set prints nothing."""
+
+    def __init__(self, log=_stderr, every: float | None = None, clock=time.monotonic):
+        self.log, self.clock = log, clock
+        self.every = PROGRESS_SECONDS if every is None else every
+        self.started = self.last = clock()
+        self.lines = 0
+
+    def elapsed(self) -> float:
+        """Seconds since the preparation started."""
+        return self.clock() - self.started
+
+    def rows(self, what: str, done: int, total: int) -> None:
+        """``done`` of ``total`` rows of ``what`` are through, said when it is time to."""
+        now = self.clock()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        self.lines += 1
+        share = f" ({done / total:.0%})" if total else ""
+        self.log(f"data: {what} {done:,}/{total:,} rows{share}, {now - self.started:.0f} s")
+
+    def finished(self, message: str) -> None:
+        """The last line, said where the preparation took long enough to say anything."""
+        if self.lines or self.elapsed() >= self.every:
+            self.log(f"data: {message} in {self.elapsed():.0f} s")
 
 
 def default_cache_dir() -> Path:
@@ -74,17 +118,26 @@ def _percentiles(lengths: list[int]) -> dict:
             "p99": int(np.percentile(arr, 99)), "max": int(arr.max()), "mean": round(float(arr.mean()), 1)}
 
 
-def _encode_split(records, template_name, encoder, options):
-    """Encode one split's records; the rows and their audit. Rows with tools are counted
-    (``rows_with_tools``, their ``tool_calls``) and the supervised tokens of tool calls apart
-    (``supervised_call_tokens``, part of ``supervised_tokens``)."""
+def _encode_split(records, template_name, encoder, options, *, split: str = "train",
+                  progress: Progress | None = None):
+    """Encode one split's records (``PROGRESS_ROWS`` at a time, telling ``progress``); the rows
+    and their audit. Rows with tools are counted (``rows_with_tools``, their ``tool_calls``) and
+    the supervised tokens of tool calls apart (``supervised_call_tokens``, part of
+    ``supervised_tokens``); truncated rows by the characters cut (``chars_cut``, and ``most_cut``:
+    the row that lost the most)."""
     tools = [getattr(r, "tools", None) for r in records]  # records read before tools carry none
-    encoded = encode_all([r.messages for r in records], template_name, encoder, options,
-                         sources=[r.source for r in records], tools=tools)
+    encoded = []
+    for start in range(0, len(records), PROGRESS_ROWS):
+        chunk = slice(start, start + PROGRESS_ROWS)
+        encoded += encode_all([r.messages for r in records[chunk]], template_name, encoder, options,
+                              sources=[r.source for r in records[chunk]], tools=tools[chunk])
+        if progress is not None:
+            progress.rows(f"encoding {split}", len(encoded), len(records))
     rows = {"input_ids": [], "labels": []}
     dropped: Counter = Counter()
     dropped_examples = []
-    truncated = 0
+    truncated = chars_cut = 0
+    most_cut = None
     tokens = supervised = call_tokens = tool_rows = tool_calls = 0
     lengths = []
     for record, row_tools, enc in zip(records, tools, encoded, strict=True):
@@ -94,6 +147,9 @@ def _encode_split(records, template_name, encoder, options):
                 dropped_examples.append(f"{record.source}: {enc.dropped}")
             continue
         truncated += enc.truncated
+        chars_cut += enc.chars_cut
+        if enc.chars_cut and (most_cut is None or enc.chars_cut > most_cut["chars_cut"]):
+            most_cut = {"source": record.source, "chars_cut": enc.chars_cut}
         rows["input_ids"].append(enc.input_ids)
         rows["labels"].append(enc.labels)
         lengths.append(len(enc.input_ids))
@@ -104,6 +160,7 @@ def _encode_split(records, template_name, encoder, options):
         tool_calls += enc.tool_calls
     audit = {
         "rows_in": len(records), "rows_out": len(rows["input_ids"]), "rows_truncated": truncated,
+        "chars_cut": chars_cut, "most_cut": most_cut,
         "rows_dropped": sum(dropped.values()), "dropped_reasons": dict(dropped),
         "dropped_examples": dropped_examples, "tokens": tokens, "supervised_tokens": supervised,
         "supervised_share": round(supervised / tokens, 4) if tokens else 0.0,
@@ -171,8 +228,9 @@ def _load_cached(root: Path, fingerprint: str) -> PreparedData | None:
 
 
 def prepare_data(data: DataArgs, tokenizer, template_name: str, seed: int,
-                 cache_dir: str | Path | None = None, force: bool = False) -> PreparedData:
-    """Encode (or reuse from the cache) the train and eval sets of a run.
+                 cache_dir: str | Path | None = None, force: bool = False, log=_stderr) -> PreparedData:
+    """Encode (or reuse from the cache) the train and eval sets of a run; a preparation that
+    takes more than a few seconds says how far it is through ``log`` (:class:`Progress`).
 
     Raises ConfigError for a missing ``train_files`` or an unwritable cache folder,
     DataFileError/RecordError for unreadable files or (strict) bad records, and
@@ -196,7 +254,8 @@ def prepare_data(data: DataArgs, tokenizer, template_name: str, seed: int,
         root.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise _unwritable_cache(origin, root.parent, exc) from exc
-    encoder = PieceEncoder(tokenizer)
+    encoder = PieceEncoder(tokenizer, head_tokens=data.max_seq_length)  # no row keeps more of a text
+    progress = Progress(log)
 
     records, summaries = load_records(data.train_files, strict=data.strict, dedup=data.dedup, seed=seed)
     if data.eval_files:
@@ -211,11 +270,13 @@ def prepare_data(data: DataArgs, tokenizer, template_name: str, seed: int,
                             f"of {[s.path for s in data.train_files]}, leaving none to train on; "
                             "lower eval_fraction, add data, or give eval_files")
     options = EncodeOptions(data.max_seq_length, data.train_on_prompt, data.train_last_turn_only)
-    train_rows, train_audit = _encode_split(records, template_name, encoder, options)
+    progress.rows("read", len(records) + len(eval_records), len(records) + len(eval_records))
+    train_rows, train_audit = _encode_split(records, template_name, encoder, options, progress=progress)
     if not train_rows["input_ids"]:
         raise DataError(f"train_files: no training rows left after reading and encoding: "
                         f"{_why_no_rows(summaries, train_audit, data.max_seq_length)}")
-    eval_rows, eval_audit = _encode_split(eval_records, template_name, encoder, options) if eval_records else (None, None)
+    eval_rows, eval_audit = (_encode_split(eval_records, template_name, encoder, options, split="eval",
+                                           progress=progress) if eval_records else (None, None))
     if data.eval_files and not (eval_rows and eval_rows["input_ids"]):
         raise DataError(f"eval_files: no evaluation rows left after reading and encoding: "
                         f"{_why_no_rows(eval_summaries, eval_audit, data.max_seq_length)}")
@@ -244,7 +305,18 @@ def prepare_data(data: DataArgs, tokenizer, template_name: str, seed: int,
         raise _unwritable_cache(origin, root, exc) from exc
     train = load_from_disk(str(root / "train"))
     evaluation = load_from_disk(str(root / "eval")) if (root / "eval").exists() else None
+    progress.finished(f"read, encoded and cached {len(train):,} train and "
+                      f"{len(evaluation) if evaluation is not None else 0:,} eval rows")
     return PreparedData(train, evaluation, audit, fingerprint, root, reused=False)
+
+
+def _cut(split_audit: dict) -> str:
+    """`` (N characters cut; the most from one row: M, file:line)`` for a split with truncated rows."""
+    most = split_audit.get("most_cut")
+    if not most:
+        return ""
+    return (f" ({split_audit['chars_cut']:,} characters cut; the most from one row: "
+            f"{most['chars_cut']:,}, {most['source']})")
 
 
 def format_audit(audit: dict) -> str:
@@ -264,8 +336,8 @@ def format_audit(audit: dict) -> str:
             continue
         length = a["length"]
         lines.append(
-            f"[{split}] rows in {a['rows_in']}, out {a['rows_out']}, truncated {a['rows_truncated']}, "
-            f"dropped {a['rows_dropped']} {a['dropped_reasons'] or ''}".rstrip()
+            f"[{split}] rows in {a['rows_in']}, out {a['rows_out']}, truncated {a['rows_truncated']}"
+            f"{_cut(a)}, dropped {a['rows_dropped']} {a['dropped_reasons'] or ''}".rstrip()
         )
         lines.append(
             f"[{split}] tokens {a['tokens']}, supervised {a['supervised_tokens']} "

@@ -16,8 +16,9 @@ run and counts the rows that got better or worse.
 
 Files (:func:`write_eval`): ``generated_predictions.jsonl`` (``prompt``, ``predict``,
 ``label``) and ``predict_results.json`` (``predict_bleu-4`` ...) as LLaMA-Factory writes
-them, ``eval_rows.jsonl`` (every row with its scores) and ``eval.json`` (every figure and
-the run's identity).
+them, both over the scored rows only (the file's rows recomputed give the results' figures),
+``eval_rows.jsonl`` (every row with its scores; a row without a reference is there alone,
+``"no_reference": true``) and ``eval.json`` (every figure and the run's identity).
 """
 
 from __future__ import annotations
@@ -389,6 +390,8 @@ def _write_eval_files(out: Path, result: dict, results: list[RowResult], other: 
     out.mkdir(parents=True, exist_ok=True)
     with (out / "generated_predictions.jsonl").open("w", encoding="utf-8") as handle:
         for row in results:
+            if row.scores is None:  # no reference: in eval_rows.jsonl only, as in the scores
+                continue
             handle.write(json.dumps({"prompt": row.prompt, "predict": row.predict,
                                      "label": row.label or ""}, ensure_ascii=False) + "\n")
     figures = result["metrics"]
@@ -401,6 +404,20 @@ def _write_eval_files(out: Path, result: dict, results: list[RowResult], other: 
     if other is not None:
         _write_rows(out / "compare_rows.jsonl", other)
     (out / "eval.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def format_written(out: Path, result: dict) -> str:
+    """What :func:`write_eval` wrote into ``out``, and where the rows without a reference are."""
+    names = ["generated_predictions.jsonl", "predict_results.json", "eval_rows.jsonl"]
+    if result.get("compare") is not None:
+        names.append("compare_rows.jsonl")
+    lines = [f"wrote {out}/eval.json, {', '.join(names)}"]
+    missing = result["data"]["no_reference"]
+    if missing:
+        lines.append(f"{missing} row{'s' if missing != 1 else ''} without a reference: answered in "
+                     f"{out}/eval_rows.jsonl (\"no_reference\": true), not scored and not in "
+                     "generated_predictions.jsonl")
+    return "\n".join(lines)
 
 
 def _write_rows(path: Path, results: list[RowResult]) -> None:

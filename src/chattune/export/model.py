@@ -4,7 +4,10 @@ A LoRA (DoRA, rsLoRA), QLoRA, freeze or full run becomes a Hugging Face model fo
 that any runtime loads without chattune or peft: config, safetensors shards with their
 index, ``generation_config.json`` (the run's generation defaults, its stop tokens as EOS
 ids) and the tokenizer with a ``chat_template`` that renders what training rendered
-(:mod:`chattune.templates.jinja`). How it avoids the peers' known breakages:
+(:mod:`chattune.templates.jinja`). The exception is ChatGLM-6B: its export is chattune's
+port (``model_type: chatglm6b``), which transformers alone does not load; the export
+says so when it is made and in the folder (``README.md``, ``chattune_export.json``)
+(:func:`chattune_only_note`). How it avoids the peers' known breakages:
 
 - dtype: ``auto`` keeps the base model's dtype; the base is loaded in the chosen dtype
   and the adapter merged into it (never silently float32 for a bf16 base);
@@ -57,6 +60,8 @@ FLOAT32_RELATIVE_BOUND = 1e-5
 LoRA into 30 layers of SmolLM2-135M moves logits of up to 43 by 1.1e-4, rounding only."""
 HALF_RELATIVE_BOUND = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
 CHECK_NAME = "export_check.json"
+PROVENANCE_NAME = "chattune_export.json"
+README_NAME = "README.md"
 
 
 class ExportError(ChattuneError):
@@ -69,6 +74,50 @@ class ExportResult:
 
     out_dir: Path
     check: dict
+    note: str | None = None
+    """What a user of the folder must know to load it (:func:`chattune_only_note`), or None."""
+
+
+def chattune_only_note(model_type: str | None, folder: str | Path) -> str | None:
+    """For an export that only chattune loads (ChatGLM-6B: ``model_type`` chatglm6b, chattune's
+    port, which transformers does not ship), one line saying so and how to load ``folder``;
+    None for every other model type."""
+    from chattune.chatglm.glm6b import MODEL_TYPE as GLM6B_TYPE
+
+    if model_type != GLM6B_TYPE:
+        return None
+    return (f"note: a ChatGLM-6B export needs chattune to load: model_type {GLM6B_TYPE} is chattune's port, "
+            f"which transformers alone rejects; use chattune chat {folder} (or predict, serve, eval), or in "
+            f"Python `import chattune.model` before AutoModelForCausalLM/AutoTokenizer.from_pretrained "
+            f"(see {Path(folder) / README_NAME})")
+
+
+def chattune_only_readme(model_type: str, run: Path) -> str:
+    """The ``README.md`` of an export that only chattune loads: why, and how to load it."""
+    return f"""# A ChatGLM-6B model exported by chattune (from {run})
+
+This folder needs chattune to load. Its `config.json` says `model_type: {model_type}`:
+chattune's port of ChatGLM-6B (THUDM's remote code no longer runs on transformers 5),
+which transformers does not ship, and its tokenizer is chattune's `ChatGLM6BTokenizer`.
+Plain transformers rejects the folder (it does not recognize the model type).
+
+With chattune installed:
+
+```bash
+chattune chat THIS_FOLDER          # also chattune predict / serve / eval THIS_FOLDER
+```
+
+In Python, import chattune's model loading first: it registers the port with
+transformers' Auto classes.
+
+```python
+import chattune.model  # registers ChatGLM-6B ({model_type}) with AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("THIS_FOLDER")
+tokenizer = AutoTokenizer.from_pretrained("THIS_FOLDER")
+```
+"""
 
 
 def parse_size(text: str) -> int:
@@ -354,6 +403,10 @@ def export_run(run_dir: str, out: str, *, dtype: str = "auto", shard_size: str =
             log(f"warning: the exported chat template does not give chattune's prompt ids for template "
                 f"{template!r} ({len(mismatches)} of the probe conversations differ, see {CHECK_NAME}); "
                 "chattune itself (chat, serve) still renders the run's template from the manifest")
+        model_type = model.config.model_type
+        note = chattune_only_note(model_type, target)
+        if note is not None:
+            (work / README_NAME).write_text(chattune_only_readme(model_type, run.resolve()), encoding="utf-8")
         del model
         gc.collect()
         exported = load_model(ModelArgs(model_name_or_path=str(work)), chosen)
@@ -364,7 +417,7 @@ def export_run(run_dir: str, out: str, *, dtype: str = "auto", shard_size: str =
                       "chat_template_matches": not mismatches, "chat_template_mismatches": mismatches[:5],
                       "shards": len(list(work.glob("model-*.safetensors")))})
         (work / CHECK_NAME).write_text(json.dumps(check, indent=2, ensure_ascii=False) + "\n")
-        _write_provenance(work, run, manifest, chosen, template)
+        _write_provenance(work, run, manifest, chosen, template, note)
         if not check["passed"]:
             raise ExportError(f"export check failed: {format_check(check)}; nothing was written to {target}")
         if target.exists():
@@ -377,7 +430,7 @@ def export_run(run_dir: str, out: str, *, dtype: str = "auto", shard_size: str =
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return ExportResult(target, check)
+    return ExportResult(target, check, note)
 
 
 def write_tokenizer(tokenizer, template: str, folder: Path) -> list[str]:
@@ -512,12 +565,16 @@ def _write_generation_config(folder: Path, manifest, tokenizer, template: str) -
     config.save_pretrained(folder)
 
 
-def _write_provenance(folder: Path, run: Path, manifest, dtype: torch.dtype, template: str) -> None:
-    (folder / "chattune_export.json").write_text(json.dumps({
+def _write_provenance(folder: Path, run: Path, manifest, dtype: torch.dtype, template: str,
+                      note: str | None = None) -> None:
+    provenance = {
         "run": str(run.resolve()), "method": manifest.method, "template": template,
         "base_model": manifest.base_model.path, "base_config_sha256": manifest.base_model.config_sha256,
         "global_step": manifest.results.get("global_step"), "dtype": str(dtype).replace("torch.", ""),
-    }, indent=2) + "\n")
+    }
+    if note is not None:  # an export only chattune loads (ChatGLM-6B)
+        provenance.update({"needs_chattune": True, "note": note})
+    (folder / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n")
 
 
 def format_check(check: dict) -> str:
