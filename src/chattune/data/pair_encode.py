@@ -126,7 +126,7 @@ def encode_split(records: list[PreferenceRecord], template: str, encoder: PieceE
         if not paired:
             columns["desirable"].append(bool(record.desirable))
     if not paired:
-        _add_kl_answers(columns, seed)
+        _add_kl_answers(columns, seed, max_seq_length)
     rows = len(columns["prompt_ids"])
     audit = {
         "kind": PAIRED if paired else LABELLED, "rows_in": len(records), "rows_out": rows,
@@ -141,15 +141,16 @@ def encode_split(records: list[PreferenceRecord], template: str, encoder: PieceE
     return columns, audit
 
 
-def _add_kl_answers(columns: dict, seed: int) -> None:
+def _add_kl_answers(columns: dict, seed: int, max_seq_length: int) -> None:
     """Each labelled row's mismatched answer: the answer of the row after it in a seeded order
-    (so never its own, with two rows or more)."""
+    (so never its own, with two rows or more), cut to fit after the row's own prompt."""
     count = len(columns["prompt_ids"])
     order = list(range(count))
     random.Random(seed).shuffle(order)
     partner = {order[i]: order[(i + 1) % count] for i in range(count)}
-    columns["kl_ids"] = [columns["chosen_ids"][partner[i]] for i in range(count)]
-    columns["kl_labels"] = [columns["chosen_labels"][partner[i]] for i in range(count)]
+    room = [max_seq_length - len(prompt) for prompt in columns["prompt_ids"]]
+    columns["kl_ids"] = [columns["chosen_ids"][partner[i]][:room[i]] for i in range(count)]
+    columns["kl_labels"] = [columns["chosen_labels"][partner[i]][:room[i]] for i in range(count)]
 
 
 @dataclass

@@ -62,13 +62,16 @@ def _answer(value, loc: str) -> str:
             raise RecordError(f"{loc}: expected one assistant message, got a list of {len(value)}")
         value, loc = value[0], f"{loc}[0]"
     if isinstance(value, dict):
-        speaker = value.get("role", value.get("from"))
+        # errors name the keys the row has: ShareGPT's from/value, OpenAI's role/content
+        sharegpt = "role" not in value and ("from" in value or "value" in value)
+        role_key, text_key = ("from", "value") if sharegpt else ("role", "content")
+        speaker = value.get(role_key)
         if speaker not in ("assistant", "gpt", "bot", "model"):
-            raise RecordError(f"{loc}.role: expected 'assistant' (or ShareGPT's 'gpt'), got {speaker!r}")
+            raise RecordError(f"{loc}.{role_key}: expected 'assistant' (or ShareGPT's 'gpt'), got {speaker!r}")
         if value.get("tool_calls"):
             raise RecordError(f"{loc}: expected a text answer; tool calls in preference answers are not supported")
-        value = value.get("content", value.get("value"))
-        loc = f"{loc}.content"
+        value = value.get(text_key)
+        loc = f"{loc}.{text_key}"
     if not isinstance(value, str):
         raise RecordError(f"{loc}: expected a string, got {type(value).__name__}")
     _check_text(value, loc)
@@ -99,11 +102,16 @@ def _prompt_messages(value: dict, where: str) -> list[dict]:
     return messages
 
 
-def _check_prompt(messages: list[dict], where: str) -> None:
+def _prompt_field(value: dict) -> str:
+    """The key of a row that holds its prompt (as :func:`_prompt_messages` reads it)."""
+    return next(key for key in ("conversations", "messages", "instruction", "prompt") if key in value)
+
+
+def _check_prompt(messages: list[dict], where: str, field: str) -> None:
     validate_messages(messages, where, need_answer=False)
     if messages[-1]["role"] != "user":
-        raise RecordError(f"{where}: the prompt must end with the user's message, got {messages[-1]['role']!r} "
-                          "(the last message must be the user's)")
+        raise RecordError(f"{where}.{field}: the prompt must end with the user's message, got "
+                          f"{messages[-1]['role']!r} (the last message must be the user's)")
 
 
 def to_pair(value, where: str) -> PreferenceRecord:
@@ -114,7 +122,7 @@ def to_pair(value, where: str) -> PreferenceRecord:
         if value.get(key) is None:
             raise RecordError(f"{where}: missing field {key!r} (a pair needs a chosen and a rejected answer)")
     prompt = _prompt_messages(value, where)
-    _check_prompt(prompt, where)
+    _check_prompt(prompt, where, _prompt_field(value))
     chosen = _answer(value["chosen"], f"{where}.chosen")
     rejected = _answer(value["rejected"], f"{where}.rejected")
     if chosen.strip() == rejected.strip():
@@ -141,7 +149,7 @@ def to_labelled(value, where: str) -> PreferenceRecord:
         last = len(messages) - 1
         answer = _answer(messages[-1], f"{where}.messages[{last}]")
         prompt = messages[:-1]
-    _check_prompt(prompt, where)
+    _check_prompt(prompt, where, _prompt_field(value))
     return PreferenceRecord(prompt, answer, desirable=label, source=where)
 
 
