@@ -140,7 +140,7 @@ def scripted_answers(monkeypatch, module, seen: list, base_says: str | None = No
             seen.append((question, offered))
             text = base_says if base_says is not None and chosen.name == "base" else HANDCRAFTED[question]
             seqs.append(SimpleNamespace(text=SimpleNamespace(text=text), generated=run.tokenizer(text)["input_ids"],
-                                        prompt_ids=run.prompt_ids(messages, chosen, None, offered)))
+                                        prompt_ids=run.prompt_ids(messages, chosen, None, offered), error=None))
         return seqs
 
     monkeypatch.setattr(module, "answer", fake)

@@ -18,7 +18,8 @@ from chattune.inference.runs import LoadedRun
 
 def chat_loop(run: LoadedRun, stdin=None, stdout=None, *, kb=None, kb_top_k: int | None = None,
               kb_threshold: float | None = None, **overrides) -> None:
-    """Interactive multi-turn chat: streamed answers; ``/clear`` forgets, ``/exit`` quits.
+    """Interactive multi-turn chat: streamed answers; ``/clear`` forgets, ``/exit`` quits. An
+    answer that stops with an error says so, and its turn is left out of the history.
     ``overrides`` are generation settings (max_new_tokens, temperature, ...); ``kb`` (an opened
     :class:`chattune.kb.store.KnowledgeBase`) answers from it with ``kb_top_k`` chunks at most and
     ``kb_threshold`` the least relevance (None: the defaults)."""
@@ -57,10 +58,16 @@ def chat_loop(run: LoadedRun, stdin=None, stdout=None, *, kb=None, kb_top_k: int
             stdout.write(answer)
         else:
             answer = ""
-            for piece in generate.stream(run, asked.messages if asked else history, **overrides):
-                answer += piece
-                stdout.write(piece)
-                stdout.flush()
+            try:
+                for piece in generate.stream(run, asked.messages if asked else history, **overrides):
+                    answer += piece
+                    stdout.write(piece)
+                    stdout.flush()
+            except generate.AnswerFailed as exc:
+                history.pop()
+                stdout.write(f"\nchattune: error: {exc}; the answer stops there, and this turn is left out "
+                             "of the history\n")
+                continue
         if asked is not None and asked.prompt is not None:
             stdout.write(f"{asked.cite('')}\n{asked.prompt.footnotes}")
         stdout.write("\n")

@@ -29,7 +29,9 @@ def predict_file(run: LoadedRun, data_path: str, out_path: str, *, fmt: str = "a
     max_new_tokens, temperature, ...); write one JSON line per record.
 
     A row that cannot be read is written with its error instead of a prediction,
-    so the output has exactly one line per input row. With rows whose reference is a tool
+    so the output has exactly one line per input row; a row whose answer stopped part way
+    with an error (a token the tokenizer cannot decode, say) has its ``error`` beside the
+    prediction so far (and no calls read from it). With rows whose reference is a tool
     call, the share of them whose calls were right is logged at the end. The lines go to a
     temporary file beside ``out_path``, renamed to it once all are written: a failed write
     (disk full) leaves no half-written output, and ends in a ConfigError naming the path.
@@ -89,8 +91,10 @@ def _predict_rows(run: LoadedRun, rows, handle, fmt: str, columns, batch_size: i
             seqs = answer(run, [p[1] for p in prompts], tools=[p[2] for p in prompts], **settings)
             for (item, _, tools, calls), seq in zip(prompts, seqs, strict=True):
                 item["prediction"] = seq.text.text
+                if seq.error is not None:
+                    item["error"] = seq.error
                 if tools or calls is not None:
-                    item["calls"], errors = answer_calls(run, profile, seq, tools)
+                    item["calls"], errors = answer_calls(run, profile, seq, tools) if seq.error is None else ([], [])
                     if errors:
                         item["call_errors"] = errors
                 if calls is not None:

@@ -18,6 +18,10 @@ tiny model from its config with random weights (torch.manual_seed(0)), and write
     OUT_DIR/logits.pt       torch.save'd list of float32 tensors [seq, vocab], one per
                             reference.json["logits"] entry
 
+For chatglm-6b, reference.json also holds "replies": answer ids (the encoded REPLY_TEXTS and
+random sequences of REPLY_POOL_TEXTS' pieces) with the text chat() makes of them:
+``tokenizer.decode(ids)``, then ``model.process_response``.
+
 A THUDM call that raises is recorded (``"error"`` field and the top-level ``"errors"`` list); the
 script still writes everything else and exits 0. It exits non-zero only when it cannot build or
 save the model at all. This file must not import chattune.
@@ -105,6 +109,23 @@ STD = 0.1
 # attention/MLP matrices gives varied tokens. Vocab-sized matrices keep STD in every family.
 LAYER_MATRIX_STD = {"chatglm-6b": 0.5, "chatglm2-6b": STD, "chatglm3-6b": STD}
 TOP_K = 5
+
+# chatglm-6b replies: what chat() turns answer ids into (decode, then process_response). Mixed
+# Chinese / ASCII punctuation (which process_response writes full width next to Chinese), spaces
+# before punctuation (which the decode cleans up), newlines, tabs, runs of spaces, the marker.
+REPLY_TEXTS = [
+    "你好,我是助手!", "你好，我是助手！", "Hello , world ! How are you ?",
+    "我是ChatGLM-6B,一个语言模型:可以回答问题;你呢?", "  前后有空格 , 好 ! ",
+    "第一行,\n第二行!\n\n第三行:内容;结束?", "[[训练时间]],我被训练。", "我的训练时间是[[训练时间]]!",
+    "a,b!c:d;e?f", "中,a a,中 中,中 ,中 中, ,,中", "I 'm here , you 're there . don 't ! it 's ' ok ' ? we 've",
+    "价格: 3.14 , 数量 : 2", "代码:\n    x = 1 ,  y = 2\n\t结束!", "!?:;,开头", "结尾,!?:;", "[[训练时间",
+    "“引号”,（括号）!", "한국어,日本語!русский?", "emoji 👍,好!", "中 . 中 ? 中 ! 中 ' 中", "   ", "",
+]
+REPLY_POOL_TEXTS = ["你", "好", "中国", "世界", "模型", ",", "!", ":", ";", "?", ".", "'", "s", "m", "re", "ve",
+                    "n't", "n", "t", "a", "Hello", "world", "I", "\n", "  ", "\t", "[[", "训练", "时间", "]]",
+                    "[[训练时间]]", "2023", "年", "，", "。", "ok", "x 'm", "a ,", "b .", "c !", "d ?"]
+REPLY_SEQUENCES = 300
+REPLY_MAX_LENGTH = 24
 
 
 def _err(exc: BaseException) -> str:
@@ -439,6 +460,7 @@ def run(family: str, family_dir: Path, out_dir: Path, work: Path, t_start: float
         g["chat"] = _chat(model, tok, case, is_v1, is_v3, rec)
         greedy.append(g)
     timings["greedy_and_chat"] = round(time.time() - t1, 3)
+    replies = _replies(model, tok, rec) if is_v1 else []
 
     # ------------------------------------------------------------------ reload check (as a user would)
     t1 = time.time()
@@ -478,6 +500,7 @@ def run(family: str, family_dir: Path, out_dir: Path, work: Path, t_start: float
         "tool_prompts": tool_prompts,
         "logits": logits_meta,
         "greedy": greedy,
+        "replies": replies,
         "generation_config": _jsonable(generation_config),
         "reload": reload,
         "errors": rec.errors,
@@ -622,6 +645,31 @@ def _chat(model, tok, case, is_v1, is_v3, rec):
     if is_v3:
         entry["note"] = "chatglm3 chat() drops the last generated token ([:-1]) even when it is not an eos"
     return entry
+
+
+def _replies(model, tok, rec):
+    """chatglm-6b: ids of answers and the text chat() makes of them (``tokenizer.decode`` then
+    ``process_response``): each of REPLY_TEXTS encoded, and REPLY_SEQUENCES random sequences
+    (seeded) of the pieces of REPLY_POOL_TEXTS, special tokens left out."""
+    import random
+
+    special = set(tok.all_special_ids) | {tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS["chatglm-6b"][:8]}
+    cases = [("text", text, tok.encode(text, add_special_tokens=False)) for text in REPLY_TEXTS]
+    pool = sorted({i for text in REPLY_POOL_TEXTS for i in tok.encode(text, add_special_tokens=False)} - special)
+    rng = random.Random(SEED)
+    cases += [("random", None, [rng.choice(pool) for _ in range(rng.randint(1, REPLY_MAX_LENGTH))])
+              for _ in range(REPLY_SEQUENCES)]
+    out = []
+    for kind, text, ids in cases:
+        entry = {"kind": kind, "text": text, "ids": ids}
+        decoded, err = rec.call(f"decode reply {ids}", tok.decode, ids)
+        if err is None:
+            entry["decoded"] = decoded
+            entry["response"], err = rec.call(f"process_response {decoded!r}", model.process_response, decoded)
+        if err:
+            entry["error"] = err
+        out.append(entry)
+    return out
 
 
 def _reload_check(auto_cls, auto_tok, torch, model_dir, is_v1, logit_inputs, logits_tensors, texts, encode):

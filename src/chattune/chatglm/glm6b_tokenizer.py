@@ -9,7 +9,10 @@ adds its dummy prefix. Encoding appends ``[gMASK] <sop>``. Text is split as
 transformers 4.27-4.33 split it for THUDM's tokenizer: at ``<sop> <eop> <unk> <pad>
 [MASK]`` (its registered special tokens), the whitespace around them dropped, and each
 text between them encoded on its own; ``[gMASK]`` is not one of them, sentencepiece
-matches it (a user-defined piece) inside the text.
+matches it (a user-defined piece) inside the text. Decoding cleans up the spaces before
+punctuation (``"Hello , world"`` -> ``"Hello, world"``) as THUDM's tokenizer did on the
+transformers it was written for (4.27-4.33: ``clean_up_tokenization_spaces`` on unless its
+config says otherwise).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ class ChatGLM6BTokenizer(PreTrainedTokenizer):
         kwargs.pop("remove_space", None)
         kwargs.pop("auto_map", None)
         kwargs.pop("extra_special_tokens", None)
+        kwargs.setdefault("clean_up_tokenization_spaces", True)  # THUDM's, on the transformers it was written for
         super().__init__(bos_token=bos_token, eos_token=eos_token, mask_token=mask_token, pad_token=pad_token,
                          unk_token=unk_token, padding_side=padding_side, end_token=end_token,
                          gmask_token=gmask_token, num_image_tokens=num_image_tokens, **kwargs)
@@ -110,14 +114,18 @@ class ChatGLM6BTokenizer(PreTrainedTokenizer):
         """Pieces back to text, whitespace tokens restored."""
         return _restore_whitespace(self.sp.decode_pieces(tokens))
 
-    def _decode(self, token_ids, skip_special_tokens: bool = False, **kwargs) -> str:
+    def _decode(self, token_ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None,
+                **kwargs) -> str:
         ids = [token_ids] if isinstance(token_ids, int) else list(token_ids)
         ids = [i for i in ids if i != self.pad_token_id]
         if skip_special_tokens:
             special = set(self.all_special_ids)
             ids = [i for i in ids if i not in special]
         # every token is a sentencepiece piece (the specials too): one decode, as THUDM's did
-        return self.convert_tokens_to_string([self._convert_id_to_token(i) for i in ids])
+        text = self.convert_tokens_to_string([self._convert_id_to_token(i) for i in ids])
+        if self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces:
+            text = self.clean_up_tokenization(text)
+        return text
 
     def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
         """``A [gMASK] <sop>``, or ``A [gMASK] <sop> B <eop>`` for a pair (THUDM's layout)."""

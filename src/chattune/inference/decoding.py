@@ -18,8 +18,10 @@ every row's cache with its keys and values, positions continuing after it, as in
 training.
 
 A failure in one row's own work (its generator's seed, sampling its token, decoding
-its text) ends that row alone with an ``error`` event; only a failure of the shared
-forward pass, which cannot be laid at one row's door, fails the whole batch.
+its text) ends that row alone with an ``error`` event (and its ``error`` set); only a
+failure of the shared forward pass, which cannot be laid at one row's door, fails the
+whole batch. A row never samples an id in its ``banned_ids`` (the ids its tokenizer
+cannot decode, :mod:`chattune.inference.vocabulary`): their logits are set to -inf first.
 
 Caches that are not plain per-layer key/value tensors (a model's own cache classes,
 remote code) still decode: requests then join only an empty batch and finished rows
@@ -70,6 +72,19 @@ class Sequence:
     next_token: int | None = None
     generator: torch.Generator | None = None
     anchors: tuple[int, int] | None = None  # ChatGLM-6B: its [gMASK] position and context length
+    banned_ids: torch.Tensor | None = None
+    """Ids never to sample (the ones the tokenizer cannot decode)."""
+    error: str | None = None
+    """Why the request failed, when it did (it then ended with an ``error`` event)."""
+
+    def fail(self, message: str) -> bool:
+        """End the request with an ``error`` event saying ``message``; False when it had ended already."""
+        if self.finished:
+            return False
+        self.finished = True
+        self.error = message
+        self.emit(Event("error", text=message))
+        return True
 
 
 def cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
@@ -291,6 +306,7 @@ class Decoder:
         rows = [(seq.params, seq.prompt_ids + seq.generated if seq.params.repetition_penalty != 1.0 else [],
                  seq.generator) for _, seq in live]
         picked = logits if len(live) == len(seqs) else logits[[i for i, _ in live]]
+        ban(picked, [seq for _, seq in live])
         tokens = sample(picked, rows, on_error=lambda i, exc: self.fail_row(live[i][1], f"sampling failed: {exc}"))
         for (_, seq), token in zip(live, tokens, strict=True):
             if token is None:
@@ -302,11 +318,8 @@ class Decoder:
 
     def fail_row(self, seq: Sequence, message: str) -> None:
         """End one row with an ``error`` event; the rest of the batch goes on (it leaves at :meth:`retire`)."""
-        if seq.finished:
-            return
-        seq.finished = True
-        self.counters["failed"] += 1
-        seq.emit(Event("error", text=message))
+        if seq.fail(message):
+            self.counters["failed"] += 1
 
     def _accept(self, seq: Sequence, token: int) -> None:
         """Record a sampled token; send the text it makes safe; end the request when due."""
@@ -331,6 +344,14 @@ class Decoder:
         self.counters["completed"] += 1
         seq.emit(Event("done", finish_reason=reason, prompt_tokens=len(seq.prompt_ids),
                        completion_tokens=len(seq.generated)))
+
+
+def ban(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """Set each row's banned ids to -inf in ``logits`` (``[rows, vocabulary]``, one row per
+    sequence), in place: no sampler can pick them."""
+    for row, seq in enumerate(seqs):
+        if seq.banned_ids is not None:
+            logits[row].index_fill_(0, seq.banned_ids.to(logits.device), float("-inf"))
 
 
 def run_to_end(decoder: Decoder, seqs: list[Sequence]) -> Iterator[None]:

@@ -16,10 +16,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from functools import partial
 
+from chattune.errors import ChattuneError
 from chattune.inference.decoding import Event, Sequence, decode_batch, decode_steps
+from chattune.inference.replytext import reply_text
 from chattune.inference.runs import LoadedRun, ServedModel
 from chattune.inference.sampling import SamplingParams, params_from_defaults
 from chattune.inference.textstream import TextStream
+
+
+class AnswerFailed(ChattuneError):
+    """An answer stopped part way with an error (what came before it was already given)."""
 
 
 def sampling_params(served: ServedModel, *, max_new_tokens: int | None = None, **overrides) -> SamplingParams:
@@ -36,14 +42,18 @@ def sequence(run: LoadedRun, served: ServedModel, prompt_ids: list[int], params:
              stop_token_ids: frozenset[int] = frozenset(), keep: frozenset[int] = frozenset(),
              strip: bool = True) -> Sequence:
     """The sequence that decodes an answer to ``prompt_ids`` as ``served`` answers: its adapter,
-    its stop tokens (and ``stop_token_ids``), ``stop_strings`` (None: the served model's), the
-    answer's text decoded by the run's tokenizer (special tokens in ``keep`` written out) and,
-    with ``strip``, stripped of surrounding whitespace."""
-    decode = partial(run.decode, keep=keep) if keep else run.decode
+    its stop tokens (and ``stop_token_ids``), ``stop_strings`` (None: the served model's), never
+    an id the tokenizer cannot decode, the answer's text decoded by the run's tokenizer (special
+    tokens in ``keep`` written out) and, with ``strip`` (a chat answer), stripped of surrounding
+    whitespace and written as the model's own code writes its replies (ChatGLM-6B's
+    ``process_response``, :func:`chattune.inference.replytext.reply_text`)."""
+    reply = reply_text(run.tokenizer, chat=strip)
+    decode = partial(run.decode, keep=keep, clean_up=False if reply is not None and reply.cleans_up else None)
     stops = served.stop_strings if stop_strings is None else stop_strings
     emit = _ignore if emit is None else emit  # looked up now: a test may watch the events
-    return Sequence(prompt_ids, params, TextStream(decode, stops, strip=strip), emit, adapter=served.adapter,
-                    stop_token_ids=served.stop_token_ids | stop_token_ids)
+    return Sequence(prompt_ids, params, TextStream(decode, stops, strip=strip, reply=reply), emit,
+                    adapter=served.adapter, stop_token_ids=served.stop_token_ids | stop_token_ids,
+                    banned_ids=run.banned_ids)
 
 
 def conversation_sequence(run: LoadedRun, served: ServedModel, messages: list[dict], params: SamplingParams,
@@ -66,9 +76,10 @@ def answer(run: LoadedRun, conversations: list[list[dict]], profile: str | None 
            tools: list[list[dict] | None] | None = None, **overrides) -> list[Sequence]:
     """Decode an answer to every conversation (each ending with the user's message, or a tool's
     result), all in one batch; return the finished sequences (``.generated`` token ids,
-    ``.text.text`` the answer). ``tools`` are the function objects each conversation offers (None:
-    none; the prompt shows them as the template does). ``overrides`` are :func:`sampling_params`'
-    (max_new_tokens, temperature, top_k, seed, ...)."""
+    ``.text.text`` the answer, ``.error`` why it stopped part way, when it did). ``tools`` are
+    the function objects each conversation offers (None: none; the prompt shows them as the
+    template does). ``overrides`` are :func:`sampling_params`' (max_new_tokens, temperature,
+    top_k, seed, ...)."""
     chosen = run.profile(profile)
     offered = tools if tools is not None else [None] * len(conversations)
     seqs = [conversation_sequence(run, chosen, messages, sampling_params(chosen, **overrides), tools=row_tools)
@@ -84,7 +95,8 @@ def generate(run: LoadedRun, conversations: list[list[dict]], profile: str | Non
 
 def stream(run: LoadedRun, messages: list[dict], profile: str | None = None, **overrides) -> Iterator[str]:
     """Yield the answer's text piece by piece as it is generated (the pieces join to what
-    :func:`generate` returns for the same conversation)."""
+    :func:`generate` returns for the same conversation); AnswerFailed after the last piece
+    when the answer stopped with an error (a token the tokenizer cannot decode, say)."""
     chosen = run.profile(profile)
     pieces: list[str] = []
     seq = conversation_sequence(run, chosen, messages, sampling_params(chosen, **overrides),
@@ -93,3 +105,5 @@ def stream(run: LoadedRun, messages: list[dict], profile: str | None = None, **o
                           use_adapters=run.uses_adapters):
         yield from pieces
         pieces.clear()
+    if seq.error is not None:
+        raise AnswerFailed(seq.error)

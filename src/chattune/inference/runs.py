@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from chattune.data.encode import PieceEncoder, encode_prompt, prompt_pieces, vis
 from chattune.data.records import user_text
 from chattune.errors import ChattuneError, ConfigError, ManifestError
 from chattune.inference.decoding import BASE_ADAPTER
+from chattune.inference.vocabulary import UndecodableToken, logits_width, undecodable_ids
 from chattune.manifest import (
     Manifest,
     is_run_folder,
@@ -143,22 +145,46 @@ class LoadedRun:
             widest = self.encoder.widest_token
         return -(-chars // widest)
 
-    def decode(self, ids: list[int], keep: frozenset[int] = frozenset()) -> str:
+    def decode(self, ids: list[int], keep: frozenset[int] = frozenset(), clean_up: bool | None = None) -> str:
         """Token ids to text, special tokens left out but for those in ``keep``, written as
         their token text (a template's marker that tool call parsing needs, ChatGLM3's
-        ``<|assistant|>``)."""
+        ``<|assistant|>``); ``clean_up``: the tokenizer's clean-up of spaces before
+        punctuation, on or off (None: as the tokenizer says). Raises UndecodableToken for an
+        id the tokenizer has no text for (:attr:`undecodable_ids`)."""
+        bad = self.undecodable_ids.intersection(ids)
+        if bad:
+            raise UndecodableToken(sorted(bad), logits_width(self.model) or 0, len(self.undecodable_ids))
+        options = {"skip_special_tokens": True, "clean_up_tokenization_spaces": clean_up}
         with self.tokenizer_lock:
             if not keep.intersection(ids):
-                return self.tokenizer.decode(ids, skip_special_tokens=True)
+                return self.tokenizer.decode(ids, **options)
             parts, run = [], []
             for token in ids:
                 if token in keep:
-                    parts += [self.tokenizer.decode(run, skip_special_tokens=True),
-                              self.tokenizer.convert_ids_to_tokens(token)]
+                    parts += [self.tokenizer.decode(run, **options), self.tokenizer.convert_ids_to_tokens(token)]
                     run = []
                 else:
                     run.append(token)
-            return "".join([*parts, self.tokenizer.decode(run, skip_special_tokens=True)])
+            return "".join([*parts, self.tokenizer.decode(run, **options)])
+
+    @cached_property
+    def undecodable_ids(self) -> frozenset[int]:
+        """The ids the model has logits for that the tokenizer cannot decode (none of them a
+        special token or a served model's stop token); computed once."""
+        width = logits_width(self.model)
+        if width is None:
+            return frozenset()
+        stops = frozenset().union(*(profile.stop_token_ids for profile in self.profiles.values()))
+        with self.tokenizer_lock:
+            return frozenset(undecodable_ids(self.tokenizer, width, stops))
+
+    @cached_property
+    def banned_ids(self):
+        """:attr:`undecodable_ids` as a tensor on the model's device, for the decoder to set
+        their logits to -inf (None when there are none)."""
+        if not self.undecodable_ids:
+            return None
+        return torch.as_tensor(sorted(self.undecodable_ids), dtype=torch.long, device=self.device)
 
     def token_ids(self, tokens) -> frozenset[int]:
         """The ids of those ``tokens`` (texts) that the tokenizer has as single tokens."""

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 import torch
 
-from chattune.inference.decoding import Decoder, Event, Sequence
+from chattune.inference.decoding import Decoder, Sequence
 
 log = logging.getLogger("chattune.serve")
 
@@ -151,8 +151,6 @@ class Engine:
 
     def _fail(self, seqs: list[Sequence], message: str) -> None:
         for seq in seqs:
-            if not seq.finished:
-                seq.finished = True
+            if seq.fail(message):
                 self.counters["failed"] += 1
-                seq.emit(Event("error", text=message))
         self.decoder.clear()
