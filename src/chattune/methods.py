@@ -260,7 +260,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("qlora", LORA_SETTINGS + ("quantization_bit",), _apply_qlora, _load_peft, needs_cuda=True,
            quantized_base=True, batches_with_adapters=True, plan_apply=_apply_lora),
     Method("freeze", ("freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules"),
-           _apply_freeze, _load_freeze, activations="trained_blocks"),
+           _apply_freeze, _load_freeze, trains_base_weights=True, activations="trained_blocks"),
     Method("ptuning", ("pre_seq_len", "prefix_projection", "prefix_hidden_size"), _apply_ptuning, _load_peft,
            packing_refusal="P-Tuning v2 feeds every layer a KV prefix, and with a KV cache transformers "
                            "does not keep packed rows apart"),

@@ -58,7 +58,17 @@ def test_summary_of_a_finished_run(tmp_path):
         "from_checkpoint": False, "base_model": "/models/tiny", "model_type": "glm4", "method": "lora",
         "method_settings": {"lora_rank": 8}, "template": "chatglm3", "data_fingerprint": "ab12",
         "max_seq_length": 96, "global_step": 40, "train_loss": 1.5, "eval_loss": None,
-        "trainable_parameters": 15360, "chattune_version": None}
+        "trainable_parameters": 15360, "chattune_version": None, "stage": None}
+
+
+def test_summary_of_a_preference_run_has_its_stage(tmp_path):
+    stage = {"name": "dpo", "pref_beta": 0.1, "pref_loss": "sigmoid", "pref_label_smoothing": 0.0,
+             "pref_ftx": 0.0, "reference": "adapter_off"}
+    run = finished_run(tmp_path / "dpo", {**MANIFEST, "stage": stage})
+    assert run_summary(RunEntry(run_id(run), run))["manifest"]["stage"] == stage
+    assert run_detail(RunEntry(run_id(run), run))["manifest"]["stage"] == stage
+    odd = finished_run(tmp_path / "odd", {**MANIFEST, "stage": "dpo"})  # not an object: not shown as a stage
+    assert run_summary(RunEntry(run_id(odd), odd))["manifest"]["stage"] is None
 
 
 def test_a_run_still_training_shows_its_latest_checkpoints_manifest(tmp_path):

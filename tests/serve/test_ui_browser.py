@@ -375,6 +375,91 @@ def test_runs_shows_a_served_runs_summary_audit_and_curves(browser, urls, server
     browser.save_screenshot(str(shots / "runs.png"))
 
 
+PREFERENCE_CHARTS = ("#chart-rewards", "#chart-accuracy", "#chart-margin", "#chart-kl")
+
+
+@pytest.fixture(scope="module")
+def dpo_run(runs_dir, tiny_models, shared_data, tmp_path_factory) -> Path:
+    """A DPO run (LoRA, 4 steps, rewards logged each step and evaluated every 2) under ``runs_dir``."""
+    from chattune.training.recipe import train
+    from tests.training.test_preference_recipe import make_config
+
+    work = tmp_path_factory.mktemp("dpo-data")
+    pairs = work / "pairs.json"
+    pairs.write_text(json.dumps(json.loads((shared_data / "dpo_en_demo.json").read_text())[:30]))
+    config = make_config(tiny_models("llama"), pairs, runs_dir / "dpo-run", report_to=["none"],
+                         cache_dir=str(work / "cache"))
+    return train(config, log=lambda *_: None).output_dir
+
+
+def _show_run(driver, name: str) -> None:
+    """Click the runs table's row of ``name`` and wait for its details."""
+    wait(driver, lambda d: any(r.text.split(" ")[0] == name for r in find_all(d, "#runs-table tbody tr")))
+    next(r for r in find_all(driver, "#runs-table tbody tr") if r.text.split(" ")[0] == name).click()
+    wait(driver, lambda d: find(d, "#run-title").text == name)
+
+
+def _logged(folder: Path, key: str) -> int:
+    """How many of a run's metrics rows have ``key``."""
+    return sum(key in json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines())
+
+
+def test_runs_shows_the_stage_and_rewards_of_a_preference_run_and_none_for_sft(browser, urls, server, runs_dir,
+                                                                                 dpo_run, shots):
+    open_page(browser, urls[0], view="runs")
+    _show_run(browser, "dpo-run")
+    rewards = find(browser, "#chart-rewards")
+    wait(browser, lambda d: rewards.get_attribute("data-points") == str(_logged(dpo_run, "rewards/chosen")))
+    assert _logged(dpo_run, "rewards/chosen") == 4 and _logged(dpo_run, "eval_rewards/chosen") == 2
+    assert rewards.get_attribute("data-series") == ("rewards/chosen,rewards/rejected,eval_rewards/chosen,"
+                                                    "eval_rewards/rejected")
+    assert find(browser, "#chart-accuracy").get_attribute("data-series") == "rewards/accuracies,eval_rewards/accuracies"
+    assert find(browser, "#chart-margin").get_attribute("data-series") == "rewards/margins,eval_rewards/margins"
+    assert [find(browser, c).is_displayed() for c in PREFERENCE_CHARTS] == [True, True, True, False]  # kl: kto's
+    summary = [r.text for r in find_all(browser, "#run-summary tr")]
+    assert 'Stage dpo {"pref_beta":0.1,"pref_loss":"sigmoid","pref_label_smoothing":0,"pref_ftx":0}' in summary
+    assert "Reference adapter_off" in summary
+    row = next(r for r in find_all(browser, "#runs-table tbody tr") if r.text.startswith("dpo-run "))
+    assert row.text.split()[:5] == ["dpo-run", "finished", "lora", "·", "dpo"]
+    browser.execute_script("document.getElementById('chart-loss').scrollIntoView()")
+    browser.save_screenshot(str(shots / "runs-dpo.png"))
+
+    _show_run(browser, "b")  # supervised: the loss, learning rate and speed, no reward chart
+    losses = _logged(server.runs["b"], "loss")
+    wait(browser, lambda d: find(d, "#chart-loss").get_attribute("data-points") == str(losses))
+    assert [find(browser, c).is_displayed() for c in PREFERENCE_CHARTS] == [False] * 4
+    assert "Stage" not in find(browser, "#run-summary").text
+
+
+def test_runs_shows_kto_charts_and_a_preference_run_before_its_first_log(browser, urls, runs_dir, dpo_run):
+    kto = runs_dir / "kto-run"
+    shutil.copytree(dpo_run, kto, ignore=shutil.ignore_patterns("checkpoint-*"))
+    manifest = json.loads((kto / "chattune.json").read_text())
+    manifest["stage"] = {"name": "kto", "pref_beta": 0.1, "kto_desirable_weight": 1.0,
+                         "kto_undesirable_weight": 1.0, "reference": "adapter_off"}
+    (kto / "chattune.json").write_text(json.dumps(manifest))
+    (kto / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [  # as a KTO run logs them
+        {"step": 1, "loss": 0.5, "kl": 0.0, "rewards/chosen": 0.0, "rewards/rejected": 0.0, "rewards/margins": 0.0},
+        {"step": 2, "loss": 0.49, "kl": 0.5, "rewards/chosen": 0.06, "rewards/margins": 0.06},
+        {"step": 2, "eval_loss": 0.5, "eval_kl": 0.8, "eval_rewards/chosen": 0.08, "eval_rewards/rejected": 0.1,
+         "eval_rewards/margins": -0.02}]))
+    live = runs_dir / "dpo-live"  # training, no checkpoint yet: the stage is the data audit's
+    live.mkdir()
+    (live / "data_audit.json").write_text(json.dumps({"stage": "dpo", "kind": "paired"}))
+    (live / "metrics.jsonl").write_text("")
+    open_page(browser, urls[0], view="runs")
+    _show_run(browser, "kto-run")
+    wait(browser, lambda d: find(d, "#chart-kl").get_attribute("data-points") == "2")
+    assert find(browser, "#chart-kl").get_attribute("data-series") == "kl,eval_kl"
+    assert [find(browser, c).is_displayed() for c in PREFERENCE_CHARTS] == [True, False, True, True]
+    assert find(browser, "#chart-rewards").get_attribute("data-points") == "2"
+    _show_run(browser, "dpo-live")
+    wait(browser, lambda d: find(d, "#curve-status").get_attribute("data-rows") == "0"
+         and find(d, "#chart-kl").get_attribute("hidden") is not None)
+    assert [find(browser, c).is_displayed() for c in PREFERENCE_CHARTS] == [True, True, True, False]
+    assert find(browser, "#chart-rewards").get_attribute("data-points") == "0"  # "no data yet"
+
+
 @pytest.fixture(scope="module")
 def kb_url(server, tmp_path_factory):
     """The session's models with the generated world's KB (``MODEL+docs``); (url, facts)."""

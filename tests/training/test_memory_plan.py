@@ -219,3 +219,148 @@ def test_overrides_may_follow_the_options(tiny_models, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", str(config), "--dry-run", "--bogus"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def preference_config(tiny_models, method: str, **keys):
+    """A tiny Llama run of ``method`` (a preference stage with ``stage=...`` among ``keys``)."""
+    return build_config({"model_name_or_path": str(tiny_models("llama")), "method": method,
+                         "per_device_train_batch_size": BATCH, "max_seq_length": SEQ, **keys})
+
+
+@pytest.mark.parametrize("stage", ["dpo", "orpo", "simpo", "kto"])
+def test_a_preference_step_carries_two_sequences_per_row(tiny_models, stage):
+    """Chosen + rejected (kto: the answer + its KL answer), each up to max_seq_length: twice
+    the activation tokens of the same SFT step; weights, gradients and optimizer unchanged."""
+    sft = estimate(preference_config(tiny_models, "lora"))
+    plan = estimate(preference_config(tiny_models, "lora", stage=stage))
+    assert (sft.sequences_per_row, plan.sequences_per_row) == (1, 2)
+    assert plan.tokens_per_step == 2 * sft.tokens_per_step == 2 * BATCH * SEQ
+    assert plan.activations == 2 * sft.activations  # the per-token bytes are linear in the tokens
+    assert (plan.weights, plan.gradients, plan.optimizer) == (sft.weights, sft.gradients, sft.optimizer)
+    assert sft.reference is None and plan.stage == stage
+
+
+@pytest.mark.parametrize(("method", "stage", "wanted", "used", "adapter_off"), [
+    ("lora", "dpo", "auto", "adapter_off", True),
+    ("ptuning", "kto", "auto", "adapter_off", True),
+    ("lora", "dpo", "copy", "copy", True),
+    ("full", "dpo", "auto", "precompute", False),
+    ("freeze", "kto", "copy", "copy", False),
+    ("full", "kto", "precompute", "precompute", False),
+])
+def test_reference_options_and_the_one_the_run_uses(tiny_models, method, stage, wanted, used, adapter_off):
+    """adapter_off and precompute add nothing; copy adds the model's weights as held (a deep
+    copy of the model); only the option used counts in the total."""
+    plan = estimate(preference_config(tiny_models, method, stage=stage, pref_reference=wanted))
+    ref = plan.reference
+    assert ref.used == used
+    assert ref.extra == {"adapter_off": 0.0 if adapter_off else None, "precompute": 0.0, "copy": plan.weights}
+    assert plan.reference_bytes == (plan.weights if used == "copy" else 0.0)
+    assert plan.total_bytes == (plan.weights + plan.gradients + plan.optimizer + plan.activations
+                                + plan.reference_bytes)
+
+
+@pytest.mark.parametrize(("method", "dtype_keys"), [("full", {}), ("lora", {"bf16": True}),
+                                                    ("freeze", {"bf16": True}), ("ptuning", {"bf16": True})])
+def test_the_copy_is_the_bytes_of_a_real_frozen_copy(tiny_models, method, dtype_keys):
+    """Exact bytes: what ``pref_reference=copy`` adds equals the parameters of the frozen copy
+    training makes (the load dtype, freeze's trained tensors too; new adapters float32)."""
+    from chattune.training.preference import frozen_copy
+    from chattune.training.recipe import load_for_training
+
+    config = preference_config(tiny_models, method, stage="dpo", pref_reference="copy", **dtype_keys)
+    plan = estimate(config)
+    copy = frozen_copy(load_for_training(config, get_method(method)))
+    held = sum(p.numel() * p.element_size() for p in copy.parameters())
+    assert plan.reference.extra["copy"] == held == plan.reference_bytes
+    if method == "full":
+        assert held == plan.total * 4  # float32, every parameter
+    if method == "lora":
+        assert held == (plan.total - plan.trainable) * 2 + plan.trainable * 4  # bf16 base, float32 adapters
+
+
+def test_freeze_in_bf16_trains_its_tensors_in_bf16(tiny_models):
+    """Freeze trains base tensors as loaded: in a bf16 run their weights, gradients and AdamW
+    states are bf16 (not float32, as adapters are): exact bytes against one real step."""
+    from chattune.training.recipe import load_for_training
+
+    config = preference_config(tiny_models, "freeze", bf16=True)
+    plan = estimate(config)
+    model = load_for_training(config, get_method("freeze"))
+    ids = torch.randint(0, model.config.vocab_size, (BATCH, SEQ))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    real = measure_training_memory(model, {"input_ids": ids, "labels": ids}, optimizer)
+    assert (plan.weights, plan.gradients, plan.optimizer) == (real["weights"], real["gradients"], real["optimizer"])
+
+
+@pytest.mark.parametrize("stage", ["orpo", "simpo"])
+def test_orpo_and_simpo_have_no_reference(tiny_models, stage):
+    plan = estimate(preference_config(tiny_models, "full", stage=stage, pref_reference="copy"))
+    assert plan.reference is None and plan.reference_bytes == 0.0
+
+
+def test_adapter_off_without_an_adapter_is_the_runs_config_error(tiny_models):
+    from chattune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="pref_reference: adapter_off is not possible"):
+        estimate(preference_config(tiny_models, "full", stage="dpo", pref_reference="adapter_off"))
+
+
+def _dry_run(capsys, *keys) -> list[str]:
+    assert main(["train", *keys, f"per_device_train_batch_size={BATCH}", f"max_seq_length={SEQ}", "--dry-run"]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_dry_run_prints_the_reference_options_and_marks_the_one_used(tiny_models, capsys):
+    from chattune.training.memory_plan import _gib
+
+    model = f"model_name_or_path={tiny_models('llama')}"
+    plan = estimate(preference_config(tiny_models, "full", stage="dpo", pref_reference="copy"))
+    lines = _dry_run(capsys, model, "method=full", "stage=dpo", "pref_reference=copy")
+    assert f"step       batch {BATCH} x 2 sequences (dpo: chosen + rejected) x {SEQ} tokens = {2 * BATCH * SEQ} " \
+           "tokens, dtype torch.float32" in lines
+    start = lines.index(f"reference  {_gib(plan.weights)}  (dpo: pref_reference=copy -> copy; * = this run's)")
+    assert lines[start + 1:start + 5] == [
+        "           adapter_off  not possible: the method trains the model's own weights (no adapter to switch off)",
+        "           precompute   +0.00 GiB  one forward pass over the data before training",
+        f"         * copy         +{_gib(plan.weights).strip()}  a frozen copy of the model's weights (float32)",
+        f"total      {_gib(plan.total_bytes)}  (+ about 0.5-1 GiB CUDA context and allocator slack)"]
+
+    lines = _dry_run(capsys, model, "method=lora", "stage=kto", "bf16=true")
+    start = lines.index("reference      0.00 GiB  (kto: pref_reference=auto -> adapter_off; * = this run's)")
+    assert lines[start + 1][:30] == "         * adapter_off  +0.00 "
+    assert lines[start + 3].endswith("a frozen copy of the model's weights (bfloat16, adapters float32)")
+    assert any(line.startswith(f"step       batch {BATCH} x 2 sequences (kto: answer + KL answer)") for line in lines)
+
+    lines = _dry_run(capsys, model, "stage=orpo")
+    assert "reference  none: orpo has no reference model" in lines
+    assert not any("sequences" in line or "reference" in line for line in _dry_run(capsys, model))  # sft
+
+
+def test_dry_run_of_a_run_started_from_a_lora_run(tiny_models, data_file, tmp_path, capsys):
+    """From a LoRA run folder the plan is the run's base with its adapter; the adapter trains
+    further, so switching it off is no reference: auto is precompute."""
+    from chattune.training.recipe import train
+    from tests.training.test_recipe import make_config
+
+    run = train(make_config(tiny_models("llama"), data_file, tmp_path / "sft", max_steps=1, save_steps=1,
+                            eval_fraction=0.0, report_to=["none"], lora_rank=4), log=lambda *_: None).output_dir
+    lines = _dry_run(capsys, f"model_name_or_path={run}", "stage=dpo")
+    assert f"start      from the run {run}: its adapter trains further (planned on its base)" in lines
+    assert "reference      0.00 GiB  (dpo: pref_reference=auto -> precompute; * = this run's)" in lines
+    assert ("           adapter_off  not possible: the run continues an adapter (switched off it gives the base)"
+            in lines)
+    fresh = estimate(preference_config(tiny_models, "lora", stage="dpo", lora_rank=4))
+    assert f"method     lora: {fresh.trainable:,} trainable of {fresh.total:,} parameters " \
+           f"({fresh.trainable / fresh.total:.3%})" in lines  # the run's rank 4 adapter on its base
+    assert main(["train", f"model_name_or_path={run}", "stage=dpo", "pref_reference=adapter_off", "--dry-run"]) == 2
+    assert "adapter_off is not possible: the run continues an adapter" in capsys.readouterr().err
+
+
+def test_device_plans_hold_a_reference_copy_whole_on_every_device(tiny_models):
+    plan = estimate(preference_config(tiny_models, "full", stage="dpo", pref_reference="copy"))
+    sft = estimate(preference_config(tiny_models, "full", stage="dpo", pref_reference="precompute"))
+    for with_copy, without in zip(device_plans(plan, 4), device_plans(sft, 4), strict=True):
+        assert with_copy.weights == without.weights + plan.weights and with_copy.reference == plan.weights
+    assert "Weights include the frozen reference copy" in format_devices(device_plans(plan, 4))
+    assert "reference copy" not in format_devices(device_plans(sft, 4))

@@ -5,7 +5,8 @@ The served runs (each profile's run folder) and every run under ``--runs-dir`` a
 or a checkpoint) or, while a training is still writing it, ``metrics.jsonl`` or
 ``data_audit.json``. Runs are addressed by an id made from their resolved path, so the page
 never sends a path the server would open. :func:`run_detail` gives the manifest summary
-(base model, method, template, data fingerprint), the data audit and the evaluations;
+(base model, method, template, data fingerprint, and for a preference run its stage), the data
+audit and the evaluations;
 :func:`metrics_since` gives the metrics.jsonl lines written after a byte offset, complete
 lines only, so a page polling it while training appends sees every row exactly once.
 """
@@ -111,10 +112,17 @@ def run_state(folder: Path, now: float | None = None) -> str:
     return "incomplete"
 
 
+def _stage(manifest: dict) -> dict | None:
+    """A preference run's stage as its manifest records it (name, settings, reference), or
+    None for supervised fine-tuning (no ``stage``, or not an object)."""
+    stage = manifest.get("stage")
+    return dict(stage) if isinstance(stage, dict) and stage else None
+
+
 def run_summary(entry: RunEntry) -> dict:
     """The manifest's summary of a run: base model, method (and its settings), template, data
-    fingerprint, steps and losses; a run still training has its latest checkpoint's manifest,
-    or none yet (``manifest: null``)."""
+    fingerprint, steps and losses, and the stage of a preference run (None for SFT); a run
+    still training has its latest checkpoint's manifest, or none yet (``manifest: null``)."""
     folder = entry.path
     final = _read_json(folder / MANIFEST_NAME)
     manifest = final if isinstance(final, dict) else _latest_checkpoint_manifest(folder)
@@ -137,6 +145,7 @@ def run_summary(entry: RunEntry) -> dict:
             "eval_loss": manifest.get("eval_loss"),
             "trainable_parameters": manifest.get("trainable_parameters"),
             "chattune_version": manifest.get("chattune_version"),
+            "stage": _stage(manifest),
         }
     return summary
 

@@ -11,6 +11,12 @@ block plus one block's worth.
 
 On N devices (``--dry-run --nproc N``) :func:`device_plans` splits the same plan per device
 for DDP, FSDP full_shard, DeepSpeed ZeRO-2 and ZeRO-3 (formulas in its docstring).
+
+A preference stage (``stage=dpo|orpo|simpo|kto``) puts two sequences of up to
+``max_seq_length`` tokens through the model per row (a pair's chosen and rejected answers; a
+KTO answer and its mismatched KL answer), so a step's activations are twice an SFT step's. A
+dpo or kto stage also has a reference model (:func:`reference_plan`): ``adapter_off`` and
+``precompute`` hold nothing more, ``copy`` holds a second copy of the model's weights.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from chattune.config import RunConfig
 from chattune.errors import ChattuneError, ConfigError
 from chattune.methods import Method, block_list, count_parameters, get_method
 from chattune.model import load_error, native_config, resolve_dtype
+from chattune.training.preference import resolve_reference
+from chattune.training.start import ADAPTER_METHODS, start_from_run
 
 GIB = 1024 ** 3
 
@@ -52,6 +60,31 @@ class ShardSizes:
     """The largest single module outside the blocks (the embedding or the head)."""
 
 
+REFERENCE_OPTIONS = ("adapter_off", "precompute", "copy")
+"""The reference models of a dpo or kto stage (``pref_reference``), in the order the plan lists them."""
+SEQUENCES_PER_ROW = {"sft": 1, "dpo": 2, "orpo": 2, "simpo": 2, "kto": 2}
+"""Sequences one row puts through the model: a pair's chosen and rejected answers, or a KTO
+answer and its KL answer (each up to ``max_seq_length`` tokens)."""
+
+
+@dataclass
+class ReferencePlan:
+    """The reference model options of a dpo or kto stage and the one the run uses."""
+
+    extra: dict[str, float | None]
+    """Bytes each option adds, by name (:data:`REFERENCE_OPTIONS`); None where it is not
+    possible (``adapter_off`` without a new adapter to switch off)."""
+    used: str
+    """The option the run uses (``pref_reference``, ``auto`` resolved as the run resolves it)."""
+    not_possible: str = ""
+    """Why ``adapter_off`` is not possible, where it is not."""
+
+    @property
+    def used_bytes(self) -> float:
+        """Bytes the option the run uses adds."""
+        return self.extra[self.used] or 0.0
+
+
 @dataclass
 class MemoryPlan:
     """What a training run will hold in memory (bytes)."""
@@ -66,11 +99,23 @@ class MemoryPlan:
     tokens_per_step: int
     sizes: ShardSizes | None = None
     """What :func:`device_plans` needs from the model (filled by :func:`estimate`)."""
+    stage: str = "sft"
+    sequences_per_row: int = 1
+    """Sequences one row puts through the model (2 for a preference stage)."""
+    reference: ReferencePlan | None = None
+    """A dpo or kto stage's reference options; None for sft, orpo and simpo."""
+    started_from: str | None = None
+    """The run folder whose LoRA adapter trains further, when the run starts from one."""
+
+    @property
+    def reference_bytes(self) -> float:
+        """What the reference model the run uses adds (a frozen copy; else 0)."""
+        return self.reference.used_bytes if self.reference else 0.0
 
     @property
     def total_bytes(self) -> float:
-        """Weights + gradients + optimizer state + activations."""
-        return self.weights + self.gradients + self.optimizer + self.activations
+        """Weights + gradients + optimizer state + activations + the reference the run uses."""
+        return self.weights + self.gradients + self.optimizer + self.activations + self.reference_bytes
 
 
 def _dims(model_config) -> tuple[int, int, int, int]:
@@ -153,7 +198,7 @@ def _held_bytes(name: str, param, method: Method, config: RunConfig, load_dtype:
     if half_bytes is not None:
         return param.numel() * half_bytes
     if param.requires_grad and not method.trains_base_weights:
-        return param.numel() * 4  # adapters and freeze-trained tensors stay float32
+        return param.numel() * 4  # new adapters (LoRA, a P-Tuning prefix) are float32
     return param.numel() * _bytes(load_dtype)
 
 
@@ -179,8 +224,31 @@ def _shard_sizes(model, method: Method, config: RunConfig, load_dtype: torch.dty
                       outside, largest)
 
 
+def reference_plan(config: RunConfig, weights: float, continued: bool) -> ReferencePlan | None:
+    """The reference options of a dpo or kto stage (None for the others: no reference model):
+    ``adapter_off`` adds nothing (not possible without a new adapter: full, freeze, or an
+    adapter that a run continues), ``precompute`` adds nothing (one forward pass over the data
+    before training), ``copy`` adds ``weights``, the model's weights as held (the load dtype,
+    new adapters float32, a quantized base as stored), which is what a deep copy of it holds. The
+    option used is the run's (raises the run's ConfigError where ``pref_reference`` cannot be)."""
+    prefs = config.preference
+    adapter = config.method.method in ADAPTER_METHODS
+    used = resolve_reference(prefs, adapter, continued)
+    if used is None:
+        return None
+    why = ""
+    if not adapter:
+        why = "the method trains the model's own weights (no adapter to switch off)"
+    elif continued:
+        why = "the run continues an adapter (switched off it gives the base)"
+    extra = {"adapter_off": None if why else 0.0, "precompute": 0.0, "copy": float(weights)}
+    return ReferencePlan(extra, used, why)
+
+
 def estimate(config: RunConfig) -> MemoryPlan:
-    """Parameters and memory of the configured run, without loading weights."""
+    """Parameters and memory of the configured run, without loading weights; a run that starts
+    from a LoRA run folder is planned on that run's base with its adapter's settings."""
+    config, continued = start_from_run(config, log=lambda *_: None)
     model, model_config = meta_model(config)
     method = get_method(config.method.method)
     load_dtype = resolve_dtype(config.model.dtype, config.train.fp16, config.train.bf16)
@@ -194,32 +262,85 @@ def estimate(config: RunConfig) -> MemoryPlan:
     state_bytes = 1 if "8bit" in optim else trained_bytes
     optimizer = trainable * state * state_bytes
     mixed = config.train.fp16 or config.train.bf16 or load_dtype != torch.float32
-    tokens = config.train.per_device_train_batch_size * config.data.max_seq_length
+    stage = config.preference.stage
+    sequences = SEQUENCES_PER_ROW[stage]
+    tokens = config.train.per_device_train_batch_size * sequences * config.data.max_seq_length
     activations = activation_bytes(model, model_config, tokens, 2 if mixed else 4, method,
                                    checkpointing=config.train.gradient_checkpointing)
     sizes = _shard_sizes(model, method, config, load_dtype, trained_bytes, state)
     return MemoryPlan(method.name, trainable, total, weights, gradients, optimizer, activations, tokens,
-                      sizes)
+                      sizes, stage, sequences, reference_plan(config, weights, continued is not None),
+                      str(continued) if continued else None)
+
+
+def _gib(value: float) -> str:
+    """Bytes as the plan's tables show them."""
+    return f"{value / GIB:8.2f} GiB"
+
+
+SEQUENCE_PAIRS = {"kto": "answer + KL answer"}
+"""What a preference row's two sequences are (else a pair's chosen + rejected answers)."""
+
+
+def _step_line(plan: MemoryPlan, config: RunConfig) -> str:
+    """The step: batch, sequences per row (a preference stage's two), tokens, dtype."""
+    train = config.train
+    rows = f"batch {train.per_device_train_batch_size}"
+    if plan.sequences_per_row > 1:
+        what = SEQUENCE_PAIRS.get(plan.stage, "chosen + rejected")
+        rows += f" x {plan.sequences_per_row} sequences ({plan.stage}: {what})"
+    return (f"step       {rows} x {config.data.max_seq_length} tokens = {plan.tokens_per_step} tokens, "
+            f"dtype {resolve_dtype(config.model.dtype, train.fp16, train.bf16)}"
+            f"{', fp16' if train.fp16 else ''}{', bf16' if train.bf16 else ''}"
+            f"{', gradient checkpointing' if train.gradient_checkpointing else ''}")
+
+
+def _held_as(plan: MemoryPlan, config: RunConfig) -> str:
+    """How the model's weights are held: the load dtype (or the quantized base), adapters float32."""
+    if get_method(plan.method).quantized_base:
+        base = f"{config.method.quantization_bit}-bit base"
+    else:
+        base = str(resolve_dtype(config.model.dtype, config.train.fp16, config.train.bf16)).removeprefix("torch.")
+    return base + (", adapters float32" if plan.method in ADAPTER_METHODS else "")
+
+
+def _reference_lines(plan: MemoryPlan, config: RunConfig) -> list[str]:
+    """A preference stage's reference: for dpo and kto each option with what it adds, the one
+    the run uses marked ``*`` (and counted in the total); orpo and simpo have none."""
+    if plan.stage == "sft":
+        return []
+    ref = plan.reference
+    if ref is None:
+        return [f"reference  none: {plan.stage} has no reference model"]
+    notes = {"adapter_off": "the model with its new adapter switched off",
+             "precompute": "one forward pass over the data before training",
+             "copy": f"a frozen copy of the model's weights ({_held_as(plan, config)})"}
+    lines = [f"reference  {_gib(ref.used_bytes)}  ({plan.stage}: pref_reference={config.preference.pref_reference}"
+             f" -> {ref.used}; * = this run's)"]
+    for name in REFERENCE_OPTIONS:
+        mark = "*" if name == ref.used else " "
+        extra = ref.extra[name]
+        detail = f"not possible: {ref.not_possible}" if extra is None else f"+{_gib(extra).strip()}  {notes[name]}"
+        lines.append(f"         {mark} {name:<13}{detail}")
+    return lines
 
 
 def format_plan(plan: MemoryPlan, config: RunConfig) -> str:
     """The plan as a table a user reads before renting a GPU."""
-    def gib(value: float) -> str:
-        return f"{value / GIB:8.2f} GiB"
-
+    started = [f"start      from the run {plan.started_from}: its adapter trains further (planned on its base)"
+               ] if plan.started_from else []
     return "\n".join([
         f"model      {config.model.model_name_or_path}",
+        *started,
         f"method     {plan.method}: {plan.trainable:,} trainable of {plan.total:,} parameters "
         f"({plan.trainable / max(plan.total, 1):.3%})",
-        f"step       batch {config.train.per_device_train_batch_size} x {config.data.max_seq_length} tokens"
-        f" = {plan.tokens_per_step} tokens, dtype {resolve_dtype(config.model.dtype, config.train.fp16, config.train.bf16)}"
-        f"{', fp16' if config.train.fp16 else ''}{', bf16' if config.train.bf16 else ''}"
-        f"{', gradient checkpointing' if config.train.gradient_checkpointing else ''}",
-        f"weights    {gib(plan.weights)}",
-        f"gradients  {gib(plan.gradients)}",
-        f"optimizer  {gib(plan.optimizer)}  ({config.train.optim})",
-        f"activations{gib(plan.activations)}",
-        f"total      {gib(plan.total_bytes)}  (+ about 0.5-1 GiB CUDA context and allocator slack)",
+        _step_line(plan, config),
+        f"weights    {_gib(plan.weights)}",
+        f"gradients  {_gib(plan.gradients)}",
+        f"optimizer  {_gib(plan.optimizer)}  ({config.train.optim})",
+        f"activations{_gib(plan.activations)}",
+        *_reference_lines(plan, config),
+        f"total      {_gib(plan.total_bytes)}  (+ about 0.5-1 GiB CUDA context and allocator slack)",
     ])
 
 
@@ -241,6 +362,8 @@ class DevicePlan:
     gradients: float
     optimizer: float
     activations: float
+    reference: float = 0.0
+    """A frozen reference copy, whole on each device (included in ``weights``; else 0)."""
 
     @property
     def total_bytes(self) -> float:
@@ -251,8 +374,8 @@ class DevicePlan:
 def device_plans(plan: MemoryPlan, nproc: int) -> list[DevicePlan]:
     """The per-device memory of ``plan`` trained on ``nproc`` devices, one entry per backend.
 
-    With P trainable parameters, b bytes each on one device (float32 for adapters and
-    freeze-trained tensors, the load dtype for full fine-tuning), W the one-device weights
+    With P trainable parameters, b bytes each on one device (float32 for adapters, the load
+    dtype for freeze and full fine-tuning), W the one-device weights
     (F of them frozen), G and O its gradients and optimizer state, s optimizer states per
     parameter, B the largest block and R everything outside the blocks (embeddings, final
     norm, head), both as gathered (fp16/bf16 when training in half precision), M the largest
@@ -275,7 +398,9 @@ def device_plans(plan: MemoryPlan, nproc: int) -> list[DevicePlan]:
       blocks or, around the head, a block and the head.
 
     Activations are per device and not sharded: the one-device figure (batch x sequence
-    tokens each) on every backend. Not counted: the transient unsharded gradient of the block
+    tokens each) on every backend. A preference run's frozen reference copy
+    (``pref_reference=copy``) is made before the model is wrapped, so it is whole on every
+    device: added to each backend's weights. Not counted: the transient unsharded gradient of the block
     being reduced (FSDP, ZeRO-3), DeepSpeed's reduce and prefetch buckets and the small
     parameters ZeRO-3 keeps unpartitioned (under ``stage3_param_persistence_threshold``),
     the float32 copy of a gradient partition during ZeRO's optimizer step (after activations
@@ -303,14 +428,14 @@ def device_plans(plan: MemoryPlan, nproc: int) -> list[DevicePlan]:
     zero_optimizer = p * (4 + sizes.states * state_bytes) / n
     fsdp_gathered = sizes.outside + 2 * sizes.block
     zero3_gathered = sizes.block + max(sizes.block, sizes.largest_outside)
-    acts = plan.activations
+    acts, ref = plan.activations, plan.reference_bytes
     return [
-        DevicePlan("ddp", n, plan.weights, 0.0, 2 * plan.gradients, plan.optimizer, acts),
-        DevicePlan("fsdp", n, (frozen + p * f) / n + fsdp_gathered, fsdp_gathered, p * f / n,
-                   p * sizes.states * (1 if sizes.eight_bit else f) / n, acts),
-        DevicePlan("zero2", n, frozen + p * h, 0.0, p * h / n, zero_optimizer, acts),
-        DevicePlan("zero3", n, (frozen + p * h) / n + zero3_gathered, zero3_gathered, p * h / n,
-                   zero_optimizer, acts),
+        DevicePlan("ddp", n, plan.weights + ref, 0.0, 2 * plan.gradients, plan.optimizer, acts, ref),
+        DevicePlan("fsdp", n, (frozen + p * f) / n + fsdp_gathered + ref, fsdp_gathered, p * f / n,
+                   p * sizes.states * (1 if sizes.eight_bit else f) / n, acts, ref),
+        DevicePlan("zero2", n, frozen + p * h + ref, 0.0, p * h / n, zero_optimizer, acts, ref),
+        DevicePlan("zero3", n, (frozen + p * h) / n + zero3_gathered + ref, zero3_gathered, p * h / n,
+                   zero_optimizer, acts, ref),
     ]
 
 
@@ -332,4 +457,7 @@ def format_devices(devices: list[DevicePlan]) -> str:
         "ZeRO optimizer: float32 master weights + float32 states; under fp16/bf16 FSDP trains"
         " float32 weights.",
     ]
+    if devices[0].reference:
+        lines.append(f"Weights include the frozen reference copy, whole on every device: "
+                     f"{devices[0].reference / scale:.2f} {unit}.")
     return "\n".join(lines)

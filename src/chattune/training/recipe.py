@@ -16,7 +16,6 @@ training only: the model returned and the run folder are plain transformers / pe
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -34,9 +33,8 @@ from chattune.data.pair_encode import (
 )
 from chattune.data.prepare import PreparedData, data_fingerprint, format_audit, prepare_data
 from chattune.errors import ConfigError
-from chattune.manifest import build_manifest, is_run_folder, read_manifest, write_run_files
+from chattune.manifest import build_manifest, write_run_files
 from chattune.methods import (
-    LORA_SETTINGS,
     Method,
     count_parameters,
     get_method,
@@ -72,6 +70,7 @@ from chattune.training.preference import (
     resolve_reference,
 )
 from chattune.training.sharding import check_sharding_supported, sharding_arguments
+from chattune.training.start import ADAPTER_METHODS, start_from_run
 from chattune.training.trainer import ChattuneTrainer, place_model, resume_path, training_arguments
 
 METRICS_NAME = "metrics.jsonl"
@@ -88,35 +87,6 @@ class TrainResult:
     eval_loss: float | None
     prepared: PreparedData | PreparedPreference
     model: object = None
-
-
-PEFT_METHODS = ("lora", "qlora")
-
-
-def start_from_run(config: RunConfig, log=print) -> tuple[RunConfig, Path | None]:
-    """Where a run starts when ``model_name_or_path`` is a run folder: a full fine-tune's folder is
-    a model (loaded as any); a LoRA run's adapter is trained further on its base, with its LoRA
-    settings (the returned config names that base; the second value is the run folder). Any other
-    pairing is a ConfigError saying how to start from a merged export instead."""
-    path = config.model.model_name_or_path
-    if not path or not is_run_folder(path):
-        return config, None
-    manifest = read_manifest(path)
-    if get_method(manifest.method).run_is_model:
-        return config, None
-    if manifest.method in PEFT_METHODS and config.method.method in PEFT_METHODS:
-        settings = {k: v for k, v in manifest.method_settings.items() if k in LORA_SETTINGS}
-        started = dataclasses.replace(
-            config,
-            model=dataclasses.replace(config.model, model_name_or_path=manifest.base_model.path,
-                                      trust_remote_code=manifest.base_model.trust_remote_code),
-            method=dataclasses.replace(config.method, **settings))
-        log(f"starting from {path}: its {manifest.method} adapter trains further on its base "
-            f"{manifest.base_model.path} (LoRA settings from the run: rank {settings.get('lora_rank')})")
-        return started, Path(path)
-    raise ConfigError(f"model_name_or_path: {path} is a {manifest.method} run; a {config.method.method} run can "
-                      f"start from a LoRA run (with method=lora) or a full fine-tune's folder. Merge it first: "
-                      f"chattune export {path} --out merged, then model_name_or_path=merged")
 
 
 def load_for_training(config: RunConfig, method: Method, continued: Path | None = None):
@@ -298,7 +268,7 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
     log(f"method {method.name}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.3%})")
     reference = None
     if stage != "sft":
-        reference = resolve_reference(config.preference, method.name in (*PEFT_METHODS, "ptuning"), continued is not None)
+        reference = resolve_reference(config.preference, method.name in ADAPTER_METHODS, continued is not None)
     ref_model = frozen_copy(model) if reference == "copy" else None
 
     with ExitStack() as patches:  # undone when training ends, also on an error

@@ -32,6 +32,8 @@ const TEXT = {
     rows_logged: "rows logged", last_step: "last step", updating: "updating while training writes",
     state_finished: "finished", state_training: "training", state_incomplete: "incomplete",
     loss: "Loss", learning_rate: "Learning rate", tokens_per_second: "Tokens / s", no_data: "no data yet",
+    stage: "Stage", reference: "Reference", rewards: "Rewards (chosen, rejected)", reward_accuracy: "Reward accuracy",
+    reward_margin: "Reward margin", kl: "KL estimate (KTO)",
     error: "Error", models: "models", sources: "Sources", chunk: "chunk",
   },
   zh: {
@@ -53,6 +55,8 @@ const TEXT = {
     rows_logged: "行已记录", last_step: "最新步数", updating: "训练写入时自动更新",
     state_finished: "已完成", state_training: "训练中", state_incomplete: "未完成",
     loss: "损失", learning_rate: "学习率", tokens_per_second: "每秒 token 数", no_data: "暂无数据",
+    stage: "训练阶段", reference: "参考模型", rewards: "奖励（chosen、rejected）", reward_accuracy: "奖励准确率",
+    reward_margin: "奖励差值", kl: "KL 估计（KTO）",
     error: "错误", models: "个模型", sources: "出处", chunk: "片段",
   },
 };
@@ -66,7 +70,7 @@ const state = {
   settings: readJson(STORE.settings, {}),
   controller: null,
   keyWaiters: [],
-  run: null,           // the run shown: {id, offset, rows, timer}
+  run: null,           // the run shown: {id, offset, rows, timer, stage}
 };
 
 function readJson(key, fallback) {
@@ -468,7 +472,8 @@ async function loadRuns() {
     tr.dataset.id = run.id;
     tr.className = "run-row" + (state.run && state.run.id === run.id ? " selected" : "");
     const m = run.manifest || {};
-    [run.name, t("state_" + run.state), m.method, m.template, run.served_as.join(", ")].forEach((v) => {
+    const method = m.method && m.stage ? m.method + " · " + m.stage.name : m.method;
+    [run.name, t("state_" + run.state), method, m.template, run.served_as.join(", ")].forEach((v) => {
       tr.insertCell().textContent = cell(v);
     });
     tr.title = run.path;
@@ -486,7 +491,8 @@ async function showRun(id, keepCurves) {
   const previous = state.run;
   stopPolling();
   const sameRun = keepCurves && previous && previous.id === id;
-  state.run = sameRun ? previous : {id, offset: 0, rows: [], timer: null};
+  const shown = sameRun ? previous : {id, offset: 0, rows: [], timer: null, stage: null};
+  state.run = shown;
   document.querySelectorAll("#runs-table tr").forEach((tr) => tr.classList.toggle("selected", tr.dataset.id === id));
   const run = await getJson("/ui/api/runs/" + encodeURIComponent(id));
   $("#run-detail").hidden = false;
@@ -502,7 +508,9 @@ async function showRun(id, keepCurves) {
       [t("template"), m.template], ["data fingerprint", m.data_fingerprint], ["max_seq_length", m.max_seq_length],
       ["global step", m.global_step], ["train loss", m.train_loss], ["eval loss", m.eval_loss],
       ["trainable parameters", m.trainable_parameters]);
+    rows.push(...stageRows(m.stage));
   }
+  shown.stage = runStage(m, run.audit);
   summary.appendChild(table(rows));
   if (!m) {
     const note = document.createElement("p");
@@ -517,6 +525,21 @@ async function showRun(id, keepCurves) {
   else audit.textContent = t("no_audit");
   if (sameRun) drawCurves(run.state);
   else await pollMetrics();
+}
+
+// the stage of a run: its manifest's, or, while training before its first checkpoint, its data
+// audit's (a preference run's audit names it); null for SFT
+function runStage(manifest, audit) {
+  if (manifest && manifest.stage) return manifest.stage.name;
+  return audit && typeof audit.stage === "string" ? audit.stage : null;
+}
+
+// a preference run's stage (dpo, orpo, simpo, kto) with its settings, and its reference; none for SFT
+function stageRows(stage) {
+  if (!stage) return [];
+  const settings = Object.fromEntries(Object.entries(stage).filter(([k]) => k !== "name" && k !== "reference"));
+  return [[t("stage"), stage.name + (Object.keys(settings).length ? " " + JSON.stringify(settings) : "")],
+    [t("reference"), stage.reference || t("none")]];
 }
 
 function renderEvals(evaluations) {
@@ -563,12 +586,39 @@ function series(rows, key) {
   return {name: key, points: [...byStep.entries()].sort((a, b) => a[0] - b[0])};
 }
 
+// the charts of a preference run, each with its train and eval series; `stages`: the stages that
+// log it (all when absent)
+const PREFERENCE_CHARTS = [
+  {id: "#chart-rewards", title: "rewards",
+    keys: ["rewards/chosen", "rewards/rejected", "eval_rewards/chosen", "eval_rewards/rejected"]},
+  {id: "#chart-accuracy", title: "reward_accuracy", keys: ["rewards/accuracies", "eval_rewards/accuracies"],
+    stages: ["dpo", "orpo", "simpo"]},
+  {id: "#chart-margin", title: "reward_margin", keys: ["rewards/margins", "eval_rewards/margins"]},
+  {id: "#chart-kl", title: "kl", keys: ["kl", "eval_kl"], stages: ["kto"]},
+];
+
+// a preference chart is shown when its series were logged, or when the run's stage logs them
+// (before the first log); an SFT run shows none
+function chartShown(chart, stage, rows) {
+  if (rows.some((row) => chart.keys.some((key) => typeof row[key] === "number"))) return true;
+  return Boolean(stage && stage !== "sft" && (!chart.stages || chart.stages.includes(stage)));
+}
+
+function drawPreferenceCharts(rows, stage, empty) {
+  PREFERENCE_CHARTS.forEach((chart) => {
+    const canvas = $(chart.id);
+    canvas.hidden = !chartShown(chart, stage, rows);
+    if (!canvas.hidden) Charts.draw(canvas, t(chart.title), chart.keys.map((key) => series(rows, key)), empty);
+  });
+}
+
 function drawCurves(runState) {
   const rows = state.run.rows;
   const empty = t("no_data");
   Charts.draw($("#chart-loss"), t("loss"), [series(rows, "loss"), series(rows, "eval_loss")], empty);
   Charts.draw($("#chart-lr"), t("learning_rate"), [series(rows, "learning_rate")], empty);
   Charts.draw($("#chart-tps"), t("tokens_per_second"), [series(rows, "tokens_per_second")], empty);
+  drawPreferenceCharts(rows, state.run.stage, empty);
   const steps = rows.filter((r) => typeof r.step === "number").map((r) => r.step);
   $("#curve-status").textContent = rows.length + " " + t("rows_logged")
     + (steps.length ? ", " + t("last_step") + " " + Math.max(...steps) : "")

@@ -54,6 +54,8 @@ const Charts = (() => {
       ctx.fillText(String(Math.round(x)), sx(x) - 8, height - pad.bottom + 16);
     }
     ctx.fillText("step", width - pad.right - 26, height - 4);
+    // the legend at the top right, wide enough for the longest name (eval_rewards/accuracies)
+    const legend = Math.max(150, 20 + Math.max(...shown.map((s) => ctx.measureText(s.name).width)));
     shown.forEach((s, index) => {
       const color = COLORS[index % COLORS.length];
       ctx.strokeStyle = color;
@@ -63,7 +65,7 @@ const Charts = (() => {
       s.points.forEach(([x, y], i) => (i ? ctx.lineTo(sx(x), sy(y)) : ctx.moveTo(sx(x), sy(y))));
       ctx.stroke();
       if (s.points.length < 40) s.points.forEach(([x, y]) => { ctx.beginPath(); ctx.arc(sx(x), sy(y), 2.5, 0, 7); ctx.fill(); });
-      const lx = width - pad.right - 150, ly = pad.top + 4 + index * 16;
+      const lx = width - pad.right - legend, ly = pad.top + 4 + index * 16;
       ctx.fillRect(lx, ly - 5, 14, 3);
       ctx.fillStyle = "#1d2430";
       ctx.fillText(s.name, lx + 20, ly);
