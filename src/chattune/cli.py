@@ -227,15 +227,19 @@ def cmd_eval(args) -> int:
 
 def _eval_pairs(args) -> int:
     """``chattune eval RUN --data PAIRS``: reward and likelihood accuracy on preference pairs."""
+    from chattune.errors import ConfigError
     from chattune.evaluation import evaluate as ev
     from chattune.evaluation import preference_eval
     from chattune.paths import check_output_dir
 
     out = check_output_dir(args.out or ev.default_out_dir(args.run_dir, args.data),
                            "--out" if args.out else "--out (default RUN/eval/DATA)")
+    if args.compare not in (None, "base"):
+        raise ConfigError(f"--compare {args.compare}: on preference pairs the run is compared with its reference "
+                          "(its base, or the SFT run it started from); use --compare base or leave it out")
     run = _load_run(args)
-    base_run, base_name = ev.load_compare(run, "base", base_model=args.base_model, force=args.force, warn=_to_stderr)
-    result, rows = preference_eval.evaluate_pairs(run, base_run, base_name, args.data, batch_size=args.batch_size,
+    reference = preference_eval.reference_run(run, args.base_model, args.force, _to_stderr)
+    result, rows = preference_eval.evaluate_pairs(run, *reference, args.data, batch_size=args.batch_size,
                                                   limit=args.limit, log=_to_stderr)
     preference_eval.write_pairs_result(out, result, rows)
     print(preference_eval.format_pairs_result(result, compare=args.compare == "base"))

@@ -305,3 +305,18 @@ def test_no_pair_left_names_what_happened_to_the_rows(tmp_path, char_tokenizer):
     assert message.startswith("train_files: no paired preference rows left after reading and encoding")
     assert "chosen and rejected are identical" in message
     assert f"encoded 0 of 1; dropped {{'{FILLS}': 1}}" in message
+
+
+def test_a_pair_identical_once_cut_is_dropped_and_counted(char_tokenizer):
+    from chattune.data.encode import PieceEncoder
+    from chattune.data.pair_encode import encode_preference
+    from chattune.data.pairs import PreferenceRecord
+
+    record = PreferenceRecord([{"role": "user", "content": "Say it."}], "Same start, then one way.",
+                              "Same start, then the other way.", source="f.json#0")
+    encoder = PieceEncoder(char_tokenizer)
+    full = encode_preference(record, "default", encoder, 200)
+    assert full.dropped is None
+    room = len(full.prompt) + len("Same start")
+    cut = encode_preference(record, "default", encoder, room)
+    assert cut.dropped == "chosen and rejected are identical once cut to max_seq_length"

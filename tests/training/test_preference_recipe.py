@@ -130,7 +130,7 @@ def test_packed_and_padded_pairs_give_the_log_probs_of_separate_forwards(tiny_mo
 def recipe_setup(config, model, prepared, tokenizer, patches, reference="adapter_off"):
     from chattune.training.recipe import setup_preference
 
-    return setup_preference(config, model, prepared, tokenizer.pad_token_id, patches, reference, None,
+    return setup_preference(config, model, prepared, tokenizer.pad_token_id, patches, reference,
                             log=lambda *_: None)
 
 
@@ -222,3 +222,41 @@ def test_eval_scores_pairs_against_the_base(dpo_run, pairs, tmp_path, capsys):
     assert margins == pytest.approx(expected, abs=1e-6)
     base_acc = sum(r["base_logps_chosen"] > r["base_logps_rejected"] for r in rows) / len(rows)
     assert result["base"]["likelihood_accuracy"] == pytest.approx(base_acc)
+
+
+def test_gradient_accumulation_gives_the_step_of_the_whole_batch(tiny_models, pairs, tmp_path):
+    whole = train(make_config(tiny_models("llama"), pairs, tmp_path / "whole", max_steps=1, eval_fraction=0.0,
+                              packing="pad"), log=lambda *_: None)
+    halves = train(make_config(tiny_models("llama"), pairs, tmp_path / "halves", max_steps=1, eval_fraction=0.0,
+                               packing="pad", per_device_train_batch_size=2, gradient_accumulation_steps=2),
+                   log=lambda *_: None)
+    assert _metrics(halves.output_dir)[0]["loss"] == pytest.approx(_metrics(whole.output_dir)[0]["loss"], rel=1e-4)
+    one = load_file(whole.output_dir / "adapter_model.safetensors")
+    two = load_file(halves.output_dir / "adapter_model.safetensors")
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-3, atol=1e-6)
+
+
+def test_a_run_started_from_an_sft_run_uses_its_template_and_is_scored_against_it(tiny_models, pairs, data_file,
+                                                                                  tmp_path, capsys):
+    from chattune.cli import main
+
+    sft = train(make_config(tiny_models("llama"), data_file, tmp_path / "sft", stage="sft", max_steps=2,
+                            eval_fraction=0.0, template="alpaca"), log=lambda *_: None)
+    logged: list[str] = []
+    dpo = train(make_config(str(sft.output_dir), pairs, tmp_path / "dpo", max_steps=2, eval_fraction=0.0),
+                log=logged.append)
+    assert f"template: alpaca, as {sft.output_dir} trained with" in logged
+    assert json.loads((dpo.output_dir / "chattune.json").read_text())["template"]["name"] == "alpaca"
+    out = tmp_path / "eval"
+    assert main(["eval", str(dpo.output_dir), "--data", str(pairs), "--out", str(out)]) == 0
+    assert f"rewards against the SFT run {sft.output_dir}" in capsys.readouterr().out
+    assert json.loads((out / "preference.json").read_text())["reference"] == f"the SFT run {sft.output_dir}"
+
+
+def test_eval_on_pairs_refuses_to_compare_with_another_run(dpo_run, pairs, tmp_path, capsys):
+    from chattune.cli import main
+
+    assert main(["eval", str(dpo_run.output_dir), "--data", str(pairs), "--compare", str(tmp_path),
+                 "--out", str(tmp_path / "e")]) == 2
+    assert "--compare" in capsys.readouterr().err

@@ -84,6 +84,9 @@ def encode_preference(record: PreferenceRecord, template: str, encoder: PieceEnc
     fitted = [(ids[:room], labels[:room]) for _, ids, labels in parts]
     if any(all(label == IGNORE_INDEX for label in labels) for _, labels in fitted):
         return EncodedPreference(dropped="no token of an answer is supervised")
+    if len(fitted) == 2 and fitted[0][0] == fitted[1][0]:
+        return EncodedPreference(turns_dropped=turns_dropped,
+                                 dropped="chosen and rejected are identical once cut to max_seq_length")
     return EncodedPreference(prompt_ids, fitted, turns_dropped, cut)
 
 

@@ -103,7 +103,23 @@ def run_beta(manifest) -> float:
     return float(stage.get("pref_beta", DEFAULT_BETA))
 
 
-def evaluate_pairs(run, base_run, base_name: str, path: str, *, batch_size: int = 8, limit: int | None = None,
+def reference_run(run, base_model: str | None = None, force: bool = False, warn=print):
+    """(the model to compare a run with, its profile name, what it is): the SFT run a preference
+    run started from (its training reference), else the run's base (the adapter switched off, or
+    the base loaded alone)."""
+    from chattune.evaluation.evaluate import load_compare
+    from chattune.inference.runs import LoadOptions, load_run
+
+    manifest = run.profile().manifest
+    started = (getattr(manifest, "stage", None) or {}).get("started_from")
+    if started:
+        other = load_run(started, LoadOptions(force=force), warn=warn)
+        return other, other.profile().name, f"the SFT run {started}"
+    base_run, name = load_compare(run, "base", base_model=base_model, force=force, warn=warn)
+    return base_run, name, "the base"
+
+
+def evaluate_pairs(run, base_run, base_name: str, what: str, path: str, *, batch_size: int = 8, limit: int | None = None,
                    max_seq_length: int | None = None, log=print) -> tuple[dict, list[dict]]:
     """The preference figures of ``run`` (its default profile) on the pairs of ``path``, and of
     its base (``base_run``'s profile ``base_name``: the adapter switched off, or the base loaded
@@ -127,6 +143,7 @@ def evaluate_pairs(run, base_run, base_name: str, path: str, *, batch_size: int 
                  "truncated": audit["rows_truncated"], "dropped": audit["rows_dropped"],
                  "max_seq_length": length, "template": profile.template},
         "beta": beta,
+        "reference": what,
         "metrics": {**rewards, **likelihood_figures(mine)},
         "base": likelihood_figures(base),
     }
@@ -137,11 +154,11 @@ def evaluate_pairs(run, base_run, base_name: str, path: str, *, batch_size: int 
 
 
 def format_pairs_result(result: dict, compare: bool) -> str:
-    """The figures as a table: the run, and the base beside it with ``compare``."""
+    """The figures as a table: the run, and its reference (base or SFT run) beside it with ``compare``."""
     m, b = result["metrics"], result["base"]
     lines = [f"preference eval: {result['data']['pairs']} pairs from {result['data']['path']} "
-             f"(beta {result['beta']:g}; rewards against the base)"]
-    header = f"{'':<34} {'run':>10}" + (f" {'base':>10}" if compare else "")
+             f"(beta {result['beta']:g}; rewards against {result['reference']})"]
+    header = f"{'':<34} {'run':>10}" + (f" {'reference':>10}" if compare else "")
     lines.append(header)
     rows = [("reward accuracy (chosen > rejected)", m["reward_accuracy"], None),
             ("reward margin (mean)", m["reward_margin"], None),

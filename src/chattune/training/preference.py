@@ -35,6 +35,9 @@ from chattune.training.preference_loss import (
     simpo_losses,
 )
 
+METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                "logps/rejected", "kl")
+"""What the objective keeps per batch (the same names on every process, so they gather alike)."""
 REF_COLUMNS = {"paired": ("ref_chosen_logps", "ref_rejected_logps"), "labelled": ("ref_logps", "ref_kl_logps")}
 
 
@@ -261,10 +264,13 @@ class PreferenceObjective:
         kept["logps/chosen"] += logps[desirable].tolist()
         kept["logps/rejected"] += logps[~desirable].tolist()
 
-    def pop_metrics(self, mode: str) -> dict[str, float]:
-        """The means of what was kept in ``mode`` since the last call (then forgotten);
-        for KTO the margin is the mean desirable reward less the mean undesirable one."""
+    def pop_metrics(self, mode: str, gather=None) -> dict[str, float]:
+        """The means of what was kept in ``mode`` since the last call (then forgotten), over every
+        process where ``gather`` (a list -> every process's lists joined) is given; for KTO the
+        margin is the mean desirable reward less the mean undesirable one."""
         kept, self.kept[mode] = self.kept[mode], defaultdict(list)
+        if gather is not None:
+            kept = {name: gather(kept.get(name, [])) for name in METRIC_NAMES}
         metrics = {name: sum(values) / len(values) for name, values in kept.items() if values}
         if self.prefs.stage == "kto" and "rewards/chosen" in metrics and "rewards/rejected" in metrics:
             metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]

@@ -133,12 +133,13 @@ def setup_batching_and_loss(config: RunConfig, model, prepared: PreparedData, pa
 
 
 def setup_preference(config: RunConfig, model, prepared: PreparedPreference, pad_token_id: int,
-                     patches: ExitStack, reference: str | None, ref_model=None, log=print) -> tuple[Batches, PreferenceObjective]:
+                     patches: ExitStack, reference: str | None, log=print) -> tuple[Batches, PreferenceObjective]:
     """As :func:`setup_batching_and_loss` for a preference stage: the model placed, CPU kernels
     and per-row SDPA where they apply, each batch's sequences packed into one row where the model
     keeps packed rows apart (else padded), the answer log-probabilities chunked where exact, and
     the objective with its reference."""
     place_model(model, get_method(config.method.method))
+    ref_model = frozen_copy(model) if reference == "copy" else None  # placed, not yet patched: a plain copy
     vocab_size = model.get_input_embeddings().weight.shape[0]
     eager_cpu = next(model.parameters()).device.type == "cpu" and not config.train.torch_compile
     if eager_cpu:
@@ -269,7 +270,6 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
     reference = None
     if stage != "sft":
         reference = resolve_reference(config.preference, method.name in ADAPTER_METHODS, continued is not None)
-    ref_model = frozen_copy(model) if reference == "copy" else None
 
     with ExitStack() as patches:  # undone when training ends, also on an error
         objective = None
@@ -279,7 +279,7 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
             loss_mode = loss.mode
         else:
             batches, objective = setup_preference(config, model, prepared, tokenizer.pad_token_id, patches,
-                                                  reference, ref_model, log)
+                                                  reference, log)
             loss, loss_mode = None, "preference"
         audit = {**prepared.audit, "batching": {**batches.summary, "loss": loss_mode}}
         if world.is_main:

@@ -19,15 +19,29 @@ ADAPTER_METHODS = (*PEFT_METHODS, "ptuning")
 """Methods that add a new adapter (or prefix) to a frozen base: switched off, it gives the base."""
 
 
+def _with_run_template(config: RunConfig, manifest, path: str, log) -> RunConfig:
+    """``config`` with the run's template where it says ``template: auto`` (the run trained with
+    it); a different explicit template is kept, and said."""
+    recorded = manifest.template.name
+    if config.data.template == "auto":
+        log(f"template: {recorded}, as {path} trained with")
+        return dataclasses.replace(config, data=dataclasses.replace(config.data, template=recorded))
+    if config.data.template != recorded:
+        log(f"template: {config.data.template} as set, although {path} trained with {recorded}")
+    return config
+
+
 def start_from_run(config: RunConfig, log=print) -> tuple[RunConfig, Path | None]:
     """Where a run starts when ``model_name_or_path`` is a run folder: a full fine-tune's folder is
     a model (loaded as any); a LoRA run's adapter is trained further on its base, with its LoRA
-    settings (the returned config names that base; the second value is the run folder). Any other
+    settings (the returned config names that base; the second value is the run folder). Either way
+    ``template: auto`` becomes the run's template. Any other
     pairing is a ConfigError saying how to start from a merged export instead."""
     path = config.model.model_name_or_path
     if not path or not is_run_folder(path):
         return config, None
     manifest = read_manifest(path)
+    config = _with_run_template(config, manifest, path, log)
     if get_method(manifest.method).run_is_model:
         return config, None
     if manifest.method in PEFT_METHODS and config.method.method in PEFT_METHODS:

@@ -61,8 +61,9 @@ class ChattuneTrainer(Trainer):
         self.generation_eval = generation_eval  # model -> {metric: value}, added to each evaluation
         self.chattune_sampler = train_sampler  # packed steps planned per rank (Batches.train_sampler)
         self.objective = objective  # a preference stage's loss (chattune.training.preference), else None
-        if objective is not None:
-            self.loss_is_scaled_for_ga = False  # a mean over pairs: the Trainer divides by the accumulation steps
+        if objective is not None:  # a mean over pairs: the Trainer divides it by the accumulation steps
+            self.loss_is_scaled_for_ga = False  # (transformers 5.25+ reads this,
+            self.model_accepts_loss_kwargs = False  # earlier versions this)
 
     # --- preference stages ------------------------------------------------------------------
 
@@ -81,10 +82,18 @@ class ChattuneTrainer(Trainer):
             loss = self.objective(model, self._prepare_inputs(inputs))
         return loss.detach(), None, None
 
+    def _gathered(self, values: list) -> list:
+        """``values`` of every process, concatenated (this process's alone when there is one)."""
+        if self.args.world_size <= 1:
+            return values
+        from accelerate.utils import gather_object
+
+        return gather_object(values)
+
     def log(self, logs: dict, *args, **kwargs) -> None:
         """The Trainer's log, with a preference stage's training rewards beside the training loss."""
         if self.objective is not None and "loss" in logs:
-            logs.update(self.objective.pop_metrics("train"))
+            logs.update(self.objective.pop_metrics("train", self._gathered))
         super().log(logs, *args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
@@ -281,7 +290,7 @@ class ChattuneTrainer(Trainer):
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
         if self.objective is not None:
             output.metrics.update({f"{prefix}_{name}": value
-                                   for name, value in self.objective.pop_metrics("eval").items()})
+                                   for name, value in self.objective.pop_metrics("eval", self._gathered).items()})
         if self.generation_eval is not None and prefix == "eval":
             capture = getattr(loss, "capture", None)
             with capture.paused() if capture is not None else contextlib.nullcontext():
