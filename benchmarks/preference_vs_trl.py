@@ -52,7 +52,7 @@ def run_chattune(model: str, folder: Path, args) -> dict:
         f"model_name_or_path={model}", f"train_files=[{folder / 'pairs.json'}]", "stage=dpo", "pref_beta=0.1",
         "lora_rank=16", "lora_dropout=0.05", "lora_target=all-linear", f"max_seq_length={args.max_length}",
         f"per_device_train_batch_size={args.batch}", f"max_steps={args.steps}", "learning_rate=5e-5",
-        "logging_steps=1", "save_steps=100000", f"output_dir={out}", "report_to=[none]", "seed=0"])
+        "logging_steps=1", "save_steps=100000", f"output_dir={out}", "report_to=[none]", "seed=0", *args.chattune_set])
     train(config, log=lambda *_: None)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in rows if "train_runtime" in r][-1]
@@ -93,6 +93,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--chattune-set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="more config keys for the chattune arm (e.g. loss_chunk_size=256)")
     parser.add_argument("--child", choices=["chattune", "trl"])
     parser.add_argument("--model")
     parser.add_argument("--folder")
@@ -113,7 +115,8 @@ def main() -> None:
                 write_data(folder, args.pairs)
                 done = subprocess.run([sys.executable, __file__, "--child", arm, "--model", model, "--folder", str(folder),
                                        "--pairs", str(args.pairs), "--steps", str(args.steps), "--batch", str(args.batch),
-                                       "--max-length", str(args.max_length)], capture_output=True, text=True)
+                                       "--max-length", str(args.max_length), "--chattune-set", *args.chattune_set],
+                                      capture_output=True, text=True)
                 lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
                 if done.returncode or not lines:
                     sys.exit(f"{arm} failed:\n{done.stderr[-3000:]}")
