@@ -27,7 +27,7 @@ from chattune.data.encode import (
     encode_conversation,
 )
 from chattune.data.pairs import LABELLED, PAIRED, PreferenceRecord, load_preference_records
-from chattune.data.sources import FileSummary, format_summary, split_eval
+from chattune.data.sources import FileSummary, format_file_rows, format_summary, split_eval
 from chattune.errors import ConfigError, DataError
 
 UNBOUNDED = 1 << 30
@@ -217,13 +217,7 @@ def format_preference_audit(audit: dict) -> str:
     rows), how many were truncated and how, and the prompt and answer lengths."""
     lines = [f"preference data ({audit['stage']}, {audit['kind']})  template {audit['template']}  "
              f"max_seq_length {audit['max_seq_length']}"]
-    lines.append(f"{'file':<44} {'read':>6} {'conv':>6} {'skip':>6} {'dup':>6} {'kept':>6}")
-    for f in audit["files"] + audit.get("eval_files", []):
-        name = f["path"] if len(f["path"]) <= 44 else "..." + f["path"][-41:]
-        lines.append(f"{name:<44} {f['read']:>6} {f['converted']:>6} {f['skipped']:>6} "
-                     f"{f['duplicated']:>6} {f['kept']:>6}")
-        for reason, count in f["skipped_reasons"].items():
-            lines.append(f"    skipped {count} x {reason}")
+    lines += format_file_rows(audit["files"] + audit.get("eval_files", []))
     for split in ("train", "eval"):
         a = audit.get(split)
         if not a:

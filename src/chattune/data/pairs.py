@@ -26,9 +26,9 @@ import random
 from dataclasses import dataclass
 
 from chattune.config import DataSource
-from chattune.data.formats import from_alpaca, from_openai, from_sharegpt, read_rows
+from chattune.data.formats import from_alpaca, from_openai, from_sharegpt
 from chattune.data.records import RecordError, _check_text, validate_messages
-from chattune.data.sources import FileSummary, _reason, apply_sampling
+from chattune.data.sources import FileSummary, apply_sampling, read_counted
 
 PAIRED = "paired"
 LABELLED = "labelled"
@@ -165,27 +165,8 @@ def read_preference_source(source: DataSource, kind: str, *, strict: bool = Fals
     bad rows are skipped and counted, or raise with ``strict``."""
     convert = to_pair if kind == PAIRED else to_labelled
     summary = FileSummary(path=source.path, format=kind)
-    seen = set() if seen is None else seen
-    records: list[PreferenceRecord] = []
-    for row in read_rows(source.path):
-        summary.read += 1
-        try:
-            record = convert(row.value, row.where)
-        except RecordError as exc:
-            if strict:
-                raise
-            summary.skipped[_reason(str(exc))] += 1
-            if len(summary.examples) < 5:
-                summary.examples.append(str(exc))
-            continue
-        if dedup:
-            key = record_key(record)
-            if key in seen:
-                summary.duplicated += 1
-                continue
-            seen.add(key)
-        summary.converted += 1
-        records.append(record)
+    records = read_counted(source.path, summary, lambda row: convert(row.value, row.where), record_key,
+                           strict=strict, dedup=dedup, seen=set() if seen is None else seen)
     return records, summary
 
 

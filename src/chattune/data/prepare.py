@@ -26,7 +26,13 @@ import numpy as np
 from chattune import __version__
 from chattune.config import DataArgs
 from chattune.data.encode import IGNORE_INDEX, EncodeOptions, PieceEncoder, encode_all
-from chattune.data.sources import FileSummary, file_digest, load_records, split_eval
+from chattune.data.sources import (
+    FileSummary,
+    file_digest,
+    format_file_rows,
+    load_records,
+    split_eval,
+)
 from chattune.errors import ConfigError, DataError
 from chattune.model import tokenizer_hash
 from chattune.templates.pieces import uses_tools
@@ -323,13 +329,7 @@ def format_audit(audit: dict) -> str:
     """The audit as a readable report."""
     lines = [f"data fingerprint {audit['fingerprint']}  template {audit['template']}  "
              f"max_seq_length {audit['max_seq_length']}"]
-    lines.append(f"{'file':<44} {'read':>6} {'conv':>6} {'skip':>6} {'dup':>6} {'kept':>6}")
-    for f in audit["files"] + audit.get("eval_files", []):
-        name = f["path"] if len(f["path"]) <= 44 else "..." + f["path"][-41:]
-        lines.append(f"{name:<44} {f['read']:>6} {f['converted']:>6} {f['skipped']:>6} "
-                     f"{f['duplicated']:>6} {f['kept']:>6}")
-        for reason, count in f["skipped_reasons"].items():
-            lines.append(f"    skipped {count} x {reason}")
+    lines += format_file_rows(audit["files"] + audit.get("eval_files", []))
     for split in ("train", "eval"):
         a = audit.get(split)
         if not a:

@@ -92,11 +92,23 @@ def read_source(source: DataSource, *, strict: bool = False, dedup: bool = True,
     if source.format == "columns" or source.columns:
         check_columns(source.columns, source.path)
     seen = set() if seen is None else seen
-    records: list[Record] = []
-    for row in read_rows(source.path):
+    records = read_counted(source.path, summary, lambda row: to_record(row, source.format, source.columns),
+                           record_key, strict=strict, dedup=dedup, seen=seen)
+    for record in records:
+        summary.with_tools += bool(record.tools)
+        summary.tool_calls += tool_call_count(record.messages)
+    return records, summary
+
+
+def read_counted(path, summary: FileSummary, convert, key, *, strict: bool, dedup: bool, seen: set[str]) -> list:
+    """Every row of ``path`` through ``convert`` (a raw row -> a record, or RecordError), counted
+    in ``summary``: converted, skipped with the reason (raised with ``strict``), or a duplicate
+    (by ``key``, across the files sharing ``seen``)."""
+    records = []
+    for row in read_rows(path):
         summary.read += 1
         try:
-            record = to_record(row, source.format, source.columns)
+            record = convert(row)
         except RecordError as exc:
             if strict:
                 raise
@@ -105,16 +117,27 @@ def read_source(source: DataSource, *, strict: bool = False, dedup: bool = True,
                 summary.examples.append(str(exc))
             continue
         if dedup:
-            key = record_key(record)
-            if key in seen:
+            digest = key(record)
+            if digest in seen:
                 summary.duplicated += 1
                 continue
-            seen.add(key)
+            seen.add(digest)
         summary.converted += 1
-        summary.with_tools += bool(record.tools)
-        summary.tool_calls += tool_call_count(record.messages)
         records.append(record)
-    return records, summary
+    return records
+
+
+def format_file_rows(files: list[dict]) -> list[str]:
+    """The audit's table of files (their ``FileSummary.to_json``): read, converted, skipped,
+    duplicated and kept rows, and the reasons rows were skipped."""
+    lines = [f"{'file':<44} {'read':>6} {'conv':>6} {'skip':>6} {'dup':>6} {'kept':>6}"]
+    for f in files:
+        name = f["path"] if len(f["path"]) <= 44 else "..." + f["path"][-41:]
+        lines.append(f"{name:<44} {f['read']:>6} {f['converted']:>6} {f['skipped']:>6} "
+                     f"{f['duplicated']:>6} {f['kept']:>6}")
+        for reason, count in f["skipped_reasons"].items():
+            lines.append(f"    skipped {count} x {reason}")
+    return lines
 
 
 def apply_sampling(records: list[Record], source: DataSource, summary: FileSummary,
