@@ -34,8 +34,10 @@ LAYERS: list[tuple[str, ...]] = [
     ("chattune.chatglm", "chattune.gguf_import", "chattune.pretrained"),  # model files into native folders
     ("chattune.special_text",),  # an exported tokenizer read back as its run's
     ("chattune.model", "chattune.methods", "chattune.config_io"),
+    ("chattune.vocab",),  # new tokens: learned into a tokenizer, given embedding rows
     ("chattune.templates",),
     ("chattune.data",),  # sources, encode, prepare: records through a template into tokens
+    ("chattune.vocab.command",),  # chattune tokenizer extend: corpus files in, tokenizer and report out
     ("chattune.manifest",),
     ("chattune.inference",),
     ("chattune.training",),

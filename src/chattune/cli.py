@@ -76,10 +76,22 @@ def cmd_data_prepare(args) -> int:
     from chattune.templates.registry import resolve_template_name
 
     config = load_config(args.config, args.overrides)
-    tokenizer = load_tokenizer(config.model.model_name_or_path, config.model.trust_remote_code)
-    template = resolve_template_name(config.data.template, tokenizer)
-    prepared = prepare_data(config.data, tokenizer, template, config.train.seed, force=args.force)
-    print(format_audit(prepared.audit))
+    tokenizer = load_tokenizer(config.model.tokenizer_name_or_path or config.model.model_name_or_path,
+                               config.model.trust_remote_code)
+    if config.preference.stage == "pretrain":
+        from chattune.data.pretrain import format_pretrain_audit, prepare_pretrain_data
+
+        if config.data.streaming:
+            from chattune.errors import ConfigError
+
+            raise ConfigError("streaming: a streamed corpus is read while training, not prepared; "
+                              "set streaming=false to encode and cache it")
+        prepared = prepare_pretrain_data(config.data, tokenizer, config.train.seed, force=args.force)
+        print(format_pretrain_audit(prepared.audit))
+    else:
+        template = resolve_template_name(config.data.template, tokenizer)
+        prepared = prepare_data(config.data, tokenizer, template, config.train.seed, force=args.force)
+        print(format_audit(prepared.audit))
     state = "reused cached" if prepared.reused else "encoded and cached"
     print(f"{state} data set at {prepared.cache_path}")
     return 0
@@ -398,6 +410,45 @@ def _add_inference(parser):
     parser.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=None)
 
 
+def cmd_tokenizer_extend(args) -> int:
+    """Learn new tokens from a corpus and write the extended tokenizer (chattune.vocab)."""
+    from chattune.vocab.command import ExtendRequest, extend_tokenizer
+
+    extend_tokenizer(ExtendRequest(
+        base=args.base, corpus=args.corpus, add=args.add, out=args.out, text_field=args.text_field or ["text"],
+        text_documents=args.text_documents, holdout=args.holdout, min_frequency=args.min_frequency,
+        compare=args.compare, compare_text_field=args.compare_text_field or ["text"],
+        all_scripts=args.all_scripts))
+    return 0
+
+
+def _add_tokenizer_parser(sub) -> None:
+    tokenizer = sub.add_parser("tokenizer", help="extend a tokenizer with tokens learned from a corpus")
+    tokenizer_sub = tokenizer.add_subparsers(dest="tokenizer_command", required=True)
+    extend = tokenizer_sub.add_parser(
+        "extend", help="learn up to N new tokens from corpus files; every existing token keeps its id")
+    extend.add_argument("base", help="the base model (folder or GGUF file) whose tokenizer to extend")
+    extend.add_argument("--corpus", nargs="+", required=True,
+                        help="text files: .txt/.md (a document per line or paragraph), .jsonl/.json, .parquet")
+    extend.add_argument("--add", type=int, required=True, help="new tokens to learn, at most")
+    extend.add_argument("--out", required=True, help="folder for the extended tokenizer")
+    extend.add_argument("--text-field", action="append",
+                        help="field holding the text in JSON/Parquet rows (repeat to join several; default text)")
+    extend.add_argument("--text-documents", choices=["line", "paragraph"], default="line",
+                        help="in text files, a document per line or per blank-line-separated paragraph")
+    extend.add_argument("--holdout", type=float, default=0.05,
+                        help="share of documents held out (by content hash) to measure on (default 0.05)")
+    extend.add_argument("--min-frequency", type=int, default=2, help="least occurrences of a new token")
+    extend.add_argument("--compare", nargs="*", default=[],
+                        help="other text files (English, say) to report the change on")
+    extend.add_argument("--compare-text-field", action="append",
+                        help="--text-field for the --compare files (default text)")
+    extend.add_argument("--all-scripts", action="store_true",
+                        help="also learn tokens of ASCII text only (default: every new token holds a "
+                             "non-ASCII character, so ASCII text encodes as before)")
+    extend.set_defaults(func=cmd_tokenizer_extend)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="chattune", description=__doc__)
@@ -512,6 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.set_defaults(func=cmd_fetch)
 
     add_kb_parser(sub)
+    _add_tokenizer_parser(sub)
 
     demo = sub.add_parser("demo", help="run the whole pipeline offline on a tiny model")
     demo.add_argument("--workdir", help="where its data and run go (default chattune-demo, chattune-demo-real)")

@@ -64,6 +64,11 @@ class ModelArgs:
     attn_implementation: str | None = None
     """Attention kernel for training, passed to ``from_pretrained``: ``sdpa``, ``eager``,
     ``flash_attention_2`` (CUDA; packed rows then take its varlen path), ...; None: transformers' default."""
+    tokenizer_name_or_path: str | None = None
+    """A tokenizer folder to train with instead of the base model's, e.g. one written by
+    ``chattune tokenizer extend``: the model gets an embedding (and output) row for every token
+    beyond the base's, each starting as the mean of the rows of the pieces the base split it
+    into; the run folder keeps the tokenizer, so chat, serve, eval and export need nothing more."""
 
 
 @dataclass
@@ -103,10 +108,21 @@ class DataArgs:
     """Stop at the first bad record instead of skipping and counting it."""
     cache_dir: str | None = None
     """Where encoded data sets are cached; default ``$CHATTUNE_CACHE`` or ``~/.cache/chattune``."""
+    text_field: list[str] = field(default_factory=lambda: ["text"])
+    """stage pretrain: the field of JSON/JSON Lines/Parquet rows holding a document's text;
+    several fields (``[instruction, input, output]``) are joined by a newline."""
+    text_documents: Literal["line", "paragraph"] = "line"
+    """stage pretrain: in .txt/.md files, one document per line, or per block of lines
+    separated by blank lines."""
+    streaming: bool = False
+    """stage pretrain: read train_files lazily while training (flat memory, for corpora larger
+    than memory) instead of encoding and caching them first; needs max_steps."""
 
     def validate(self) -> None:
         """Reject impossible values, naming the key."""
         _check(self.max_seq_length >= 8, "max_seq_length: must be >= 8")
+        _check(bool(self.text_field) and all(isinstance(f, str) and f for f in self.text_field),
+               "text_field: expected a field name or a list of field names")
         _check(0.0 <= self.eval_fraction < 1.0, "eval_fraction: must be in [0, 1)")
         _check(self.pack_length is None or self.pack_length >= self.max_seq_length,
                f"pack_length: must be >= max_seq_length ({self.max_seq_length}) so that every row fits a bin")
@@ -134,6 +150,14 @@ class MethodArgs:
     """Rank-stabilised LoRA scaling (alpha / sqrt(r))."""
     modules_to_save: list[str] | None = None
     """Extra modules trained in full and saved with the adapter (e.g. embed_tokens, lm_head)."""
+    trainable_token_indices: list[int] | None = None
+    """lora: token ids whose embedding rows (and output rows) train beside the adapters, the
+    rest of both matrices frozen (peft's trainable tokens); set to the new tokens' ids when
+    tokenizer_name_or_path adds tokens and new_tokens_train is ``rows``."""
+    new_tokens_train: Literal["rows", "embeddings"] = "rows"
+    """lora with new tokens (tokenizer_name_or_path): ``rows`` trains only the new tokens'
+    rows of the embedding and output layer (a few MB of optimizer state); ``embeddings`` trains
+    both matrices in full (modules_to_save; Chinese-LLaMA's recipe, also moving old tokens)."""
     quantization_bit: int = 4
     """qlora: load the base in 4-bit NF4 (double quantization, bf16 compute) or 8-bit."""
     freeze_trainable_layers: int = 2
@@ -316,11 +340,13 @@ REFERENCE_STAGES = ("dpo", "kto")
 
 @dataclass
 class PreferenceArgs:
-    """The training stage: supervised fine-tuning, or preference optimisation (DPO, ORPO,
-    SimPO, KTO) on pairs of answers or labelled answers."""
+    """The training stage: continued pre-training on raw text, supervised fine-tuning, or
+    preference optimisation (DPO, ORPO, SimPO, KTO) on pairs of answers or labelled answers."""
 
-    stage: Literal["sft", "dpo", "orpo", "simpo", "kto"] = "sft"
-    """``sft``: learn the answers (instruction data). ``dpo``: prefer the chosen answer over the
+    stage: Literal["pretrain", "sft", "dpo", "orpo", "simpo", "kto"] = "sft"
+    """``pretrain``: learn raw text (documents from .txt/JSON Lines/Parquet, no template, every
+    token supervised, packed without attention across documents). ``sft``: learn the answers
+    (instruction data). ``dpo``: prefer the chosen answer over the
     rejected one, relative to a reference model; ``orpo``: the chosen answer's loss plus an
     odds-ratio term, no reference; ``simpo``: length-normalised log-probabilities with a target
     margin, no reference; ``kto``: single answers labelled desirable or not, relative to a
@@ -377,6 +403,10 @@ class RunConfig:
         table is checked by :func:`chattune.methods.check_run_config`."""
         for group in (self.data, self.method, self.train, self.generate, self.preference):
             group.validate()
+        _check(not self.data.streaming or self.preference.stage == "pretrain",
+               f"streaming: reads raw text for stage pretrain only, not stage {self.preference.stage}")
+        _check(not self.data.streaming or self.train.max_steps >= 1,
+               "streaming: a streamed corpus has no known length; set max_steps (the optimizer updates to run)")
 
     def to_flat_dict(self) -> dict[str, Any]:
         """The config as one flat mapping, the shape of a YAML file."""

@@ -73,8 +73,12 @@ class Manifest:
     results: dict = field(default_factory=dict)
     """What training reported: global_step, train_loss, eval_loss, trainable_parameters."""
     stage: dict = field(default_factory=dict)
-    """A preference run's stage (dpo, orpo, simpo, kto), its settings and the reference it used
-    (``{}`` for supervised fine-tuning)."""
+    """A pre-training or preference run's stage (pretrain, dpo, orpo, simpo, kto), its settings
+    and the reference it used (``{}`` for supervised fine-tuning)."""
+    vocabulary: dict = field(default_factory=dict)
+    """A run trained with another tokenizer than its base's (``tokenizer_name_or_path``): that
+    tokenizer, its hash, the model's embedding rows and how new rows were made and trained
+    (``{}`` otherwise). Loading the run resizes the base to ``rows`` first."""
 
     def to_json(self) -> dict:
         """The manifest as written to ``chattune.json``."""
@@ -88,6 +92,7 @@ class Manifest:
             "data_fingerprint": self.data_fingerprint,
             "generation": dataclasses.asdict(self.generation),
             **({"stage": self.stage} if self.stage else {}),
+            **({"vocabulary": self.vocabulary} if self.vocabulary else {}),
             **self.results,
         }
 
@@ -111,6 +116,7 @@ class Manifest:
             chattune_version=str(data.get("chattune_version", "unknown")),
             results={k: data[k] for k in RESULT_KEYS if k in data},
             stage=dict(_section(data, "stage", where)) if "stage" in data else {},
+            vocabulary=dict(_section(data, "vocabulary", where)) if "vocabulary" in data else {},
         )
 
 
@@ -165,8 +171,9 @@ def _generation(values: dict, where: str) -> GenerateArgs:
 
 
 def build_manifest(config: RunConfig, base: dict, template_name: str, tokenizer,
-                   data_fingerprint: str, stage: dict | None = None) -> Manifest:
-    """The manifest of a run about to train (``stage``: a preference run's stage record)."""
+                   data_fingerprint: str, stage: dict | None = None, vocabulary: dict | None = None) -> Manifest:
+    """The manifest of a run about to train (``stage``: a pre-training or preference run's stage
+    record; ``vocabulary``: its own tokenizer's record)."""
     method = get_method(config.method.method)
     settings = method.manifest_settings(config.method)
     settings.pop("name")
@@ -180,6 +187,7 @@ def build_manifest(config: RunConfig, base: dict, template_name: str, tokenizer,
         data_fingerprint=data_fingerprint,
         generation=dataclasses.replace(config.generate),
         stage=dict(stage or {}),
+        vocabulary=dict(vocabulary or {}),
     )
 
 

@@ -34,7 +34,7 @@ FREEZE_CONFIG_NAME = "freeze_config.json"
 FREEZE_WEIGHTS_NAME = "model.safetensors"
 
 LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_dora", "use_rslora",
-                 "modules_to_save")
+                 "modules_to_save", "trainable_token_indices")
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,7 @@ def lora_config(args: MethodArgs, model_type: str):
         use_dora=args.use_dora,
         use_rslora=args.use_rslora,
         modules_to_save=args.modules_to_save,
+        trainable_token_indices=args.trainable_token_indices,
     )
 
 
@@ -193,11 +194,25 @@ def _save_trained_tensors(model, names: list[str]):
     return save_pretrained
 
 
+def _trainable_tokens(model, ids: list[int]) -> list[int] | dict[str, list[int]]:
+    """peft's ``trainable_token_indices`` for ``ids``: the input embedding's rows (peft follows a
+    tied output layer), or for an untied output layer both layers' rows by module name."""
+    output = model.get_output_embeddings()
+    embedding = model.get_input_embeddings()
+    if output is None or output.weight is embedding.weight:
+        return ids
+    names = {id(module): name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    return {names[id(embedding)]: ids, names[id(output)]: ids}
+
+
 def _apply_lora(model, args: MethodArgs, gradient_checkpointing: bool):
     from peft import get_peft_model
 
+    config = lora_config(args, model.config.model_type)
+    if args.trainable_token_indices:
+        config.trainable_token_indices = _trainable_tokens(model, args.trainable_token_indices)
     try:
-        return get_peft_model(model, lora_config(args, model.config.model_type))
+        return get_peft_model(model, config)
     except ValueError as exc:
         raise ConfigError(f"lora_target: {exc}") from exc
 

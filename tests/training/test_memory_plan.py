@@ -270,7 +270,7 @@ def test_the_copy_is_the_bytes_of_a_real_frozen_copy(tiny_models, method, dtype_
 
     config = preference_config(tiny_models, method, stage="dpo", pref_reference="copy", **dtype_keys)
     plan = estimate(config)
-    copy = frozen_copy(load_for_training(config, get_method(method)))
+    copy = frozen_copy(load_for_training(config, get_method(method))[0])
     held = sum(p.numel() * p.element_size() for p in copy.parameters())
     assert plan.reference.extra["copy"] == held == plan.reference_bytes
     if method == "full":
@@ -286,7 +286,7 @@ def test_freeze_in_bf16_trains_its_tensors_in_bf16(tiny_models):
 
     config = preference_config(tiny_models, "freeze", bf16=True)
     plan = estimate(config)
-    model = load_for_training(config, get_method("freeze"))
+    model, _ = load_for_training(config, get_method("freeze"))
     ids = torch.randint(0, model.config.vocab_size, (BATCH, SEQ))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     real = measure_training_memory(model, {"input_ids": ids, "labels": ids}, optimizer)

@@ -98,7 +98,7 @@ def _objective_batch(tiny_models, pairs, packing: str):
     tokenizer = load_tokenizer(config.model.model_name_or_path)
     prepared = prepare_preference_data(config.data, tokenizer, "tokenizer", "dpo", 3)
     torch.manual_seed(0)
-    model = recipe.load_for_training(config, get_method("lora"))
+    model, _ = recipe.load_for_training(config, get_method("lora"))
     return config, tokenizer, prepared, model
 
 

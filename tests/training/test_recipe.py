@@ -148,6 +148,7 @@ def test_gradient_checkpointing_trains(tiny_models, data_file, tmp_path):
 def test_an_output_dir_that_cannot_be_written_is_refused_before_the_model_loads(target, tiny_models, data_file,
                                                                                 tmp_path, monkeypatch, capsys):
     import chattune.training.recipe as recipe
+    import chattune.training.start as start
     from chattune.cli import main
 
     if target.startswith("/proc") and not Path("/proc/self").is_dir():
@@ -160,7 +161,7 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_the_model_loads(
 
     model = tiny_models("glm4")
     capsys.readouterr()
-    monkeypatch.setattr(recipe, "load_tokenizer", no_loading)
+    monkeypatch.setattr(start, "load_tokenizer", no_loading)
     monkeypatch.setattr(recipe, "load_model", no_loading)
     code = main(["train", f"model_name_or_path={model}", f"train_files={data_file}",
                  f"output_dir={output_dir}", "report_to=none"])

@@ -58,15 +58,17 @@ class DataFileError(ChattuneError, ValueError):
     """A data file cannot be read at all (missing, malformed JSON, unknown type)."""
 
 
-def check_data_file(path: str | Path) -> Path:
-    """``path`` as a Path if it is a readable regular file, else raise DataFileError saying what it is."""
+def check_data_file(path: str | Path, expected: str | None = None) -> Path:
+    """``path`` as a Path if it is a regular file, else raise DataFileError saying what it is and
+    what was ``expected`` (default: a data file of the types chattune reads)."""
     path = Path(path)
+    wanted = expected or f"a data file ({DATA_FILE_TYPES})"
     if path.is_dir():
-        raise DataFileError(f"{path}: is a directory; expected a data file ({DATA_FILE_TYPES})")
+        raise DataFileError(f"{path}: is a directory; expected {wanted}")
     if not path.exists():
-        raise DataFileError(f"{path}: no such file")
+        raise DataFileError(f"{path}: no such file" + (f"; expected {expected}" if expected else ""))
     if not path.is_file():
-        raise DataFileError(f"{path}: not a regular file; expected a data file ({DATA_FILE_TYPES})")
+        raise DataFileError(f"{path}: not a regular file; expected {wanted}")
     return path
 
 
@@ -149,15 +151,21 @@ def _read_csv(path: Path) -> Iterator[RawRow]:
         raise _unreadable(path, exc) from exc
 
 
-def _read_parquet(path: Path) -> Iterator[RawRow]:
+def parquet_file(path: Path):
+    """``path`` opened as a ``pyarrow.parquet.ParquetFile`` (DataFileError if it is not one)."""
     try:
         import pyarrow.parquet as pq
     except ImportError as exc:  # pragma: no cover - pyarrow comes with datasets
         raise DataFileError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from exc
     try:
-        table = pq.read_table(path)
+        return pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises several types for a bad file
-        raise DataFileError(f"{path}: not a readable Parquet file: {exc}") from exc
+        raise DataFileError(f"{path}: not a readable Parquet file: {' '.join(str(exc).split())}") from exc
+
+
+def _read_parquet(path: Path) -> Iterator[RawRow]:
+    with parquet_file(path) as parquet:
+        table = parquet.read()
     for i, value in enumerate(table.to_pylist()):
         yield RawRow(value, f"{path}#{i}")
 

@@ -45,6 +45,7 @@ from chattune.manifest import read_manifest, recorded_template, verify_base_mode
 from chattune.methods import get_method
 from chattune.model import DTYPES, load_model, load_tokenizer, native_model_path
 from chattune.paths import check_output_dir
+from chattune.vocab.resize import resize_like_run
 
 PROBES = [
     [{"role": "user", "content": "Who are you?"}],
@@ -364,7 +365,7 @@ def export_run(run_dir: str, out: str, *, dtype: str = "auto", shard_size: str =
     tokenizer = load_tokenizer(tokenizer_dir, manifest.base_model.trust_remote_code)
     template = recorded_template(manifest, tokenizer)
     if not (method.run_is_model and not Path(base_path).exists()):
-        problems = verify_base_model(manifest, base_path, tokenizer)
+        problems = verify_base_model(manifest, base_path, None if manifest.vocabulary else tokenizer)
         if problems and not force:
             raise ManifestError("\n".join(problems) + "\n(use --force to export anyway)")
         for problem in problems:
@@ -379,6 +380,7 @@ def export_run(run_dir: str, out: str, *, dtype: str = "auto", shard_size: str =
         log(f"export: QLoRA run: merging into the unquantized base loaded in {chosen}, never into 4-bit weights")
     model = load_model(model_args, chosen)
     if method.load is not None and not method.run_is_model:
+        resize_like_run(model, manifest.vocabulary)
         model = method.load(model, run)
     encoder = PieceEncoder(tokenizer)
     prompts = [encode_prompt(messages, template, encoder) for messages in PROBES]

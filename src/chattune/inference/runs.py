@@ -40,6 +40,7 @@ from chattune.manifest import (
 from chattune.methods import Method, get_method
 from chattune.model import load_model, load_tokenizer
 from chattune.templates.registry import get_template, resolve_template_name
+from chattune.vocab.resize import resize_like_run
 
 BASE_NAME = "base"
 PIECES_PER_LOCK = 256
@@ -269,8 +270,12 @@ def _check_same_base(runs: list[_Run]) -> None:
     first = runs[0]
     for run in runs[1:]:
         for key, what in (("config_sha256", "model config"), ("tokenizer_sha256", "tokenizer"),
-                          ("gguf_sha256", "GGUF file")):
-            mine, theirs = getattr(run.manifest.base_model, key), getattr(first.manifest.base_model, key)
+                          ("gguf_sha256", "GGUF file"), ("vocabulary", "extended tokenizer")):
+            if key == "vocabulary":
+                mine = run.manifest.vocabulary.get("tokenizer_sha256")
+                theirs = first.manifest.vocabulary.get("tokenizer_sha256")
+            else:
+                mine, theirs = getattr(run.manifest.base_model, key), getattr(first.manifest.base_model, key)
             if mine != theirs:
                 raise ManifestError(
                     f"adapter {run.name!r} ({run.folder}) was trained on a different base model than "
@@ -312,6 +317,7 @@ def _load_runs(runs: list[_Run], base_path: str, alone: bool):
         return load_model(ModelArgs(model_name_or_path=str(first.folder), trust_remote_code=remote))
     extra = first.method.base_load_kwargs(first.manifest.method_settings)
     model = load_model(ModelArgs(model_name_or_path=base_path, trust_remote_code=remote), **extra)
+    resize_like_run(model, first.manifest.vocabulary)
     if alone:
         with _trained_weights(first):
             return first.method.load(model, first.folder)

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from chattune.config import RunConfig
+from chattune.config import DataArgs, RunConfig
 from chattune.data.prepare import PreparedData
+from chattune.data.pretrain import pack_stream, stream_rows
 from chattune.errors import ConfigError
 from chattune.methods import get_method
 from chattune.training.attention import check_packed_attention, uses_varlen_attention
@@ -70,6 +71,19 @@ class GlobalStepSampler(torch.utils.data.Sampler):
             yield from range(group * self.world_size, (group + 1) * self.world_size)
 
 
+class StreamedBlocks(torch.utils.data.IterableDataset):
+    """Pre-training rows read lazily from ``train_files`` (:func:`chattune.data.pretrain.stream_rows`)
+    and filled, in arrival order, into blocks of ``capacity`` tokens: one item per block, as
+    :class:`PackCollator` reads steps (``{"bins": [rows]}``). Each iteration reads the files again."""
+
+    def __init__(self, data: DataArgs, tokenizer, capacity: int):
+        self.data, self.tokenizer, self.capacity = data, tokenizer, capacity
+
+    def __iter__(self):
+        for block in pack_stream(stream_rows(self.data, self.tokenizer), self.capacity):
+            yield {"bins": [[{"input_ids": row, "labels": row} for row in block]]}
+
+
 def row_lengths(dataset) -> list[int]:
     """Tokens of every row of an encoded data set (read from Arrow, not row by row)."""
     import pyarrow.compute as pc
@@ -122,7 +136,8 @@ def build_batches(mode: str, prepared: PreparedData, config: RunConfig, pad_toke
     """Datasets, collator and Trainer batch sizes for a batching mode.
 
     ``pack``: Trainer items are whole steps (bins grouped to carry the tokens of
-    ``per_device_train_batch_size`` average rows), so its batch size is 1.
+    ``per_device_train_batch_size`` average rows; for stage pretrain, of that many full
+    bins), so its batch size is 1.
     ``padding_free``: batches of rows, concatenated into one sequence.
     ``group_by_length`` / ``pad``: batches of rows padded to the longest (with an attention mask).
 
@@ -134,16 +149,28 @@ def build_batches(mode: str, prepared: PreparedData, config: RunConfig, pad_toke
     are seen twice in that step; none is dropped).
     """
     t, d = config.train, config.data
+    if isinstance(prepared.train, StreamedBlocks):
+        if mode not in PACKED_MODES:
+            raise ConfigError(f"streaming: streamed text is packed into blocks, and packing is not possible here "
+                              f"(packing={mode}); set streaming=false")
+        collator = PackCollator(pad_token_id, flatten, pad_to=None if flatten else prepared.train.capacity)
+        summary = {"mode": "stream", "block_length": prepared.train.capacity,
+                   "blocks_per_step": t.per_device_train_batch_size}
+        return Batches("stream", prepared.train, prepared.eval, collator, t.per_device_train_batch_size,
+                       t.per_device_eval_batch_size, summary, world_size)
+    pretrain = config.preference.stage == "pretrain"  # a step is per_device_train_batch_size full blocks
     if mode == "pack":
         capacity = d.pack_length or d.max_seq_length
         train_plan = plan_packing(row_lengths(prepared.train), capacity, t.per_device_train_batch_size, t.seed,
-                                  world_size=world_size)
+                                  world_size=world_size,
+                                  bins_per_step=t.per_device_train_batch_size if pretrain else None)
         train = PackedSteps(prepared.train, train_plan.steps, pad_token_id)
         summary = {"mode": mode, "train": train_plan.summary()}
         evaluation = None
         if prepared.eval is not None:
             eval_plan = plan_packing(row_lengths(prepared.eval), capacity, t.per_device_eval_batch_size,
-                                     t.seed, shuffle=False)
+                                     t.seed, shuffle=False,
+                                     bins_per_step=t.per_device_eval_batch_size if pretrain else None)
             evaluation = PackedSteps(prepared.eval, _filled(eval_plan.steps, world_size), pad_token_id)
             summary["eval"] = eval_plan.summary()
         collator = PackCollator(pad_token_id, flatten, pad_to=train_plan.pad_to)
@@ -164,6 +191,9 @@ def build_batches(mode: str, prepared: PreparedData, config: RunConfig, pad_toke
 
 def format_batches(batches: Batches) -> str:
     """One line on how the data is batched (for the log)."""
+    if batches.mode == "stream":
+        return (f"batching: streamed, documents filled in order into blocks of {batches.summary['block_length']} "
+                f"tokens (no attention across documents), {batches.summary['blocks_per_step']} blocks a step")
     if batches.mode != "pack":
         return f"batching: {batches.mode}" + (f" on {batches.world_size} processes" if batches.world_size > 1 else "")
     p = batches.summary["train"]

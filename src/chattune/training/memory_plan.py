@@ -30,7 +30,12 @@ from chattune.errors import ChattuneError, ConfigError
 from chattune.methods import Method, block_list, count_parameters, get_method
 from chattune.model import load_error, native_config, resolve_dtype
 from chattune.training.preference import resolve_reference
-from chattune.training.start import ADAPTER_METHODS, start_from_run
+from chattune.training.start import (
+    ADAPTER_METHODS,
+    load_tokenizers,
+    new_token_settings,
+    start_from_run,
+)
 
 GIB = 1024 ** 3
 
@@ -62,7 +67,7 @@ class ShardSizes:
 
 REFERENCE_OPTIONS = ("adapter_off", "precompute", "copy")
 """The reference models of a dpo or kto stage (``pref_reference``), in the order the plan lists them."""
-SEQUENCES_PER_ROW = {"sft": 1, "dpo": 2, "orpo": 2, "simpo": 2, "kto": 2}
+SEQUENCES_PER_ROW = {"pretrain": 1, "sft": 1, "dpo": 2, "orpo": 2, "simpo": 2, "kto": 2}
 """Sequences one row puts through the model: a pair's chosen and rejected answers, or a KTO
 answer and its KL answer (each up to ``max_seq_length`` tokens)."""
 
@@ -133,7 +138,8 @@ def _bytes(dtype: torch.dtype) -> int:
 
 
 def meta_model(config: RunConfig):
-    """The configured model with the method applied, on the meta device (no weights read).
+    """The configured model with the method applied, on the meta device (no weights read), with
+    the rows of an extended tokenizer's new tokens and the settings that train them.
 
     Raises ConfigError without a model and ModelLoadError when its config cannot be read."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -148,10 +154,14 @@ def meta_model(config: RunConfig):
         raise
     except Exception as exc:  # from_pretrained raises OSError, ValueError, ...
         raise load_error(path, exc, "config") from exc
+    new_rows = load_tokenizers(config)[2] if config.model.tokenizer_name_or_path else None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.model.trust_remote_code)
+        if new_rows is not None and max(new_rows.ids) >= model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(max(new_rows.ids) + 1, mean_resizing=False)
     method = get_method(config.method.method)
-    return (method.plan_apply or method.apply)(model, config.method, False), model_config
+    settings = new_token_settings(config, method, new_rows)
+    return (method.plan_apply or method.apply)(model, settings, False), model_config
 
 
 def activation_bytes(model, model_config, tokens: int, element_bytes: int, method: Method,
@@ -307,7 +317,7 @@ def _held_as(plan: MemoryPlan, config: RunConfig) -> str:
 def _reference_lines(plan: MemoryPlan, config: RunConfig) -> list[str]:
     """A preference stage's reference: for dpo and kto each option with what it adds, the one
     the run uses marked ``*`` (and counted in the total); orpo and simpo have none."""
-    if plan.stage == "sft":
+    if plan.stage in ("sft", "pretrain"):
         return []
     ref = plan.reference
     if ref is None:

@@ -150,7 +150,7 @@ def _global_steps(bins: list[list[int]], bins_per_rank: int, world_size: int) ->
 
 
 def plan_packing(lengths: Sequence[int], capacity: int, rows_per_step: int, seed: int,
-                 shuffle: bool = True, world_size: int = 1) -> PackPlan:
+                 shuffle: bool = True, world_size: int = 1, bins_per_step: int | None = None) -> PackPlan:
     """Pack rows into bins and the (seeded, shuffled) bins into steps that each carry the
     tokens of ``rows_per_step`` average rows, so that a step means what it means unpacked.
 
@@ -165,19 +165,24 @@ def plan_packing(lengths: Sequence[int], capacity: int, rows_per_step: int, seed
     ``rows_per_step`` rows' tokens, every row is in exactly one item, and the number of items
     is a multiple of ``world_size``. A last global step too small to give every rank a row
     joins the one before it (those ranks carry a little more in that step); fewer rows than
-    processes is a DataError."""
+    processes is a DataError.
+
+    ``bins_per_step`` (pre-training: a step is a number of full blocks, not of documents)
+    sets a step's budget to that many ``capacity`` bins instead; ``rows_per_step`` is then unused."""
     if max(lengths, default=0) > capacity:
         raise _too_long(max(lengths), capacity)
     if world_size > 1:
-        return _plan_for_ranks(lengths, capacity, rows_per_step, seed, shuffle, world_size)
+        return _plan_for_ranks(lengths, capacity, rows_per_step, seed, shuffle, world_size, bins_per_step)
     total = sum(lengths)
-    if rows_per_step <= 1:
+    if bins_per_step is None and rows_per_step <= 1:
         order = list(range(len(lengths)))
         if shuffle:
             random.Random(seed + 1).shuffle(order)
         return PackPlan([[[i]] for i in order], len(lengths), total, len(order), max(lengths, default=0),
                         rows_per_step, capacity, total)
-    per_step = rows_per_step * total / max(len(lengths), 1)
+    per_step = bins_per_step * capacity if bins_per_step else rows_per_step * total / max(len(lengths), 1)
+    if bins_per_step:
+        rows_per_step = round(per_step * len(lengths) / max(total, 1), 2)
     bin_length = min(capacity, math.ceil(per_step))
     short = [i for i, n in enumerate(lengths) if n <= bin_length]
     bins = [[short[j] for j in rows] for rows in pack_bins([lengths[i] for i in short], bin_length, seed)]
@@ -191,15 +196,15 @@ def plan_packing(lengths: Sequence[int], capacity: int, rows_per_step: int, seed
 
 
 def _plan_for_ranks(lengths: Sequence[int], capacity: int, rows_per_step: int, seed: int, shuffle: bool,
-                    world_size: int) -> PackPlan:
+                    world_size: int, bins_per_step: int | None = None) -> PackPlan:
     """:func:`plan_packing` for several processes: bins as for one, grouped into global steps
     of ``world_size`` ranks' tokens and dealt out to the ranks."""
     if len(lengths) < world_size:
         raise DataError(f"{len(lengths)} rows cannot be shared by {world_size} processes (each needs at least "
                         "one row a step); add data or start fewer processes")
     total = sum(lengths)
-    per_step = max(rows_per_step, 1) * total / len(lengths)
-    if rows_per_step <= 1:  # one row a rank: a step's rows are of about the same length
+    per_step = bins_per_step * capacity if bins_per_step else max(rows_per_step, 1) * total / len(lengths)
+    if bins_per_step is None and rows_per_step <= 1:  # one row a rank: a step's rows are of about the same length
         return _rows_for_ranks(lengths, capacity, seed, shuffle, world_size)
     else:  # a rank's budget is a whole number of equal bins, so that ranks can be dealt equal shares
         bins_per_rank = math.ceil(per_step / capacity)

@@ -32,21 +32,28 @@ from chattune.data.pair_encode import (
     prepare_preference_data,
 )
 from chattune.data.prepare import PreparedData, data_fingerprint, format_audit, prepare_data
+from chattune.data.pretrain import format_pretrain_audit, prepare_pretrain_data, streamed_data
 from chattune.errors import ConfigError
-from chattune.manifest import build_manifest, write_run_files
+from chattune.manifest import build_manifest, read_manifest, write_run_files
 from chattune.methods import (
     Method,
     count_parameters,
     get_method,
     quantization_config,
 )
-from chattune.model import base_model_fingerprint, load_model, load_tokenizer, resolve_dtype
+from chattune.model import (
+    base_model_fingerprint,
+    load_model,
+    resolve_dtype,
+    tokenizer_hash,
+)
 from chattune.paths import check_output_dir
 from chattune.templates.registry import resolve_template_name
 from chattune.training.attention import use_varlen_sdpa, uses_varlen_attention
 from chattune.training.batching import (
     PACKED_MODES,
     Batches,
+    StreamedBlocks,
     build_batches,
     format_batches,
     resolve_packing,
@@ -70,8 +77,15 @@ from chattune.training.preference import (
     resolve_reference,
 )
 from chattune.training.sharding import check_sharding_supported, sharding_arguments
-from chattune.training.start import ADAPTER_METHODS, start_from_run
+from chattune.training.start import (
+    ADAPTER_METHODS,
+    PEFT_METHODS,
+    load_tokenizers,
+    new_token_settings,
+    start_from_run,
+)
 from chattune.training.trainer import ChattuneTrainer, place_model, resume_path, training_arguments
+from chattune.vocab.resize import NewRows, add_rows
 
 METRICS_NAME = "metrics.jsonl"
 AUDIT_NAME = "data_audit.json"
@@ -89,22 +103,45 @@ class TrainResult:
     model: object = None
 
 
-def load_for_training(config: RunConfig, method: Method, continued: Path | None = None):
-    """The base model as configured (dtype, quantization, attention; no KV cache), with the
-    method applied (or, ``continued``, that run's adapter loaded to train further): the model to train."""
+def load_for_training(config: RunConfig, method: Method, continued: Path | None = None,
+                      new_rows: NewRows | None = None):
+    """The base model as configured (dtype, quantization, attention; no KV cache), with rows for
+    ``new_rows`` (an extended tokenizer's tokens, :mod:`chattune.vocab.resize`), with the method
+    applied (or, ``continued``, that run's adapter loaded to train further): the model to train,
+    and what the resize did (None without new tokens)."""
     dtype = resolve_dtype(config.model.dtype, config.train.fp16, config.train.bf16)
     extra = {"quantization_config": quantization_config(config.method)} if method.quantized_base else {}
     if config.model.attn_implementation:
         extra["attn_implementation"] = config.model.attn_implementation
     model = load_model(config.model, dtype, **extra)
     model.config.use_cache = False  # a KV cache is never needed in training (and would break packing)
+    resized = add_rows(model, new_rows) if new_rows is not None else None
     if config.train.gradient_checkpointing:
         model.enable_input_require_grads()
     if continued is not None:
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(model, str(continued), is_trainable=True)
-    return method.apply(model, config.method, config.train.gradient_checkpointing)
+        model = PeftModel.from_pretrained(model, str(continued), is_trainable=True)
+    else:
+        settings = new_token_settings(config, method, new_rows)
+        model = method.apply(model, settings, config.train.gradient_checkpointing)
+    if new_rows is not None and method.name in PEFT_METHODS:
+        keep_embeddings_out(model)
+    return model, resized
+
+
+def keep_embeddings_out(model) -> None:
+    """Save the adapter without a copy of the base's whole (resized) embedding matrices, which peft
+    adds by default when a model was resized: what trained is in the adapter (the trainable tokens'
+    rows, or the modules_to_save copies), and loading resizes the base to the run's rows first
+    (:func:`chattune.vocab.resize.resize_like_run`)."""
+    save = model.save_pretrained
+
+    def save_pretrained(*args, **kwargs):
+        kwargs.setdefault("save_embedding_layers", False)
+        return save(*args, **kwargs)
+
+    model.save_pretrained = save_pretrained
 
 
 def setup_batching_and_loss(config: RunConfig, model, prepared: PreparedData, pad_token_id: int,
@@ -163,8 +200,14 @@ def setup_preference(config: RunConfig, model, prepared: PreparedPreference, pad
 
 
 def stage_record(config: RunConfig, reference: str | None, started_from: Path | None) -> dict:
-    """What a preference run's manifest says of its stage: the stage, its settings, the reference used."""
+    """What a pre-training or preference run's manifest says of its stage: the stage, its
+    settings, the reference used."""
     p = config.preference
+    if p.stage == "pretrain":
+        d = config.data
+        record = {"name": "pretrain", "text_field": d.text_field, "text_documents": d.text_documents,
+                  "streaming": d.streaming}
+        return {**record, "started_from": str(started_from)} if started_from is not None else record
     keys = {"dpo": ("pref_beta", "pref_loss", "pref_label_smoothing", "pref_ftx"),
             "orpo": ("pref_beta",),
             "simpo": ("pref_beta", "simpo_gamma", "pref_label_smoothing", "pref_ftx"),
@@ -224,6 +267,38 @@ def train(config: RunConfig, *, log=print) -> TrainResult:
         raise error from exc
 
 
+def vocabulary_record(config: RunConfig, tokenizer, method: Method, resized: dict | None,
+                      continued: Path | None) -> dict | None:
+    """What the manifest says of a run trained with another tokenizer than its base's: where it
+    came from, its hash, the rows the model has and how the new ones were made and trained."""
+    path = config.model.tokenizer_name_or_path
+    if not path:
+        return None
+    record = {"tokenizer": str(Path(path).resolve()) if Path(path).exists() else path,
+              "tokenizer_sha256": tokenizer_hash(tokenizer), "tokens": len(tokenizer)}
+    if resized:
+        trained = ("full" if method.name == "full" else
+                   "rows" if config.method.new_tokens_train == "rows" else "embeddings")
+        record.update({**resized, "trained": trained})
+    elif continued is not None:
+        previous = read_manifest(continued).vocabulary
+        record.update({k: v for k, v in previous.items() if k not in record})
+    return record
+
+
+def prepare_pretrain(config: RunConfig, tokenizer, world: World, log=print) -> PreparedData:
+    """A pre-training run's rows: encoded and cached by one process (as :func:`prepare_once`),
+    or, with ``streaming``, read lazily while training (eval_files encoded up front)."""
+    if config.data.streaming:
+        capacity = config.data.pack_length or config.data.max_seq_length
+        prepared = streamed_data(config.data, tokenizer, StreamedBlocks(config.data, tokenizer, capacity))
+    else:
+        with main_first(world):
+            prepared = prepare_pretrain_data(config.data, tokenizer, config.train.seed, log=log)
+    log(format_pretrain_audit(prepared.audit))
+    return prepared
+
+
 def prepare_once(config: RunConfig, tokenizer, template_name: str, world: World, log=print) -> PreparedData:
     """The encoded data, encoded by one process: rank 0 encodes (or finds the cache), the
     others wait and then read the Arrow cache it wrote (:func:`chattune.training.distributed.main_first`)."""
@@ -250,9 +325,12 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
     config, continued = start_from_run(config, log)
     stage = config.preference.stage
 
-    tokenizer = load_tokenizer(config.model.model_name_or_path, config.model.trust_remote_code)
+    tokenizer, base_tokenizer, new_rows = load_tokenizers(config, log)
     template_name = resolve_template_name(config.data.template, tokenizer)
-    if stage == "sft":
+    if stage == "pretrain":
+        prepared = prepare_pretrain(config, tokenizer, world, log)
+        fingerprint = prepared.fingerprint
+    elif stage == "sft":
         prepared = prepare_once(config, tokenizer, template_name, world, log)
         log(format_audit(prepared.audit))
         fingerprint = prepared.fingerprint
@@ -264,16 +342,21 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
 
     # whole on every process, also under FSDP and ZeRO-3: the probes below run on the real weights,
     # and the Trainer shards them when it wraps the model (so the model must fit one device once)
-    model = load_for_training(config, method, continued)
+    model, resized = load_for_training(config, method, continued, new_rows)
+    vocabulary = vocabulary_record(config, tokenizer, method, resized, continued)
+    if resized:
+        log(f"vocabulary: {resized['new_tokens']:,} new tokens from {config.model.tokenizer_name_or_path}: "
+            f"{resized['base_rows']:,} -> {resized['rows']:,} embedding rows, each new row the mean of its "
+            f"base pieces' rows; trained: {vocabulary['trained']}")
     trainable, total = count_parameters(model)
     log(f"method {method.name}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.3%})")
     reference = None
-    if stage != "sft":
+    if stage not in ("sft", "pretrain"):
         reference = resolve_reference(config.preference, method.name in ADAPTER_METHODS, continued is not None)
 
     with ExitStack() as patches:  # undone when training ends, also on an error
         objective = None
-        if stage == "sft":
+        if stage in ("sft", "pretrain"):
             batches, loss = setup_batching_and_loss(config, model, prepared, tokenizer.pad_token_id, patches, log,
                                                     world.world_size)
             loss_mode = loss.mode
@@ -282,11 +365,19 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
                                                   reference, log)
             loss, loss_mode = None, "preference"
         audit = {**prepared.audit, "batching": {**batches.summary, "loss": loss_mode}}
+        if stage == "pretrain" and "train" in batches.summary:  # the blocks rows were packed into
+            for split in ("train", "eval"):
+                plan = batches.summary.get(split)
+                if plan and audit.get(split):
+                    audit[split] = {**audit[split], "blocks": plan["bins"], "block_length": plan["bin_length"],
+                                    "padding_share": round(1 - plan["fill"], 4)}
         if world.is_main:
             (output_dir / AUDIT_NAME).write_text(json.dumps(audit, indent=2, ensure_ascii=False))
-        base = base_model_fingerprint(config.model.model_name_or_path, config.model.trust_remote_code, tokenizer)
+        base = base_model_fingerprint(config.model.model_name_or_path, config.model.trust_remote_code,
+                                      base_tokenizer)
         manifest = build_manifest(config, base, template_name, tokenizer, fingerprint,
-                                  stage_record(config, reference, continued) if stage != "sft" else None)
+                                  stage_record(config, reference, continued) if stage != "sft" else None,
+                                  vocabulary)
         vocab_size = model.get_input_embeddings().weight.shape[0]
         patches.enter_context(loss.capturing() if loss is not None else objective.capturing())
         if reference == "precompute":

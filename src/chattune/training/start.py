@@ -1,4 +1,5 @@
-"""Where a training run starts: a base model, or a run folder whose LoRA adapter trains further.
+"""Where a training run starts: a base model, or a run folder whose LoRA adapter trains further;
+its tokenizer, and the settings that train the tokens it adds.
 
 Shared by the training (:mod:`chattune.training.recipe`) and its memory plan
 (:mod:`chattune.training.memory_plan`), so that ``--dry-run`` plans the model the run loads.
@@ -10,9 +11,12 @@ import dataclasses
 from pathlib import Path
 
 from chattune.config import RunConfig
+from chattune.config_io import source_prefix
 from chattune.errors import ConfigError
 from chattune.manifest import is_run_folder, read_manifest
-from chattune.methods import LORA_SETTINGS, get_method
+from chattune.methods import LORA_SETTINGS, Method, get_method
+from chattune.model import load_tokenizer
+from chattune.vocab.resize import NewRows, new_token_rows
 
 PEFT_METHODS = ("lora", "qlora")
 ADAPTER_METHODS = (*PEFT_METHODS, "ptuning")
@@ -46,10 +50,13 @@ def start_from_run(config: RunConfig, log=print) -> tuple[RunConfig, Path | None
         return config, None
     if manifest.method in PEFT_METHODS and config.method.method in PEFT_METHODS:
         settings = {k: v for k, v in manifest.method_settings.items() if k in LORA_SETTINGS}
+        # a run with its own tokenizer (new tokens) goes on with it: its folder holds it
+        tokenizer = config.model.tokenizer_name_or_path or (path if manifest.vocabulary else None)
         started = dataclasses.replace(
             config,
             model=dataclasses.replace(config.model, model_name_or_path=manifest.base_model.path,
-                                      trust_remote_code=manifest.base_model.trust_remote_code),
+                                      trust_remote_code=manifest.base_model.trust_remote_code,
+                                      tokenizer_name_or_path=tokenizer),
             method=dataclasses.replace(config.method, **settings))
         log(f"starting from {path}: its {manifest.method} adapter trains further on its base "
             f"{manifest.base_model.path} (LoRA settings from the run: rank {settings.get('lora_rank')})")
@@ -57,3 +64,40 @@ def start_from_run(config: RunConfig, log=print) -> tuple[RunConfig, Path | None
     raise ConfigError(f"model_name_or_path: {path} is a {manifest.method} run; a {config.method.method} run can "
                       f"start from a LoRA run (with method=lora) or a full fine-tune's folder. Merge it first: "
                       f"chattune export {path} --out merged, then model_name_or_path=merged")
+
+
+def load_tokenizers(config: RunConfig, log=print):
+    """The tokenizer to train with (``tokenizer_name_or_path``, else the base model's), the base
+    model's own, and the rows the model needs for the tokens the first has beyond the second
+    (None when it has none)."""
+    remote = config.model.trust_remote_code
+    base_tokenizer = load_tokenizer(config.model.model_name_or_path, remote)
+    path = config.model.tokenizer_name_or_path
+    if not path:
+        return base_tokenizer, base_tokenizer, None
+    tokenizer = load_tokenizer(path, remote)
+    if len(tokenizer) < len(base_tokenizer):
+        raise ConfigError(f"{source_prefix(config, 'tokenizer_name_or_path')}tokenizer_name_or_path: {path} has "
+                          f"{len(tokenizer):,} tokens, fewer than the base model's {len(base_tokenizer):,}; "
+                          "expected the base's tokenizer or one extended from it (chattune tokenizer extend)")
+    if len(tokenizer) == len(base_tokenizer):
+        return tokenizer, base_tokenizer, None
+    return tokenizer, base_tokenizer, new_token_rows(tokenizer, base_tokenizer, path)
+
+
+def new_token_settings(config: RunConfig, method: Method, new_rows: NewRows | None):
+    """The method settings with new tokens trained: for LoRA their rows (peft's trainable
+    tokens) or the whole embedding and output layers (modules_to_save), by ``new_tokens_train``.
+    freeze and ptuning cannot train new rows (ConfigError); full trains everything anyway."""
+    args = config.method
+    if new_rows is None or method.name == "full":
+        return args
+    if method.name not in ("lora", "qlora"):
+        raise ConfigError(f"{source_prefix(config, 'method')}method: {method.name} cannot train the "
+                          f"{len(new_rows.ids)} new tokens of tokenizer_name_or_path (their rows start untrained); "
+                          "use method=lora (new_tokens_train rows or embeddings) or full")
+    if args.new_tokens_train == "embeddings":
+        return dataclasses.replace(args, modules_to_save=sorted({*(args.modules_to_save or []),
+                                                                 "embed_tokens", "lm_head"}))
+    return dataclasses.replace(args, trainable_token_indices=sorted({*(args.trainable_token_indices or []),
+                                                                     *new_rows.ids}))
