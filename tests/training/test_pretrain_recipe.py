@@ -94,7 +94,10 @@ def test_new_rows_start_as_the_mean_of_their_pieces_and_train(pretrain_run, exte
     assert torch.allclose(start[first_id], old_rows[pieces].mean(0), atol=1e-6)
 
     loaded = load_run(str(pretrain_run.output_dir))
-    model = loaded.model.merge_and_unload() if hasattr(loaded.model, "merge_and_unload") else loaded.model
+    probe = torch.tensor([[1, 2, *rows.ids[:6]]])
+    with torch.no_grad(), loaded.model.disable_adapter():  # adapter off: the extended model as it started
+        assert torch.allclose(loaded.model(input_ids=probe).logits, fresh(input_ids=probe).logits, atol=1e-5)
+    model = loaded.model.merge_and_unload()
     trained = model.get_input_embeddings().weight.detach()
     assert trained.shape == start.shape
     assert torch.equal(trained[:len(old_rows)], old_rows)  # old rows untouched (rows mode)
@@ -183,3 +186,21 @@ def test_a_tokenizer_smaller_than_the_base_is_refused(tiny_models, chinese, char
     with pytest.raises(ConfigError, match="tokenizer_name_or_path: .* fewer than the base model's"):
         train(make_config(tiny_models("llama"), chinese, tmp_path / "s",
                           tokenizer_name_or_path=str(tmp_path / "small")), log=_quiet)
+
+
+def test_the_recipe_examples_parse_and_plan(pretrain_run, extended, tiny_models, capsys):
+    from chattune.cli import main
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "chinese_llama"
+    pretrain = load_config(example / "pretrain.yaml")
+    assert (pretrain.preference.stage, pretrain.method.new_tokens_train) == ("pretrain", "rows")
+    assert main(["train", str(example / "pretrain.yaml"), f"model_name_or_path={tiny_models('llama')}",
+                 f"tokenizer_name_or_path={extended}", "--dry-run"]) == 0
+    assert main(["train", str(example / "sft.yaml"), f"model_name_or_path={pretrain_run.output_dir}",
+                 "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    size = len(load_tokenizer(str(extended)))
+    trained_rows = (size - len(load_tokenizer(str(tiny_models("llama"))))) * 64  # hidden size 64, untied: x2
+    plans = [int(line.split(":")[1].split()[0].replace(",", "")) for line in out.splitlines()
+             if line.startswith("method     lora")]
+    assert len(plans) == 2 and all(p > 2 * trained_rows for p in plans)  # the new rows are counted

@@ -380,7 +380,7 @@ def export_run(run_dir: str, out: str, *, dtype: str = "auto", shard_size: str =
         log(f"export: QLoRA run: merging into the unquantized base loaded in {chosen}, never into 4-bit weights")
     model = load_model(model_args, chosen)
     if method.load is not None and not method.run_is_model:
-        resize_like_run(model, manifest.vocabulary)
+        resize_like_run(model, manifest.vocabulary, run)
         model = method.load(model, run)
     encoder = PieceEncoder(tokenizer)
     prompts = [encode_prompt(messages, template, encoder) for messages in PROBES]

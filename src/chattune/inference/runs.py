@@ -317,7 +317,7 @@ def _load_runs(runs: list[_Run], base_path: str, alone: bool):
         return load_model(ModelArgs(model_name_or_path=str(first.folder), trust_remote_code=remote))
     extra = first.method.base_load_kwargs(first.manifest.method_settings)
     model = load_model(ModelArgs(model_name_or_path=base_path, trust_remote_code=remote), **extra)
-    resize_like_run(model, first.manifest.vocabulary)
+    resize_like_run(model, first.manifest.vocabulary, first.folder)
     if alone:
         with _trained_weights(first):
             return first.method.load(model, first.folder)

@@ -17,6 +17,7 @@ training only: the model returned and the run folder are plain transformers / pe
 from __future__ import annotations
 
 import json
+import shutil
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,7 @@ from chattune.training.start import (
     start_from_run,
 )
 from chattune.training.trainer import ChattuneTrainer, place_model, resume_path, training_arguments
+from chattune.vocab.extend import EXTENSION_NAME
 from chattune.vocab.resize import NewRows, add_rows
 
 METRICS_NAME = "metrics.jsonl"
@@ -344,6 +346,9 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
     # and the Trainer shards them when it wraps the model (so the model must fit one device once)
     model, resized = load_for_training(config, method, continued, new_rows)
     vocabulary = vocabulary_record(config, tokenizer, method, resized, continued)
+    record = Path(config.model.tokenizer_name_or_path or "") / EXTENSION_NAME
+    if vocabulary and record.is_file() and world.is_main:  # the run loads its new rows as they started
+        shutil.copyfile(record, output_dir / EXTENSION_NAME)
     if resized:
         log(f"vocabulary: {resized['new_tokens']:,} new tokens from {config.model.tokenizer_name_or_path}: "
             f"{resized['base_rows']:,} -> {resized['rows']:,} embedding rows, each new row the mean of its "

@@ -32,8 +32,7 @@ def new_token_rows(tokenizer, base_tokenizer, tokenizer_dir: str | None = None) 
     is, else by encoding each new token's text with the base tokenizer."""
     record = read_extension(tokenizer_dir) if tokenizer_dir else None
     if record is not None:
-        entries = record["new_tokens"]
-        return NewRows([e["id"] for e in entries], [e["base_ids"] for e in entries])
+        return _recorded_rows(record)
     ids = list(range(len(base_tokenizer), len(tokenizer)))
     return NewRows(ids, [_base_pieces(tokenizer, base_tokenizer, token_id) for token_id in ids])
 
@@ -53,6 +52,10 @@ def _base_pieces(tokenizer, base_tokenizer, token_id: int) -> list[int]:
     text = tokenizer.decode([token_id])
     split = base_tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
     return split or [base_tokenizer.unk_token_id or 0]
+
+
+def _recorded_rows(record: dict) -> NewRows:
+    return NewRows([e["id"] for e in record["new_tokens"]], [e["base_ids"] for e in record["new_tokens"]])
 
 
 def output_is_tied(model) -> bool:
@@ -93,10 +96,16 @@ def fit_to_tokenizer(model, tokenizer, base_tokenizer, tokenizer_dir: str | Path
     return add_rows(model, new_token_rows(tokenizer, base_tokenizer, str(tokenizer_dir) if tokenizer_dir else None))
 
 
-def resize_like_run(model, vocabulary: dict | None) -> None:
+def resize_like_run(model, vocabulary: dict | None, run_dir: str | Path | None = None) -> None:
     """Give a freshly loaded base model the rows a run trained with (its manifest's
-    ``vocabulary`` record), before the run's trained weights are loaded onto it."""
-    if not vocabulary:
+    ``vocabulary`` record), before the run's trained weights are loaded onto it. Where the run
+    folder keeps the extension record, the new rows start as in training (the mean of their
+    pieces), so that the model with the run's adapter switched off is the extended model before
+    training (``chattune eval --compare base``)."""
+    if not vocabulary or model.get_input_embeddings().weight.shape[0] >= vocabulary["rows"]:
         return
+    record = read_extension(run_dir) if run_dir else None
+    if record is not None:
+        add_rows(model, _recorded_rows(record))
     if model.get_input_embeddings().weight.shape[0] < vocabulary["rows"]:
         model.resize_token_embeddings(vocabulary["rows"], mean_resizing=False)
