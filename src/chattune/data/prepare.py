@@ -57,7 +57,8 @@ class PreparedData:
     reused: bool
 
 
-def _stderr(message: str) -> None:
+def stderr_log(message: str) -> None:
+    """Print ``message`` on stderr at once (the default ``log`` of data preparation)."""
     print(message, file=sys.stderr, flush=True)
 
 
@@ -65,7 +66,7 @@ class Progress:
     """Progress lines of a long data preparation through ``log``: at most one every ``every``
     seconds and none in the first ``every`` seconds, so a small data set prints nothing."""
 
-    def __init__(self, log=_stderr, every: float | None = None, clock=time.monotonic):
+    def __init__(self, log=stderr_log, every: float | None = None, clock=time.monotonic):
         self.log, self.clock = log, clock
         self.every = PROGRESS_SECONDS if every is None else every
         self.started = self.last = clock()
@@ -116,7 +117,8 @@ def data_fingerprint(data: DataArgs, template_name: str, tokenizer, seed: int) -
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _percentiles(lengths: list[int]) -> dict:
+def length_percentiles(lengths: list[int]) -> dict:
+    """p50/p90/p99/max/mean of row lengths (zeros for none), as audits report them."""
     if not lengths:
         return {"p50": 0, "p90": 0, "p99": 0, "max": 0, "mean": 0.0}
     arr = np.asarray(lengths)
@@ -171,7 +173,7 @@ def _encode_split(records, template_name, encoder, options, *, split: str = "tra
         "dropped_examples": dropped_examples, "tokens": tokens, "supervised_tokens": supervised,
         "supervised_share": round(supervised / tokens, 4) if tokens else 0.0,
         "rows_with_tools": tool_rows, "tool_calls": tool_calls, "supervised_call_tokens": call_tokens,
-        "length": _percentiles(lengths),
+        "length": length_percentiles(lengths),
     }
     return rows, audit
 
@@ -213,12 +215,13 @@ def _cache_origin(cache_dir, data: DataArgs) -> str:
     return "$CHATTUNE_CACHE" if "CHATTUNE_CACHE" in os.environ else "the default cache folder"
 
 
-def _unwritable_cache(origin: str, where: Path, exc: OSError) -> ConfigError:
+def unwritable_cache(origin: str, where: Path, exc: OSError) -> ConfigError:
+    """The error for a cache folder (from ``origin``) that cannot be written."""
     return ConfigError(f"cache_dir: cannot write the encoded data set to {where} "
                        f"(from {origin}): {exc.strerror or exc}; set cache_dir to a writable folder")
 
 
-def _load_cached(root: Path, fingerprint: str) -> PreparedData | None:
+def load_cached(root: Path, fingerprint: str) -> PreparedData | None:
     """The cached data set at ``root``, or None when it is missing or unreadable (it is then re-encoded)."""
     from datasets import load_from_disk
 
@@ -234,7 +237,7 @@ def _load_cached(root: Path, fingerprint: str) -> PreparedData | None:
 
 
 def prepare_data(data: DataArgs, tokenizer, template_name: str, seed: int,
-                 cache_dir: str | Path | None = None, force: bool = False, log=_stderr) -> PreparedData:
+                 cache_dir: str | Path | None = None, force: bool = False, log=stderr_log) -> PreparedData:
     """Encode (or reuse from the cache) the train and eval sets of a run; a preparation that
     takes more than a few seconds says how far it is through ``log`` (:class:`Progress`).
 
@@ -252,14 +255,14 @@ def prepare_data(data: DataArgs, tokenizer, template_name: str, seed: int,
     fingerprint = data_fingerprint(data, template_name, tokenizer, seed)
     root = Path(cache_dir or data.cache_dir or default_cache_dir()) / "datasets" / fingerprint
     if (root / "audit.json").is_file() and not force:
-        cached = _load_cached(root, fingerprint)
+        cached = load_cached(root, fingerprint)
         if cached is not None:
             return cached
     origin = _cache_origin(cache_dir, data)
     try:
         root.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise _unwritable_cache(origin, root.parent, exc) from exc
+        raise unwritable_cache(origin, root.parent, exc) from exc
     encoder = PieceEncoder(tokenizer, head_tokens=data.max_seq_length)  # no row keeps more of a text
     progress = Progress(log)
 
@@ -304,11 +307,11 @@ def prepare_data(data: DataArgs, tokenizer, template_name: str, seed: int,
         try:
             tmp.rename(root)
         except OSError:
-            if _load_cached(root, fingerprint) is None:  # not another process's complete copy
+            if load_cached(root, fingerprint) is None:  # not another process's complete copy
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # another process wrote the same data set first
     except OSError as exc:
-        raise _unwritable_cache(origin, root, exc) from exc
+        raise unwritable_cache(origin, root, exc) from exc
     train = load_from_disk(str(root / "train"))
     evaluation = load_from_disk(str(root / "eval")) if (root / "eval").exists() else None
     progress.finished(f"read, encoded and cached {len(train):,} train and "

@@ -28,11 +28,11 @@ from chattune.data.corpus import CorpusCounts, Document, check_corpus_file, held
 from chattune.data.prepare import (
     PreparedData,
     Progress,
-    _load_cached,
-    _percentiles,
-    _stderr,
-    _unwritable_cache,
     default_cache_dir,
+    length_percentiles,
+    load_cached,
+    stderr_log,
+    unwritable_cache,
 )
 from chattune.data.sources import file_digest
 from chattune.errors import ConfigError, DataError
@@ -98,7 +98,7 @@ class _Split:
         return {"documents": self.documents, "documents_split": self.split_documents, "chars": self.chars,
                 "rows_in": self.documents, "rows_out": len(self.rows), "rows_dropped": 0, "rows_truncated": 0,
                 "tokens": tokens, "supervised_tokens": tokens, "supervised_share": 1.0 if tokens else 0.0,
-                "length": _percentiles(lengths)}
+                "length": length_percentiles(lengths)}
 
 
 def pretrain_fingerprint(data: DataArgs, tokenizer, seed: int) -> str:
@@ -122,7 +122,7 @@ def _no_text(counts: list[CorpusCounts], key: str) -> DataError:
 
 
 def prepare_pretrain_data(data: DataArgs, tokenizer, seed: int, cache_dir: str | Path | None = None,
-                          force: bool = False, log=_stderr) -> PreparedData:
+                          force: bool = False, log=stderr_log) -> PreparedData:
     """Encode (or reuse from the cache) the documents of a pre-training run into rows of at most
     ``max_seq_length`` tokens, every token supervised; the audit counts documents, split
     documents, characters and tokens per split and every file's rows.
@@ -139,7 +139,7 @@ def prepare_pretrain_data(data: DataArgs, tokenizer, seed: int, cache_dir: str |
     fingerprint = pretrain_fingerprint(data, tokenizer, seed)
     root = Path(cache_dir or data.cache_dir or default_cache_dir()) / "datasets" / fingerprint
     if (root / "audit.json").is_file() and not force:
-        cached = _load_cached(root, fingerprint)
+        cached = load_cached(root, fingerprint)
         if cached is not None:
             return cached
     progress = Progress(log)
@@ -177,12 +177,12 @@ def prepare_pretrain_data(data: DataArgs, tokenizer, seed: int, cache_dir: str |
         try:
             tmp.rename(root)
         except OSError:
-            if _load_cached(root, fingerprint) is None:
+            if load_cached(root, fingerprint) is None:
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
     except OSError as exc:
         origin = "cache_dir" if (cache_dir or data.cache_dir) else "the default cache folder"
-        raise _unwritable_cache(origin, root, exc) from exc
+        raise unwritable_cache(origin, root, exc) from exc
     train_set = load_from_disk(str(root / "train"))
     eval_set = load_from_disk(str(root / "eval")) if (root / "eval").exists() else None
     progress.finished(f"read and encoded {train.documents:,} train and {evaluation.documents:,} eval documents")
