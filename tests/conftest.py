@@ -39,6 +39,24 @@ def tiny_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def ggufs(tiny_models, tmp_path_factory):
+    """arch -> (tiny model folder, its f16 GGUF written by llama.cpp's converter), converted
+    once per session (each conversion is a converter process: about 5 s)."""
+    from chattune.export.gguf import write_gguf
+
+    out = tmp_path_factory.mktemp("gguf")
+    made: dict[str, tuple[Path, Path]] = {}
+
+    def get(arch: str) -> tuple[Path, Path]:
+        if arch not in made:
+            model = tiny_models(arch)
+            made[arch] = (model, write_gguf(model, out / f"{arch}.f16.gguf", "f16"))
+        return made[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def data_file(tmp_path_factory) -> Path:
     """The demo's taught records (identity and facts, English and Chinese) as an Alpaca JSON file."""
     import json

@@ -9,10 +9,16 @@ import pytest
 from chattune.cli import main
 from chattune.demo import run_demo
 
+DEMO_STEPS = 250
+"""The demo's run, shortened from its 400 steps (its cosine schedule compressed to 250): the
+taught answers are learned by then too (measured: exact match 100 at 250 steps, 92 at 200, 46 at
+150), at 60% of the demo's training time."""
+
 
 def test_demo_learns_the_taught_instructions(tmp_path):
     lines = []
-    result = run_demo(str(tmp_path / "demo"), log=lines.append)
+    result = run_demo(str(tmp_path / "demo"), max_steps=DEMO_STEPS, log=lines.append)
+    assert result["steps"] == DEMO_STEPS
     assert result["exact_match_before"] <= 10  # percent, as chattune eval reports exact match
     assert result["exact_match_after"] >= 90
     assert result["eval_loss_after"] < result["eval_loss_before"]

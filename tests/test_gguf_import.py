@@ -91,13 +91,20 @@ def test_transformers_is_told_gguf_is_there_only_while_loading():
 
 
 @pytest.fixture(scope="module")
-def llama_ggufs(tiny_models, tmp_path_factory):
-    """A tiny LLaMA and its GGUF exports (llama.cpp's converter): f16 and q8_0."""
+def llama_ggufs(ggufs, tmp_path_factory):
+    """A tiny LLaMA and its GGUF exports (llama.cpp's converter): f16 and q8_0, each alone in a
+    folder. The f16 file is a copy of the session's (tests/conftest.py ``ggufs``, also read by
+    tests/export/test_gguf.py): one converter run fewer."""
+    import shutil
+
     from chattune.export.gguf import write_gguf
 
-    model = tiny_models("llama")
+    model, f16 = ggufs("llama")
     out = tmp_path_factory.mktemp("gguf-import")
-    return model, {kind: write_gguf(model, out / kind / f"tiny.{kind}.gguf", kind) for kind in ("f16", "q8_0")}
+    (out / "f16").mkdir()
+    files = {"f16": Path(shutil.copyfile(f16, out / "f16" / "tiny.f16.gguf")),
+             "q8_0": write_gguf(model, out / "q8_0" / "tiny.q8_0.gguf", "q8_0")}
+    return model, files
 
 
 def test_converted_once_reused_and_equal_to_the_model_it_came_from(llama_ggufs, capfd):

