@@ -100,7 +100,6 @@ def cmd_data_prepare(args) -> int:
 def cmd_train(args) -> int:
     """Fine-tune: ``chattune train CONFIG.yaml [key=value ...]``."""
     from chattune.config_io import describe_keys, load_config
-    from chattune.training.recipe import train
 
     if args.help_config:
         print(describe_keys(markdown=args.markdown))
@@ -145,6 +144,8 @@ def cmd_train(args) -> int:
             train_args = ([config_path] if config_path else []) + overrides
             hint = "chattune train " + " ".join(train_args + ["resume_from_checkpoint=true", f"--nproc {args.nproc}"])
             return launch_local(args.nproc, train_args, config.train.output_dir, hint)
+    from chattune.training.recipe import train  # not before: a launcher of workers needs none of it
+
     try:
         result = train(config)
     except TrainingError:
