@@ -226,6 +226,12 @@ class TrainArgs:
     where a probe shows the model's logits are its output layer's, else plain."""
     loss_chunk_size: int = 1024
     """Tokens per chunk of the chunked loss (memory: about twice this many x vocabulary float32 logits)."""
+    neftune_noise_alpha: float | None = None
+    """NEFTune: uniform noise scaled by alpha / sqrt(tokens x hidden size) added to the input
+    embeddings while training (5 is the paper's usual value); never at evaluation or generation."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+: the LoRA B matrices learn at learning_rate x this ratio, in their own optimizer
+    group (the paper suggests 16; lora and qlora only)."""
     torch_compile: bool = False
     """Compile the model with torch.compile (inductor); the first steps take longer."""
     logging_steps: int = 10
@@ -278,6 +284,9 @@ class TrainArgs:
                f"num_train_epochs: must be a finite number, got {self.num_train_epochs}; "
                "for a run of a set length use max_steps")
         _check(self.learning_rate > 0, "learning_rate: must be > 0")
+        for key in ("neftune_noise_alpha", "loraplus_lr_ratio"):
+            value = getattr(self, key)
+            _check(value is None or (math.isfinite(value) and value > 0), f"{key}: must be a finite number > 0")
         _check(self.learning_rate <= MAX_LEARNING_RATE,
                f"learning_rate: {self.learning_rate:g} is beyond what a float32 optimizer can compute with; "
                f"expected a finite number up to {MAX_LEARNING_RATE:g} (LoRA usually 1e-5 to 1e-3)")
@@ -405,6 +414,9 @@ class RunConfig:
             group.validate()
         _check(not self.data.streaming or self.preference.stage == "pretrain",
                f"streaming: reads raw text for stage pretrain only, not stage {self.preference.stage}")
+        _check(self.train.loraplus_lr_ratio is None or self.method.method in ("lora", "qlora"),
+               f"loraplus_lr_ratio: LoRA+ sets the learning rate of LoRA's B matrices; method={self.method.method} "
+               "has none (use method=lora)")
         _check(not self.data.streaming or self.train.max_steps >= 1,
                "streaming: a streamed corpus has no known length; set max_steps (the optimizer updates to run)")
 

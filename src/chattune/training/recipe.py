@@ -397,6 +397,7 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
             processing_class=tokenizer, compute_loss_func=loss, log=log, objective=objective,
             generation_eval=generation_eval(config, prepared, tokenizer, template_name, log) if stage == "sft" else None,
             train_sampler=batches.train_sampler(config.train.seed),
+            loraplus_lr_ratio=config.train.loraplus_lr_ratio,
             callbacks=[MetricsLogger(output_dir / METRICS_NAME), ManifestWriter(manifest, config),
                        CollapseWatch(vocab_size, config.train.learning_rate, log=log)],
         )

@@ -55,8 +55,10 @@ class ChattuneTrainer(Trainer):
     gradient norm or weight stops training with a :class:`TrainingError` (the Trainer's
     ``logging_nan_inf_filter`` would hide it)."""
 
-    def __init__(self, *args, log=print, generation_eval=None, train_sampler=None, objective=None, **kwargs):
+    def __init__(self, *args, log=print, generation_eval=None, train_sampler=None, objective=None,
+                 loraplus_lr_ratio: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.loraplus_lr_ratio = loraplus_lr_ratio
         self.chattune_log = log
         self.generation_eval = generation_eval  # model -> {metric: value}, added to each evaluation
         self.chattune_sampler = train_sampler  # packed steps planned per rank (Batches.train_sampler)
@@ -64,6 +66,21 @@ class ChattuneTrainer(Trainer):
         if objective is not None:  # a mean over pairs: the Trainer divides it by the accumulation steps
             self.loss_is_scaled_for_ga = False  # (transformers 5.25+ reads this,
             self.model_accepts_loss_kwargs = False  # earlier versions this)
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, or with ``loraplus_lr_ratio`` peft's LoRA+ optimizer: the
+        optimizer the arguments name, LoRA's B matrices in groups of their own at the ratio's
+        learning rate."""
+        if self.loraplus_lr_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        from peft.optimizers import create_loraplus_optimizer
+
+        optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+        kwargs = {k: v for k, v in kwargs.items() if k != "lr"}
+        self.optimizer = create_loraplus_optimizer(
+            self.model if model is None else model, optimizer_cls, lr=self.args.learning_rate,
+            loraplus_lr_ratio=self.loraplus_lr_ratio, loraplus_weight_decay=self.args.weight_decay, **kwargs)
+        return self.optimizer
 
     # --- preference stages ------------------------------------------------------------------
 
@@ -439,6 +456,7 @@ def training_arguments(config: RunConfig, has_eval: bool, batches: Batches | Non
         report_to=report or "none",
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
+        neftune_noise_alpha=t.neftune_noise_alpha,
         dataloader_num_workers=workers,
         dataloader_persistent_workers=workers > 0,
         dataloader_pin_memory=torch.cuda.is_available(),

@@ -1,0 +1,67 @@
+"""The usual trainer flags, wired to transformers and peft: LoRA+ (the B matrices' learning rate in
+their own optimizer group) and NEFTune (noise on the training embeddings only)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from chattune.config_io import load_config
+from chattune.errors import ConfigError
+from chattune.training.recipe import train
+
+
+def make_config(model: Path, data: Path, out: Path, **overrides):
+    values = {"model_name_or_path": str(model), "train_files": [str(data)], "max_seq_length": 64, "lora_rank": 4,
+              "lora_dropout": 0.0, "output_dir": str(out), "per_device_train_batch_size": 4, "max_steps": 1,
+              "save_steps": 100, "logging_steps": 1, "learning_rate": 1e-3, "seed": 5, "report_to": ["none"]}
+    values.update(overrides)
+    return load_config(None, [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in values.items()])
+
+
+def _quiet(*_):
+    pass
+
+
+def _largest(folder: Path, part: str) -> float:
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    return max(float(t.abs().max()) for name, t in tensors.items() if part in name)
+
+
+def test_loraplus_moves_the_b_matrices_at_the_ratio(tiny_models, data_file, tmp_path):
+    # B starts at zero and Adam's first step moves every element with a gradient by the learning rate
+    plain = train(make_config(tiny_models("llama"), data_file, tmp_path / "plain"), log=_quiet)
+    plus = train(make_config(tiny_models("llama"), data_file, tmp_path / "plus", loraplus_lr_ratio=16), log=_quiet)
+    assert _largest(plain.output_dir, "lora_B") == pytest.approx(1e-3, rel=0.01)
+    assert _largest(plus.output_dir, "lora_B") == pytest.approx(16e-3, rel=0.01)
+
+
+def test_loraplus_needs_lora(tiny_models, data_file, tmp_path):
+    with pytest.raises(ConfigError, match="loraplus_lr_ratio: .*method=freeze"):
+        make_config(tiny_models("llama"), data_file, tmp_path / "f", method="freeze", loraplus_lr_ratio=16)
+
+
+def test_neftune_noises_training_only(tiny_models, data_file, tmp_path):
+    plain = train(make_config(tiny_models("llama"), data_file, tmp_path / "plain", eval_fraction=0.2, eval_steps=1),
+                  log=_quiet)
+    noisy = train(make_config(tiny_models("llama"), data_file, tmp_path / "noisy", eval_fraction=0.2, eval_steps=1,
+                              neftune_noise_alpha=50), log=_quiet)
+    a = load_file(str(plain.output_dir / "adapter_model.safetensors"))
+    b = load_file(str(noisy.output_dir / "adapter_model.safetensors"))
+    assert any(not torch.equal(a[name], b[name]) for name in a)  # the noise changed the gradients
+    # after training no hook is left: the model's embeddings are deterministic in train mode too
+    model = noisy.model.train()
+    ids = torch.tensor([[3, 4, 5, 6]])
+    embedding = model.get_input_embeddings()
+    assert torch.equal(embedding(ids), embedding(ids))
+    assert not embedding._forward_hooks
+
+
+@pytest.mark.parametrize("key", ["neftune_noise_alpha", "loraplus_lr_ratio"])
+def test_the_flags_refuse_values_that_are_not_positive(tiny_models, data_file, tmp_path, key):
+    with pytest.raises(ConfigError, match=f"{key}: must be a finite number > 0"):
+        make_config(tiny_models("llama"), data_file, tmp_path / "x", **{key: 0})
