@@ -232,6 +232,14 @@ class TrainArgs:
     loraplus_lr_ratio: float | None = None
     """LoRA+: the LoRA B matrices learn at learning_rate x this ratio, in their own optimizer
     group (the paper suggests 16; lora and qlora only)."""
+    early_stopping_patience: int | None = None
+    """Stop training when ``early_stopping_metric`` has not improved for this many evaluations in
+    a row (needs eval data; the checkpoints written so far stay)."""
+    early_stopping_metric: str = "eval_loss"
+    """The eval metric early stopping watches: lower is better for a loss, higher otherwise
+    (``eval_rouge-l`` with eval_generate, say)."""
+    early_stopping_threshold: float = 0.0
+    """The least change of the metric that counts as an improvement."""
     torch_compile: bool = False
     """Compile the model with torch.compile (inductor); the first steps take longer."""
     logging_steps: int = 10
@@ -284,6 +292,10 @@ class TrainArgs:
                f"num_train_epochs: must be a finite number, got {self.num_train_epochs}; "
                "for a run of a set length use max_steps")
         _check(self.learning_rate > 0, "learning_rate: must be > 0")
+        _check(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+               "early_stopping_patience: must be >= 1 (evaluations without improvement)")
+        _check(math.isfinite(self.early_stopping_threshold) and self.early_stopping_threshold >= 0,
+               "early_stopping_threshold: must be a finite number >= 0")
         for key in ("neftune_noise_alpha", "loraplus_lr_ratio"):
             value = getattr(self, key)
             _check(value is None or (math.isfinite(value) and value > 0), f"{key}: must be a finite number > 0")
@@ -414,6 +426,8 @@ class RunConfig:
             group.validate()
         _check(not self.data.streaming or self.preference.stage == "pretrain",
                f"streaming: reads raw text for stage pretrain only, not stage {self.preference.stage}")
+        _check(self.train.early_stopping_patience is None or bool(self.data.eval_files) or self.data.eval_fraction > 0,
+               "early_stopping_patience: needs eval data to watch; set eval_files or eval_fraction")
         _check(self.train.loraplus_lr_ratio is None or self.method.method in ("lora", "qlora"),
                f"loraplus_lr_ratio: LoRA+ sets the learning rate of LoRA's B matrices; method={self.method.method} "
                "has none (use method=lora)")

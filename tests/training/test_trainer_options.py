@@ -65,3 +65,33 @@ def test_neftune_noises_training_only(tiny_models, data_file, tmp_path):
 def test_the_flags_refuse_values_that_are_not_positive(tiny_models, data_file, tmp_path, key):
     with pytest.raises(ConfigError, match=f"{key}: must be a finite number > 0"):
         make_config(tiny_models("llama"), data_file, tmp_path / "x", **{key: 0})
+
+
+def test_early_stopping_stops_after_patience_evaluations_without_gain(tiny_models, data_file, tmp_path):
+    lines = []
+    # no evaluation can gain 10 nats: the first sets the best, the next two do not improve on it
+    result = train(make_config(tiny_models("llama"), data_file, tmp_path / "early", max_steps=20, eval_fraction=0.2,
+                               eval_steps=1, save_steps=2, early_stopping_patience=2, early_stopping_threshold=10),
+                   log=lines.append)
+    assert result.global_step == 3
+    assert any(line.startswith("early stopping at step 3: eval_loss") for line in lines)
+    assert (result.output_dir / "checkpoint-2").is_dir()  # checkpoints written before stay
+
+
+def test_early_stopping_watches_a_higher_is_better_metric():
+    from types import SimpleNamespace
+
+    from chattune.training.callbacks import EarlyStopping
+
+    watch = EarlyStopping("eval_rouge-l", patience=1, log=lambda _: None)
+    control = SimpleNamespace(should_training_stop=False)
+    for value in (10.0, 12.0, 13.0):
+        watch.on_evaluate(None, SimpleNamespace(global_step=1), control, metrics={"eval_rouge-l": value})
+        assert not control.should_training_stop
+    watch.on_evaluate(None, SimpleNamespace(global_step=4), control, metrics={"eval_rouge-l": 12.5})
+    assert control.should_training_stop
+
+
+def test_early_stopping_needs_eval_data(tiny_models, data_file, tmp_path):
+    with pytest.raises(ConfigError, match="early_stopping_patience: needs eval data"):
+        make_config(tiny_models("llama"), data_file, tmp_path / "e", early_stopping_patience=2)

@@ -6,7 +6,9 @@
   is a self-describing run folder (written by the trainer into the checkpoint before it is
   renamed into place, so that a checkpoint is never without them);
 - :class:`CollapseWatch`: a warning when the model has collapsed (gradient norm 0 and the
-  loss at ln(vocabulary size), the loss of a uniform guess) for several logging steps.
+  loss at ln(vocabulary size), the loss of a uniform guess) for several logging steps;
+- :class:`EarlyStopping`: training stops when an eval metric has not improved for a number of
+  evaluations (the checkpoints written so far stay).
 """
 
 from __future__ import annotations
@@ -105,3 +107,29 @@ class CollapseWatch(TrainerCallback):
                      f"ln({self.vocab_size}) = {self.uniform_loss:.4f}, a uniform guess; it no longer learns. "
                      f"Likely cause: learning_rate={self.learning_rate:g} is too high; lower it "
                      "(LoRA usually 1e-5 to 1e-3) and start again")
+
+
+class EarlyStopping(TrainerCallback):
+    """Stop training when ``metric`` (an eval metric: lower is better for a loss, higher for any
+    other) has not improved by more than ``threshold`` over its best for ``patience``
+    evaluations in a row; says so through ``log``."""
+
+    def __init__(self, metric: str, patience: int, threshold: float = 0.0, log=print):
+        self.metric, self.patience, self.threshold, self.log = metric, patience, threshold, log
+        self.lower_is_better = "loss" in metric
+        self.best: float | None = None
+        self.stale = 0
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        """Compare this evaluation's value with the best so far; stop after ``patience`` without gain."""
+        value = (metrics or {}).get(self.metric)
+        if value is None or not math.isfinite(value):
+            return
+        if self.best is None or (self.best - value if self.lower_is_better else value - self.best) > self.threshold:
+            self.best, self.stale = value, 0
+            return
+        self.stale += 1
+        if self.stale >= self.patience:
+            control.should_training_stop = True
+            self.log(f"early stopping at step {state.global_step}: {self.metric} {value:.4f} has not improved on "
+                     f"its best {self.best:.4f} by more than {self.threshold:g} for {self.stale} evaluations")

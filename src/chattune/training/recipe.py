@@ -59,7 +59,7 @@ from chattune.training.batching import (
     format_batches,
     resolve_packing,
 )
-from chattune.training.callbacks import CollapseWatch, ManifestWriter, MetricsLogger
+from chattune.training.callbacks import CollapseWatch, EarlyStopping, ManifestWriter, MetricsLogger
 from chattune.training.checkpoints import WRITE_ERRORS, storage_error
 from chattune.training.distributed import (
     World,
@@ -218,6 +218,14 @@ def stage_record(config: RunConfig, reference: str | None, started_from: Path | 
     if started_from is not None:
         record["started_from"] = str(started_from)
     return record
+
+
+def early_stopping(config: RunConfig, log=print) -> list:
+    """The early-stopping callback the config asks for (none without ``early_stopping_patience``)."""
+    t = config.train
+    if t.early_stopping_patience is None:
+        return []
+    return [EarlyStopping(t.early_stopping_metric, t.early_stopping_patience, t.early_stopping_threshold, log)]
 
 
 def check_machine(config: RunConfig) -> None:
@@ -399,7 +407,8 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
             train_sampler=batches.train_sampler(config.train.seed),
             loraplus_lr_ratio=config.train.loraplus_lr_ratio,
             callbacks=[MetricsLogger(output_dir / METRICS_NAME), ManifestWriter(manifest, config),
-                       CollapseWatch(vocab_size, config.train.learning_rate, log=log)],
+                       CollapseWatch(vocab_size, config.train.learning_rate, log=log),
+                       *early_stopping(config, log)],
         )
         result = trainer.train(resume_from_checkpoint=resume)
         eval_loss = trainer.final_eval_loss()
