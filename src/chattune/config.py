@@ -17,11 +17,29 @@ from typing import Any, Literal
 
 from chattune.errors import ConfigError
 
-OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adafactor",
-              "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+CUDA_OPTIMIZERS = ("adamw_bnb_8bit", "adamw_8bit", "ademamix", "ademamix_8bit", "lion_8bit", "lion_32bit",
+                   "paged_adamw_8bit", "paged_adamw_32bit", "paged_ademamix_8bit", "paged_ademamix_32bit",
+                   "paged_lion_8bit", "paged_lion_32bit", "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit",
+                   "galore_adamw_8bit", "galore_adamw_8bit_layerwise")
+"""transformers' optimizers built on bitsandbytes (CUDA)."""
+OPTIMIZER_PACKAGES = {
+    "galore_": ("galore_torch", "galore-torch"), "apollo_": ("apollo_torch", "apollo-torch"),
+    "lomo": ("lomo_optim", "lomo-optim"), "adalomo": ("lomo_optim", "lomo-optim"),
+    "grokadamw": ("grokadamw", "grokadamw"), "schedule_free_": ("schedulefree", "schedulefree"),
+    "adamw_torch_4bit": ("torchao", "torchao"), "adamw_torch_8bit": ("torchao", "torchao"),
+    "adamw_anyprecision": ("torchdistx", "torchdistx"), "stable_adamw": ("optimi", "torch-optimi"),
+}
+"""Optimizer name (prefix) -> (module, pip package) it needs beyond torch."""
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adagrad", "rmsprop", "adafactor", *CUDA_OPTIMIZERS,
+              "galore_adamw", "galore_adafactor", "galore_adamw_layerwise", "galore_adafactor_layerwise",
+              "apollo_adamw", "apollo_adamw_layerwise", "lomo", "adalomo", "grokadamw", "schedule_free_radam",
+              "schedule_free_adamw", "schedule_free_sgd", "adamw_torch_4bit", "adamw_torch_8bit",
+              "adamw_anyprecision", "stable_adamw")
+"""transformers' optimizers (``optim``) that run on CPU or CUDA (not the XLA/NPU ones)."""
+LOW_RANK_OPTIMIZERS = ("galore_", "apollo_")
+"""Optimizers that project the gradients of ``optim_target_modules`` (GaLore, APOLLO)."""
 MAX_LEARNING_RATE = 1e30
 """Above this, Adam's first step (learning_rate / (1 - beta1)) overflows float32."""
-CUDA_OPTIMIZERS = ("adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 MAX_SEED = 2**32 - 1
 """numpy's (and so transformers' ``set_seed``) largest seed."""
 
@@ -210,8 +228,14 @@ class TrainArgs:
     weight_decay: float = 0.0
     """AdamW weight decay."""
     optim: str = "adamw_torch"
-    """Optimizer: adamw_torch, or on CUDA with bitsandbytes adamw_bnb_8bit / paged_adamw_8bit /
-    paged_adamw_32bit."""
+    """Optimizer, as transformers names them: adamw_torch, adamw_torch_fused, sgd, adagrad,
+    rmsprop, adafactor; with their packages galore_* / apollo_* (low-rank gradient projection,
+    with optim_target_modules), lomo, adalomo, grokadamw, schedule_free_*, adamw_torch_4bit/8bit
+    (torchao), stable_adamw; on CUDA the bitsandbytes ones (adamw_bnb_8bit, paged_adamw_8bit,
+    lion_8bit, ...)."""
+    optim_target_modules: list[str] | None = None
+    """galore_* / apollo_*: the modules whose gradients are projected (e.g. ``[attn, mlp]`` or
+    ``all-linear``)."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables)."""
     fp16: bool = False
@@ -317,6 +341,9 @@ class TrainArgs:
         _check(not (self.fp16 and self.bf16), "fp16 and bf16: choose one")
         _check(self.max_grad_norm >= 0, "max_grad_norm: must be >= 0")
         _check(self.optim in OPTIMIZERS, f"optim: expected one of {list(OPTIMIZERS)}")
+        _check(not self.optim.startswith(LOW_RANK_OPTIMIZERS) or bool(self.optim_target_modules),
+               f"optim_target_modules: {self.optim} projects the gradients of chosen modules; name them "
+               "(e.g. optim_target_modules=[attn,mlp] or all-linear)")
         _check(self.dataloader_num_workers is None or self.dataloader_num_workers >= 0,
                "dataloader_num_workers: must be >= 0")
         _check(self.loss_chunk_size >= 1, "loss_chunk_size: must be >= 1")

@@ -18,6 +18,7 @@ peft is the engine for lora, qlora and ptuning; freeze and full are plain
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -26,7 +27,7 @@ from typing import Literal
 
 import torch
 
-from chattune.config import CUDA_OPTIMIZERS, MethodArgs, RunConfig
+from chattune.config import CUDA_OPTIMIZERS, OPTIMIZER_PACKAGES, MethodArgs, RunConfig
 from chattune.errors import ConfigError, ManifestError
 from chattune.model import default_lora_targets
 
@@ -96,6 +97,10 @@ class Method:
             )
         if optim in CUDA_OPTIMIZERS and not torch.cuda.is_available():
             raise ConfigError(f"optim: {optim} is a bitsandbytes optimizer and needs a CUDA GPU; use adamw_torch here")
+        for prefix, (module, package) in OPTIMIZER_PACKAGES.items():
+            if optim.startswith(prefix) and importlib.util.find_spec(module) is None:
+                raise ConfigError(f"optim: {optim} needs the {package} package, which is not installed "
+                                  f"(pip install {package}); or use adamw_torch")
 
 
 def quantization_config(args: MethodArgs):

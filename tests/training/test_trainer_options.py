@@ -95,3 +95,34 @@ def test_early_stopping_watches_a_higher_is_better_metric():
 def test_early_stopping_needs_eval_data(tiny_models, data_file, tmp_path):
     with pytest.raises(ConfigError, match="early_stopping_patience: needs eval data"):
         make_config(tiny_models("llama"), data_file, tmp_path / "e", early_stopping_patience=2)
+
+
+@pytest.mark.parametrize("optim, kind", [("rmsprop", "RMSprop"), ("adagrad", "Adagrad")])
+def test_more_of_transformers_optimizers_train(tiny_models, data_file, tmp_path, optim, kind):
+    result = train(make_config(tiny_models("llama"), data_file, tmp_path / optim, optim=optim), log=_quiet)
+    args = torch.load(result.output_dir / "training_args.bin", weights_only=False)
+    assert args.optim == optim and result.global_step == 1
+    assert _largest(result.output_dir, "lora_B") > 0  # it stepped
+    from transformers import Trainer
+
+    assert Trainer.get_optimizer_cls_and_kwargs(args)[0].__name__ == kind
+
+
+def test_an_optimizer_whose_package_is_missing_is_refused_before_the_model_loads(tiny_models, data_file, tmp_path,
+                                                                                monkeypatch):
+    import importlib.util
+
+    import chattune.training.recipe as recipe
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "galore_torch" else real(name, *a))
+    monkeypatch.setattr(recipe, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    config = make_config(tiny_models("llama"), data_file, tmp_path / "g", optim="galore_adamw",
+                         optim_target_modules=["attn", "mlp"])
+    with pytest.raises(ConfigError, match=r"optim: galore_adamw needs the galore-torch package.*pip install galore-torch"):
+        train(config, log=_quiet)
+
+
+def test_galore_and_apollo_need_their_target_modules(tiny_models, data_file, tmp_path):
+    with pytest.raises(ConfigError, match="optim_target_modules: apollo_adamw projects"):
+        make_config(tiny_models("llama"), data_file, tmp_path / "a", optim="apollo_adamw")

@@ -268,7 +268,7 @@ def estimate(config: RunConfig) -> MemoryPlan:
     trained_bytes = _bytes(load_dtype) if method.trains_base_weights else 4
     gradients = trainable * trained_bytes
     optim = config.train.optim
-    state = {"sgd": 0, "adafactor": 1}.get(optim, 2)
+    state = {"sgd": 0, "adafactor": 1, "adagrad": 1, "rmsprop": 1, "lomo": 0, "adalomo": 0}.get(optim, 2)
     state_bytes = 1 if "8bit" in optim else trained_bytes
     optimizer = trainable * state * state_bytes
     mixed = config.train.fp16 or config.train.bf16 or load_dtype != torch.float32

@@ -457,6 +457,8 @@ def training_arguments(config: RunConfig, has_eval: bool, batches: Batches | Non
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
         neftune_noise_alpha=t.neftune_noise_alpha,
+        optim_target_modules=(t.optim_target_modules[0] if t.optim_target_modules == ["all-linear"]
+                              else t.optim_target_modules),
         dataloader_num_workers=workers,
         dataloader_persistent_workers=workers > 0,
         dataloader_pin_memory=torch.cuda.is_available(),
