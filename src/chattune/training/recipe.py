@@ -335,7 +335,7 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
     config, continued = start_from_run(config, log)
     stage = config.preference.stage
 
-    tokenizer, base_tokenizer, new_rows = load_tokenizers(config, log)
+    tokenizer, base_tokenizer, new_rows = load_tokenizers(config)
     template_name = resolve_template_name(config.data.template, tokenizer)
     if stage == "pretrain":
         prepared = prepare_pretrain(config, tokenizer, world, log)

@@ -66,7 +66,7 @@ def start_from_run(config: RunConfig, log=print) -> tuple[RunConfig, Path | None
                       f"chattune export {path} --out merged, then model_name_or_path=merged")
 
 
-def load_tokenizers(config: RunConfig, log=print):
+def load_tokenizers(config: RunConfig):
     """The tokenizer to train with (``tokenizer_name_or_path``, else the base model's), the base
     model's own, and the rows the model needs for the tokens the first has beyond the second
     (None when it has none)."""

@@ -21,6 +21,7 @@ Byte-level BPE (GPT-2 style: Llama-3, SmolLM2, GLM-4, Qwen) and sentencepiece-st
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections import Counter
@@ -38,18 +39,12 @@ _PRIVATE_START = 0x20000  # code points that stand for base tokens while learnin
 _SP_SPACE = "\u2581"
 
 
-def _byte_level_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet: printable character -> the byte it stands for."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+@functools.cache
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (transformers' own table): printable character -> its byte."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {char: byte for byte, char in bytes_to_unicode().items()}
 
 
 @dataclass(frozen=True)
@@ -61,7 +56,7 @@ class TokenizerKind:
     def text_of(self, token: str) -> bytes | None:
         """The bytes a token stands for (None: a byte-fallback token or an unknown spelling)."""
         if self.style == "byte_level":
-            table = _BYTE_LEVEL
+            table = _byte_level_table()
             if any(c not in table for c in token):
                 return None
             return bytes(table[c] for c in token)
@@ -70,7 +65,6 @@ class TokenizerKind:
         return token.replace(_SP_SPACE, " ").encode("utf-8")
 
 
-_BYTE_LEVEL = _byte_level_decoder()
 
 
 def tokenizer_kind(data: dict, where: str) -> TokenizerKind:
