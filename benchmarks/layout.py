@@ -30,10 +30,11 @@ LAYERS: list[tuple[str, ...]] = [
     ("chattune", "chattune.errors"),
     ("chattune.config",),
     # pure: records and their file formats, text metrics (nothing of chattune but errors)
-    ("chattune.data.records", "chattune.data.formats", "chattune.evaluation.metrics"),
+    ("chattune.data.records", "chattune.vision.images", "chattune.data.formats", "chattune.evaluation.metrics"),
     ("chattune.chatglm", "chattune.gguf_import", "chattune.pretrained"),  # model files into native folders
     ("chattune.special_text",),  # an exported tokenizer read back as its run's
     ("chattune.model", "chattune.methods", "chattune.config_io"),
+    ("chattune.vision",),  # a vision-language model's processor: image tokens and pixels
     ("chattune.vocab",),  # new tokens: learned into a tokenizer, given embedding rows
     ("chattune.templates",),
     ("chattune.data",),  # sources, encode, prepare: records through a template into tokens
@@ -46,7 +47,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("chattune.export",),
     ("chattune.kb",),
     ("chattune.serve",),
-    ("chattune.cli", "chattune.demo", "chattune.demo_real", "chattune.chat", "chattune.predict", "chattune.tiny"),
+    ("chattune.cli", "chattune.demo", "chattune.demo_real", "chattune.chat", "chattune.predict", "chattune.tiny",
+     "chattune.tiny_vlm"),
 ]
 """Low to high. A name covers its package's modules unless a longer name says otherwise."""
 

@@ -39,6 +39,45 @@ def tiny_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_vlms(tmp_path_factory):
+    """A function arch (``llava`` or ``idefics3``) -> path of a tiny random vision-language model
+    with its processor, built once per session."""
+    from chattune.tiny_vlm import build_tiny_vlm
+
+    root = tmp_path_factory.mktemp("tiny-vlms")
+    built: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in built:
+            built[arch] = build_tiny_vlm(root / arch, arch, hidden_size=64, num_layers=2, vision_hidden_size=32)
+        return built[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def image_data(tmp_path_factory) -> Path:
+    """A JSON file of 12 LLaMA-Factory style rows (``messages`` with ``<image>``, ``images``
+    relative to the file): a coloured square each, asked its colour; the images beside it in ``img/``."""
+    import json
+
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("image-data")
+    (folder / "img").mkdir()
+    colours = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 60, 220)}
+    rows = []
+    for i in range(12):
+        name = list(colours)[i % 3]
+        Image.new("RGB", (40 + i, 36), colours[name]).save(folder / "img" / f"{i}.png")
+        rows.append({"messages": [{"role": "user", "content": "<image>What colour is it?"},
+                                  {"role": "assistant", "content": name}], "images": [f"img/{i}.png"]})
+    path = folder / "colours.json"
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
 def ggufs(tiny_models, tmp_path_factory):
     """arch -> (tiny model folder, its f16 GGUF written by llama.cpp's converter), converted
     once per session (each conversion is a converter process: about 5 s)."""

@@ -313,8 +313,16 @@ def cmd_report(args) -> int:
 
 def cmd_tiny_model(args) -> int:
     """Write a tiny random model of a real architecture with a working tokenizer."""
+    from chattune.errors import ConfigError
     from chattune.tiny import build_tiny_model
+    from chattune.tiny_vlm import VLM_ARCHS, build_tiny_vlm
 
+    if args.arch in VLM_ARCHS:
+        if args.tokenizer_from:
+            raise ConfigError(f"--tokenizer-from: not supported for the vision-language arch {args.arch}")
+        path = build_tiny_vlm(args.out, args.arch, hidden_size=args.hidden_size, num_layers=args.num_layers)
+        print(f"wrote a tiny {args.arch} vision-language model (with its processor) to {path}")
+        return 0
     path = build_tiny_model(args.out, args.arch, tokenizer_from=args.tokenizer_from,
                             hidden_size=args.hidden_size, num_layers=args.num_layers)
     print(f"wrote a tiny {args.arch} model to {path}")
@@ -538,7 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser("tiny-model", help="write a tiny random model of a real architecture")
     tiny.add_argument("out")
-    tiny.add_argument("--arch", default="glm4", choices=["glm4", "glm", "llama", "qwen2"])
+    tiny.add_argument("--arch", default="glm4", choices=["glm4", "glm", "llama", "qwen2", "llava", "idefics3"],
+                      help="llava, idefics3: a vision-language model (vision tower, projector, language model, "
+                           "processor)")
     tiny.add_argument("--tokenizer-from", help="reuse this model's tokenizer")
     tiny.add_argument("--hidden-size", type=int, default=256)
     tiny.add_argument("--num-layers", type=int, default=4)

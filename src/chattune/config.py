@@ -152,7 +152,8 @@ class MethodArgs:
 
     method: Literal["lora", "qlora", "freeze", "ptuning", "full"] = "lora"
     """Fine-tuning method: lora, qlora (4/8-bit base + LoRA, CUDA), freeze (last n blocks'
-    MLPs), ptuning (P-Tuning v2 prefix encoder), full (every parameter)."""
+    MLPs; on a vision-language model, the projector), ptuning (P-Tuning v2 prefix encoder),
+    full (every parameter; on a vision-language model, all but the vision tower)."""
     lora_rank: int = 8
     """LoRA rank r (lora, qlora)."""
     lora_alpha: float | None = None
@@ -184,6 +185,12 @@ class MethodArgs:
     """freeze: module names trained inside those blocks (``all`` for the whole block)."""
     freeze_extra_modules: list[str] | None = None
     """freeze: further modules trained anywhere, by name (e.g. lm_head)."""
+    train_projector: bool = True
+    """Vision-language models: train the projector between the vision tower and the language
+    model (lora: in full beside the adapters; freeze trains only it, MiniGPT-4's stage)."""
+    train_vision_tower: bool = False
+    """Vision-language models: train the vision tower too (frozen by default, as MiniGPT-4 and
+    LLaVA keep it)."""
     pre_seq_len: int = 16
     """ptuning: number of virtual prefix tokens."""
     prefix_projection: bool = False

@@ -235,12 +235,17 @@ def _apply_ptuning(model, args: MethodArgs, gradient_checkpointing: bool):
     return get_peft_model(model, prefix_config(args))
 
 
-def _apply_freeze(model, args: MethodArgs, gradient_checkpointing: bool):
-    names = set(freeze_parameter_names(model, args))
+def train_only(model, names: set[str]):
+    """``model`` with only the parameters ``names`` trainable, saving (``save_pretrained``) only
+    those tensors, as the freeze method does."""
     for name, param in model.named_parameters():
         param.requires_grad_(name in names)
     model.save_pretrained = _save_trained_tensors(model, sorted(names))
     return model
+
+
+def _apply_freeze(model, args: MethodArgs, gradient_checkpointing: bool):
+    return train_only(model, set(freeze_parameter_names(model, args)))
 
 
 def _apply_full(model, args: MethodArgs, gradient_checkpointing: bool):

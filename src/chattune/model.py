@@ -132,14 +132,25 @@ def resolve_dtype(dtype: str, fp16: bool = False, bf16: bool = False) -> torch.d
     return torch.float32
 
 
+def model_class(path: str, trust_remote_code: bool = False):
+    """The transformers auto class that loads the model at ``path`` (native): image-text-to-text
+    for a vision-language model (its config has a ``vision_config``), else causal LM."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception:  # from_pretrained below says what is wrong with the folder
+        return AutoModelForCausalLM
+    return AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
+
+
 def load_model(args: ModelArgs, dtype: torch.dtype = torch.float32, **extra):
-    """The base causal LM from a path (or cached hub id); ``extra`` goes to from_pretrained.
+    """The base causal LM (or vision-language model) from a path (or cached hub id); ``extra``
+    goes to from_pretrained.
 
     Raises ConfigError for an empty path and ModelLoadError (see :func:`load_error`)
     when the model cannot be loaded.
     """
-    from transformers import AutoModelForCausalLM
-
     if not args.model_name_or_path:
         raise ConfigError("model_name_or_path: no base model given; set it to a model folder")
     kwargs = {"dtype": dtype, "trust_remote_code": args.trust_remote_code, **extra}
@@ -147,7 +158,7 @@ def load_model(args: ModelArgs, dtype: torch.dtype = torch.float32, **extra):
         kwargs["device_map"] = args.device_map
     path = native_model_path(args.model_name_or_path)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        return model_class(path, args.trust_remote_code).from_pretrained(path, **kwargs)
     except Exception as exc:
         raise load_error(path, exc) from exc
 

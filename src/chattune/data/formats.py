@@ -31,6 +31,7 @@ from chattune.data.records import (
     validate_messages,
 )
 from chattune.errors import ChattuneError
+from chattune.vision.images import PLACEHOLDER, count_placeholders, load_image, resolve_ref
 
 FORMATS = ("auto", "alpaca", "sharegpt", "openai", "columns")
 COLUMN_TARGETS = ("prompt", "query", "response", "system", "history")
@@ -523,12 +524,76 @@ def check_columns(columns: dict[str, str] | None, where: str, need_answer: bool 
     return columns
 
 
+def _text_of_parts(content: list, loc: str, images: list) -> str:
+    """OpenAI content parts as one text: text parts in order, each image part a
+    :data:`~chattune.vision.images.PLACEHOLDER` (its URL appended to ``images``)."""
+    texts = []
+    for j, part in enumerate(content):
+        where = f"{loc}.content[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind in ("image_url", "image"):
+            url = part.get("image_url", part.get("image"))
+            images.append((url.get("url") if isinstance(url, dict) else url, where))
+            texts.append(PLACEHOLDER)
+        else:
+            raise RecordError(f"{where}: expected a content part {{\"type\": \"text\", \"text\": ...}} or "
+                              f"{{\"type\": \"image_url\", \"image_url\": {{\"url\": ...}}}}, got {part!r:.80}")
+    return "".join(texts)
+
+
+def _with_part_images(value: dict, where: str) -> tuple[dict, list]:
+    """``value`` with each message's OpenAI content parts made one text, and the images the
+    parts named (``(url, where)`` pairs, in order)."""
+    raw = value.get("messages")
+    if not isinstance(raw, list) or not any(isinstance(m, dict) and isinstance(m.get("content"), list) for m in raw):
+        return value, []
+    images: list = []
+    messages = [dict(m, content=_text_of_parts(m["content"], f"{where}.messages[{i}]", images))
+                if isinstance(m, dict) and isinstance(m.get("content"), list) else m for i, m in enumerate(raw)]
+    return {**value, "messages": messages}, images
+
+
+def read_images(value: dict, messages: list[dict], part_images: list, where: str,
+                base_dir: str | Path | None) -> list[str] | None:
+    """The images of one row, canonical (:func:`~chattune.vision.images.resolve_ref`), each read
+    and decoded once to prove it usable; None for a row without images.
+
+    Raises RecordError (an ImageError for an image) for images given both as content parts and
+    in ``images``, a count that differs from the placeholders', and an image that cannot be used.
+    """
+    given = value.get("images")
+    if isinstance(given, str):
+        given = [given]
+    if given not in (None, []) and not isinstance(given, list):
+        raise RecordError(f"{where}.images: expected a list of image paths, got {type(given).__name__}")
+    if given and part_images:
+        raise RecordError(f"{where}: images given both as content parts and in 'images'; expected one of the two")
+    named = part_images or [(ref, f"{where}.images[{i}]") for i, ref in enumerate(given or [])]
+    marks = count_placeholders(messages)
+    if not named and not marks:
+        return None
+    if marks != len(named):
+        raise RecordError(f"{where}: {marks} {PLACEHOLDER} placeholder{'s' if marks != 1 else ''} in the messages "
+                          f"but {len(named)} image{'s' if len(named) != 1 else ''}; expected one image per "
+                          "placeholder, in order")
+    refs = []
+    for ref, loc in named:
+        resolved = resolve_ref(ref, base_dir, loc)
+        load_image(resolved, loc)
+        refs.append(resolved)
+    return refs
+
+
 def to_record(row: RawRow, fmt: str, columns: dict[str, str] | None = None, *,
-              need_answer: bool = True) -> Record:
+              need_answer: bool = True, base_dir: str | Path | None = None) -> Record:
     """Convert one raw row to a validated Record, or raise RecordError naming the row.
 
     With ``need_answer`` False a conversation may end with the user's message
-    (prediction input without a reference).
+    (prediction input without a reference). A row's images (an ``images`` list of paths
+    relative to ``base_dir``, the data file's folder, with one ``<image>`` placeholder each in
+    the messages; or OpenAI ``image_url`` content parts) are checked and kept in ``images``.
     """
     if fmt not in FORMATS:
         raise RecordError(f"{row.where}: unknown format {fmt!r}; expected one of {list(FORMATS)}")
@@ -539,6 +604,8 @@ def to_record(row: RawRow, fmt: str, columns: dict[str, str] | None = None, *,
     if not isinstance(row.value, dict):
         raise RecordError(f"{row.where}: expected a JSON object, got {type(row.value).__name__}")
     tools = None
+    value, part_images = _with_part_images(row.value, row.where)
+    row = RawRow(value, row.where)
     if fmt == "alpaca":
         messages = from_alpaca(row.value, row.where)
     elif fmt == "sharegpt":
@@ -550,4 +617,5 @@ def to_record(row: RawRow, fmt: str, columns: dict[str, str] | None = None, *,
     else:
         messages = from_columns(row.value, row.where, check_columns(columns, row.where, need_answer), need_answer)
     validate_messages(messages, row.where, need_answer=need_answer, tools=tools)
-    return Record(messages=messages, source=row.where, tools=tools)
+    images = read_images(row.value, messages, part_images, row.where, base_dir)
+    return Record(messages=messages, source=row.where, tools=tools, images=images)

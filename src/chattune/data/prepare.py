@@ -26,6 +26,7 @@ import numpy as np
 from chattune import __version__
 from chattune.config import DataArgs
 from chattune.data.encode import IGNORE_INDEX, EncodeOptions, PieceEncoder, encode_all
+from chattune.data.images import encode_image_record, stray_image_token
 from chattune.data.sources import (
     FileSummary,
     file_digest,
@@ -38,7 +39,7 @@ from chattune.model import tokenizer_hash
 from chattune.templates.pieces import uses_tools
 from chattune.templates.registry import template_provenance
 
-ENCODING_VERSION = 3  # 2: tools, tool calls and results (audit counts them); 3: characters cut
+ENCODING_VERSION = 4  # 2: tools, tool calls and results (audit counts them); 3: characters cut; 4: images
 PROGRESS_SECONDS = 5.0
 """The least time between two progress lines, and before the first."""
 PROGRESS_ROWS = 1000
@@ -97,8 +98,9 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("CHATTUNE_CACHE", Path.home() / ".cache" / "chattune"))
 
 
-def data_fingerprint(data: DataArgs, template_name: str, tokenizer, seed: int) -> str:
-    """A hash of everything the encoded data set depends on."""
+def data_fingerprint(data: DataArgs, template_name: str, tokenizer, seed: int, vision=None) -> str:
+    """A hash of everything the encoded data set depends on (for a vision-language model, its
+    image processor's settings too)."""
     def source_key(source):
         """What the encoded rows depend on of one data file: its path, bytes and read options."""
         return {"path": str(Path(source.path).resolve()), "sha256": file_digest(source.path),
@@ -114,6 +116,8 @@ def data_fingerprint(data: DataArgs, template_name: str, tokenizer, seed: int) -
         "max_seq_length": data.max_seq_length, "train_on_prompt": data.train_on_prompt,
         "train_last_turn_only": data.train_last_turn_only, "encoding_version": ENCODING_VERSION,
     }
+    if vision is not None:
+        payload["vision"] = vision.fingerprint()
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -126,29 +130,52 @@ def length_percentiles(lengths: list[int]) -> dict:
             "p99": int(np.percentile(arr, 99)), "max": int(arr.max()), "mean": round(float(arr.mean()), 1)}
 
 
+def _encode_rows(records, template_name, encoder, options, vision) -> tuple[list, list[int]]:
+    """Each record encoded (rows with images through :func:`encode_image_record`), and each
+    one's image tokens."""
+    tools = [getattr(r, "tools", None) for r in records]  # records read before tools carry none
+    plain = [i for i, r in enumerate(records) if not getattr(r, "images", None)]
+    encoded: list = [None] * len(records)
+    image_tokens = [0] * len(records)
+    done = encode_all([records[i].messages for i in plain], template_name, encoder, options,
+                      sources=[records[i].source for i in plain], tools=[tools[i] for i in plain])
+    for i, enc in zip(plain, done, strict=True):
+        encoded[i] = stray_image_token(enc, vision)
+    for i, record in enumerate(records):
+        if encoded[i] is None:
+            encoded[i], image_tokens[i] = encode_image_record(record, template_name, encoder, options, vision)
+    return encoded, image_tokens
+
+
 def _encode_split(records, template_name, encoder, options, *, split: str = "train",
-                  progress: Progress | None = None):
+                  progress: Progress | None = None, vision=None):
     """Encode one split's records (``PROGRESS_ROWS`` at a time, telling ``progress``); the rows
     and their audit. Rows with tools are counted (``rows_with_tools``, their ``tool_calls``) and
     the supervised tokens of tool calls apart (``supervised_call_tokens``, part of
     ``supervised_tokens``); truncated rows by the characters cut (``chars_cut``, and ``most_cut``:
-    the row that lost the most)."""
+    the row that lost the most). Rows with images (``vision``: the model's
+    :class:`~chattune.vision.processor.VisionProcessor`) keep their images in an ``images``
+    column, and the audit counts them (``rows_with_images``, ``images``, ``image_tokens``,
+    ``text_tokens``)."""
     tools = [getattr(r, "tools", None) for r in records]  # records read before tools carry none
-    encoded = []
+    encoded, image_tokens = [], []
     for start in range(0, len(records), PROGRESS_ROWS):
-        chunk = slice(start, start + PROGRESS_ROWS)
-        encoded += encode_all([r.messages for r in records[chunk]], template_name, encoder, options,
-                              sources=[r.source for r in records[chunk]], tools=tools[chunk])
+        chunk_rows, chunk_images = _encode_rows(records[start:start + PROGRESS_ROWS], template_name, encoder,
+                                                options, vision)
+        encoded += chunk_rows
+        image_tokens += chunk_images
         if progress is not None:
             progress.rows(f"encoding {split}", len(encoded), len(records))
-    rows = {"input_ids": [], "labels": []}
+    with_images = any(getattr(r, "images", None) for r in records) and vision is not None
+    rows = {"input_ids": [], "labels": [], **({"images": []} if with_images else {})}
+    image_rows = images = image_token_total = 0
     dropped: Counter = Counter()
     dropped_examples = []
     truncated = chars_cut = 0
     most_cut = None
     tokens = supervised = call_tokens = tool_rows = tool_calls = 0
     lengths = []
-    for record, row_tools, enc in zip(records, tools, encoded, strict=True):
+    for record, row_tools, enc, row_image_tokens in zip(records, tools, encoded, image_tokens, strict=True):
         if enc.dropped:
             dropped[enc.dropped] += 1
             if len(dropped_examples) < 5:
@@ -160,6 +187,11 @@ def _encode_split(records, template_name, encoder, options, *, split: str = "tra
             most_cut = {"source": record.source, "chars_cut": enc.chars_cut}
         rows["input_ids"].append(enc.input_ids)
         rows["labels"].append(enc.labels)
+        if with_images:
+            rows["images"].append(list(record.images or []))
+            image_rows += bool(record.images)
+            images += len(record.images or [])
+            image_token_total += row_image_tokens
         lengths.append(len(enc.input_ids))
         tokens += len(enc.input_ids)
         supervised += sum(1 for label in enc.labels if label != IGNORE_INDEX)
@@ -175,6 +207,9 @@ def _encode_split(records, template_name, encoder, options, *, split: str = "tra
         "rows_with_tools": tool_rows, "tool_calls": tool_calls, "supervised_call_tokens": call_tokens,
         "length": length_percentiles(lengths),
     }
+    if with_images:
+        audit.update(rows_with_images=image_rows, images=images, image_tokens=image_token_total,
+                     text_tokens=tokens - image_token_total)
     return rows, audit
 
 
@@ -237,9 +272,11 @@ def load_cached(root: Path, fingerprint: str) -> PreparedData | None:
 
 
 def prepare_data(data: DataArgs, tokenizer, template_name: str, seed: int,
-                 cache_dir: str | Path | None = None, force: bool = False, log=stderr_log) -> PreparedData:
+                 cache_dir: str | Path | None = None, force: bool = False, log=stderr_log,
+                 vision=None) -> PreparedData:
     """Encode (or reuse from the cache) the train and eval sets of a run; a preparation that
     takes more than a few seconds says how far it is through ``log`` (:class:`Progress`).
+    ``vision``: a vision-language model's processor (rows with images need one).
 
     Raises ConfigError for a missing ``train_files`` or an unwritable cache folder,
     DataFileError/RecordError for unreadable files or (strict) bad records, and
@@ -252,7 +289,7 @@ def prepare_data(data: DataArgs, tokenizer, template_name: str, seed: int,
     if not data.train_files:
         raise ConfigError("train_files: no training data given; set train_files to one or more data files "
                           "(train_files=[data.jsonl] on the command line)")
-    fingerprint = data_fingerprint(data, template_name, tokenizer, seed)
+    fingerprint = data_fingerprint(data, template_name, tokenizer, seed, vision)
     root = Path(cache_dir or data.cache_dir or default_cache_dir()) / "datasets" / fingerprint
     if (root / "audit.json").is_file() and not force:
         cached = load_cached(root, fingerprint)
@@ -280,12 +317,13 @@ def prepare_data(data: DataArgs, tokenizer, template_name: str, seed: int,
                             "lower eval_fraction, add data, or give eval_files")
     options = EncodeOptions(data.max_seq_length, data.train_on_prompt, data.train_last_turn_only)
     progress.rows("read", len(records) + len(eval_records), len(records) + len(eval_records))
-    train_rows, train_audit = _encode_split(records, template_name, encoder, options, progress=progress)
+    train_rows, train_audit = _encode_split(records, template_name, encoder, options, progress=progress,
+                                            vision=vision)
     if not train_rows["input_ids"]:
         raise DataError(f"train_files: no training rows left after reading and encoding: "
                         f"{_why_no_rows(summaries, train_audit, data.max_seq_length)}")
     eval_rows, eval_audit = (_encode_split(eval_records, template_name, encoder, options, split="eval",
-                                           progress=progress) if eval_records else (None, None))
+                                           progress=progress, vision=vision) if eval_records else (None, None))
     if data.eval_files and not (eval_rows and eval_rows["input_ids"]):
         raise DataError(f"eval_files: no evaluation rows left after reading and encoding: "
                         f"{_why_no_rows(eval_summaries, eval_audit, data.max_seq_length)}")
@@ -347,6 +385,11 @@ def format_audit(audit: dict) -> str:
             f"({a['supervised_share']:.1%}); length p50 {length['p50']} p90 {length['p90']} "
             f"p99 {length['p99']} max {length['max']} mean {length['mean']}"
         )
+        if a.get("rows_with_images"):
+            lines.append(f"[{split}] rows with images {a['rows_with_images']}, images {a['images']}, "
+                         f"image tokens {a['image_tokens']} (never supervised), text tokens {a['text_tokens']}; "
+                         f"supervised share of the text tokens "
+                         f"{a['supervised_tokens'] / max(1, a['text_tokens']):.1%}")
         if a.get("rows_with_tools"):
             lines.append(f"[{split}] rows with tools {a['rows_with_tools']}, tool calls {a['tool_calls']}, "
                          f"supervised call tokens {a['supervised_call_tokens']} (of the supervised "

@@ -1,4 +1,5 @@
-"""The one internal record type: a conversation as a list of messages, plus the tools it may call.
+"""The one internal record type: a conversation as a list of messages, plus the tools it may call
+and the images it shows.
 
 A message is a plain dict ``{"role": "system"|"user"|"assistant"|"tool", "content": str}``.
 A user message converted from Alpaca data may also carry ``"input"``: the
@@ -38,13 +39,16 @@ class Record:
     messages: list[dict]
     source: str = ""
     tools: list[dict] | None = None
+    images: list[str] | None = None  # one per <image> placeholder, in order (absolute paths or data URLs)
 
     def to_json(self) -> dict:
-        """The canonical JSONL row: ``{"messages": [...], "tools": [...], "source": ...}``
-        (``tools`` only when there are tools)."""
+        """The canonical JSONL row: ``{"messages": [...], "tools": [...], "images": [...], "source": ...}``
+        (``tools`` and ``images`` only when there are some)."""
         row: dict = {"messages": self.messages}
         if self.tools:
             row["tools"] = self.tools
+        if self.images:
+            row["images"] = self.images
         row["source"] = self.source
         return row
 

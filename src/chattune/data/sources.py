@@ -63,7 +63,8 @@ class FileSummary:
 def _reason(message: str) -> str:
     """A short reason class for a RecordError message (the part after the location)."""
     tail = message.split(": ", 1)[-1]
-    for marker in ("function call is not valid JSON", "function call arguments are not valid JSON",
+    for marker in ("remote image URLs are not fetched", "corrupt or truncated image", "pixels, over the limit",
+                   "not an image Pillow can read", "placeholder", "not found", "function call is not valid JSON", "function call arguments are not valid JSON",
                    "tools are not valid JSON", "has no tool result", "unknown tool",
                    "empty call name", "a tool message must answer", "no tool call with id",
                    "missing field", "missing column", "expected a string", "empty response",
@@ -76,11 +77,12 @@ def _reason(message: str) -> str:
 
 
 def record_key(record: Record) -> str:
-    """A content hash of a record's messages (tool calls included) and tools, for
+    """A content hash of a record's messages (tool calls included), tools and images, for
     exact-duplicate detection; a record without tools hashes its messages alone, as before."""
     content = record.messages
-    if record.tools:
-        content = {"messages": record.messages, "tools": record.tools}
+    if record.tools or record.images:
+        content = {"messages": record.messages, "tools": record.tools,
+                   **({"images": record.images} if record.images else {})}
     text = json.dumps(content, sort_keys=True, ensure_ascii=False)
     return hashlib.sha1(text.encode()).hexdigest()
 
@@ -92,7 +94,8 @@ def read_source(source: DataSource, *, strict: bool = False, dedup: bool = True,
     if source.format == "columns" or source.columns:
         check_columns(source.columns, source.path)
     seen = set() if seen is None else seen
-    records = read_counted(source.path, summary, lambda row: to_record(row, source.format, source.columns),
+    records = read_counted(source.path, summary, lambda row: to_record(row, source.format, source.columns,
+                                                                     base_dir=Path(source.path).parent),
                            record_key, strict=strict, dedup=dedup, seen=seen)
     for record in records:
         summary.with_tools += bool(record.tools)

@@ -76,6 +76,10 @@ class Sequence:
     """Ids never to sample (the ones the tokenizer cannot decode)."""
     error: str | None = None
     """Why the request failed, when it did (it then ended with an ``error`` event)."""
+    images: list = field(default_factory=list)
+    """The prompt's images (Pillow), in the order of their tokens (vision-language models)."""
+    image_inputs: Callable[[list], dict] | None = None
+    """The model's processor turning a batch's images into its pixel inputs."""
 
     def fail(self, message: str) -> bool:
         """End the request with an ``error`` event saying ``message``; False when it had ended already."""
@@ -198,7 +202,7 @@ class Decoder:
         if self.prefix:
             cache = self.model.get_prompt(len(seqs), max_cache_len=self.prefix + longest)
             mask = torch.cat([mask.new_ones((len(seqs), self.prefix)), mask], 1)
-        logits, cache = self._forward(ids, mask, positions, cache, seqs)
+        logits, cache = self._forward(ids, mask, positions, cache, seqs, image_inputs(seqs, self.device))
         with joining():
             self._join(cache, mask, seqs)
         self._pick(logits, seqs)
@@ -262,8 +266,8 @@ class Decoder:
         lengths = torch.as_tensor([[seq.length] for seq in rows], device=self.device)
         return two_d_positions(lengths, anchors[:, 0], anchors[:, 1])
 
-    def _forward(self, ids, mask, positions, cache, seqs):
-        kwargs = {self._cache_arg: cache, "use_cache": True}
+    def _forward(self, ids, mask, positions, cache, seqs, images: dict | None = None):
+        kwargs = {self._cache_arg: cache, "use_cache": True, **(images or {})}
         if self._keep_last:
             kwargs["logits_to_keep"] = 1
         kwargs.update(self._adapter_kwargs(seqs))
@@ -344,6 +348,16 @@ class Decoder:
         self.counters["completed"] += 1
         seq.emit(Event("done", finish_reason=reason, prompt_tokens=len(seq.prompt_ids),
                        completion_tokens=len(seq.generated)))
+
+
+def image_inputs(seqs: list[Sequence], device) -> dict:
+    """The pixel inputs of the rows' images, in row order (their tokens' order in the batch):
+    empty when no row has an image."""
+    images = [image for seq in seqs for image in seq.images]
+    if not images:
+        return {}
+    make = next(seq.image_inputs for seq in seqs if seq.images)
+    return {key: value.to(device) for key, value in make(images).items()}
 
 
 def ban(logits: torch.Tensor, seqs: list[Sequence]) -> None:

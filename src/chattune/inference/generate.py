@@ -60,11 +60,19 @@ def conversation_sequence(run: LoadedRun, served: ServedModel, messages: list[di
                           emit: Callable[[Event], None] | None = None, tools: list[dict] | None = None) -> Sequence:
     """:func:`sequence` for a conversation (ending with the user's message, or a tool's result)
     rendered with the served model's template and the ``tools`` it offers, cut to leave room for
-    the answer (``params.max_tokens``, itself cut to the room the context leaves)."""
+    the answer (``params.max_tokens``, itself cut to the room the context leaves). Messages may
+    carry ``images`` (see :meth:`LoadedRun.image_prompt`)."""
     budget = max(8, run.context_length - params.max_tokens)
-    ids = run.prompt_ids(messages, served, budget, tools)
+    images = []
+    if any(m.get("images") for m in messages):
+        ids, images = run.image_prompt(messages, served, budget, tools)
+    else:
+        ids = run.prompt_ids(messages, served, budget, tools)
     params.max_tokens = max(1, min(params.max_tokens, run.context_length - len(ids)))
-    return sequence(run, served, ids, params, emit)
+    seq = sequence(run, served, ids, params, emit)
+    if images:
+        seq.images, seq.image_inputs = images, run.vision.pixels
+    return seq
 
 
 def decode(run: LoadedRun, seqs: list[Sequence]) -> list[Sequence]:

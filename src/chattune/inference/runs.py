@@ -25,6 +25,7 @@ import torch
 
 from chattune.config import GenerateArgs, ModelArgs
 from chattune.data.encode import PieceEncoder, encode_prompt, prompt_pieces, visible_chars
+from chattune.data.images import splice_images, with_image_token
 from chattune.data.records import user_text
 from chattune.errors import ChattuneError, ConfigError, ManifestError
 from chattune.inference.decoding import BASE_ADAPTER
@@ -40,11 +41,17 @@ from chattune.manifest import (
 from chattune.methods import Method, get_method
 from chattune.model import load_model, load_tokenizer
 from chattune.templates.registry import get_template, resolve_template_name
+from chattune.vision.images import PLACEHOLDER, ImageError, count_placeholders, load_image
+from chattune.vision.processor import load_vision
 from chattune.vocab.resize import resize_like_run
 
 BASE_NAME = "base"
 PIECES_PER_LOCK = 256
 """Prompt pieces tokenized per hold of the tokenizer lock (what the engine's decoding may wait for)."""
+
+
+class ImagesNotSupported(ChattuneError):
+    """A request with images to a model that reads none."""
 
 
 class PromptTooLong(ChattuneError):
@@ -100,6 +107,8 @@ class LoadedRun:
     default: str
     context_length: int
     uses_adapters: bool
+    vision: object = None
+    """A vision-language model's :class:`~chattune.vision.processor.VisionProcessor` (None: text only)."""
     encoder: PieceEncoder = field(init=False)
     tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -137,6 +146,41 @@ class LoadedRun:
             if most is not None and len(ids) > most:
                 raise PromptTooLong(len(ids), most)
         return ids
+
+    def image_prompt(self, messages: list[dict], profile: ServedModel | None = None,
+                     max_tokens: int | None = None, tools: list[dict] | None = None) -> tuple[list[int], list]:
+        """Token ids of a conversation whose messages carry ``images`` (one per ``<image>``
+        placeholder in their text, in order: Pillow images or references, see
+        :func:`~chattune.vision.images.resolve_ref`), each image expanded into its tokens by the
+        model's processor, at most ``max_tokens`` in all; and the images the ids keep, in order
+        (oldest turns, and their images, dropped first).
+
+        Raises ImagesNotSupported for a model that reads no images, ImageError for an image
+        that cannot be used, PromptTooLong when the last turn's images alone do not fit."""
+        if self.vision is None:
+            raise ImagesNotSupported("this model reads no images (not a vision-language model); "
+                                     "send text only, or serve a vision-language model")
+        images = [load_image(ref, f"message {i}") if isinstance(ref, str) else ref.convert("RGB")
+                  for i, m in enumerate(messages) for ref in (m.get("images") or [])]
+        placed = count_placeholders(messages)
+        if placed != len(images):
+            raise ImageError(f"the messages hold {placed} {PLACEHOLDER} placeholders and {len(images)} images; "
+                             "expected one image per placeholder")
+        with self.tokenizer_lock:
+            expansions = [self.vision.expansion(image) for image in images]
+        extra = sum(len(e) - 1 for e in expansions)
+        budget = (max_tokens if max_tokens is not None else self.context_length) - extra
+        profile = profile or self.profile()
+        marked = with_image_token(messages, self.vision.placeholder)
+        with self.tokenizer_lock:
+            ids = encode_prompt(marked, profile.template, self.encoder, max(1, budget), tools) if budget > 0 else []
+        kept = sum(1 for token in ids if token == self.vision.image_token_id)
+        if budget <= 0 or kept == 0 and images:
+            raise PromptTooLong(extra + len(ids), max_tokens if max_tokens is not None else self.context_length)
+        spliced = splice_images(ids, ids, self.vision.image_token_id, expansions[len(images) - kept:])
+        if spliced is None:
+            raise PromptTooLong(extra + len(ids), max_tokens or self.context_length)
+        return spliced[0], images[len(images) - kept:]
 
     def fewest_prompt_tokens(self, messages: list[dict]) -> int:
         """A lower bound on the prompt tokens of ``messages`` under any template, from the users'
@@ -200,7 +244,9 @@ class LoadedRun:
 
 
 def context_length(config) -> int:
-    """The most tokens (prompt and answer) the model's positions allow."""
+    """The most tokens (prompt and answer) the model's positions allow (a vision-language
+    model's: its language model's)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     for key in ("max_position_embeddings", "seq_length", "n_positions", "max_sequence_length"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
@@ -370,14 +416,16 @@ def _load_bare(target: str, options: LoadOptions) -> LoadedRun:
     model = _finish(load_model(ModelArgs(model_name_or_path=path, trust_remote_code=options.trust_remote_code)))
     template = resolve_template_name(options.template or "auto", tokenizer)
     profile = make_served_model(name, tokenizer, template, _bare_generation(path))
-    return LoadedRun(model, tokenizer, {name: profile}, name, context_length(model.config), uses_adapters=False)
+    return LoadedRun(model, tokenizer, {name: profile}, name, context_length(model.config), uses_adapters=False,
+                     vision=load_vision(path, options.trust_remote_code))
 
 
-def in_memory_run(model, tokenizer, template: str, name: str = BASE_NAME) -> LoadedRun:
+def in_memory_run(model, tokenizer, template: str, name: str = BASE_NAME, vision=None) -> LoadedRun:
     """A model already in memory (being trained, say) answering as ``name`` with ``template``, its
-    stop tokens and the default generation settings, as a loaded run does."""
+    stop tokens and the default generation settings, as a loaded run does (``vision``: its
+    processor, for a vision-language model)."""
     return LoadedRun(model, tokenizer, {name: make_served_model(name, tokenizer, template, GenerateArgs())}, name,
-                     context_length(model.config), uses_adapters=False)
+                     context_length(model.config), uses_adapters=False, vision=vision)
 
 
 def load_run(target: str, options: LoadOptions | None = None, *, warn=print) -> LoadedRun:
@@ -423,4 +471,7 @@ def load_run(target: str, options: LoadOptions | None = None, *, warn=print) -> 
     if not alone:
         template = resolve_template_name(chosen.get(BASE_NAME, "auto"), tokenizer)
         profiles[BASE_NAME] = make_served_model(BASE_NAME, tokenizer, template, GenerateArgs())
-    return LoadedRun(model, tokenizer, profiles, first.name, context_length(model.config), uses_adapters=not alone)
+    model_path = str(first.folder) if alone and first.method.run_is_model else base_path
+    vision = load_vision(model_path, first.manifest.base_model.trust_remote_code)
+    return LoadedRun(model, tokenizer, profiles, first.name, context_length(model.config), uses_adapters=not alone,
+                     vision=vision)

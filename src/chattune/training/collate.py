@@ -1,6 +1,7 @@
 """Collators: encoded rows (or packed steps) into the tensors of one batch.
 
 - :class:`PadCollator`: rows padded to the longest, with an attention mask;
+- :class:`ImageCollator`: the same, plus the pixels of the rows' images (vision-language models);
 - :class:`PackCollator`: packed bins, each row's positions from 0, no attention mask
   (transformers then keeps the rows apart; :mod:`chattune.training.attention` checks that it does);
 - :class:`PackedSteps`: the data set whose item ``i`` is the bins of training step ``i``,
@@ -12,6 +13,8 @@ from __future__ import annotations
 import torch
 
 from chattune.data.encode import IGNORE_INDEX
+from chattune.errors import DataError
+from chattune.vision.images import ImageError, load_image
 
 
 class PadCollator:
@@ -32,6 +35,36 @@ class PadCollator:
             labels[i, :n] = torch.as_tensor(row["labels"])
             attention[i, :n] = 1
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+
+
+class ImageCollator:
+    """A :class:`PadCollator` batch plus its rows' images (their ``images`` column), in order,
+    as the vision-language model's processor makes them (``pixel_values`` and the like).
+
+    Raises DataError when an image can no longer be read, or when its size changed since the
+    data was encoded (its image tokens would no longer match it)."""
+
+    def __init__(self, pad_token_id: int, vision):
+        self.pad = PadCollator(pad_token_id)
+        self.vision = vision
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """One padded batch of ``rows`` with the pixels of their images."""
+        batch = self.pad(rows)
+        refs = [ref for row in rows for ref in (row.get("images") or [])]
+        if not refs:
+            return batch
+        try:
+            images = [load_image(ref, "training data") for ref in refs]
+        except ImageError as exc:
+            raise DataError(f"{exc}; it was readable when the data was encoded") from exc
+        token = self.vision.image_token_id
+        expected = sum(self.vision.expansion(image).count(token) for image in images)
+        if int((batch["input_ids"] == token).sum()) != expected:
+            raise DataError(f"images {refs}: their image tokens differ from those encoded (an image changed "
+                            "size since the data was prepared); prepare the data again (chattune prepare --force)")
+        batch.update(self.vision.pixels(images))
+        return batch
 
 
 FILLER = -1

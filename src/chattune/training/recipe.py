@@ -61,6 +61,7 @@ from chattune.training.batching import (
 )
 from chattune.training.callbacks import CollapseWatch, EarlyStopping, ManifestWriter, MetricsLogger
 from chattune.training.checkpoints import WRITE_ERRORS, storage_error
+from chattune.training.collate import ImageCollator
 from chattune.training.distributed import (
     World,
     gather_objects,
@@ -86,6 +87,8 @@ from chattune.training.start import (
     start_from_run,
 )
 from chattune.training.trainer import ChattuneTrainer, place_model, resume_path, training_arguments
+from chattune.vision.methods import apply_vision_method
+from chattune.vision.processor import load_vision, vision_parts
 from chattune.vocab.extend import EXTENSION_NAME
 from chattune.vocab.resize import NewRows, add_rows
 
@@ -106,10 +109,10 @@ class TrainResult:
 
 
 def load_for_training(config: RunConfig, method: Method, continued: Path | None = None,
-                      new_rows: NewRows | None = None):
+                      new_rows: NewRows | None = None, vision: bool = False):
     """The base model as configured (dtype, quantization, attention; no KV cache), with rows for
     ``new_rows`` (an extended tokenizer's tokens, :mod:`chattune.vocab.resize`), with the method
-    applied (or, ``continued``, that run's adapter loaded to train further): the model to train,
+    applied (for a ``vision``-language model, as :func:`~chattune.vision.methods.apply_vision_method` does) (or, ``continued``, that run's adapter loaded to train further): the model to train,
     and what the resize did (None without new tokens)."""
     dtype = resolve_dtype(config.model.dtype, config.train.fp16, config.train.bf16)
     extra = {"quantization_config": quantization_config(config.method)} if method.quantized_base else {}
@@ -126,7 +129,11 @@ def load_for_training(config: RunConfig, method: Method, continued: Path | None 
         model = PeftModel.from_pretrained(model, str(continued), is_trainable=True)
     else:
         settings = new_token_settings(config, method, new_rows)
-        model = method.apply(model, settings, config.train.gradient_checkpointing)
+        if vision:
+            model = apply_vision_method(method, model, settings, vision_parts(model),
+                                        config.train.gradient_checkpointing)
+        else:
+            model = method.apply(model, settings, config.train.gradient_checkpointing)
     if new_rows is not None and method.name in PEFT_METHODS:
         keep_embeddings_out(model)
     return model, resized
@@ -146,11 +153,34 @@ def keep_embeddings_out(model) -> None:
     model.save_pretrained = save_pretrained
 
 
+def image_batching(config: RunConfig, log=print) -> str:
+    """The batching mode of data with images: rows are not packed (each row's image tokens
+    must meet its own pixels), so ``auto`` becomes ``group_by_length`` (said in the log), and an
+    explicit ``pack`` or ``padding_free`` is a ConfigError."""
+    wanted = config.data.packing
+    if wanted in ("pack", "padding_free"):
+        raise ConfigError(f"{source_prefix(config, 'packing')}packing: {wanted} is not possible with rows that "
+                          "carry images; use packing=auto, group_by_length or pad")
+    if wanted == "auto":
+        log("packing: not packing (rows carry images, each row's image tokens meet its own pixels); "
+            "batching rows grouped by length instead")
+        return "group_by_length"
+    return wanted
+
+
+def has_images(prepared) -> bool:
+    """Whether encoded data keeps rows' images (an ``images`` column)."""
+    train = getattr(prepared, "train", None)
+    return "images" in (getattr(train, "column_names", None) or [])
+
+
 def setup_batching_and_loss(config: RunConfig, model, prepared: PreparedData, pad_token_id: int,
-                            patches: ExitStack, log=print, world_size: int = 1) -> tuple[Batches, CausalLMLoss]:
+                            patches: ExitStack, log=print, world_size: int = 1,
+                            vision=None) -> tuple[Batches, CausalLMLoss]:
     """Put the model where it trains, switch on (in ``patches``) the CPU kernels and per-row
     SDPA where they apply, and settle, with probes on the model, how data is batched (planned
-    for ``world_size`` processes) and the loss computed."""
+    for ``world_size`` processes) and the loss computed. Data with images (``vision``: the
+    model's processor) is padded, not packed, and batched with its pixels."""
     place_model(model, get_method(config.method.method))
     vocab_size = model.get_input_embeddings().weight.shape[0]
     eager_cpu = next(model.parameters()).device.type == "cpu" and not config.train.torch_compile
@@ -161,10 +191,14 @@ def setup_batching_and_loss(config: RunConfig, model, prepared: PreparedData, pa
     attention = patches.enter_context(ExitStack())  # closed early when rows are not packed
     if eager_cpu:
         attention.enter_context(use_varlen_sdpa(model))
-    mode = resolve_packing(config, model, pad_token_id, vocab_size, log)
+    images = vision is not None and has_images(prepared)
+    mode = image_batching(config, log) if images else resolve_packing(config, model, pad_token_id, vocab_size, log)
     if mode not in PACKED_MODES:
         attention.close()  # back to transformers' SDPA
     batches = build_batches(mode, prepared, config, pad_token_id, uses_varlen_attention(model), world_size)
+    if images:
+        batches.collator = ImageCollator(pad_token_id, vision)
+        batches.summary["images"] = True
     log(format_batches(batches))
     loss = resolve_loss(config, model, vocab_size, log)
     log(f"loss: {loss.mode}")
@@ -309,11 +343,12 @@ def prepare_pretrain(config: RunConfig, tokenizer, world: World, log=print) -> P
     return prepared
 
 
-def prepare_once(config: RunConfig, tokenizer, template_name: str, world: World, log=print) -> PreparedData:
+def prepare_once(config: RunConfig, tokenizer, template_name: str, world: World, log=print,
+                 vision=None) -> PreparedData:
     """The encoded data, encoded by one process: rank 0 encodes (or finds the cache), the
     others wait and then read the Arrow cache it wrote (:func:`chattune.training.distributed.main_first`)."""
     with main_first(world):
-        prepared = prepare_data(config.data, tokenizer, template_name, config.train.seed)
+        prepared = prepare_data(config.data, tokenizer, template_name, config.train.seed, vision=vision)
     if world.distributed:
         encoded = [rank for rank, reused in enumerate(gather_objects(prepared.reused, world)) if not reused]
         readers = world.world_size - len(encoded)
@@ -336,12 +371,17 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
     stage = config.preference.stage
 
     tokenizer, base_tokenizer, new_rows = load_tokenizers(config)
+    vision = load_vision(config.model.model_name_or_path, config.model.trust_remote_code)
+    if vision is not None and (new_rows is not None or stage != "sft"):
+        raise ConfigError(f"model_name_or_path: {config.model.model_name_or_path} is a vision-language model; "
+                          + ("tokenizer_name_or_path (new tokens) is" if new_rows is not None
+                             else f"stage {stage} is") + " not supported with one yet (stage sft is)")
     template_name = resolve_template_name(config.data.template, tokenizer)
     if stage == "pretrain":
         prepared = prepare_pretrain(config, tokenizer, world, log)
         fingerprint = prepared.fingerprint
     elif stage == "sft":
-        prepared = prepare_once(config, tokenizer, template_name, world, log)
+        prepared = prepare_once(config, tokenizer, template_name, world, log, vision)
         log(format_audit(prepared.audit))
         fingerprint = prepared.fingerprint
     else:
@@ -352,7 +392,7 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
 
     # whole on every process, also under FSDP and ZeRO-3: the probes below run on the real weights,
     # and the Trainer shards them when it wraps the model (so the model must fit one device once)
-    model, resized = load_for_training(config, method, continued, new_rows)
+    model, resized = load_for_training(config, method, continued, new_rows, vision is not None)
     vocabulary = vocabulary_record(config, tokenizer, method, resized, continued)
     record = Path(config.model.tokenizer_name_or_path or "") / EXTENSION_NAME
     if vocabulary and record.is_file() and world.is_main:  # the run loads its new rows as they started
@@ -371,7 +411,7 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
         objective = None
         if stage in ("sft", "pretrain"):
             batches, loss = setup_batching_and_loss(config, model, prepared, tokenizer.pad_token_id, patches, log,
-                                                    world.world_size)
+                                                    world.world_size, vision)
             loss_mode = loss.mode
         else:
             batches, objective = setup_preference(config, model, prepared, tokenizer.pad_token_id, patches,
@@ -402,7 +442,7 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
         trainer = ChattuneTrainer(
             model=model, args=args,
             train_dataset=batches.train, eval_dataset=batches.eval, data_collator=batches.collator,
-            processing_class=tokenizer, compute_loss_func=loss, log=log, objective=objective,
+            processing_class=vision.processor if vision is not None else tokenizer, compute_loss_func=loss, log=log, objective=objective,
             generation_eval=generation_eval(config, prepared, tokenizer, template_name, log) if stage == "sft" else None,
             train_sampler=batches.train_sampler(config.train.seed),
             loraplus_lr_ratio=config.train.loraplus_lr_ratio,
