@@ -89,8 +89,12 @@ def cmd_data_prepare(args) -> int:
         prepared = prepare_pretrain_data(config.data, tokenizer, config.train.seed, force=args.force)
         print(format_pretrain_audit(prepared.audit))
     else:
+        from chattune.vision.processor import load_vision
+
         template = resolve_template_name(config.data.template, tokenizer)
-        prepared = prepare_data(config.data, tokenizer, template, config.train.seed, force=args.force)
+        vision = load_vision(config.model.model_name_or_path, config.model.trust_remote_code)
+        prepared = prepare_data(config.data, tokenizer, template, config.train.seed, force=args.force,
+                                vision=vision)
         print(format_audit(prepared.audit))
     state = "reused cached" if prepared.reused else "encoded and cached"
     print(f"{state} data set at {prepared.cache_path}")

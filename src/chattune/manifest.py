@@ -79,6 +79,9 @@ class Manifest:
     """A run trained with another tokenizer than its base's (``tokenizer_name_or_path``): that
     tokenizer, its hash, the model's embedding rows and how new rows were made and trained
     (``{}`` otherwise). Loading the run resizes the base to ``rows`` first."""
+    vision: dict = field(default_factory=dict)
+    """A vision-language run: the model type, its image token, and which of the vision tower and
+    the projector trained (``{}`` for a text model)."""
 
     def to_json(self) -> dict:
         """The manifest as written to ``chattune.json``."""
@@ -93,6 +96,7 @@ class Manifest:
             "generation": dataclasses.asdict(self.generation),
             **({"stage": self.stage} if self.stage else {}),
             **({"vocabulary": self.vocabulary} if self.vocabulary else {}),
+            **({"vision": self.vision} if self.vision else {}),
             **self.results,
         }
 
@@ -117,6 +121,7 @@ class Manifest:
             results={k: data[k] for k in RESULT_KEYS if k in data},
             stage=dict(_section(data, "stage", where)) if "stage" in data else {},
             vocabulary=dict(_section(data, "vocabulary", where)) if "vocabulary" in data else {},
+            vision=dict(_section(data, "vision", where)) if "vision" in data else {},
         )
 
 
@@ -171,9 +176,10 @@ def _generation(values: dict, where: str) -> GenerateArgs:
 
 
 def build_manifest(config: RunConfig, base: dict, template_name: str, tokenizer,
-                   data_fingerprint: str, stage: dict | None = None, vocabulary: dict | None = None) -> Manifest:
+                   data_fingerprint: str, stage: dict | None = None, vocabulary: dict | None = None,
+                   vision: dict | None = None) -> Manifest:
     """The manifest of a run about to train (``stage``: a pre-training or preference run's stage
-    record; ``vocabulary``: its own tokenizer's record)."""
+    record; ``vocabulary``: its own tokenizer's record; ``vision``: a vision-language run's record)."""
     method = get_method(config.method.method)
     settings = method.manifest_settings(config.method)
     settings.pop("name")
@@ -188,6 +194,7 @@ def build_manifest(config: RunConfig, base: dict, template_name: str, tokenizer,
         generation=dataclasses.replace(config.generate),
         stage=dict(stage or {}),
         vocabulary=dict(vocabulary or {}),
+        vision=dict(vision or {}),
     )
 
 

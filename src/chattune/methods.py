@@ -147,10 +147,12 @@ def prefix_config(args: MethodArgs):
 
 def block_list(model) -> torch.nn.ModuleList:
     """The architecture's own list of transformer blocks: the ModuleList whose length is
-    ``num_hidden_layers`` (``num_layers`` for ChatGLM remote code)."""
-    config = model.config
+    ``num_hidden_layers`` (``num_layers`` for ChatGLM remote code); for a vision-language model,
+    its language model's (never the vision tower's)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     count = getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", None)
-    candidates = [m for _, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == count]
+    candidates = [m for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == count
+                  and not any(part.startswith(("vision", "visual")) for part in name.split("."))]
     if not candidates:
         raise ConfigError(f"method: freeze needs the model's list of transformer blocks, and no list of {count} "
                           f"modules (the config's num_hidden_layers) was found in {type(model).__name__}")

@@ -36,6 +36,8 @@ from chattune.training.start import (
     new_token_settings,
     start_from_run,
 )
+from chattune.vision.methods import apply_vision_method
+from chattune.vision.processor import is_vision_config, vision_parts
 
 GIB = 1024 ** 3
 
@@ -124,8 +126,9 @@ class MemoryPlan:
 
 
 def _dims(model_config) -> tuple[int, int, int, int]:
-    """(hidden, mlp width, blocks, vocab), also for ChatGLM remote-code configs."""
-    c = model_config
+    """(hidden, mlp width, blocks, vocab), also for ChatGLM remote-code configs (a
+    vision-language model's: its language model's)."""
+    c = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     hidden = getattr(c, "hidden_size", None) or c.d_model
     inner = getattr(c, "intermediate_size", None) or getattr(c, "ffn_hidden_size", None) or 4 * hidden
     layers = getattr(c, "num_hidden_layers", None) or c.num_layers
@@ -142,7 +145,7 @@ def meta_model(config: RunConfig):
     the rows of an extended tokenizer's new tokens and the settings that train them.
 
     Raises ConfigError without a model and ModelLoadError when its config cannot be read."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     path = config.model.model_name_or_path
     if not path:
@@ -155,12 +158,16 @@ def meta_model(config: RunConfig):
     except Exception as exc:  # from_pretrained raises OSError, ValueError, ...
         raise load_error(path, exc, "config") from exc
     new_rows = load_tokenizers(config)[2] if config.model.tokenizer_name_or_path else None
+    vision = is_vision_config(model_config)
+    auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.model.trust_remote_code)
+        model = auto.from_config(model_config, trust_remote_code=config.model.trust_remote_code)
         if new_rows is not None and max(new_rows.ids) >= model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(max(new_rows.ids) + 1, mean_resizing=False)
     method = get_method(config.method.method)
     settings = new_token_settings(config, method, new_rows)
+    if vision:
+        return apply_vision_method(method, model, settings, vision_parts(model), False), model_config
     return (method.plan_apply or method.apply)(model, settings, False), model_config
 
 
@@ -181,6 +188,8 @@ def activation_bytes(model, model_config, tokens: int, element_bytes: int, metho
     trained = (5.5 + 2.5 * norms) * hidden + 4.0 * inner
     if method.activations == "all_blocks":
         per_block = [trained] * layers
+    elif method.activations == "trained_blocks" and not any(p.requires_grad for p in blocks.parameters()):
+        per_block = [frozen] * layers  # (a VLM's projector trains: gradients flow through every block to it)
     elif method.activations == "trained_blocks":
         first = min(i for i, block in enumerate(blocks) if any(p.requires_grad for p in block.parameters()))
         if all(p.requires_grad for p in blocks[first].parameters()):

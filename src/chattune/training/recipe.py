@@ -330,6 +330,13 @@ def vocabulary_record(config: RunConfig, tokenizer, method: Method, resized: dic
     return record
 
 
+def vision_record(vision, args) -> dict:
+    """The manifest's record of a vision-language run: model type, image token, what trained."""
+    return {"model_type": vision.model_type, "image_token": vision.placeholder,
+            "projector": "trained" if args.train_projector else "frozen",
+            "vision_tower": "trained" if args.train_vision_tower else "frozen"}
+
+
 def prepare_pretrain(config: RunConfig, tokenizer, world: World, log=print) -> PreparedData:
     """A pre-training run's rows: encoded and cached by one process (as :func:`prepare_once`),
     or, with ``streaming``, read lazily while training (eval_files encoded up front)."""
@@ -430,7 +437,7 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
                                       base_tokenizer)
         manifest = build_manifest(config, base, template_name, tokenizer, fingerprint,
                                   stage_record(config, reference, continued) if stage != "sft" else None,
-                                  vocabulary)
+                                  vocabulary, vision_record(vision, config.method) if vision is not None else None)
         vocab_size = model.get_input_embeddings().weight.shape[0]
         patches.enter_context(loss.capturing() if loss is not None else objective.capturing())
         if reference == "precompute":
