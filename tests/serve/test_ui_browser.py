@@ -490,3 +490,72 @@ def test_an_answer_from_a_knowledge_base_shows_its_sources(browser, kb_url):
     shown = [li.text for li in find_all(browser, ".msg.assistant .sources li")]
     assert shown == [f"{s['file']}, chunk {s['chunk']} ({s['score']:.3f})" for s in sources]
     assert fact.file in {s["file"].rsplit("/", 1)[-1] for s in sources}
+
+
+@pytest.fixture(scope="module")
+def vision_urls(tiny_vlms, tiny_models):
+    """(url of a tiny LLaVA model's server, url of a tiny text-only model's server), with the page."""
+    from chattune.inference.runs import load_run
+    from chattune.serve.engine import Engine
+
+    started = []
+    for path in (tiny_vlms("llava"), tiny_models("llama")):
+        served = load_run(str(path))
+        engine = Engine(served.model, pad_token_id=served.tokenizer.pad_token_id)
+        engine.start()
+        started.append((ServerThread(create_app(served, engine)).start(), engine))
+    yield tuple(thread.url for thread, _ in started)
+    for thread, engine in started:
+        thread.stop()
+        engine.stop()
+
+
+def test_an_image_attached_to_a_message_is_sent_and_shown(browser, vision_urls, tmp_path, shots):
+    import base64
+
+    from PIL import Image
+
+    url, text_url = vision_urls
+    image = tmp_path / "red.png"
+    Image.new("RGB", (40, 30), (220, 20, 20)).save(image)
+    (tmp_path / "notes.txt").write_text("not an image")
+    sent = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+    open_page(browser, url)
+    greedy(browser, 8)
+    wait(browser, lambda d: find(d, "#attach").is_enabled(), message="a vision model's page cannot attach images")
+    find(browser, "#chat-image").send_keys(str(tmp_path / "notes.txt"))
+    wait(browser, lambda d: find(d, "#chat-error").is_displayed())
+    assert "notes.txt: not an image" in find(browser, "#chat-error").text
+    find(browser, "#chat-image").send_keys(str(image))
+    wait(browser, lambda d: len(find_all(d, "#attachments .thumb")) == 1)
+    text = "<b>What</b> colour is <img src=x onerror=alert(1)> it?"
+    send(browser, text)
+    expected = api_answer(url, "base", [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": sent}}, {"type": "text", "text": text}]}], 8)
+    assert messages(browser) == [("user", text), ("assistant", expected)]
+    assert not find_all(browser, "#attachments .thumb") and not find(browser, "#chat-error").is_displayed()
+    thumb = find(browser, ".msg.user .images img.thumb")
+    assert thumb.get_attribute("src") == sent
+    assert browser.execute_script("return arguments[0].naturalWidth", thumb) == 40  # it shows the image
+    user = find(browser, ".msg.user .content")
+    assert user.text == text and not find_all(browser, ".msg.user .content *")  # text, never HTML
+    browser.save_screenshot(str(shots / "chat-image.png"))
+    browser.refresh()  # kept with the conversation; regenerating sends the image again
+    wait(browser, lambda d: len(find_all(d, ".msg .images img.thumb")) == 1
+         and find(d, "body").get_attribute("data-ready") == "1")
+    find(browser, "#regenerate").click()
+    wait(browser, lambda d: len(find_all(d, ".msg.assistant.done")) == 1 and not find_all(d, ".streaming"))
+    assert messages(browser) == [("user", text), ("assistant", expected)]
+    big = tmp_path / "big.png"  # noise: too large to send as it is, so scaled down as JPEG
+    Image.effect_noise((1800, 1200), 80).convert("RGB").save(big)
+    assert big.stat().st_size > 1_000_000
+    find(browser, "#chat-image").send_keys(str(big))
+    wait(browser, lambda d: len(find_all(d, "#attachments .thumb")) == 1)
+    scaled = find(browser, "#attachments .thumb").get_attribute("src")
+    assert scaled.startswith("data:image/jpeg;base64,") and len(scaled) <= 400_000
+    assert browser.execute_script("return arguments[0].naturalWidth", find(browser, "#attachments .thumb")) <= 1536
+    browser.execute_script("arguments[0].click()", find(browser, "#attachments .remove"))
+    wait(browser, lambda d: not find(d, "#attachments").is_displayed())
+    open_page(browser, text_url)  # a text-only model: no attaching
+    assert not find(browser, "#attach").is_enabled()
+    assert find(browser, "#attach").get_attribute("title") == "This model reads no images"

@@ -203,6 +203,8 @@ class Decoder:
             cache = self.model.get_prompt(len(seqs), max_cache_len=self.prefix + longest)
             mask = torch.cat([mask.new_ones((len(seqs), self.prefix)), mask], 1)
         logits, cache = self._forward(ids, mask, positions, cache, seqs, image_inputs(seqs, self.device))
+        for seq in seqs:
+            seq.images = []  # read once, at the prefill: let them go
         with joining():
             self._join(cache, mask, seqs)
         self._pick(logits, seqs)

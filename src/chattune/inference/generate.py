@@ -22,6 +22,7 @@ from chattune.inference.replytext import reply_text
 from chattune.inference.runs import LoadedRun, ServedModel
 from chattune.inference.sampling import SamplingParams, params_from_defaults
 from chattune.inference.textstream import TextStream
+from chattune.vision.images import ImageError
 
 
 class AnswerFailed(ChattuneError):
@@ -68,6 +69,9 @@ def conversation_sequence(run: LoadedRun, served: ServedModel, messages: list[di
         ids, images = run.image_prompt(messages, served, budget, tools)
     else:
         ids = run.prompt_ids(messages, served, budget, tools)
+        if run.vision is not None and run.vision.image_token_id in ids:
+            raise ImageError(f"the text holds the model's image token {run.vision.placeholder} but no image is "
+                             "attached; attach one image per placeholder, or write it another way")
     params.max_tokens = max(1, min(params.max_tokens, run.context_length - len(ids)))
     seq = sequence(run, served, ids, params, emit)
     if images:

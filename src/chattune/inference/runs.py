@@ -41,7 +41,13 @@ from chattune.manifest import (
 from chattune.methods import Method, get_method
 from chattune.model import load_model, load_tokenizer
 from chattune.templates.registry import get_template, resolve_template_name
-from chattune.vision.images import PLACEHOLDER, ImageError, count_placeholders, load_image
+from chattune.vision.images import (
+    PLACEHOLDER,
+    ImageError,
+    count_placeholders,
+    load_image,
+    resolve_ref,
+)
 from chattune.vision.processor import load_vision
 from chattune.vocab.resize import resize_like_run
 
@@ -160,8 +166,9 @@ class LoadedRun:
         if self.vision is None:
             raise ImagesNotSupported("this model reads no images (not a vision-language model); "
                                      "send text only, or serve a vision-language model")
-        images = [load_image(ref, f"message {i}") if isinstance(ref, str) else ref.convert("RGB")
-                  for i, m in enumerate(messages) for ref in (m.get("images") or [])]
+        images = [load_image(resolve_ref(ref, None, f"messages[{i}].images[{j}]"), f"messages[{i}].images[{j}]")
+                  if isinstance(ref, str) else ref.convert("RGB")
+                  for i, m in enumerate(messages) for j, ref in enumerate(m.get("images") or [])]
         placed = count_placeholders(messages)
         if placed != len(images):
             raise ImageError(f"the messages hold {placed} {PLACEHOLDER} placeholders and {len(images)} images; "

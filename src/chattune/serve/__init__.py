@@ -64,12 +64,20 @@ def build(args, warn=print):
     engine.start()
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     try:
-        app = create_app(served, engine, api_key=api_key, max_body_bytes=args.max_body_bytes,
+        body = args.max_body_bytes or (VISION_BODY_BYTES if served.vision is not None else TEXT_BODY_BYTES)
+        app = create_app(served, engine, api_key=api_key, max_body_bytes=body,
                          ui=not getattr(args, "no_ui", False), runs_dir=getattr(args, "runs_dir", None), kbs=kbs)
     except Exception:
         engine.stop()
         raise
     return served, engine, app
+
+
+TEXT_BODY_BYTES = 1 << 20
+"""The default largest request body: 1 MiB."""
+VISION_BODY_BYTES = 20 << 20
+"""The default largest request body of a model that reads images (sent as base64, each turn
+again with the history): 20 MiB."""
 
 
 def check_address(host: str, port: int) -> None:

@@ -2,7 +2,10 @@
 
 ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions`` and
 ``POST /v1/completions``, with server-sent events for ``stream``; chat requests may offer
-``tools`` (see :mod:`chattune.serve.calls` for the calls' shape in and out). Every error
+``tools`` (see :mod:`chattune.serve.calls` for the calls' shape in and out), and, to a
+vision-language model, images as ``image_url`` content parts (base64 ``data:`` URLs only:
+nothing is fetched and no file of the server's disk is read; each image is checked and decoded
+before the request joins the batch, so that a bad one is a 400 of its own). Every error
 is OpenAI's ``{"error": {...}}`` body naming the field at fault. The API key
 and the body-size limit are plain ASGI middleware, checked before a body is
 parsed.
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import io
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -24,7 +28,7 @@ from starlette.exceptions import HTTPException
 
 from chattune.inference.decoding import BASE_ADAPTER, Event, Sequence
 from chattune.inference.generate import sequence
-from chattune.inference.runs import LoadedRun, PromptTooLong, ServedModel
+from chattune.inference.runs import ImagesNotSupported, LoadedRun, PromptTooLong, ServedModel
 from chattune.inference.sampling import SamplingParams, params_from_defaults
 from chattune.serve import calls, retrieval
 from chattune.serve import ui as ui_module
@@ -40,6 +44,14 @@ from chattune.serve.schema import (
     validation_message,
 )
 from chattune.templates.pieces import TemplateError, ToolsNotSupportedError
+from chattune.vision.images import (
+    MAX_IMAGE_PIXELS,
+    PLACEHOLDER,
+    ImageError,
+    decode_image,
+    describe,
+    image_bytes,
+)
 
 
 async def _send_error(scope, receive, send, status: int, body: dict, headers: dict | None = None) -> None:
@@ -103,6 +115,11 @@ class LimitBody:
 
 
 MIN_TEMPERATURE = 1e-5
+MAX_REQUEST_PIXELS = MAX_IMAGE_PIXELS
+"""The most pixels one request's images may hold together (each is decoded before the request
+joins the batch, and kept until it has been read)."""
+UNCUT = 1 << 62
+"""A prompt budget no conversation reaches: a server refuses a prompt too long, never cuts it."""
 
 
 def _status_type(status: int) -> str:
@@ -137,6 +154,55 @@ def _sampling(profile: ServedModel, body: SamplingFields, prompt_tokens: int, li
         params.temperature = 0.0
     return params
 
+
+def _claimed_pixels(data: bytes) -> int:
+    """The pixels an image's header claims (0 when Pillow cannot read it: decoding says why)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+        return width * height
+    except Exception:  # unreadable, or a bomb Pillow refuses: decode_image says why
+        return 0
+
+
+def read_images(parts: list[tuple[int, str, str]]) -> dict[int, list]:
+    """The images of a request's ``image_url`` parts ((message index, data URL, field)),
+    decoded (RGB Pillow images) by message; a 400 naming the part for one that cannot be used
+    (not base64, not an image, corrupt, over :data:`~chattune.vision.images.MAX_IMAGE_PIXELS`
+    by its header) and for images over :data:`MAX_REQUEST_PIXELS` together."""
+    found: dict[int, list] = {}
+    total = 0
+    for index, ref, where in parts:
+        try:
+            data = image_bytes(ref, where)
+            claimed = _claimed_pixels(data)
+            if total and total + claimed > MAX_REQUEST_PIXELS:
+                raise APIError(400, f"{where}: the request's images hold more than {MAX_REQUEST_PIXELS:,} pixels "
+                               "together; send fewer or smaller images", param=where, code="invalid_image")
+            image = decode_image(data, describe(ref), where)
+        except ImageError as exc:
+            raise APIError(400, str(exc), param=where, code="invalid_image") from exc
+        total += image.width * image.height
+        found.setdefault(index, []).append(image)
+    return found
+
+
+def _image_tokens(served: LoadedRun, ids: list[int], images: list, prompt_field: str) -> None:
+    """A 400 unless ``ids`` hold the model's image token exactly as often as ``images`` expand
+    into it (a text that writes the token itself would leave the model's image features and
+    its image tokens apart, and fail the whole batch's forward pass)."""
+    vision = served.vision
+    if vision is None:
+        return
+    with served.tokenizer_lock:
+        expected = sum(vision.expansion(image).count(vision.image_token_id) for image in images)
+    found = ids.count(vision.image_token_id)
+    if found != expected:
+        raise APIError(400, f"{prompt_field}: the prompt holds the model's image token {vision.placeholder} "
+                       f"{found} times where its {len(images)} image(s) take {expected}; only an image "
+                       "(an image_url content part) may put it in a prompt", param=prompt_field)
 
 
 async def _events(request: Request, queue: asyncio.Queue, seq: Sequence, engine: Engine) -> AsyncIterator[Event]:
@@ -215,12 +281,13 @@ def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
         return profile
 
     def card(profile: ServedModel) -> dict:
-        """A model as /v1/models lists it."""
+        """A model as /v1/models lists it (``vision``: whether it reads images)."""
         extra = retrieval.card_extra(kbs, kb_models[profile.name][1]) if profile.name in kb_models else {}
         return {"id": profile.name, "object": "model", "created": created, "owned_by": "chattune",
                 "root": str(profile.run_dir) if profile.run_dir else None,
                 "parent": None if profile.adapter == BASE_ADAPTER else "base",
-                "template": profile.template, "context_length": served.context_length, **extra}
+                "template": profile.template, "context_length": served.context_length,
+                "vision": served.vision is not None and profile.name not in kb_models, **extra}
 
     @app.get("/health")
     async def health():
@@ -240,26 +307,62 @@ def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
         return card(pick(name))
 
     def chat_prompt(model: ServedModel, messages: list[dict], shown: list[dict] | None, choice: str | dict,
-                    body: ChatCompletionRequest) -> tuple[list[int], ToolPlan | None, SamplingParams]:
-        """A chat request's prompt ids, tool plan and sampling settings (CPU work, for a worker
-        thread). A conversation that cannot fit the context is refused before it is rendered
-        when its users' text alone is too long, else as soon as its tokens counted fill it."""
+                    body: ChatCompletionRequest, parts: list[tuple[int, str, str]]
+                    ) -> tuple[list[int], list, ToolPlan | None, SamplingParams]:
+        """A chat request's prompt ids, the images they hold (in order), tool plan and sampling
+        settings (CPU work, for a worker thread). A conversation that cannot fit the context is
+        refused before it is rendered when its users' text alone is too long, else as soon as its
+        tokens counted fill it. Images (``parts``) are decoded here, and each expanded into its
+        tokens by the model's processor."""
         limit = served.context_length
         fewest = served.fewest_prompt_tokens(messages)
         if fewest >= limit:
             raise _no_room("messages", f"at least {fewest}", limit)
+        images: list = []
         try:
-            ids = served.prompt_ids(messages, model, tools=shown, most=limit - 1)
+            if parts:
+                decoded = read_images(parts)
+                messages = [{**m, "images": decoded[i]} if i in decoded else m for i, m in enumerate(messages)]
+                ids, images = served.image_prompt(messages, model, UNCUT, shown)
+                if len(ids) >= limit:
+                    raise PromptTooLong(len(ids), limit - 1)
+            else:
+                ids = served.prompt_ids(messages, model, tools=shown, most=limit - 1)
         except PromptTooLong as exc:
             raise _no_room("messages", f"at least {exc.tokens}", limit) from exc
+        except (ImageError, ImagesNotSupported) as exc:
+            raise APIError(400, f"messages: {exc}", param="messages") from exc
         except ToolsNotSupportedError as exc:
             param = "tools" if shown else "messages"
             raise APIError(400, f"{param}: model {model.name!r}: {exc}", param=param) from exc
         except TemplateError as exc:
             raise APIError(400, f"messages: {exc}", param="messages") from exc
+        _image_tokens(served, ids, images, "messages")
         plan = plan_tools(served, model, shown, choice, body.parallel_tool_calls)
         ids = ids + prefix_ids(served, plan)
-        return ids, plan, _sampling(model, body, len(ids), limit, "messages")
+        return ids, images, plan, _sampling(model, body, len(ids), limit, "messages")
+
+    def check_images(model: ServedModel, body: ChatCompletionRequest, messages: list[dict]
+                     ) -> list[tuple[int, str, str]]:
+        """The request's image parts, refused (400) for a model that reads no images and for a
+        knowledge-base model; and, for a vision-language model, a 400 for text that writes its
+        image placeholder itself."""
+        parts = body.image_parts() if any(m.get("images") for m in messages) else []
+        if parts and model.name in kb_models:
+            raise APIError(400, f"{parts[0][2]}: model {model.name!r} answers from a knowledge base and takes no "
+                           "images", param=parts[0][2])
+        if parts and served.vision is None:
+            raise APIError(400, f"{parts[0][2]}: model {model.name!r}: this model reads no images (not a "
+                           "vision-language model); send text only, or serve a vision-language model",
+                           param=parts[0][2], code="images_not_supported")
+        if served.vision is not None:
+            marks = tuple(dict.fromkeys((PLACEHOLDER, served.vision.placeholder)))
+            field = body.literal_placeholders(marks)
+            if field is not None:
+                raise APIError(400, f"{field}: the text holds {' or '.join(marks)}, where this model's images go; "
+                               "send an image as an image_url content part (the text without the placeholder)",
+                               param=field)
+        return parts
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -270,6 +373,7 @@ def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
         body.check_supported()
         model = pick(body.model)
         messages = await asyncio.to_thread(body.conversation)
+        parts = check_images(model, body, messages)
         cite = None
         if model.name in kb_models:
             if body.tools:
@@ -283,9 +387,10 @@ def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
         tools = body.functions()
         choice = body.choice(tools)
         shown = tools if choice != "none" else None  # tool_choice none: the tools are not rendered
-        ids, plan, params = await asyncio.to_thread(chat_prompt, model, messages, shown, choice, body)
+        ids, images, plan, params = await asyncio.to_thread(chat_prompt, model, messages, shown, choice, body, parts)
         stops = model.stop_strings + (plan.stop_strings if plan else []) + body.stop_list()
-        return await _respond(request, model, ids, params, stops, body, chat=True, plan=plan, cite=cite)
+        return await _respond(request, model, ids, params, stops, body, chat=True, plan=plan, cite=cite,
+                              images=images)
 
     def encode_text(text: str) -> list[int]:
         """A plain prompt's ids, as the tokenizer encodes the text (for a worker thread)."""
@@ -311,11 +416,13 @@ def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
             ids = list(prompt)
             if any(not 0 <= i < vocab for i in ids):
                 raise APIError(400, f"prompt: token ids must be in [0, {vocab})", param="prompt")
+        _image_tokens(served, ids, [], "prompt")  # a plain prompt carries no image
         params = _sampling(model, body, len(ids), served.context_length, "prompt")
         return await _respond(request, model, ids, params, body.stop_list(), body, chat=False)
 
     async def _respond(request, model: ServedModel, ids, params, stops, body, *, chat: bool,
-                       plan: ToolPlan | None = None, cite: retrieval.Citation | None = None):
+                       plan: ToolPlan | None = None, cite: retrieval.Citation | None = None,
+                       images: list | None = None):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -328,6 +435,8 @@ def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
         seq = sequence(served, model, ids, params, emit, stop_strings=stops,
                        stop_token_ids=plan.stop_token_ids if plan else frozenset(),
                        keep=plan.kept_ids if plan else frozenset(), strip=chat)
+        if images:  # as conversation_sequence does: the pixels are made at prefill, with the batch's
+            seq.images, seq.image_inputs = images, served.vision.pixels
         try:
             engine.submit(seq)
         except QueueFull as exc:

@@ -7,6 +7,10 @@ requests, through :class:`chattune.inference.decoding.Decoder`, the decoder ``ch
 stop string, ``max_tokens``, or its client gone), so a short request never waits
 for a long one and a new one starts at the next step. A request whose own work fails
 (seeding, sampling, decoding its text) ends alone with an error; its neighbours go on.
+Requests with images (a vision-language model's) join the same batch as text ones: their
+pixels go in with their prefill. A prefill that fails before its rows join the batch (the
+joining prompts' forward pass, their images' pixels) fails those rows alone; the running
+rows go on.
 """
 
 from __future__ import annotations
@@ -133,7 +137,7 @@ class Engine:
                 with torch.no_grad():
                     decoder.retire()
                     if joining:
-                        decoder.prefill(joining, self._joining)
+                        self._prefill(joining)
                         decoder.retire()
                     if decoder.rows:
                         decoder.step()
@@ -148,6 +152,20 @@ class Engine:
             left = [*decoder.rows, *self._waiting]
             self._waiting.clear()
         self._fail(left, "the server is shutting down")
+
+    def _prefill(self, joining: list[Sequence]) -> None:
+        """Prefill the joining rows; when that fails before any of them joined the batch (the
+        running rows' cache untouched), those rows fail alone."""
+        decoder = self.decoder
+        try:
+            decoder.prefill(joining, self._joining)
+        except Exception as exc:
+            joined = {id(seq) for seq in decoder.rows}
+            if any(id(seq) in joined for seq in joining):
+                raise
+            log.exception("prefill failed")
+            for seq in joining:
+                decoder.fail_row(seq, f"generation failed: {exc}")
 
     def _fail(self, seqs: list[Sequence], message: str) -> None:
         for seq in seqs:

@@ -7,17 +7,25 @@ them gets a clear 400 rather than a silent no-op. Every field is checked to the
 range the engine can take: floats are finite, ``seed`` fits a 64-bit generator
 seed, and text must be valid Unicode (JSON's ``\\ud800`` escapes can write a lone
 surrogate, which no tokenizer or UTF-8 encoder takes).
+
+A user message's content may be OpenAI's content parts: text parts and ``image_url`` parts.
+An image must come as a base64 ``data:`` URL in the request itself: the server fetches no
+remote URL and reads no file of its own disk for a client (``file://`` URLs and paths are
+refused). Each image part becomes a :data:`~chattune.vision.images.PLACEHOLDER` in the
+message's text, its URL one of the message's ``images``, in order.
 """
 
 from __future__ import annotations
 
 import json
 from typing import Annotated, Literal
+from urllib.parse import urlparse
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from chattune.data.formats import from_openai
 from chattune.data.records import RecordError, check_tools, validate_messages
+from chattune.vision.images import PLACEHOLDER, describe
 
 STRICT = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 SEED_MIN, SEED_END = -2**63, 2**64  # what torch.Generator.manual_seed takes
@@ -108,12 +116,47 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     return (f"{param}: {message}" if param else f"request body: {message}"), param
 
 
+class ImageURL(BaseModel):
+    """An ``image_url`` part's image: ``url`` (a base64 ``data:image/...`` URL here) and
+    ``detail`` (accepted, not used: the model's processor decides the resolution)."""
+
+    model_config = STRICT
+    url: Text
+    detail: Text | None = None
+
+
 class ContentPart(BaseModel):
-    """One part of a message's content; only text parts are understood."""
+    """One part of a message's content: ``{"type": "text", "text": ...}`` or
+    ``{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}`` (a user's)."""
 
     model_config = STRICT
     type: Text
     text: Text | None = None
+    image_url: ImageURL | Text | None = None
+
+    def url(self) -> str | None:
+        """The image's URL (an ``image_url`` given as a bare string too)."""
+        return self.image_url.url if isinstance(self.image_url, ImageURL) else self.image_url
+
+
+SEND_DATA_URL = "send the image in the request as a base64 data: URL (data:image/png;base64,...)"
+
+
+def image_ref(url: str | None, where: str) -> str:
+    """An image part's URL checked for a server: a base64 ``data:`` URL as it is; an APIError
+    (400 naming ``where``) for a remote URL (nothing is fetched) and for a ``file://`` URL or a
+    path (a server reads no file of its own disk for a client)."""
+    ref = url.strip() if isinstance(url, str) else ""
+    if ref.startswith("data:"):
+        return ref
+    if not ref:
+        raise APIError(400, f"{where}: the image's URL is empty; {SEND_DATA_URL}", param=where)
+    scheme = urlparse(ref).scheme.lower()
+    if scheme not in ("", "file") and "://" in ref:  # http(s), ftp, s3, ...: nothing is fetched
+        raise APIError(400, f"{where}: {describe(ref)}: remote image URLs are not fetched; {SEND_DATA_URL}",
+                       param=where)
+    raise APIError(400, f"{where}: {describe(ref)}: this server reads no image files from its own disk; "
+                   f"{SEND_DATA_URL}", param=where)
 
 
 class FunctionCall(BaseModel):
@@ -136,7 +179,8 @@ class ToolCall(BaseModel):
 
 class Message(BaseModel):
     """A chat message. ``input`` (an Alpaca input, an extension) goes to templates that show it
-    apart. An assistant message may carry ``tool_calls`` (its content then may be null); a
+    apart. ``content`` is a text or a list of content parts (text; and images, in a user's
+    message). An assistant message may carry ``tool_calls`` (its content then may be null); a
     ``tool`` message is a call's result, naming the call by ``tool_call_id``."""
 
     model_config = STRICT
@@ -264,18 +308,18 @@ class ChatCompletionRequest(SamplingFields):
 
     def conversation(self) -> list[dict]:
         """The messages as chattune's records (text content, ``developer`` as ``system``; calls
-        and results read as training data's OpenAI messages are), checked like training data:
+        and results read as training data's OpenAI messages are; a user message's image parts
+        as placeholders in its text and data URLs in its ``images``), checked like training data:
         roles in order, no empty user message, one result per call, ending with the user's turn
         or a tool's result. (A call need not name one of ``tools``: a client may offer other
         tools than a conversation's earlier calls used.)"""
-        raw = []
+        raw, images = [], {}
         for i, message in enumerate(self.messages):
             content = message.content
             if isinstance(content, list):
-                if any(part.type != "text" or part.text is None for part in content):
-                    raise APIError(400, f"messages[{i}].content: only text parts are supported",
-                                   param=f"messages[{i}].content")
-                content = "".join(part.text for part in content)
+                content, found = self._parts_text(i, message.role, content)
+                if found:
+                    images[i] = found
             if content is None and not (message.role == "assistant" and message.tool_calls):
                 raise APIError(400, f"messages[{i}].content: expected text (null only for an assistant "
                                "message with tool_calls)", param=f"messages[{i}].content")
@@ -299,7 +343,50 @@ class ChatCompletionRequest(SamplingFields):
         if messages[-1]["role"] not in ("user", "tool"):
             raise APIError(400, f"messages[{len(messages) - 1}].role: the last message must be the user's "
                            "(or a tool's result)", param=f"messages[{len(messages) - 1}].role")
+        for i, found in images.items():  # a user message keeps its place (only tool results are reordered)
+            messages[i]["images"] = [ref for ref, _ in found]
         return messages
+
+    def _parts_text(self, i: int, role: str, parts: list[ContentPart]) -> tuple[str, list[tuple[str, str]]]:
+        """Message ``i``'s content parts as one text (an image part as :data:`PLACEHOLDER`) and
+        its images as (data URL, the part's field), in order."""
+        texts, images = [], []
+        for j, part in enumerate(parts):
+            where = f"messages[{i}].content[{j}]"
+            if part.type == "text" and part.text is not None:
+                texts.append(part.text)
+            elif part.type == "image_url" and part.image_url is not None:
+                if role != "user":
+                    raise APIError(400, f"{where}: only a user message may carry images", param=where)
+                images.append((image_ref(part.url(), where), where))
+                texts.append(PLACEHOLDER)
+            else:
+                raise APIError(400, f'{where}: expected {{"type": "text", "text": ...}} or {{"type": "image_url", '
+                               f'"image_url": {{"url": "data:image/png;base64,..."}}}}, got type {part.type!r}',
+                               param=where)
+        return "".join(texts), images
+
+    def image_parts(self) -> list[tuple[int, str, str]]:
+        """(message index, data URL, the part's field) of every image part, in order (each URL
+        checked as :meth:`conversation` checks it)."""
+        found = []
+        for i, message in enumerate(self.messages):
+            if isinstance(message.content, list):
+                found += [(i, ref, where) for ref, where in self._parts_text(i, message.role, message.content)[1]]
+        return found
+
+    def literal_placeholders(self, marks: tuple[str, ...]) -> str | None:
+        """The first text field (``messages[2].content[0].text``) that writes one of ``marks``
+        itself (a vision-language model's image token: only an image part may put it in a
+        prompt), or None."""
+        for i, message in enumerate(self.messages):
+            fields = [(f"messages[{i}].content", message.content), (f"messages[{i}].input", message.input)]
+            if isinstance(message.content, list):
+                fields[:1] = [(f"messages[{i}].content[{j}].text", part.text) for j, part in enumerate(message.content)]
+            for name, text in fields:
+                if isinstance(text, str) and any(mark in text for mark in marks):
+                    return name
+        return None
 
 
 def _record_error(exc: RecordError) -> APIError:

@@ -449,7 +449,7 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
         trainer = ChattuneTrainer(
             model=model, args=args,
             train_dataset=batches.train, eval_dataset=batches.eval, data_collator=batches.collator,
-            processing_class=vision.processor if vision is not None else tokenizer, compute_loss_func=loss, log=log, objective=objective,
+            processing_class=tokenizer, compute_loss_func=loss, log=log, objective=objective,
             generation_eval=generation_eval(config, prepared, tokenizer, template_name, log) if stage == "sft" else None,
             train_sampler=batches.train_sampler(config.train.seed),
             loraplus_lr_ratio=config.train.loraplus_lr_ratio,
@@ -459,11 +459,16 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
         )
         result = trainer.train(resume_from_checkpoint=resume)
         eval_loss = trainer.final_eval_loss()
-    trainer.save_final(output_dir, lambda folder: write_run_files(folder, manifest, config, {
-        "global_step": trainer.state.global_step,
-        "train_loss": result.training_loss,
-        "eval_loss": eval_loss,
-        "trainable_parameters": trainable,
-    }))
+    def write_files(folder):
+        write_run_files(folder, manifest, config, {
+            "global_step": trainer.state.global_step,
+            "train_loss": result.training_loss,
+            "eval_loss": eval_loss,
+            "trainable_parameters": trainable,
+        })
+        if vision is not None:  # the run folder loads as the base does: with its processor
+            vision.processor.save_pretrained(folder)
+
+    trainer.save_final(output_dir, write_files)
     model.eval()
     return TrainResult(output_dir, trainer.state.global_step, result.training_loss, eval_loss, prepared, model)

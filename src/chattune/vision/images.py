@@ -102,7 +102,10 @@ def decode_image(data: bytes, name: str, where: str, max_pixels: int = MAX_IMAGE
     except UnidentifiedImageError as exc:
         raise ImageError(f"{where}: {name}: not an image Pillow can read (expected JPEG, PNG, WebP, GIF or BMP)") \
             from exc
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{where}: {name}: claims more pixels than Pillow will decode, over the limit of "
+                         f"{max_pixels:,}; resize it first") from exc
+    except (OSError, ValueError) as exc:
         raise ImageError(f"{where}: {name}: unreadable image: {exc}") from exc
     width, height = image.size
     if width < 1 or height < 1:

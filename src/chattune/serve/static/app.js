@@ -3,10 +3,12 @@
 // writes). Everything goes through the server's own routes: /v1/models, streamed
 // /v1/chat/completions, /ui/api/runs. No secret is in the page: with an API key the page
 // asks for it and keeps it in memory, or in localStorage when "remember" is ticked.
+// A chat message may carry images (to a model that reads them): each is read in the browser
+// as a data: URL (scaled down when too large to send as it is) and sent as an image_url part.
 "use strict";
 
 const STORE = {
-  chat: "chattune.chat",          // {messages: [{role, content, model?}], system}
+  chat: "chattune.chat",          // {messages: [{role, content, model?, images?}], system}
   settings: "chattune.settings",  // {model, temperature, top_p, max_tokens, stop, left, right}
   lang: "chattune.lang",
   key: "chattune.key",            // only with "remember"
@@ -35,6 +37,11 @@ const TEXT = {
     stage: "Stage", reference: "Reference", rewards: "Rewards (chosen, rejected)", reward_accuracy: "Reward accuracy",
     reward_margin: "Reward margin", kl: "KL estimate (KTO)",
     error: "Error", models: "models", sources: "Sources", chunk: "chunk",
+    attach_image: "Image", attach_title: "Attach an image (PNG, JPEG, WebP, GIF or BMP); pasting one works too",
+    no_vision: "This model reads no images", remove: "Remove", image_alt: "attached image",
+    image_type: "not an image the model can read (PNG, JPEG, WebP, GIF or BMP)",
+    image_unreadable: "the browser cannot read this image", image_too_big: "too large to send, even scaled down",
+    images_not_kept: "image not kept: the browser's storage is full",
   },
   zh: {
     tab_chat: "对话", tab_compare: "并排对比", tab_runs: "训练记录", model: "模型",
@@ -58,6 +65,11 @@ const TEXT = {
     stage: "训练阶段", reference: "参考模型", rewards: "奖励（chosen、rejected）", reward_accuracy: "奖励准确率",
     reward_margin: "奖励差值", kl: "KL 估计（KTO）",
     error: "错误", models: "个模型", sources: "出处", chunk: "片段",
+    attach_image: "图片", attach_title: "附加图片（PNG、JPEG、WebP、GIF 或 BMP），也可以直接粘贴",
+    no_vision: "此模型不读取图片", remove: "移除", image_alt: "附加的图片",
+    image_type: "不是模型能读取的图片（PNG、JPEG、WebP、GIF 或 BMP）",
+    image_unreadable: "浏览器无法读取这张图片", image_too_big: "图片太大，缩小后仍无法发送",
+    images_not_kept: "图片未保存：浏览器存储空间已满",
   },
 };
 
@@ -66,6 +78,8 @@ const state = {
   lang: localStorage.getItem(STORE.lang) || ((navigator.language || "en").toLowerCase().startsWith("zh") ? "zh" : "en"),
   key: localStorage.getItem(STORE.key),
   models: [],
+  cards: {},           // model id -> its /v1/models card
+  pending: [],         // data: URLs of the images attached to the next message
   chat: readJson(STORE.chat, {messages: [], system: ""}),
   settings: readJson(STORE.settings, {}),
   controller: null,
@@ -91,6 +105,8 @@ function applyLanguage() {
   document.querySelectorAll("[data-i18n]").forEach((el) => { el.textContent = t(el.dataset.i18n); });
   document.querySelectorAll("[data-i18n-placeholder]").forEach((el) => { el.placeholder = t(el.dataset.i18nPlaceholder); });
   $("#lang-button").textContent = state.lang === "zh" ? "English" : "中文";
+  updateAttach();
+  renderAttachments();
   renderMessages();
   if (state.run) showRun(state.run.id, true);
 }
@@ -228,6 +244,7 @@ async function loadModels() {
   $("#status").textContent = t("loading");
   const body = await getJson("/v1/models");
   state.models = body.data.map((m) => m.id);
+  state.cards = Object.fromEntries(body.data.map((m) => [m.id, m]));
   const fill = (select, wanted, fallback) => {
     select.innerHTML = "";
     state.models.forEach((id) => {
@@ -242,6 +259,7 @@ async function loadModels() {
   fill($("#chat-model"), state.settings.model, first);
   fill($("#compare-left"), state.settings.left, base);
   fill($("#compare-right"), state.settings.right, first);
+  updateAttach();
   $("#status").textContent = state.models.length ? state.models.length + " " + t("models") : t("no_models");
 }
 
@@ -249,7 +267,139 @@ async function loadModels() {
 
 function saveChat() {
   state.chat.system = $("#system-prompt").value;
-  localStorage.setItem(STORE.chat, JSON.stringify(state.chat));
+  try {
+    localStorage.setItem(STORE.chat, JSON.stringify(state.chat));
+  } catch (_) {  // the browser's storage is full (images take room): the conversation is kept without them
+    const messages = state.chat.messages.map((m) => (m.images && m.images.length
+      ? Object.assign({}, m, {images: [], imagesDropped: m.images.length}) : m));
+    try {
+      localStorage.setItem(STORE.chat, JSON.stringify(Object.assign({}, state.chat, {messages})));
+    } catch (_) {
+      localStorage.removeItem(STORE.chat);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- images
+
+const IMAGE_TYPES = ["image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp"];
+const IMAGE_DATA_URL = /^data:image\/(png|jpeg|webp|gif|bmp);base64,/;
+// an image is sent as it is when its data: URL is at most MAX_IMAGE_CHARS long, else scaled down as
+// JPEG (MAX_IMAGE_SIDE pixels at most) until it is: the server takes 1 MiB bodies by default, and
+// every image of the conversation goes with each request
+const MAX_IMAGE_CHARS = 400000;
+const MAX_IMAGE_SIDE = 1536;
+
+function readFile(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+function loadImage(url) {
+  return new Promise((resolve, reject) => {
+    const image = new Image();
+    image.onload = () => resolve(image);
+    image.onerror = () => reject(new Error("unreadable"));
+    image.src = url;
+  });
+}
+
+// the data: URL a file is sent as: the file itself when small enough, else scaled down as JPEG;
+// an Error naming the file when it is no image the model reads or the browser cannot decode it
+async function imageDataUrl(file) {
+  if (!IMAGE_TYPES.includes(file.type)) throw new Error(file.name + ": " + t("image_type"));
+  const url = await readFile(file);
+  if (!IMAGE_DATA_URL.test(url)) throw new Error(file.name + ": " + t("image_type"));
+  let image;
+  try {
+    image = await loadImage(url);
+  } catch (_) {
+    throw new Error(file.name + ": " + t("image_unreadable"));
+  }
+  if (url.length <= MAX_IMAGE_CHARS) return url;
+  const width = image.naturalWidth, height = image.naturalHeight;
+  const canvas = document.createElement("canvas");
+  for (let side = Math.min(MAX_IMAGE_SIDE, Math.max(width, height)); side >= 64; side = Math.floor(side * 0.75)) {
+    const scale = side / Math.max(width, height);
+    canvas.width = Math.max(1, Math.round(width * scale));
+    canvas.height = Math.max(1, Math.round(height * scale));
+    const context = canvas.getContext("2d");
+    context.fillStyle = "#fff";  // JPEG has no transparency
+    context.fillRect(0, 0, canvas.width, canvas.height);
+    context.drawImage(image, 0, 0, canvas.width, canvas.height);
+    const scaled = canvas.toDataURL("image/jpeg", 0.88);
+    if (scaled.length <= MAX_IMAGE_CHARS) return scaled;
+  }
+  throw new Error(file.name + ": " + t("image_too_big"));
+}
+
+function showChatError(text) {
+  const box = $("#chat-error");
+  box.textContent = text || "";
+  box.hidden = !text;
+}
+
+async function attachFiles(files) {
+  const errors = [];
+  for (const file of files) {
+    try {
+      state.pending.push(await imageDataUrl(file));
+    } catch (error) {
+      errors.push(error.message);
+    }
+  }
+  showChatError(errors.join("\n"));
+  renderAttachments();
+}
+
+// an <img> of an image's data: URL (nothing else is ever put in its src)
+function thumbnail(url) {
+  const img = document.createElement("img");
+  img.className = "thumb";
+  img.alt = t("image_alt");
+  if (typeof url === "string" && IMAGE_DATA_URL.test(url)) img.src = url;
+  return img;
+}
+
+function renderAttachments() {
+  const box = $("#attachments");
+  box.innerHTML = "";
+  state.pending.forEach((url, i) => {
+    const item = document.createElement("div");
+    item.className = "attachment";
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.className = "remove small";
+    remove.textContent = "×";
+    remove.title = t("remove");
+    remove.addEventListener("click", () => {
+      state.pending.splice(i, 1);
+      renderAttachments();
+    });
+    item.append(thumbnail(url), remove);
+    box.appendChild(item);
+  });
+  box.hidden = !state.pending.length;
+}
+
+// the attach button works for a model that reads images (its /v1/models card says so)
+function updateAttach() {
+  const card = state.cards[$("#chat-model").value];
+  const vision = Boolean(card && card.vision);
+  $("#attach").disabled = !vision;
+  $("#attach").title = vision ? t("attach_title") : t("no_vision");
+}
+
+// a message's content as the API takes it: its text, or its images then its text as content parts
+function apiContent(message) {
+  if (!message.images || !message.images.length) return message.content;
+  const parts = message.images.map((url) => ({type: "image_url", image_url: {url}}));
+  if (message.content) parts.push({type: "text", text: message.content});
+  return parts;
 }
 
 function copyText(text, button) {
@@ -288,7 +438,18 @@ function messageElement(message) {
   head.appendChild(copy);
   const content = document.createElement("div");
   content.className = "content";
-  el.append(head, content);
+  el.appendChild(head);
+  if ((message.images && message.images.length) || message.imagesDropped) {
+    const images = document.createElement("div");
+    images.className = "images";
+    (message.images || []).forEach((url) => images.appendChild(thumbnail(url)));
+    if (message.imagesDropped && !(message.images && message.images.length)) {
+      images.className += " dim small-text";
+      images.textContent = t("images_not_kept");
+    }
+    el.appendChild(images);
+  }
+  el.appendChild(content);
   setContent(el, message);
   return el;
 }
@@ -335,7 +496,7 @@ function renderMessages() {
 
 function conversationFor(messages) {
   const system = $("#system-prompt").value.trim();
-  const history = messages.filter((m) => !m.error || m.content).map((m) => ({role: m.role, content: m.content}));
+  const history = messages.filter((m) => !m.error || m.content).map((m) => ({role: m.role, content: apiContent(m)}));
   return system ? [{role: "system", content: system}, ...history] : history;
 }
 
@@ -381,9 +542,15 @@ async function send(event) {
   event.preventDefault();
   const input = $("#chat-input");
   const text = input.value.trim();
-  if (!text || state.controller) return;
+  if ((!text && !state.pending.length) || state.controller) return;
   input.value = "";
-  state.chat.messages.push({role: "user", content: text});
+  const message = {role: "user", content: text};
+  if (state.pending.length) {
+    message.images = state.pending.splice(0);
+    renderAttachments();
+  }
+  showChatError("");
+  state.chat.messages.push(message);
   saveChat();
   await answerLast();
 }
@@ -676,6 +843,20 @@ function start() {
   $("#key-button").addEventListener("click", () => askForKey(null));
   $("#key-button").hidden = !state.key;
   $("#chat-form").addEventListener("submit", send);
+  $("#attach").addEventListener("click", () => $("#chat-image").click());
+  $("#chat-image").addEventListener("change", (event) => {
+    const input = event.target;
+    attachFiles([...input.files]).finally(() => { input.value = ""; });
+  });
+  $("#chat-input").addEventListener("paste", (event) => {
+    const files = [...((event.clipboardData && event.clipboardData.files) || [])]
+      .filter((file) => file.type.startsWith("image/"));
+    if (files.length && !$("#attach").disabled) {
+      event.preventDefault();
+      attachFiles(files);
+    }
+  });
+  $("#chat-model").addEventListener("change", updateAttach);
   $("#chat-input").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) send(event);
   });
