@@ -158,3 +158,113 @@ def test_chat_command_refuses_a_folder_that_is_not_a_kb(run_dir, tmp_path):  # n
     assert proc.returncode == 2
     assert proc.stderr == (f"chattune: error: --kb: {tmp_path}: no kb.json in it; expected a knowledge-base "
                            "folder made by `chattune kb build`\n")
+
+
+# -- images (/image PATH) --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vlm(tiny_vlms):
+    """The tiny LLaVA, a bare base model."""
+    return load_run(str(tiny_vlms("llava")))
+
+
+@pytest.fixture
+def pictures(tmp_path, monkeypatch):
+    """Two PNGs and a corrupt one in the current folder (``/image`` resolves relative paths from it)."""
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (40, 30), (220, 30, 30)).save("red.png")
+    Image.new("RGB", (30, 40), (30, 60, 220)).save("blue.png")
+    (tmp_path / "broken.png").write_bytes(Image.new("RGB", (8, 8)).tobytes()[:20])
+    return tmp_path
+
+
+def recorded(monkeypatch) -> list:
+    """``stream`` records the conversations it is given and answers them as it does."""
+    seen = []
+    original = chattune.chat.generate.stream
+
+    def recording_stream(loaded, messages, **kw):
+        seen.append([dict(m) for m in messages])
+        yield from original(loaded, messages, **kw)
+
+    monkeypatch.setattr(chattune.chat.generate, "stream", recording_stream)
+    return seen
+
+
+def test_image_attaches_to_the_next_message(vlm, pictures, monkeypatch):
+    seen = recorded(monkeypatch)
+    out = io.StringIO()
+    chat_loop(vlm, stdin=io.StringIO("/image red.png\n/image 'blue.png'\nWhich colours?\nAnd now?\n/exit\n"),
+              stdout=out, max_new_tokens=3)
+    red, blue = str(pictures / "red.png"), str(pictures / "blue.png")
+    assert seen[0] == [{"role": "user", "content": "<image><image>Which colours?", "images": [red, blue]}]
+    assert seen[1][0] == seen[0][0] and seen[1][-1] == {"role": "user", "content": "And now?"}  # kept in history
+    text = out.getvalue()
+    assert text.startswith("chattune chat: type a message; /image PATH attaches an image to your next message;")
+    assert f"(image 1 attached to your next message: {red})" in text
+    assert f"(image 2 attached to your next message: {blue})" in text
+    assert text.count("Assistant: ") == 2
+
+
+def test_chat_answers_with_the_image_as_generate_does(vlm, pictures):
+    out = io.StringIO()
+    chat_loop(vlm, stdin=io.StringIO("/image red.png\nWhat colour is it?\n/exit\n"), stdout=out, max_new_tokens=6)
+    asked = [{"role": "user", "content": "<image>What colour is it?", "images": [str(pictures / "red.png")]}]
+    expected = generate(vlm, [asked], max_new_tokens=6)[0]
+    assert f"Assistant: {expected}\n" in out.getvalue()
+
+
+def test_a_bad_image_is_one_line_and_the_chat_goes_on(vlm, pictures, monkeypatch):
+    seen = recorded(monkeypatch)
+    out = io.StringIO()
+    chat_loop(vlm, stdin=io.StringIO("/image missing.png\n/image broken.png\n/image\n/image https://x.org/a.png\n"
+                                     "/image red.png\n/clear\nhello\n/exit\n"), stdout=out, max_new_tokens=2)
+    lines = out.getvalue().splitlines()
+    assert f"User: chattune: error: /image: image {pictures / 'missing.png'} not found" in lines
+    broken = f"User: chattune: error: /image: {pictures / 'broken.png'}: not an image"
+    assert any(line.startswith(broken) for line in lines)
+    assert "User: chattune: error: /image: expected an image path, e.g. /image photo.jpg" in lines
+    assert any("remote image URLs are not fetched" in line for line in lines)
+    assert seen == [[{"role": "user", "content": "hello"}]]  # /clear dropped the attached image too
+
+
+def test_image_on_a_text_only_model_says_it_reads_no_images(run, pictures, monkeypatch):
+    seen = recorded(monkeypatch)
+    out = io.StringIO()
+    chat_loop(run, stdin=io.StringIO("/image red.png\nhello\n/exit\n"), stdout=out, max_new_tokens=2)
+    text = out.getvalue()
+    assert "/image" not in text.splitlines()[0]  # the greeting offers it to vision-language models only
+    assert "User: chattune: error: /image: this model reads no images (not a vision-language model); " \
+           "send text only\n" in text
+    assert seen == [[{"role": "user", "content": "hello"}]] and "Assistant: " in text
+
+
+def test_image_is_refused_with_a_kb(vlm, kb, pictures):
+    out = io.StringIO()
+    chat_loop(vlm, stdin=io.StringIO("/image red.png\n/exit\n"), stdout=out, kb=kb)
+    assert "chattune: error: /image: not with --kb (answers from a knowledge base are text only)\n" in out.getvalue()
+
+
+def test_an_image_that_no_longer_fits_leaves_the_turn_out(vlm, pictures, monkeypatch):
+    """A message whose image tokens do not fit the context is one error line; the chat goes on."""
+    import dataclasses
+
+    small = dataclasses.replace(vlm, context_length=16)
+    seen = recorded(monkeypatch)
+    out = io.StringIO()
+    chat_loop(small, stdin=io.StringIO("/image red.png\nWhat colour?\nhi\n/exit\n"), stdout=out, max_new_tokens=2)
+    text = out.getvalue()
+    assert "chattune: error: the prompt is at least" in text and "this message is left out of the history" in text
+    assert seen[-1] == [{"role": "user", "content": "hi"}]
+
+
+def test_chat_command_attaches_an_image_on_stdin(tiny_vlms, pictures):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "chattune.cli", "chat", str(tiny_vlms("llava")),
+                           "--max-new-tokens", "3"], input="/image red.png\nWhat colour?\n/exit\n",
+                          capture_output=True, text=True, timeout=120, env=env, cwd=pictures)
+    assert proc.returncode == 0, proc.stderr
+    assert f"(image 1 attached to your next message: {pictures / 'red.png'})" in proc.stdout
+    assert "Assistant: " in proc.stdout and "error" not in proc.stdout

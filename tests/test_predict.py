@@ -243,3 +243,98 @@ def test_a_write_that_fails_midway_leaves_no_output(run, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"--out .*pred\.jsonl: cannot write the predictions \(No space left"):
         chattune.predict.predict_file(run, str(data), str(out))
     assert list(tmp_path.iterdir()) == [data]  # neither pred.jsonl nor its partial file
+
+
+# -- rows with images ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vlm(tiny_vlms):
+    """The tiny LLaVA, a bare base model."""
+    return load_run(str(tiny_vlms("llava")))
+
+
+def image_rows(folder: Path) -> Path:
+    """A data file mixing text rows, image rows (one with two images), and rows whose image is
+    missing or whose placeholders and images differ in number."""
+    from PIL import Image
+
+    (folder / "pics").mkdir()
+    Image.new("RGB", (40, 30), (220, 30, 30)).save(folder / "pics" / "red.png")
+    Image.new("RGB", (30, 40), (30, 60, 220)).save(folder / "pics" / "blue.png")
+    rows = [{"messages": [{"role": "user", "content": "<image>What colour?"}, {"role": "assistant", "content": "red"}],
+             "images": ["pics/red.png"]},
+            {"instruction": "Who are you?", "output": "I am Lumi."},
+            {"messages": [{"role": "user", "content": "<image>This one?"}, {"role": "assistant", "content": "red"},
+                          {"role": "user", "content": "And <image>this?"}, {"role": "assistant", "content": "blue"}],
+             "images": ["pics/red.png", "pics/blue.png"]},
+            {"messages": [{"role": "user", "content": "<image>Gone?"}], "images": ["pics/gone.png"]},
+            {"messages": [{"role": "user", "content": "<image><image>Two?"}], "images": ["pics/red.png"]}]
+    path = folder / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_predict_answers_image_rows_with_their_images(tiny_vlms, vlm, image_data, tmp_path):
+    out = tmp_path / "pred.jsonl"
+    assert main(["predict", str(tiny_vlms("llava")), "--data", str(image_data), "--out", str(out),
+                 "--batch-size", "5", "--max-new-tokens", "4"]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = json.loads(image_data.read_text())
+    assert len(lines) == len(rows) == 12 and not any("error" in line for line in lines)
+    for line, row in zip(lines, rows, strict=True):
+        assert line["prompt"] == [{"role": "user", "content": "<image>What colour is it?",
+                                   "images": [str(image_data.parent / row["images"][0])]}]
+        assert line["reference"] == row["messages"][1]["content"] and line["prediction"]
+    for start in (0, 5, 10):  # batched as predict batches them
+        batch = lines[start:start + 5]
+        assert [line["prediction"] for line in batch] == generate(vlm, [line["prompt"] for line in batch],
+                                                                  max_new_tokens=4, do_sample=False)
+
+
+def test_predict_mixes_image_and_text_rows_and_reports_bad_images(vlm, tmp_path):
+    from chattune.predict import predict_file
+
+    data = image_rows(tmp_path)
+    out = tmp_path / "pred.jsonl"
+    assert predict_file(vlm, str(data), str(out), batch_size=8, max_new_tokens=3, log=lambda *_: None) == 5
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    red, blue = str(tmp_path / "pics" / "red.png"), str(tmp_path / "pics" / "blue.png")
+    assert lines[0]["prompt"][0]["images"] == [red] and "prediction" in lines[0] and "error" not in lines[0]
+    assert lines[1]["prompt"] == [{"role": "user", "content": "Who are you?"}] and "prediction" in lines[1]
+    two = lines[2]["prompt"]
+    assert [m.get("images") for m in two] == [[red], None, [blue]] and lines[2]["reference"] == "blue"
+    assert "image" in lines[3]["error"] and "gone.png not found" in lines[3]["error"] and "prediction" not in lines[3]
+    assert "2 <image> placeholders in the messages but 1 image" in lines[4]["error"]
+    expected = generate(vlm, [lines[0]["prompt"], lines[1]["prompt"], two], max_new_tokens=3, do_sample=False)
+    assert [lines[i]["prediction"] for i in (0, 1, 2)] == expected
+
+
+def test_image_rows_on_a_text_only_model_are_per_row_errors(run, tmp_path):
+    from chattune.predict import predict_file
+
+    data = image_rows(tmp_path)
+    out = tmp_path / "pred.jsonl"
+    assert predict_file(run, str(data), str(out), max_new_tokens=3, log=lambda *_: None) == 5
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    for i in (0, 2):
+        assert lines[i]["error"] == (f"{lines[i]['source']}: the row has images and the model reads none "
+                                     "(not a vision-language model)")
+        assert "prediction" not in lines[i] and lines[i]["reference"] in ("red", "blue")
+    assert "error" not in lines[1] and lines[1]["prediction"] == generate(
+        run, [lines[1]["prompt"]], max_new_tokens=3, do_sample=False)[0]
+
+
+def test_an_image_row_that_does_not_fit_is_its_own_error(vlm, tmp_path):
+    """Images whose tokens alone overflow the context: that row's error; the batch's other rows
+    are answered."""
+    import dataclasses
+
+    from chattune.predict import predict_file
+
+    small = dataclasses.replace(vlm, context_length=16)
+    data = image_rows(tmp_path)
+    out = tmp_path / "pred.jsonl"
+    assert predict_file(small, str(data), str(out), max_new_tokens=2, log=lambda *_: None) == 5
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert "the prompt is at least" in lines[0]["error"] and "prediction" not in lines[0]
+    assert "error" not in lines[1] and isinstance(lines[1]["prediction"], str)

@@ -4,6 +4,11 @@ A row with tools has them shown in its prompt and the calls in its answer writte
 (``calls``, parsed as :func:`chattune.evaluation.evaluate.answer_calls` reads them); a row whose
 reference answer is a tool call also gets ``reference_calls`` and its scores,
 ``tool_name_match`` and ``tool_args_match`` (:func:`chattune.evaluation.metrics.call_scores`).
+
+A row with images (``<image>`` placeholders and their images, paths relative to the data file)
+is answered with them by a vision-language model, batched with the other rows; its prompt's
+messages carry the images of their placeholders (``images``). On a model that reads no images,
+or when its images cannot be used, the row is written with its ``error`` and no prediction.
 """
 
 from __future__ import annotations
@@ -14,9 +19,10 @@ import os
 from pathlib import Path
 
 from chattune.data.formats import read_rows, to_record
+from chattune.data.images import NOT_VISION
 from chattune.data.records import RecordError, split_prompt
-from chattune.errors import ConfigError
-from chattune.evaluation.evaluate import answer_calls, reference_calls
+from chattune.errors import ChattuneError, ConfigError
+from chattune.evaluation.evaluate import answer_calls, answer_each, reference_calls, with_images
 from chattune.evaluation.metrics import CALL_METRIC_NAMES, call_scores
 from chattune.inference.generate import answer
 from chattune.inference.runs import LoadedRun
@@ -51,7 +57,8 @@ def predict_file(run: LoadedRun, data_path: str, out_path: str, *, fmt: str = "a
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with partial.open("w", encoding="utf-8") as handle:
-            written, scored = _predict_rows(run, rows, handle, fmt, columns, batch_size, log, settings)
+            written, scored = _predict_rows(run, rows, handle, fmt, columns, batch_size, log, settings,
+                                            Path(data_path).parent)
         os.replace(partial, out)
     except OSError as exc:
         raise ConfigError(f"--out {out}: cannot write the predictions ({exc.strerror or exc}); "
@@ -66,30 +73,38 @@ def predict_file(run: LoadedRun, data_path: str, out_path: str, *, fmt: str = "a
 
 
 def _predict_rows(run: LoadedRun, rows, handle, fmt: str, columns, batch_size: int, log,
-                  settings: dict) -> tuple[int, list[dict]]:
-    """Answer ``rows`` batch by batch into ``handle``; (lines written, the rows scored as calls)."""
+                  settings: dict, base_dir: Path | None = None) -> tuple[int, list[dict]]:
+    """Answer ``rows`` batch by batch into ``handle``; (lines written, the rows scored as calls).
+    ``base_dir``: where the rows' relative image paths start (the data file's folder)."""
     written = 0
     profile = run.profile()
+    reads_images = getattr(run, "vision", None) is not None
     scored: list[dict] = []
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
         items, prompts = [], []
         for row in batch:
             try:
-                record = to_record(row, fmt, columns, need_answer=False)
+                record = to_record(row, fmt, columns, need_answer=False, base_dir=base_dir)
             except RecordError as exc:
                 items.append({"source": row.where, "error": str(exc)})
                 continue
-            messages, reference = split_prompt(record.messages)
+            messages, reference = split_prompt(with_images(record.messages, record.images))
             item = {"source": row.where, "prompt": messages, "reference": reference}
             calls = reference_calls(record.messages)
             if calls is not None:
                 item["reference_calls"] = calls
             items.append(item)
+            if record.images and not reads_images:
+                item["error"] = f"{row.where}: {NOT_VISION}"
+                continue
             prompts.append((item, messages, record.tools, calls))
         if prompts:
-            seqs = answer(run, [p[1] for p in prompts], tools=[p[2] for p in prompts], **settings)
+            seqs = answer_each(answer, run, [p[1] for p in prompts], None, [p[2] for p in prompts], **settings)
             for (item, _, tools, calls), seq in zip(prompts, seqs, strict=True):
+                if isinstance(seq, ChattuneError):  # the row's images cannot be used
+                    item["error"] = f"{item['source']}: {seq}"
+                    continue
                 item["prediction"] = seq.text.text
                 if seq.error is not None:
                     item["error"] = seq.error

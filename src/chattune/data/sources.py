@@ -63,7 +63,7 @@ class FileSummary:
 def _reason(message: str) -> str:
     """A short reason class for a RecordError message (the part after the location)."""
     tail = message.split(": ", 1)[-1]
-    for marker in ("remote image URLs are not fetched", "corrupt or truncated image", "pixels, over the limit",
+    for marker in ("remote image URLs are not fetched", "corrupt or truncated image", "over the limit of",
                    "not an image Pillow can read", "placeholder", "not found", "function call is not valid JSON", "function call arguments are not valid JSON",
                    "tools are not valid JSON", "has no tool result", "unknown tool",
                    "empty call name", "a tool message must answer", "no tool call with id",

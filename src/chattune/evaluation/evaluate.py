@@ -19,6 +19,12 @@ Files (:func:`write_eval`): ``generated_predictions.jsonl`` (``prompt``, ``predi
 them, both over the scored rows only (the file's rows recomputed give the results' figures),
 ``eval_rows.jsonl`` (every row with its scores; a row without a reference is there alone,
 ``"no_reference": true``) and ``eval.json`` (every figure and the run's identity).
+
+Rows with images (``<image>`` placeholders and their images, paths relative to the data file)
+are answered with their images by a vision-language model, each message carrying the images of
+its placeholders (:func:`with_images`), batched with the text rows; their references' loss is
+measured with the images' pixels (:class:`chattune.training.collate.ImageCollator`). On a model
+that reads no images, such a row is unusable: counted with the unreadable rows, with its reason.
 """
 
 from __future__ import annotations
@@ -35,8 +41,9 @@ import torch
 
 from chattune.data.encode import IGNORE_INDEX, EncodeOptions, encode_conversation
 from chattune.data.formats import read_rows, to_record
-from chattune.data.records import RecordError, split_prompt
-from chattune.errors import ConfigError, DataError
+from chattune.data.images import NOT_VISION, encode_image_record, stray_image_token
+from chattune.data.records import Record, RecordError, split_prompt
+from chattune.errors import ChattuneError, ConfigError, DataError
 from chattune.evaluation.metrics import (
     CALL_METRIC_NAMES,
     METRIC_NAMES,
@@ -47,14 +54,18 @@ from chattune.evaluation.metrics import (
 )
 from chattune.inference.decoding import BASE_ADAPTER, Sequence
 from chattune.inference.generate import answer
-from chattune.inference.runs import LoadedRun, ServedModel
+from chattune.inference.runs import ImagesNotSupported, LoadedRun, PromptTooLong, ServedModel
 from chattune.templates.registry import render
 from chattune.templates.tool_calls import KEPT_TOKENS, parse_calls
+from chattune.vision.images import ImageError, count_placeholders, describe
 
 SCORE_NAMES = METRIC_NAMES + ("exact_match",)
 FIGURES = SCORE_NAMES + ("answer_length", "eval_loss", "perplexity")
 CALL_ANSWER_ROLES = ("assistant", "tool_call")
 """The pieces of a call answer that a model writes as text (not its end tokens)."""
+IMAGE_ERRORS = (ImagesNotSupported, ImageError, PromptTooLong)
+"""What a row's images can make :func:`chattune.inference.generate.answer` raise: the model reads
+no images, an image cannot be used (any more), the images alone do not fit the context."""
 
 
 @dataclass
@@ -69,6 +80,8 @@ class EvalExample:
     """The function objects the row offers (shown in its prompt)."""
     calls: list[dict] | None = None
     """The reference answer's tool calls ``[{"name", "arguments"}]`` (None: the reference is text)."""
+    images: list[str] | None = None
+    """The row's images, in placeholder order (its prompt's messages carry them too); None: none."""
 
     @property
     def answered(self) -> bool:
@@ -109,7 +122,9 @@ class RowResult:
 def read_eval_data(path: str, *, fmt: str = "auto", columns: dict[str, str] | None = None,
                    limit: int | None = None) -> EvalData:
     """The rows of ``path`` to evaluate on (the first ``limit``); rows that cannot be read are
-    counted with their reason. Raises DataError for a file without one usable row."""
+    counted with their reason. A row's images (paths relative to ``path``'s folder) are on the
+    messages of their placeholders (:func:`with_images`). Raises DataError for a file without
+    one usable row."""
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit: must be >= 1, got {limit}")
     examples, unreadable, rows = [], [], 0
@@ -118,20 +133,70 @@ def read_eval_data(path: str, *, fmt: str = "auto", columns: dict[str, str] | No
             break
         rows += 1
         try:
-            record = to_record(row, fmt, columns, need_answer=False)
+            record = to_record(row, fmt, columns, need_answer=False, base_dir=Path(path).parent)
         except RecordError as exc:
             unreadable.append(str(exc))
             continue
-        messages, reference = split_prompt(record.messages)
+        messages, reference = split_prompt(with_images(record.messages, record.images))
         if reference is not None and not reference.strip():
             reference = None  # an empty answer is no reference: scoring it would reward empty output
         examples.append(EvalExample(rows - 1, row.where, messages, reference, record.tools,
-                                    reference_calls(record.messages)))
+                                    reference_calls(record.messages), record.images or None))
     if not examples:
         why = f"{rows} rows, none readable (first: {unreadable[0]})" if unreadable else "no rows"
         raise DataError(f"{path}: nothing to evaluate: {why}; expected rows with a prompt (and a reference "
                         "answer to score), e.g. Alpaca instruction/input/output or --columns prompt=...,response=...")
     return EvalData(str(path), examples, rows, unreadable)
+
+
+def with_images(messages: list[dict], images: list | None) -> list[dict]:
+    """``messages`` with each one that holds ``<image>`` placeholders carrying their images
+    (``images``: the row's, one per placeholder across the messages, in order) in its
+    ``images``, as :meth:`chattune.inference.runs.LoadedRun.image_prompt` reads them; the
+    messages as they are for a row without images."""
+    if not images:
+        return messages
+    placed, at = [], 0
+    for message in messages:
+        count = count_placeholders([message])
+        if count:
+            message = {**message, "images": list(images[at:at + count])}
+            at += count
+        placed.append(message)
+    return placed
+
+
+def usable_rows(run: LoadedRun, data: EvalData) -> EvalData:
+    """``data`` as ``run`` can answer it: on a model that reads no images, rows with images are
+    left out and counted with the unreadable rows, with the reason. Raises DataError when no
+    row is left."""
+    if getattr(run, "vision", None) is not None or not any(e.images for e in data.examples):
+        return data
+    kept = [e for e in data.examples if not e.images]
+    left_out = [f"{e.source}: {NOT_VISION}" for e in data.examples if e.images]
+    if not kept:
+        raise DataError(f"{data.path}: nothing to evaluate: every usable row has images and the model reads none "
+                        "(not a vision-language model); evaluate a vision-language run, or rows without images")
+    return dataclasses.replace(data, examples=kept, unreadable=data.unreadable + left_out)
+
+
+def answer_each(answer_fn, run: LoadedRun, conversations: list[list[dict]], profile: str | None,
+                tools: list, **settings) -> list:
+    """``answer_fn`` (:func:`chattune.inference.generate.answer`) on the conversations, in one
+    batch; when a conversation's images cannot be used (:data:`IMAGE_ERRORS`), the conversations
+    one by one instead, with that conversation's error in place of its sequence."""
+    try:
+        return answer_fn(run, conversations, profile, tools=tools, **settings)
+    except IMAGE_ERRORS:
+        if not any(m.get("images") for messages in conversations for m in messages):
+            raise
+    answered: list = []
+    for messages, offered in zip(conversations, tools, strict=True):
+        try:
+            answered += answer_fn(run, [messages], profile, tools=[offered], **settings)
+        except IMAGE_ERRORS as exc:
+            answered.append(exc)
+    return answered
 
 
 def reference_calls(messages: list[dict]) -> list[dict] | None:
@@ -190,8 +255,11 @@ def generation_settings(max_new_tokens: int | None = None, **overrides) -> dict:
 
 
 def generate_rows(run: LoadedRun, profile: str, data: EvalData, *, batch_size: int = 8, log=print,
-                  **settings) -> list[RowResult]:
-    """Answer every example (``batch_size`` rows per decoder batch) and score those with a reference."""
+                  failed: list[tuple[EvalExample, str]] | None = None, **settings) -> list[RowResult]:
+    """Answer every example (``batch_size`` rows per decoder batch) and score those with a reference.
+
+    A row whose images cannot be used (:func:`answer_each`) is left out and, with ``failed``,
+    appended to it with the reason; without ``failed`` its error is raised."""
     if batch_size < 1:
         raise ConfigError(f"--batch-size: must be >= 1, got {batch_size}")
     results = []
@@ -199,8 +267,13 @@ def generate_rows(run: LoadedRun, profile: str, data: EvalData, *, batch_size: i
     chosen = run.profile(profile)
     for start in range(0, len(examples), batch_size):
         batch = examples[start:start + batch_size]
-        seqs = answer(run, [e.messages for e in batch], profile, tools=[e.tools for e in batch], **settings)
+        seqs = answer_each(answer, run, [e.messages for e in batch], profile, [e.tools for e in batch], **settings)
         for example, seq in zip(batch, seqs, strict=True):
+            if isinstance(seq, ChattuneError):
+                if failed is None:
+                    raise seq
+                failed.append((example, f"{example.source}: {seq}"))
+                continue
             text = seq.text.text
             prompt = run.decode(seq.prompt_ids)
             label = call_label(run, chosen, example) if example.calls is not None else example.reference
@@ -216,21 +289,30 @@ def generate_rows(run: LoadedRun, profile: str, data: EvalData, *, batch_size: i
 
 
 def reference_rows(run: LoadedRun, served: ServedModel, data: EvalData, *, max_seq_length: int) -> list[dict]:
-    """The answered rows encoded as training encodes them (``input_ids``, ``labels``; rows too
-    long for ``max_seq_length`` left out, as training drops them)."""
+    """The answered rows encoded as training encodes them (``input_ids``, ``labels``, and a row
+    with images its ``images``, expanded into the processor's image tokens; rows too long for
+    ``max_seq_length``, rows whose images the model cannot read and text rows holding its image
+    token left out, as training drops them)."""
     encoded = []
     options = EncodeOptions(max_seq_length=max_seq_length)
+    vision = getattr(run, "vision", None)
     for example in data.examples:
         if not example.answered:
             continue
         last = {"role": "assistant", "content": example.reference or ""}
         if example.calls is not None:
             last["tool_calls"] = example.calls
+        messages = [{k: v for k, v in m.items() if k != "images"} for m in example.messages] + [last]
         with run.tokenizer_lock:
-            row = encode_conversation(example.messages + [last], served.template, run.encoder, options,
-                                      tools=example.tools)
+            if example.images:
+                record = Record(messages, example.source, example.tools, example.images)
+                row = encode_image_record(record, served.template, run.encoder, options, vision)[0]
+            else:
+                row = stray_image_token(encode_conversation(messages, served.template, run.encoder, options,
+                                                            tools=example.tools), vision)
         if row.dropped is None:
-            encoded.append({"input_ids": row.input_ids, "labels": row.labels})
+            encoded.append({"input_ids": row.input_ids, "labels": row.labels,
+                            **({"images": example.images} if example.images else {})})
     return encoded
 
 
@@ -239,17 +321,19 @@ def reference_loss(run: LoadedRun, profile: ServedModel, data: EvalData, *, max_
                    batch_size: int = 8) -> tuple[float | None, int]:
     """Teacher-forced loss of the references (mean over their supervised tokens, as training's
     eval loss) and the number of those tokens; (None, 0) when no row has a reference. The rows
-    are batched by training's collator and scored by training's loss
+    (with their images' pixels) are batched by training's collator and scored by training's loss
     (:class:`chattune.training.loss.CausalLMLoss`, chunked where exact, so memory does not grow
     with the vocabulary)."""
-    from chattune.training.collate import PadCollator
+    from chattune.training.collate import ImageCollator, PadCollator
     from chattune.training.loss import auto_loss
 
     rows = reference_rows(run, profile, data, max_seq_length=max_seq_length)
     if not rows:
         return None, 0
     model = run.model
-    collate = PadCollator(run.tokenizer.pad_token_id)
+    vision = getattr(run, "vision", None)
+    images = vision is not None and any("images" in row for row in rows)
+    collate = ImageCollator(run.tokenizer.pad_token_id, vision) if images else PadCollator(run.tokenizer.pad_token_id)
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
@@ -314,11 +398,18 @@ def eval_length(run: LoadedRun, profile: str | None = None) -> int:
 def evaluate(run: LoadedRun, data: EvalData, *, profile: str | None = None, batch_size: int = 8,
              max_seq_length: int | None = None, log=print, **settings) -> tuple[dict, list[RowResult]]:
     """Generate, score and measure the references' loss for ``run``'s ``profile``; the
-    ``eval.json`` figures (without ``compare``) and the rows."""
+    ``eval.json`` figures (without ``compare``) and the rows. Rows the model cannot answer for
+    their images (:func:`usable_rows`, :func:`generate_rows`) count as unreadable."""
     chosen = run.profile(profile)
+    data = usable_rows(run, data)
     started = time.perf_counter()
-    results = generate_rows(run, chosen.name, data, batch_size=batch_size, log=log, **settings)
+    failed: list[tuple[EvalExample, str]] = []
+    results = generate_rows(run, chosen.name, data, batch_size=batch_size, log=log, failed=failed, **settings)
     runtime = time.perf_counter() - started
+    if failed:
+        left_out = {id(example) for example, _ in failed}
+        data = dataclasses.replace(data, examples=[e for e in data.examples if id(e) not in left_out],
+                                   unreadable=data.unreadable + [reason for _, reason in failed])
     manifest = chosen.manifest
     limit = max_seq_length or eval_length(run, profile)
     loss, loss_tokens = reference_loss(run, chosen, data, max_seq_length=limit, batch_size=batch_size)
@@ -353,8 +444,10 @@ def compare(ours: list[RowResult], theirs: list[RowResult], name: str, their_fig
     worse = {m: 0 for m in names}
     same = {m: 0 for m in names}
     changes = []
-    for mine, other in zip(ours, theirs, strict=True):
-        if mine.scores is None or other.scores is None:
+    others = {row.example.index: row for row in theirs}  # a row one side could not answer is not compared
+    for mine in ours:
+        other = others.get(mine.example.index)
+        if other is None or mine.scores is None or other.scores is None:
             continue
         for metric in names:
             if metric not in mine.scores:
@@ -428,6 +521,8 @@ def _write_rows(path: Path, results: list[RowResult]) -> None:
                     "no_reference": row.scores is None, "scores": row.scores}
             if row.calls is not None:  # a row with tools: the answer's calls, and the reference's
                 line.update({"calls": row.calls, "reference_calls": row.example.calls})
+            if row.example.images:  # data: URLs by their start and length
+                line["images"] = [describe(ref) for ref in row.example.images]
             handle.write(json.dumps(line, ensure_ascii=False) + "\n")
 
 
@@ -474,12 +569,27 @@ def _short(text: str | None, width: int = 70) -> str:
 def base_profile(run: LoadedRun, profile: str | None = None) -> LoadedRun | None:
     """``run`` with a ``base`` profile answering like its own profile but without the adapter
     (same template and generation defaults); None when the adapter cannot be switched off
-    in place (a run that replaced or prefixed the base: load the base on its own)."""
+    in place (a run that replaced or prefixed the base, or whose rows cannot pick their adapter
+    in a batch, :func:`_rows_pick_adapters`: load the base on its own)."""
     chosen = run.profile(profile)
-    if not run.uses_adapters:
+    if not run.uses_adapters or not _rows_pick_adapters(run):
         return None
     base = dataclasses.replace(chosen, name="base", adapter=BASE_ADAPTER, run_dir=None, manifest=None)
     return dataclasses.replace(run, profiles={**run.profiles, "base": base})
+
+
+def _rows_pick_adapters(run: LoadedRun) -> bool:
+    """Whether each row of a batch can pick its adapter (or none): peft's ``adapter_names``
+    works on the trained layers' rows, but not through a module trained in full
+    (``modules_to_save``) that is not a Linear, Embedding or Conv layer, nor through a vision-language
+    model's projector or tower, whose inputs are the images, not the rows."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    supported = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    saved = [m for m in run.model.modules() if isinstance(m, ModulesToSaveWrapper)]
+    if saved and getattr(run, "vision", None) is not None:
+        return False
+    return all(isinstance(m.original_module, supported) for m in saved)
 
 
 def default_out_dir(run_dir: str | Path, data_path: str) -> Path:

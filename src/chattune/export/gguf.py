@@ -21,8 +21,10 @@ bundles) on a standalone Hugging Face folder, in a child process of this interpr
 - a folder whose ``config.json`` has no ``architectures`` (saved from a config alone, as
   chattune's converted ChatGLM folders are) gets the one its ``model_type`` names.
 
-ChatGLM2/3 as chattune converts them (``GlmForCausalLM`` with their SentencePiece vocabulary
-as a byte-fallback BPE ``tokenizer.json``) are refused up front: the converter writes a GLM
+A vision-language model (its ``config.json`` has a ``vision_config``) is refused up front:
+llama.cpp reads its vision tower and projector from a second GGUF file (``mmproj``), which
+chattune does not write. ChatGLM2/3 as chattune converts them (``GlmForCausalLM`` with their
+SentencePiece vocabulary as a byte-fallback BPE ``tokenizer.json``) are refused up front: the converter writes a GLM
 vocabulary only as byte-level BPE (GLM-4's) or through THUDM's own tokenizer code.
 
 :func:`export_gguf` writes the GGUF and an Ollama ``Modelfile`` (``export/modelfile.py``) beside
@@ -85,6 +87,12 @@ def _architecture(model_dir: Path) -> str:
         raise ConfigError(f"{config_file}: cannot be read as JSON ({exc})") from exc
     if not isinstance(config, dict):
         raise ConfigError(f"{config_file}: expected a JSON object")
+    if config.get("vision_config") is not None:
+        name = (config.get("architectures") or [config.get("model_type")])[0]
+        raise ConfigError(
+            f"--gguf: {model_dir} is a vision-language model ({name}); llama.cpp needs its vision tower and "
+            "projector in a separate mmproj GGUF file, which chattune does not write, so it cannot be exported "
+            "to GGUF (the Hugging Face folder itself is still written and loads with transformers)")
     architectures = config.get("architectures")
     if architectures and isinstance(architectures, list):
         return str(architectures[0])

@@ -24,6 +24,14 @@ and through the exported folder reloaded from disk: the largest logit difference
 at most 1e-4, or 1e-5 of the logits' scale where that is larger: a real model's logits reach
 40 and more; half precision within a bound relative to the logits' scale, reported) and
 32 greedy tokens each, which must be identical.
+
+A vision-language model (LLaVA, Idefics3 / SmolVLM) is exported whole (vision tower, projector
+and the merged language model: ``AutoModelForImageTextToText`` loads it) with its processor
+(``processor_config.json``, the image processor's settings, beside the tokenizer and its chat
+template: ``AutoProcessor`` loads it). Its check adds a probe with an image: the same prompt ids
+with the run's pixels and with the pixels of the exported processor. The exported processor's
+own route (the chat template's text with ``<image>``, then ``processor(text, images)``) is
+checked to give chattune's prompt ids (``image_prompt_matches``).
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from chattune.manifest import read_manifest, recorded_template, verify_base_mode
 from chattune.methods import get_method
 from chattune.model import DTYPES, load_model, load_tokenizer, native_model_path
 from chattune.paths import check_output_dir
+from chattune.vision.processor import load_vision
 from chattune.vocab.resize import resize_like_run
 
 PROBES = [
@@ -54,6 +63,10 @@ PROBES = [
     [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！有什么可以帮您？"},
      {"role": "user", "content": "中国的首都是哪里？"}],
 ]
+IMAGE_PROBES = [[{"role": "user", "content": "<image>What is in this picture?"}]]
+"""Probe conversations of a vision-language model, each ``<image>`` the :func:`probe_image`."""
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
+"""What a processor's ``save_pretrained`` writes beside the tokenizer's files and chat template."""
 GREEDY_TOKENS = 32
 FLOAT32_TOLERANCE = 1e-4
 FLOAT32_RELATIVE_BOUND = 1e-5
@@ -164,33 +177,125 @@ def _stop_ids(tokenizer, template: str) -> list[int]:
     return sorted(i for i in stop_token_ids(tokenizer, template) if i is not None)
 
 
+def _pixels(images: list | None, pixels, device) -> dict:
+    """The pixel inputs of a prompt's ``images`` (``pixels``: a processor's
+    :meth:`~chattune.vision.processor.VisionProcessor.pixels`), on ``device``; none without images."""
+    if not images:
+        return {}
+    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in pixels(images).items()}
+
+
 @torch.no_grad()
-def probe(model, prompts: list[list[int]]) -> tuple[list[torch.Tensor], list[list[int]]]:
+def probe(model, prompts: list[list[int]], images: list[list] | None = None,
+          pixels=None) -> tuple[list[torch.Tensor], list[list[int]]]:
     """Float32 logits of every prompt position, and 32 greedy tokens (no stopping) per prompt,
-    through chattune's decoder (:func:`chattune.inference.decoding.decode_batch`)."""
+    through chattune's decoder (:func:`chattune.inference.decoding.decode_batch`). ``images``:
+    each prompt's images (Pillow), turned into the model's pixel inputs by ``pixels``."""
     from chattune.inference.decoding import Sequence, decode_batch
     from chattune.inference.sampling import SamplingParams
     from chattune.inference.textstream import TextStream
 
+    images = images or [[] for _ in prompts]
     model.eval()
     device = next(model.parameters()).device
-    logits = [model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0].float().cpu()
-              for ids in prompts]
+    logits = [model(input_ids=torch.tensor([ids], device=device), use_cache=False,
+                    **_pixels(shown, pixels, device)).logits[0].float().cpu()
+              for ids, shown in zip(prompts, images, strict=True)]
     seqs = [Sequence(ids, SamplingParams(max_tokens=GREEDY_TOKENS, ignore_eos=True),
                      TextStream(lambda _: "", [], strip=False), lambda _: None) for ids in prompts]
-    pad = getattr(model.config, "pad_token_id", None)
+    for seq, shown in zip(seqs, images, strict=True):
+        if shown:
+            seq.images, seq.image_inputs = list(shown), pixels
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    pad = getattr(config, "pad_token_id", None)  # a vision-language model's: its language model's
     decode_batch(model, seqs, pad_token_id=pad if isinstance(pad, int) else 0)
     return logits, [seq.generated for seq in seqs]
 
 
 @torch.no_grad()
-def top_gaps(model, prompt: list[int], tokens: list[int]) -> list[float]:
+def top_gaps(model, prompt: list[int], tokens: list[int], images: list | None = None, pixels=None) -> list[float]:
     """At each generated position, how far the top logit is above the second (teacher-forced)."""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt + tokens], device=device)
-    logits = model(input_ids=ids, use_cache=False).logits[0, len(prompt) - 1:-1].float()
+    logits = model(input_ids=ids, use_cache=False, **_pixels(images, pixels, device)).logits
+    logits = logits[0, len(prompt) - 1:-1].float()
     top = logits.topk(2, dim=-1).values
     return (top[:, 0] - top[:, 1]).tolist()
+
+
+def probe_image():
+    """The image of the vision-language probes: 48 x 40 pixels of colour gradients (every pixel
+    differs from its neighbours, so a changed image processor shows in the logits)."""
+    from PIL import Image
+
+    image = Image.new("RGB", (48, 40))
+    image.putdata([((x * 5) % 256, (y * 6) % 256, ((x + y) * 3) % 256) for y in range(40) for x in range(48)])
+    return image
+
+
+def image_probes(model, tokenizer, template: str, vision) -> tuple[list[list[int]], list[list]]:
+    """The prompt ids of :data:`IMAGE_PROBES` as chattune renders them for ``model`` (its
+    template, each image expanded into the tokens ``vision``, its processor, gives it), and the
+    images each keeps."""
+    from chattune.inference.runs import in_memory_run
+
+    run = in_memory_run(model, tokenizer, template, vision=vision)
+    prompts, images = [], []
+    for messages in IMAGE_PROBES:
+        shown = [probe_image() for message in messages for _ in range(message["content"].count("<image>"))]
+        placed, at = [], 0
+        for message in messages:
+            count = message["content"].count("<image>")
+            placed.append({**message, "images": shown[at:at + count]} if count else message)
+            at += count
+        ids, kept = run.image_prompt(placed)
+        prompts.append(ids)
+        images.append(kept)
+    return prompts, images
+
+
+def write_processor(vision, folder: Path) -> None:
+    """The vision-language model's processor saved into ``folder`` beside the exported tokenizer:
+    its own files only (:data:`PROCESSOR_FILES`); the tokenizer and its chat template stay the
+    export's (:func:`write_tokenizer`), which ``AutoProcessor.from_pretrained`` loads with them."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}-processor-") as scratch:
+        vision.processor.save_pretrained(scratch)
+        written = [name for name in PROCESSOR_FILES if (Path(scratch) / name).is_file()]
+        if not written:
+            raise ExportError(f"the {vision.model_type} processor saved none of {', '.join(PROCESSOR_FILES)}; "
+                              "expected its settings, for AutoProcessor to load the export")
+        for name in written:
+            shutil.copyfile(Path(scratch) / name, folder / name)
+
+
+def image_prompt_mismatches(folder: Path, ours: list[list[int]], images: list[list]) -> list[str]:
+    """Image probes whose ids through the exported folder's own route (its tokenizer's chat
+    template rendered as text, each ``<image>`` the processor's image token, then
+    ``AutoProcessor(text=..., images=...)``) differ from chattune's prompt ids ``ours``."""
+    from transformers import AutoProcessor
+
+    from chattune.data.images import with_image_token
+    from chattune.vision.processor import _quiet_transformers
+
+    with _quiet_transformers():
+        processor = AutoProcessor.from_pretrained(folder)
+    token = getattr(processor, "image_token", None) or "<image>"
+    found = []
+    for messages, ids, shown in zip(IMAGE_PROBES, ours, images, strict=True):
+        text = processor.tokenizer.apply_chat_template(with_image_token(messages, token), add_generation_prompt=True,
+                                                       tokenize=False)
+        with _quiet_transformers():
+            out = processor(text=[text], images=[list(shown)], add_special_tokens=False)
+        theirs = [int(i) for i in (out["input_ids"][0].tolist() if hasattr(out["input_ids"][0], "tolist")
+                                   else out["input_ids"][0])]
+        if theirs != ids:
+            pairs = enumerate(zip(ids, theirs, strict=False))
+            at = next((i for i, (a, b) in pairs if a != b), min(len(ids), len(theirs)))
+            found.append(f"{messages[-1]['content'][:40]!r}: ids differ from token {at} "
+                         f"({ids[at:at + 4]} chattune, {theirs[at:at + 4]} chat template + processor)")
+    return found
 
 
 def compare_probes(reference, exported, dtype: torch.dtype, gaps: list[list[float]] | None = None) -> dict:
@@ -379,13 +484,20 @@ def export_run(run_dir: str, out: str, *, dtype: str = "auto", shard_size: str =
     if method.quantized_base:
         log(f"export: QLoRA run: merging into the unquantized base loaded in {chosen}, never into 4-bit weights")
     model = load_model(model_args, chosen)
+    vision = load_vision(model_args.model_name_or_path, model_args.trust_remote_code)
     if method.load is not None and not method.run_is_model:
         resize_like_run(model, manifest.vocabulary, run)
         model = method.load(model, run)
     encoder = PieceEncoder(tokenizer)
     prompts = [encode_prompt(messages, template, encoder) for messages in PROBES]
-    reference = probe(model, prompts)
-    gaps = [top_gaps(model, ids, tokens) for ids, tokens in zip(prompts, reference[1], strict=True)]
+    images: list[list] = [[] for _ in prompts]
+    if vision is not None:
+        shown_ids, shown = image_probes(model, tokenizer, template, vision)
+        prompts, images = prompts + shown_ids, images + shown
+    pixels = vision.pixels if vision is not None else None
+    reference = probe(model, prompts, images, pixels)
+    gaps = [top_gaps(model, ids, tokens, shown, pixels)
+            for ids, tokens, shown in zip(prompts, reference[1], images, strict=True)]
     _untie_touched_embeddings(model, log)
     if hasattr(model, "merge_and_unload"):
         model = model.unload() if merge_lora_in_place(model) else model.merge_and_unload()
@@ -405,6 +517,14 @@ def export_run(run_dir: str, out: str, *, dtype: str = "auto", shard_size: str =
             log(f"warning: the exported chat template does not give chattune's prompt ids for template "
                 f"{template!r} ({len(mismatches)} of the probe conversations differ, see {CHECK_NAME}); "
                 "chattune itself (chat, serve) still renders the run's template from the manifest")
+        image_mismatches: list[str] = []
+        if vision is not None:
+            write_processor(vision, work)
+            image_mismatches = image_prompt_mismatches(work, prompts[len(PROBES):], images[len(PROBES):])
+            if image_mismatches:
+                log(f"warning: the exported chat template and processor do not give chattune's prompt ids "
+                    f"for a conversation with an image ({len(image_mismatches)} of the image probes differ, "
+                    f"see {CHECK_NAME}); chattune itself (chat, serve) still renders them as the run does")
         model_type = model.config.model_type
         note = chattune_only_note(model_type, target)
         if note is not None:
@@ -412,12 +532,17 @@ def export_run(run_dir: str, out: str, *, dtype: str = "auto", shard_size: str =
         del model
         gc.collect()
         exported = load_model(ModelArgs(model_name_or_path=str(work)), chosen)
-        check = compare_probes(reference, probe(exported, prompts), chosen, gaps)
+        exported_vision = load_vision(str(work)) if vision is not None else None  # the export's own processor
+        check = compare_probes(reference, probe(exported, prompts, images,
+                                                exported_vision.pixels if exported_vision else None), chosen, gaps)
         del exported
         gc.collect()
         check.update({"run": str(run.resolve()), "method": method.name, "template": template,
                       "chat_template_matches": not mismatches, "chat_template_mismatches": mismatches[:5],
                       "shards": len(list(work.glob("model-*.safetensors")))})
+        if vision is not None:
+            check.update({"image_probes": len(IMAGE_PROBES), "image_prompt_matches": not image_mismatches,
+                          "image_prompt_mismatches": image_mismatches[:5]})
         (work / CHECK_NAME).write_text(json.dumps(check, indent=2, ensure_ascii=False) + "\n")
         _write_provenance(work, run, manifest, chosen, template, note)
         if not check["passed"]:
@@ -589,4 +714,8 @@ def format_check(check: dict) -> str:
                if check.get("greedy_ties") else "")
             + "; chat template "
             + ("renders chattune's prompt ids" if check.get("chat_template_matches") else "DIFFERS from chattune's ids")
+            + (f"; {check['image_probes']} image probe{'s' if check['image_probes'] != 1 else ''} (pixels from the "
+               "exported processor), its chat template + processor "
+               + ("give chattune's ids" if check.get("image_prompt_matches") else "DIFFER from chattune's ids")
+               if check.get("image_probes") else "")
             + ("" if math.isfinite(difference) else " (non-finite logits)"))

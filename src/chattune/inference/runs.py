@@ -175,19 +175,43 @@ class LoadedRun:
                              "expected one image per placeholder")
         with self.tokenizer_lock:
             expansions = [self.vision.expansion(image) for image in images]
-        extra = sum(len(e) - 1 for e in expansions)
-        budget = (max_tokens if max_tokens is not None else self.context_length) - extra
+        most = max_tokens if max_tokens is not None else self.context_length
         profile = profile or self.profile()
         marked = with_image_token(messages, self.vision.placeholder)
-        with self.tokenizer_lock:
-            ids = encode_prompt(marked, profile.template, self.encoder, max(1, budget), tools) if budget > 0 else []
-        kept = sum(1 for token in ids if token == self.vision.image_token_id)
-        if budget <= 0 or kept == 0 and images:
-            raise PromptTooLong(extra + len(ids), max_tokens if max_tokens is not None else self.context_length)
+        ids, kept = self._cut_with_images(marked, profile, most, expansions, tools)
+        last = next((m for m in reversed(messages) if m["role"] == "user"), messages[-1])
+        if not ids or kept < count_placeholders([last]):  # the question's own images do not fit
+            raise PromptTooLong(max(most + 1, len(ids) + sum(len(e) - 1 for e in expansions)), most)
         spliced = splice_images(ids, ids, self.vision.image_token_id, expansions[len(images) - kept:])
-        if spliced is None:
-            raise PromptTooLong(extra + len(ids), max_tokens or self.context_length)
-        return spliced[0], images[len(images) - kept:]
+        return spliced[0], images[len(images) - kept:] if kept else []
+
+    def _cut_with_images(self, marked: list[dict], profile: ServedModel, most: int, expansions: list[list[int]],
+                         tools: list[dict] | None) -> tuple[list[int], int]:
+        """The prompt ids (one image token per image) of the longest cut whose ids and kept
+        images' tokens fit ``most``, and how many images (the last ones) it keeps: room is left for
+        every image, then for one image fewer (the cut dropped the oldest one's turn), and so on,
+        until the cut keeps as many images as it left room for."""
+        def extra(keep: int) -> int:
+            return sum(len(e) - 1 for e in expansions[len(expansions) - keep:])
+
+        def encode(keep: int) -> tuple[list[int], int]:
+            budget = most - extra(keep)
+            if budget < 1:
+                return [], 0
+            with self.tokenizer_lock:
+                ids = encode_prompt(marked, profile.template, self.encoder, budget, tools)
+            return ids, sum(1 for token in ids if token == self.vision.image_token_id)
+
+        best: tuple[list[int], int] = ([], 0)
+        for keep in range(len(expansions), -1, -1):  # room for the last `keep` images
+            ids, kept = encode(keep)
+            if not ids or len(ids) + extra(kept) > most:
+                continue
+            if kept >= keep:
+                return ids, kept
+            if not best[0]:
+                best = (ids, kept)
+        return best
 
     def fewest_prompt_tokens(self, messages: list[dict]) -> int:
         """A lower bound on the prompt tokens of ``messages`` under any template, from the users'
@@ -311,10 +335,24 @@ def _check_names(runs: list[_Run]) -> None:
         seen.add(name)
 
 
+def _trains_vision_modules(run: _Run) -> bool:
+    """Whether a vision-language run trained its projector or vision tower in full (peft cannot
+    mix such a copy of a module with the base's, or another adapter's, in one batch)."""
+    vision = run.manifest.vision
+    return "trained" in (vision.get("projector"), vision.get("vision_tower"))
+
+
+def _served_alone(run: _Run) -> bool:
+    return run.method.served_alone(run.manifest.method_settings) or _trains_vision_modules(run)
+
+
 def _check_batchable(runs: list[_Run]) -> None:
     for run in runs:
-        if run.method.served_alone(run.manifest.method_settings):
-            kind = "a DoRA adapter" if run.method.batches_with_adapters else f"a {run.method.name} run"
+        if _served_alone(run):
+            kind = ("a DoRA adapter" if run.manifest.method_settings.get("use_dora")
+                    else "a vision-language run whose projector or vision tower trained in full"
+                    if _trains_vision_modules(run) and run.method.batches_with_adapters
+                    else f"a {run.method.name} run")
             raise ManifestError(f"{run.name!r} ({run.folder}) is {kind}, which cannot share a batch with "
                                 "other adapters or the base model; serve it alone: chattune serve RUN_DIR")
 
@@ -460,7 +498,7 @@ def load_run(target: str, options: LoadOptions | None = None, *, warn=print) -> 
         return _load_bare(target, options)
     _check_names(runs)
     first = runs[0]
-    alone = len(runs) == 1 and not options.adapters and first.method.served_alone(first.manifest.method_settings)
+    alone = len(runs) == 1 and not options.adapters and _served_alone(first)
     if not alone:
         _check_batchable(runs)
         _check_same_base(runs)

@@ -57,7 +57,8 @@ def resolve_ref(ref, base_dir: str | Path | None, where: str) -> str:
         raise ImageError(f"{where}: {ref}: remote image URLs are not fetched; download the image and "
                          "give its path, or send it as a base64 data: URL")
     if scheme == "file":
-        ref = unquote(urlparse(ref).path)
+        url = urlparse(ref)  # file://host/path; a host other than localhost is read as a relative folder
+        ref = unquote(url.path if url.netloc in ("", "localhost") else url.netloc + url.path)
     path = Path(ref).expanduser()
     if not path.is_absolute():
         path = Path(base_dir or ".") / path
