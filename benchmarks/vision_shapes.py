@@ -4,8 +4,8 @@ vision-language model, measured on held-out images.
     python benchmarks/vision_shapes.py --workdir shapes [--arch llava] [--steps 1500]
     python benchmarks/vision_shapes.py --workdir shapes --throughput   # image rows vs text rows
 
-Images of one coloured shape (4 colours x 3 shapes x 4 positions, each drawn with a random size
-and offset, so no two images are alike) are drawn with Pillow; each image gets three questions with
+Images of one coloured shape (4 colours x 3 shapes: square, triangle, bar x 4 positions, each drawn
+with a random size and offset, so no two images are alike) are drawn with Pillow; each image gets three questions with
 one-word answers (its colour, its shape, where it is). Training images and held-out images are
 drawn apart (different seeds; a held-out image equal to a training one is redrawn).
 
@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 40)}
-SHAPES = ("square", "circle", "triangle")
+SHAPES = ("square", "triangle", "bar")
 POSITIONS = ("left", "right", "top", "bottom")
 QUESTIONS = {"colour": "What colour is the shape?", "shape": "What shape is it?",
              "position": "Where is the shape?"}
@@ -56,8 +56,8 @@ def draw(colour: str, shape: str, position: str, rng: random.Random):
     fill = COLOURS[colour]
     if shape == "square":
         pen.rectangle(box, fill=fill)
-    elif shape == "circle":
-        pen.ellipse(box, fill=fill)
+    elif shape == "bar":  # as wide as the square, a third of its height
+        pen.rectangle([box[0], cy - size // 6, box[2], cy + size // 6], fill=fill)
     else:
         pen.polygon([(cx, box[1]), (box[2], box[3]), (box[0], box[3])], fill=fill)
     return image
@@ -129,7 +129,7 @@ def accuracy(run_dir: Path, items: list[dict], blank: bool) -> dict[str, float]:
             truth.append((kind, item[kind]))
     answers = []
     for start in range(0, len(conversations), 64):
-        answers += generate(run, conversations[start:start + 64], max_new_tokens=6, temperature=0.0)
+        answers += generate(run, conversations[start:start + 64], max_new_tokens=8, temperature=0.0)
     right = {kind: 0 for kind in QUESTIONS}
     total = {kind: 0 for kind in QUESTIONS}
     for (kind, expected), got in zip(truth, answers, strict=True):
@@ -169,7 +169,7 @@ def shapes(args) -> None:
     reader, reader_seconds = train_arm(workdir, model, "full", args.text_steps,
                                        ["learning_rate=2e-3", "train_projector=false"], "described.json", "text")
     model = reader
-    arms = [("freeze", ["learning_rate=3e-3"]), ("lora", ["learning_rate=2e-3", "lora_rank=16"])]
+    arms = [("freeze", ["learning_rate=3e-3"]), ("lora", ["learning_rate=5e-4", "lora_rank=32"])]
     lines = [f"tiny {args.arch}: {len(train_items)} training images ({3 * len(train_items)} rows), "
              f"{len(held_items)} held-out images ({3 * len(held_items)} questions), {args.steps} steps of 16 rows; "
              f"the language model first trained {args.text_steps} steps (full, {reader_seconds:.0f} s) on the "

@@ -271,7 +271,14 @@ def _to_stderr(message: str) -> None:
 def cmd_export(args) -> int:
     """Merge a run into one standalone model folder (and optionally a GGUF file), checked against the run."""
     from chattune.export.model import export_run, format_check
+    from chattune.manifest import is_run_folder, read_manifest
 
+    if args.gguf and is_run_folder(args.run_dir) and read_manifest(args.run_dir).vision:
+        from chattune.errors import ConfigError
+
+        raise ConfigError(f"--gguf: {args.run_dir} is a vision-language run; llama.cpp needs its vision tower and "
+                          "projector in a separate mmproj GGUF file, which chattune does not write; export "
+                          "without --gguf (the folder loads with transformers)")
     result = export_run(args.run_dir, args.out, dtype=args.dtype, shard_size=args.shard_size,
                         overwrite=args.overwrite, force=args.force, base_model=args.base_model, log=_to_stderr)
     print(f"exported {args.run_dir} to {result.out_dir}\ncheck: {format_check(result.check)}")
@@ -496,7 +503,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "with --dry-run: the per-device memory on N devices under DDP, FSDP and ZeRO-2/3")
     train.set_defaults(func=cmd_train)
 
-    chat = sub.add_parser("chat", help="chat with a run folder in the terminal")
+    chat = sub.add_parser("chat", help="chat with a run folder in the terminal",
+                          description="Chat with a run folder (or a base model) in the terminal: /clear starts "
+                                      "over, /exit quits, /image PATH attaches an image to the next message "
+                                      "(vision-language models).")
     _add_inference(chat)
     chat.add_argument("--kb", metavar="KB", help="answer from this knowledge base, printing the sources")
     chat.add_argument("--kb-top-k", type=int, default=TOP_K, help=f"chunks retrieved per question (default {TOP_K})")
