@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 import chattune.chat
 from chattune.chat import chat_loop
@@ -199,7 +200,10 @@ def test_image_attaches_to_the_next_message(vlm, pictures, monkeypatch):
     chat_loop(vlm, stdin=io.StringIO("/image red.png\n/image 'blue.png'\nWhich colours?\nAnd now?\n/exit\n"),
               stdout=out, max_new_tokens=3)
     red, blue = str(pictures / "red.png"), str(pictures / "blue.png")
-    assert seen[0] == [{"role": "user", "content": "<image><image>Which colours?", "images": [red, blue]}]
+    images = seen[0][0].pop("images")  # decoded when attached: the chat goes on if a file moves later
+    assert [image.tobytes() for image in images] == [Image.open(p).convert("RGB").tobytes() for p in (red, blue)]
+    assert seen[0] == [{"role": "user", "content": "<image><image>Which colours?"}]
+    seen[1][0].pop("images")
     assert seen[1][0] == seen[0][0] and seen[1][-1] == {"role": "user", "content": "And now?"}  # kept in history
     text = out.getvalue()
     assert text.startswith("chattune chat: type a message; /image PATH attaches an image to your next message;")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from chattune.cli import main
+from chattune.data.images import NOT_VISION
 from chattune.inference.generate import generate
 from chattune.inference.runs import LoadOptions, load_run
 from tests.inference.test_generate import run_dir  # noqa: F401  (the module's trained run)
@@ -317,8 +318,7 @@ def test_image_rows_on_a_text_only_model_are_per_row_errors(run, tmp_path):
     assert predict_file(run, str(data), str(out), max_new_tokens=3, log=lambda *_: None) == 5
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     for i in (0, 2):
-        assert lines[i]["error"] == (f"{lines[i]['source']}: the row has images and the model reads none "
-                                     "(not a vision-language model)")
+        assert lines[i]["error"] == f"{lines[i]['source']}: {NOT_VISION}"
         assert "prediction" not in lines[i] and lines[i]["reference"] in ("red", "blue")
     assert "error" not in lines[1] and lines[1]["prediction"] == generate(
         run, [lines[1]["prompt"]], max_new_tokens=3, do_sample=False)[0]

@@ -8,8 +8,8 @@ printed without asking the model. The history keeps the questions as typed, not 
 
 With a vision-language model, ``/image PATH`` attaches an image to the next message (several
 ``/image`` lines before one message attach several, in order): the message is sent with one
-``<image>`` placeholder per image before its text and the images' resolved paths in its
-``images``, and keeps them in the history. An image that cannot be used is a one-line error
+``<image>`` placeholder per image before its text and the images (decoded once, when attached)
+in its ``images``, and keeps them in the history (a file moved later does not break the chat). An image that cannot be used is a one-line error
 when it is attached, and the chat goes on.
 """
 
@@ -36,7 +36,7 @@ def chat_loop(run: LoadedRun, stdin=None, stdout=None, *, kb=None, kb_top_k: int
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     history: list[dict] = []
-    pending: list[str] = []  # images attached to the next message
+    pending: list = []  # images attached to the next message (decoded: the history keeps them, not paths)
     stdout.write(greeting(run))
     while True:
         stdout.write("\nUser: ")
@@ -56,12 +56,13 @@ def chat_loop(run: LoadedRun, stdin=None, stdout=None, *, kb=None, kb_top_k: int
             continue
         if text == IMAGE_COMMAND or text.startswith(IMAGE_COMMAND + " "):
             try:
-                pending.append(attach_image(run, text[len(IMAGE_COMMAND):], kb is not None))
+                path = attach_image(run, text[len(IMAGE_COMMAND):], kb is not None)
+                pending.append(load_image(path, IMAGE_COMMAND))
             except ChattuneError as exc:
                 stdout.write(f"chattune: error: {exc}\n")
                 continue
             count = len(pending)
-            stdout.write(f"(image {count} attached to your next message: {pending[-1]})\n")
+            stdout.write(f"(image {count} attached to your next message: {path})\n")
             continue
         message = {"role": "user", "content": text}
         if pending:

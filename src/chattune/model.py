@@ -132,16 +132,36 @@ def resolve_dtype(dtype: str, fp16: bool = False, bf16: bool = False) -> torch.d
     return torch.float32
 
 
+VISION_TYPES = ("llava", "idefics3", "smolvlm")
+"""The vision-language model types chattune reads images with (their inputs are ``input_ids``
+plus the processor's pixels; tested end to end on tiny random models). A config of any other type
+with a ``vision_config`` (Qwen2-VL's 3-D positions, Gemma 3's and PaliGemma's bidirectional image
+attention, Mllama's cross-attention, remote code) loads as before, as a text model."""
+
+
+def vision_model_type(config) -> str | None:
+    """The config's model type when chattune reads images with it (:data:`VISION_TYPES`), else None."""
+    if getattr(config, "vision_config", None) is None:
+        return None
+    model_type = getattr(config, "model_type", None)
+    return model_type if model_type in VISION_TYPES else None
+
+
+def text_config(config):
+    """A config's language model part (the config itself for a text model)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def model_class(path: str, trust_remote_code: bool = False):
     """The transformers auto class that loads the model at ``path`` (native): image-text-to-text
-    for a vision-language model (its config has a ``vision_config``), else causal LM."""
+    for a vision-language model chattune reads images with (:func:`vision_model_type`), else causal LM."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception:  # from_pretrained below says what is wrong with the folder
         return AutoModelForCausalLM
-    return AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
+    return AutoModelForImageTextToText if vision_model_type(config) else AutoModelForCausalLM
 
 
 def load_model(args: ModelArgs, dtype: torch.dtype = torch.float32, **extra):

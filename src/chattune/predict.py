@@ -26,6 +26,7 @@ from chattune.evaluation.evaluate import answer_calls, answer_each, reference_ca
 from chattune.evaluation.metrics import CALL_METRIC_NAMES, call_scores
 from chattune.inference.generate import answer
 from chattune.inference.runs import LoadedRun
+from chattune.vision.images import describe
 
 
 def predict_file(run: LoadedRun, data_path: str, out_path: str, *, fmt: str = "auto",
@@ -90,7 +91,9 @@ def _predict_rows(run: LoadedRun, rows, handle, fmt: str, columns, batch_size: i
                 items.append({"source": row.where, "error": str(exc)})
                 continue
             messages, reference = split_prompt(with_images(record.messages, record.images))
-            item = {"source": row.where, "prompt": messages, "reference": reference}
+            shown = [{**m, "images": [describe(ref) for ref in m["images"]]} if m.get("images") else m
+                     for m in messages]  # (a data URL by its start and length)
+            item = {"source": row.where, "prompt": shown, "reference": reference}
             calls = reference_calls(record.messages)
             if calls is not None:
                 item["reference_calls"] = calls

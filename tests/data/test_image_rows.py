@@ -119,8 +119,6 @@ def test_images_resolve_from_the_data_files_folder_not_the_working_directory(pic
      "1 <image> placeholder in the messages but 2 images; expected one image per placeholder, in order"),
     (ASK, ["img/red.png"],
      "0 <image> placeholders in the messages but 1 image; expected one image per placeholder, in order"),
-    ("<image>" + ASK, [],
-     "1 <image> placeholder in the messages but 0 images; expected one image per placeholder, in order"),
 ])
 def test_placeholders_and_images_must_match(pics, question, images, expected):
     data = write_json(pics / "rows.json", [{"messages": chat(), "images": ["img/red.png"]},
@@ -129,8 +127,20 @@ def test_placeholders_and_images_must_match(pics, question, images, expected):
         read_source(DataSource(str(data)), strict=True)
     assert str(caught.value) == f"{data}#1: {expected}"
     records, summary = read_source(DataSource(str(data)))
-    assert len(records) == 1 and summary.skipped == Counter({"placeholder": 1})
+    assert len(records) == 1 and summary.skipped == Counter({"placeholders and images differ": 1})
     assert summary.examples == [f"{data}#1: {expected}"]
+
+
+def test_a_row_that_names_no_image_is_text_whatever_its_text_holds(pics):
+    """A text data set may hold the literal "<image>" (HTML, RSS): without an image named it is
+    read as before; a vision-language run drops it at encoding (STRAY_IMAGE_TOKEN)."""
+    rss = "<channel><image><url>a.png</url></image></channel>"
+    data = write_json(pics / "rows.json", [{"instruction": "Write an RSS channel block", "output": rss},
+                                           {"messages": chat("<image>" + ASK), "images": []},
+                                           {"instruction": "x", "output": "y", "images": {}}])
+    records, summary = read_source(DataSource(str(data)), strict=True)
+    assert [r.images for r in records] == [None, None, None] and summary.converted == 3
+    assert records[0].messages[-1]["content"] == rss
 
 
 def test_images_both_as_parts_and_in_images_are_refused(pics):
@@ -224,12 +234,12 @@ def test_a_row_whose_image_cannot_be_used_is_skipped_and_counted(pics):
     records, summary = read_source(DataSource(str(data)))
     assert [r.images[0].rsplit("/", 1)[1] for r in records] == ["red.png", "blue.png"]  # neighbours kept
     assert (summary.read, summary.converted) == (6, 2)
-    assert summary.skipped == Counter({"not found": 1, "corrupt or truncated image": 1,
+    assert summary.skipped == Counter({"image not found": 1, "corrupt or truncated image": 1,
                                        "remote image URLs are not fetched": 1, "not an image Pillow can read": 1})
     missing = str((pics / "img" / "missing.png").resolve())
     assert summary.examples[0] == f"{data}#1.images[0]: image {missing} not found"
     assert summary.examples[1].startswith(f"{data}#2.images[0]: {(pics / 'img' / 'cut.jpg').resolve()}: corrupt")
-    assert summary.to_json()["skipped_reasons"]["not found"] == 1
+    assert summary.to_json()["skipped_reasons"]["image not found"] == 1
 
 
 def test_oversized_images_are_counted_under_one_reason(pics):
@@ -240,7 +250,7 @@ def test_oversized_images_are_counted_under_one_reason(pics):
                                            for name in ("huge", "big", "wide", "red")])
     records, summary = read_source(DataSource(str(data)))
     assert len(records) == 1
-    assert summary.skipped == Counter({"over the limit of": 3})
+    assert summary.skipped == Counter({"image over the pixel limit": 3})
 
 
 # ---- encoding ----
@@ -410,7 +420,7 @@ def test_prepare_data_keeps_images_and_audits_them(vlm, image_data):
 
 def test_prepare_data_without_a_vision_model_says_why_no_rows_are_left(vlm, image_data):
     _, tokenizer, _ = vlm("llava")
-    with pytest.raises(DataError, match="12 x the row has images and the model reads none"):
+    with pytest.raises(DataError, match="12 x the row has images and chattune reads none with this model"):
         prepare_data(DataArgs(train_files=[DataSource(str(image_data))]), tokenizer, TEMPLATE, 42, vision=None)
 
 

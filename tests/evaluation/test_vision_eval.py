@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 
 from chattune.config_io import load_config
+from chattune.data.images import NOT_VISION  # noqa: E402
 from chattune.evaluation import evaluate as ev
 from chattune.inference.generate import generate
 from chattune.inference.runs import load_run
 from chattune.training.recipe import train
 from tests.evaluation.test_evaluate import cli, read_json, read_jsonl, write_jsonl
-
-NOT_VISION = "the row has images and the model reads none (not a vision-language model)"
 
 
 @pytest.fixture(scope="module")

@@ -208,3 +208,16 @@ def test_one_process_gets_no_filler_and_the_trainers_own_sampler(prepared):
         batches = build_batches(mode, prepared, config_of(), pad_token_id=0, flatten=False)
         assert batches.train_sampler(seed=3) is None
         assert len(batches.eval) == (3 if mode == "pad" else batches.summary["eval"]["steps"])
+
+
+def test_eval_filler_rows_keep_an_image_column():
+    """Several processes: the eval set is completed with filler rows; with images in the data the
+    fillers get an empty images list (the column's features must match)."""
+    from datasets import Dataset
+
+    from chattune.training.batching import _filled_rows
+
+    rows = Dataset.from_dict({"input_ids": [[1, 2], [3]], "labels": [[1, 2], [-100]], "images": [["/a.png"], []]})
+    filled = _filled_rows(rows, pad_token_id=0, multiple=4)
+    assert len(filled) == 4 and filled["images"] == [["/a.png"], [], [], []]
+    assert filled["labels"][2:] == [[-100], [-100]]

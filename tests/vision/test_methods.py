@@ -148,3 +148,9 @@ def test_full_with_the_tower_and_without_the_projector(tiny_vlms):
 def test_ptuning_is_refused(tiny_vlms):
     with pytest.raises(ConfigError, match="method: ptuning is not supported on a vision-language model"):
         apply(tiny_vlms, "llava", "ptuning")
+
+
+def test_qlora_is_refused_naming_why(tiny_vlms):
+    with pytest.raises(ConfigError, match=r"method: qlora is not supported on a vision-language model \(bitsandbytes "
+                                          r"would quantize the vision tower and the projector too\)"):
+        apply(tiny_vlms, "llava", "qlora")

@@ -106,13 +106,16 @@ def test_load_vision_of_a_text_model_is_none(tmp_path):
     assert load_vision(str(tmp_path / "empty")) is None
 
 
-def test_load_vision_refuses_a_type_it_cannot_build_inputs_for(tmp_path):
-    from transformers import Qwen2VLConfig
+def test_a_vision_type_chattune_reads_no_images_with_loads_as_text_as_before(tmp_path):
+    """Qwen2-VL (3-D positions), Gemma 3, Mllama, PaliGemma...: no processor is loaded, and the
+    model class is the causal LM one, so text-only fine-tuning of such a model works as before."""
+    from transformers import AutoModelForCausalLM, Qwen2VLConfig
+
+    from chattune.model import model_class
 
     Qwen2VLConfig().save_pretrained(tmp_path / "qwen2vl")
-    with pytest.raises(ConfigError, match=r"is a qwen2_vl vision-language model, not supported yet \(its 3-D "
-                                          r"rotary positions \(M-RoPE\)\)"):
-        load_vision(str(tmp_path / "qwen2vl"))
+    assert load_vision(str(tmp_path / "qwen2vl")) is None
+    assert model_class(str(tmp_path / "qwen2vl")) is AutoModelForCausalLM
 
 
 def test_load_vision_without_a_processor_is_a_model_load_error(tiny_vlms, tmp_path):

@@ -560,20 +560,21 @@ def read_images(value: dict, messages: list[dict], part_images: list, where: str
     """The images of one row, canonical (:func:`~chattune.vision.images.resolve_ref`), each read
     and decoded once to prove it usable; None for a row without images.
 
-    Raises RecordError (an ImageError for an image) for images given both as content parts and
-    in ``images``, a count that differs from the placeholders', and an image that cannot be used.
+    A row that names no image is text, whatever its text holds. Raises RecordError (an
+    ImageError for an image) for images given both as content parts and in ``images``, a count
+    that differs from the placeholders', and an image that cannot be used.
     """
     given = value.get("images")
     if isinstance(given, str):
         given = [given]
-    if given not in (None, []) and not isinstance(given, list):
+    if given and not isinstance(given, list):
         raise RecordError(f"{where}.images: expected a list of image paths, got {type(given).__name__}")
     if given and part_images:
         raise RecordError(f"{where}: images given both as content parts and in 'images'; expected one of the two")
     named = part_images or [(ref, f"{where}.images[{i}]") for i, ref in enumerate(given or [])]
-    marks = count_placeholders(messages)
-    if not named and not marks:
+    if not named:  # a text row: an "<image>" in its text is text (a vision-language run drops it)
         return None
+    marks = count_placeholders(messages)
     if marks != len(named):
         raise RecordError(f"{where}: {marks} {PLACEHOLDER} placeholder{'s' if marks != 1 else ''} in the messages "
                           f"but {len(named)} image{'s' if len(named) != 1 else ''}; expected one image per "

@@ -20,7 +20,8 @@ from chattune.data.encode import (
 )
 from chattune.vision.images import PLACEHOLDER, ImageError, load_image
 
-NOT_VISION = "the row has images and the model reads none (not a vision-language model)"
+NOT_VISION = ("the row has images and chattune reads none with this model (a text model, or a vision-language "
+              "type not supported: llava, idefics3, smolvlm are)")
 IMAGE_CUT = "max_seq_length would cut an image's tokens (a turn with an image dropped or cut); raise max_seq_length"
 STRAY_IMAGE_TOKEN = "the text holds the model's image token but the row has no image for it"
 

@@ -39,7 +39,7 @@ from chattune.model import tokenizer_hash
 from chattune.templates.pieces import uses_tools
 from chattune.templates.registry import template_provenance
 
-ENCODING_VERSION = 4  # 2: tools, tool calls and results (audit counts them); 3: characters cut; 4: images
+ENCODING_VERSION = 3  # 2: tools, tool calls and results (audit counts them); 3: characters cut
 PROGRESS_SECONDS = 5.0
 """The least time between two progress lines, and before the first."""
 PROGRESS_ROWS = 1000

@@ -60,11 +60,15 @@ class FileSummary:
         }
 
 
-def _reason(message: str) -> str:
-    """A short reason class for a RecordError message (the part after the location)."""
+def _reason(message: str, reason: str | None = None) -> str:
+    """A short reason class for a RecordError message (the part after the location): the error's
+    own ``reason`` where it has one (an image's, which never holds the image's path)."""
+    if reason:
+        return reason
     tail = message.split(": ", 1)[-1]
-    for marker in ("remote image URLs are not fetched", "corrupt or truncated image", "over the limit of",
-                   "not an image Pillow can read", "placeholder", "not found", "function call is not valid JSON", "function call arguments are not valid JSON",
+    if "placeholder" in tail and "image" in tail:
+        return "placeholders and images differ"
+    for marker in ("function call is not valid JSON", "function call arguments are not valid JSON",
                    "tools are not valid JSON", "has no tool result", "unknown tool",
                    "empty call name", "a tool message must answer", "no tool call with id",
                    "missing field", "missing column", "expected a string", "empty response",
@@ -115,7 +119,7 @@ def read_counted(path, summary: FileSummary, convert, key, *, strict: bool, dedu
         except RecordError as exc:
             if strict:
                 raise
-            summary.skipped[_reason(str(exc))] += 1
+            summary.skipped[_reason(str(exc), getattr(exc, "reason", None))] += 1
             if len(summary.examples) < 5:
                 summary.examples.append(str(exc))
             continue

@@ -187,9 +187,8 @@ def answer_each(answer_fn, run: LoadedRun, conversations: list[list[dict]], prof
     one by one instead, with that conversation's error in place of its sequence."""
     try:
         return answer_fn(run, conversations, profile, tools=tools, **settings)
-    except IMAGE_ERRORS:
-        if not any(m.get("images") for messages in conversations for m in messages):
-            raise
+    except IMAGE_ERRORS:  # (also a text row holding the image token): find the row, answer the rest
+        pass
     answered: list = []
     for messages, offered in zip(conversations, tools, strict=True):
         try:
@@ -604,13 +603,16 @@ def default_out_dir(run_dir: str | Path, data_path: str) -> Path:
 def sample_rows(dataset, count: int, seed: int) -> list[tuple[list[int], list[int]]]:
     """A fixed sample (same ``seed``, same rows) of ``count`` encoded rows as (prompt ids,
     reference ids): a row's last supervised span is the reference, all before it the prompt;
-    rows supervised from their first token (nothing to prompt with) are left out."""
+    rows supervised from their first token (nothing to prompt with), and rows with images, are left out."""
     import random
 
     order = list(range(len(dataset)))
     random.Random(seed).shuffle(order)
     samples = []
+    images = "images" in (dataset.column_names or [])
     for index in order:
+        if images and dataset[index]["images"]:
+            continue  # its prompt needs its pixels
         labels = dataset[index]["labels"]
         ids = dataset[index]["input_ids"]
         end = max((i + 1 for i, label in enumerate(labels) if label != IGNORE_INDEX), default=0)

@@ -53,7 +53,12 @@ from chattune.manifest import read_manifest, recorded_template, verify_base_mode
 from chattune.methods import get_method
 from chattune.model import DTYPES, load_model, load_tokenizer, native_model_path
 from chattune.paths import check_output_dir
-from chattune.vision.processor import load_vision
+from chattune.vision.processor import (
+    PROCESSOR_FILES,
+    load_vision,
+    quiet_transformers,
+    save_processor_files,
+)
 from chattune.vocab.resize import resize_like_run
 
 PROBES = [
@@ -65,8 +70,6 @@ PROBES = [
 ]
 IMAGE_PROBES = [[{"role": "user", "content": "<image>What is in this picture?"}]]
 """Probe conversations of a vision-language model, each ``<image>`` the :func:`probe_image`."""
-PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
-"""What a processor's ``save_pretrained`` writes beside the tokenizer's files and chat template."""
 GREEDY_TOKENS = 32
 FLOAT32_TOLERANCE = 1e-4
 FLOAT32_RELATIVE_BOUND = 1e-5
@@ -258,16 +261,9 @@ def write_processor(vision, folder: Path) -> None:
     """The vision-language model's processor saved into ``folder`` beside the exported tokenizer:
     its own files only (:data:`PROCESSOR_FILES`); the tokenizer and its chat template stay the
     export's (:func:`write_tokenizer`), which ``AutoProcessor.from_pretrained`` loads with them."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}-processor-") as scratch:
-        vision.processor.save_pretrained(scratch)
-        written = [name for name in PROCESSOR_FILES if (Path(scratch) / name).is_file()]
-        if not written:
-            raise ExportError(f"the {vision.model_type} processor saved none of {', '.join(PROCESSOR_FILES)}; "
-                              "expected its settings, for AutoProcessor to load the export")
-        for name in written:
-            shutil.copyfile(Path(scratch) / name, folder / name)
+    if not save_processor_files(vision.processor, folder):
+        raise ExportError(f"the {vision.model_type} processor saved none of {', '.join(PROCESSOR_FILES)}; "
+                          "expected its settings, for AutoProcessor to load the export")
 
 
 def image_prompt_mismatches(folder: Path, ours: list[list[int]], images: list[list]) -> list[str]:
@@ -277,16 +273,14 @@ def image_prompt_mismatches(folder: Path, ours: list[list[int]], images: list[li
     from transformers import AutoProcessor
 
     from chattune.data.images import with_image_token
-    from chattune.vision.processor import _quiet_transformers
-
-    with _quiet_transformers():
+    with quiet_transformers():
         processor = AutoProcessor.from_pretrained(folder)
     token = getattr(processor, "image_token", None) or "<image>"
     found = []
     for messages, ids, shown in zip(IMAGE_PROBES, ours, images, strict=True):
         text = processor.tokenizer.apply_chat_template(with_image_token(messages, token), add_generation_prompt=True,
                                                        tokenize=False)
-        with _quiet_transformers():
+        with quiet_transformers():
             out = processor(text=[text], images=[list(shown)], add_special_tokens=False)
         theirs = [int(i) for i in (out["input_ids"][0].tolist() if hasattr(out["input_ids"][0], "tolist")
                                    else out["input_ids"][0])]

@@ -92,7 +92,7 @@ def read_messages(path: str) -> list[dict]:
     from chattune.data.formats import read_rows, to_record
 
     for row in read_rows(file):
-        return to_record(row, "auto", need_answer=False).messages
+        return to_record(row, "auto", need_answer=False, base_dir=Path(file).parent).messages
     raise DataError(f"{file}: no conversation in it; expected a JSON list of {{role, content}} messages "
                     "or a data file with at least one row")
 

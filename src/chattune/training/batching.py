@@ -126,8 +126,10 @@ def _filled_rows(dataset, pad_token_id: int, multiple: int):
         return dataset
     from datasets import Dataset, concatenate_datasets
 
-    filler = Dataset.from_dict({"input_ids": [[pad_token_id]] * missing, "labels": [[-100]] * missing},
-                               features=dataset.features)
+    columns = {"input_ids": [[pad_token_id]] * missing, "labels": [[-100]] * missing}
+    if "images" in dataset.column_names:
+        columns["images"] = [[] for _ in range(missing)]
+    filler = Dataset.from_dict(columns, features=dataset.features)
     return concatenate_datasets([dataset, filler])
 
 

@@ -62,7 +62,7 @@ class ImageCollator:
         expected = sum(self.vision.expansion(image).count(token) for image in images)
         if int((batch["input_ids"] == token).sum()) != expected:
             raise DataError(f"images {refs}: their image tokens differ from those encoded (an image changed "
-                            "size since the data was prepared); prepare the data again (chattune prepare --force)")
+                            "size since the data was prepared); encode the data again (chattune data prepare CONFIG --force)")
         batch.update(self.vision.pixels(images))
         return batch
 

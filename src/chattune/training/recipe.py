@@ -88,7 +88,7 @@ from chattune.training.start import (
 )
 from chattune.training.trainer import ChattuneTrainer, place_model, resume_path, training_arguments
 from chattune.vision.methods import apply_vision_method
-from chattune.vision.processor import load_vision, vision_parts
+from chattune.vision.processor import load_vision, save_processor_files, vision_parts
 from chattune.vocab.extend import EXTENSION_NAME
 from chattune.vocab.resize import NewRows, add_rows
 
@@ -169,9 +169,9 @@ def image_batching(config: RunConfig, log=print) -> str:
 
 
 def has_images(prepared) -> bool:
-    """Whether encoded data keeps rows' images (an ``images`` column)."""
-    train = getattr(prepared, "train", None)
-    return "images" in (getattr(train, "column_names", None) or [])
+    """Whether encoded data keeps rows' images (an ``images`` column, in the train or eval set)."""
+    return any("images" in (getattr(getattr(prepared, split, None), "column_names", None) or [])
+               for split in ("train", "eval"))
 
 
 def setup_batching_and_loss(config: RunConfig, model, prepared: PreparedData, pad_token_id: int,
@@ -285,6 +285,8 @@ def generation_eval(config: RunConfig, prepared, tokenizer, template: str, log=p
     from chattune.evaluation.evaluate import generation_metrics, sample_rows
 
     samples = sample_rows(prepared.eval, config.train.eval_generate_samples, config.train.seed)
+    if has_images(prepared):
+        log("eval_generate: rows with images are left out of the generation sample (it scores text rows)")
     max_new_tokens = config.train.eval_generate_max_new_tokens or config.generate.max_new_tokens
     return lambda model: generation_metrics(model, tokenizer, template, samples, max_new_tokens=max_new_tokens,
                                             batch_size=config.train.per_device_eval_batch_size)
@@ -467,7 +469,7 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
             "trainable_parameters": trainable,
         })
         if vision is not None:  # the run folder loads as the base does: with its processor
-            vision.processor.save_pretrained(folder)
+            save_processor_files(vision.processor, folder)
 
     trainer.save_final(output_dir, write_files)
     model.eval()

@@ -29,7 +29,12 @@ _DATA_URL = re.compile(r"data:(?P<mime>image/[\w.+-]+)?(?P<params>(;[\w-]+=[^;,]
 
 
 class ImageError(RecordError):
-    """An image cannot be used: missing, remote, unreadable, corrupt or too large."""
+    """An image cannot be used: missing, remote, unreadable, corrupt or too large. ``reason``:
+    the short class an audit counts it under (never the image's path)."""
+
+    def __init__(self, message: str, reason: str = "unusable image"):
+        super().__init__(message)
+        self.reason = reason
 
 
 def describe(ref: str) -> str:
@@ -48,14 +53,14 @@ def resolve_ref(ref, base_dir: str | Path | None, where: str) -> str:
     if isinstance(ref, dict):  # {"url": ...} (OpenAI image_url) or {"path": ...}
         ref = ref.get("url", ref.get("path"))
     if not isinstance(ref, str) or not ref.strip():
-        raise ImageError(f"{where}: expected an image path, file:// URL or data: URL, got {ref!r}")
+        raise ImageError(f"{where}: expected an image path, file:// URL or data: URL, got {ref!r}", reason="not an image reference")
     ref = ref.strip()
     if ref.startswith("data:"):
         return ref
     scheme = urlparse(ref).scheme.lower()
     if scheme in ("http", "https", "ftp", "s3", "gs"):
         raise ImageError(f"{where}: {ref}: remote image URLs are not fetched; download the image and "
-                         "give its path, or send it as a base64 data: URL")
+                         "give its path, or send it as a base64 data: URL", reason="remote image URLs are not fetched")
     if scheme == "file":
         url = urlparse(ref)  # file://host/path; a host other than localhost is read as a relative folder
         ref = unquote(url.path if url.netloc in ("", "localhost") else url.netloc + url.path)
@@ -69,13 +74,13 @@ def _data_url_bytes(ref: str, where: str) -> bytes:
     match = _DATA_URL.match(ref)
     if not match or not match.group("b64"):
         raise ImageError(f"{where}: {describe(ref)}: expected a base64 image data URL "
-                         "(data:image/png;base64,...)")
+                         "(data:image/png;base64,...)", reason="malformed data URL")
     if len(ref) > MAX_DATA_URL_BYTES:
-        raise ImageError(f"{where}: {describe(ref)}: a data URL longer than {MAX_DATA_URL_BYTES:,} characters")
+        raise ImageError(f"{where}: {describe(ref)}: a data URL longer than {MAX_DATA_URL_BYTES:,} characters", reason="data URL too long")
     try:
         return base64.b64decode(ref[match.end():], validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise ImageError(f"{where}: {describe(ref)}: not valid base64 ({exc})") from exc
+        raise ImageError(f"{where}: {describe(ref)}: not valid base64 ({exc})", reason="malformed data URL") from exc
 
 
 def image_bytes(ref: str, where: str) -> bytes:
@@ -85,11 +90,11 @@ def image_bytes(ref: str, where: str) -> bytes:
         return _data_url_bytes(ref, where)
     path = Path(ref)
     if not path.is_file():
-        raise ImageError(f"{where}: image {ref} not found" + (" (a folder)" if path.is_dir() else ""))
+        raise ImageError(f"{where}: image {ref} not found" + (" (a folder)" if path.is_dir() else ""), reason="image not found")
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise ImageError(f"{where}: image {ref}: cannot be read: {exc.strerror or exc}") from exc
+        raise ImageError(f"{where}: image {ref}: cannot be read: {exc.strerror or exc}", reason="image cannot be read") from exc
 
 
 def decode_image(data: bytes, name: str, where: str, max_pixels: int = MAX_IMAGE_PIXELS):
@@ -101,24 +106,24 @@ def decode_image(data: bytes, name: str, where: str, max_pixels: int = MAX_IMAGE
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as exc:
-        raise ImageError(f"{where}: {name}: not an image Pillow can read (expected JPEG, PNG, WebP, GIF or BMP)") \
+        raise ImageError(f"{where}: {name}: not an image Pillow can read (expected JPEG, PNG, WebP, GIF or BMP)", reason="not an image Pillow can read") \
             from exc
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{where}: {name}: claims more pixels than Pillow will decode, over the limit of "
-                         f"{max_pixels:,}; resize it first") from exc
+                         f"{max_pixels:,}; resize it first", reason="image over the pixel limit") from exc
     except (OSError, ValueError) as exc:
-        raise ImageError(f"{where}: {name}: unreadable image: {exc}") from exc
+        raise ImageError(f"{where}: {name}: unreadable image: {exc}", reason="unreadable image") from exc
     width, height = image.size
     if width < 1 or height < 1:
-        raise ImageError(f"{where}: {name}: an empty image ({width}x{height})")
+        raise ImageError(f"{where}: {name}: an empty image ({width}x{height})", reason="empty image")
     if width * height > max_pixels:
         raise ImageError(f"{where}: {name}: {width}x{height} is {width * height:,} pixels, over the limit of "
-                         f"{max_pixels:,}; resize it first")
+                         f"{max_pixels:,}; resize it first", reason="image over the pixel limit")
     try:
         image.load()
         return image.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ImageError(f"{where}: {name}: corrupt or truncated image: {exc}") from exc
+        raise ImageError(f"{where}: {name}: corrupt or truncated image: {exc}", reason="corrupt or truncated image") from exc
 
 
 def load_image(ref: str, where: str, max_pixels: int = MAX_IMAGE_PIXELS):

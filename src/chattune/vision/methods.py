@@ -61,11 +61,12 @@ def _under(name: str, prefix: str) -> bool:
 def apply_vision_method(method: Method, model, args: MethodArgs, parts: VisionParts,
                         gradient_checkpointing: bool):
     """``method`` applied to a vision-language model as the module docstring says; ConfigError
-    for ptuning (a prefix over image tokens is not supported) and for a freeze that would train
-    nothing."""
-    if method.name == "ptuning":
-        raise ConfigError("method: ptuning is not supported on a vision-language model; use lora, freeze "
-                          "(the projector, MiniGPT-4's stage) or full")
+    for ptuning and qlora (not supported on one yet) and for a freeze that would train nothing."""
+    if method.name in ("ptuning", "qlora"):
+        why = ("a prefix over image tokens" if method.name == "ptuning"
+               else "bitsandbytes would quantize the vision tower and the projector too")
+        raise ConfigError(f"method: {method.name} is not supported on a vision-language model ({why}); use lora, "
+                          "freeze (the projector, MiniGPT-4's stage) or full")
     if method.name in ADAPTER_METHODS:
         return method.apply(model, vision_method_args(args, model, parts, method), gradient_checkpointing)
     if method.name == "freeze":

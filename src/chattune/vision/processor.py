@@ -9,27 +9,21 @@ import contextlib
 from dataclasses import dataclass
 
 from chattune.errors import ConfigError, ModelLoadError
+from chattune.model import vision_model_type
 
-TESTED_TYPES = ("llava", "idefics3", "smolvlm")
-"""Model types proven end to end on tiny random models (LLaVA, Idefics3 / SmolVLM)."""
-REFUSED_TYPES = {
-    "qwen2_vl": "its 3-D rotary positions (M-RoPE)", "qwen2_5_vl": "its 3-D rotary positions (M-RoPE)",
-    "qwen3_vl": "its 3-D rotary positions (M-RoPE)", "glm4v": "its 3-D rotary positions (M-RoPE)",
-    "gemma3": "its bidirectional attention over image tokens (token_type_ids)",
-}
-"""Vision-language model types whose forward needs more than ``input_ids`` plus pixels."""
 TOWER_NAMES = ("vision_tower", "vision_model", "visual")
 PROJECTOR_NAMES = ("multi_modal_projector", "connector", "mm_projector")
 LANGUAGE_NAMES = ("language_model", "text_model")
 
 
 def is_vision_config(config) -> bool:
-    """Whether a transformers config is a vision-language model's (it has a vision part)."""
-    return getattr(config, "vision_config", None) is not None
+    """Whether a transformers config is of a vision-language model chattune reads images with
+    (:data:`chattune.model.VISION_TYPES`)."""
+    return vision_model_type(config) is not None
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """transformers' warnings off (its image processors warn that torchvision is missing and
     fall back to Pillow, which is what chattune wants)."""
     from transformers.utils import logging
@@ -93,7 +87,7 @@ class VisionProcessor:
         """The token ids that ``image`` (a Pillow image) becomes in the model's input."""
         key = image.size
         if key not in self._expansions:
-            with _quiet_transformers():
+            with quiet_transformers():
                 out = self.processor(text=[self.placeholder], images=[[image]], add_special_tokens=False)
             ids = out["input_ids"][0]
             self._expansions[key] = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
@@ -102,21 +96,45 @@ class VisionProcessor:
     def pixels(self, images: list) -> dict:
         """The image processor's tensors for ``images`` (Pillow images, in the order their
         tokens appear in the batch): ``pixel_values`` and whatever else the model reads with it."""
-        with _quiet_transformers():
+        with quiet_transformers():
             out = self.processor.image_processor(images=[list(images)], return_tensors="pt")
         return dict(out)
 
     def fingerprint(self) -> dict:
-        """What the encoded rows depend on: the image processor's settings and the image token."""
-        return {"image_processor": self.processor.image_processor.to_dict(), "placeholder": self.placeholder,
-                "model_type": self.model_type}
+        """What the encoded rows depend on: the image processor's and the processor's settings
+        (``image_seq_len``, the feature selection...) and the image token."""
+        settings = {key: value for key, value in self.processor.to_dict().items()
+                    if key not in ("tokenizer", "image_processor", "chat_template")}
+        return {"image_processor": self.processor.image_processor.to_dict(), "processor": settings,
+                "placeholder": self.placeholder, "model_type": self.model_type}
+
+
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
+"""What a processor's ``save_pretrained`` writes beside the tokenizer's files and chat template."""
+
+
+def save_processor_files(processor, folder) -> list[str]:
+    """The processor's own files (:data:`PROCESSOR_FILES`) saved into ``folder``, beside the
+    tokenizer and chat template already there (left as they are); the names written."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}-processor-") as scratch:
+        with quiet_transformers():
+            processor.save_pretrained(scratch)
+        written = [name for name in PROCESSOR_FILES if (Path(scratch) / name).is_file()]
+        for name in written:
+            shutil.copyfile(Path(scratch) / name, folder / name)
+    return written
 
 
 def load_vision(path: str, trust_remote_code: bool = False) -> VisionProcessor | None:
-    """The :class:`VisionProcessor` of the model at ``path``, or None for a text-only model.
+    """The :class:`VisionProcessor` of the model at ``path``, or None for a text-only model (and
+    for a vision-language type chattune reads no images with, which then loads as before, as text).
 
-    Raises ConfigError for a vision-language type whose inputs chattune cannot build yet, and
-    ModelLoadError when the processor cannot be loaded.
+    Raises ModelLoadError when the processor of a supported type cannot be loaded.
     """
     from transformers import AutoConfig, AutoProcessor
 
@@ -131,12 +149,8 @@ def load_vision(path: str, trust_remote_code: bool = False) -> VisionProcessor |
         return None
     if not is_vision_config(config):
         return None
-    if config.model_type in REFUSED_TYPES:
-        raise ConfigError(f"model_name_or_path: {path} is a {config.model_type} vision-language model, not "
-                          f"supported yet ({REFUSED_TYPES[config.model_type]}); supported: LLaVA-style models "
-                          f"and {', '.join(TESTED_TYPES[1:])}")
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             processor = AutoProcessor.from_pretrained(local, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise load_error(local, exc, "processor") from exc
