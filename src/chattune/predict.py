@@ -22,11 +22,11 @@ from chattune.data.formats import read_rows, to_record
 from chattune.data.images import NOT_VISION
 from chattune.data.records import RecordError, split_prompt
 from chattune.errors import ChattuneError, ConfigError
-from chattune.evaluation.evaluate import answer_calls, answer_each, reference_calls, with_images
+from chattune.evaluation.evaluate import answer_calls, answer_each, reference_calls
 from chattune.evaluation.metrics import CALL_METRIC_NAMES, call_scores
 from chattune.inference.generate import answer
 from chattune.inference.runs import LoadedRun
-from chattune.vision.images import describe
+from chattune.vision.images import describe, images_on_messages
 
 
 def predict_file(run: LoadedRun, data_path: str, out_path: str, *, fmt: str = "auto",
@@ -90,7 +90,7 @@ def _predict_rows(run: LoadedRun, rows, handle, fmt: str, columns, batch_size: i
             except RecordError as exc:
                 items.append({"source": row.where, "error": str(exc)})
                 continue
-            messages, reference = split_prompt(with_images(record.messages, record.images))
+            messages, reference = split_prompt(images_on_messages(record.messages, record.images))
             shown = [{**m, "images": [describe(ref) for ref in m["images"]]} if m.get("images") else m
                      for m in messages]  # (a data URL by its start and length)
             item = {"source": row.where, "prompt": shown, "reference": reference}

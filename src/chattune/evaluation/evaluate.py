@@ -22,7 +22,7 @@ them, both over the scored rows only (the file's rows recomputed give the result
 
 Rows with images (``<image>`` placeholders and their images, paths relative to the data file)
 are answered with their images by a vision-language model, each message carrying the images of
-its placeholders (:func:`with_images`), batched with the text rows; their references' loss is
+its placeholders (:func:`~chattune.vision.images.images_on_messages`), batched with the text rows; their references' loss is
 measured with the images' pixels (:class:`chattune.training.collate.ImageCollator`). On a model
 that reads no images, such a row is unusable: counted with the unreadable rows, with its reason.
 """
@@ -57,7 +57,7 @@ from chattune.inference.generate import answer
 from chattune.inference.runs import ImagesNotSupported, LoadedRun, PromptTooLong, ServedModel
 from chattune.templates.registry import render
 from chattune.templates.tool_calls import KEPT_TOKENS, parse_calls
-from chattune.vision.images import ImageError, count_placeholders, describe
+from chattune.vision.images import ImageError, describe, images_on_messages
 
 SCORE_NAMES = METRIC_NAMES + ("exact_match",)
 FIGURES = SCORE_NAMES + ("answer_length", "eval_loss", "perplexity")
@@ -123,7 +123,7 @@ def read_eval_data(path: str, *, fmt: str = "auto", columns: dict[str, str] | No
                    limit: int | None = None) -> EvalData:
     """The rows of ``path`` to evaluate on (the first ``limit``); rows that cannot be read are
     counted with their reason. A row's images (paths relative to ``path``'s folder) are on the
-    messages of their placeholders (:func:`with_images`). Raises DataError for a file without
+    messages of their placeholders (:func:`~chattune.vision.images.images_on_messages`). Raises DataError for a file without
     one usable row."""
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit: must be >= 1, got {limit}")
@@ -137,7 +137,7 @@ def read_eval_data(path: str, *, fmt: str = "auto", columns: dict[str, str] | No
         except RecordError as exc:
             unreadable.append(str(exc))
             continue
-        messages, reference = split_prompt(with_images(record.messages, record.images))
+        messages, reference = split_prompt(images_on_messages(record.messages, record.images))
         if reference is not None and not reference.strip():
             reference = None  # an empty answer is no reference: scoring it would reward empty output
         examples.append(EvalExample(rows - 1, row.where, messages, reference, record.tools,
@@ -147,23 +147,6 @@ def read_eval_data(path: str, *, fmt: str = "auto", columns: dict[str, str] | No
         raise DataError(f"{path}: nothing to evaluate: {why}; expected rows with a prompt (and a reference "
                         "answer to score), e.g. Alpaca instruction/input/output or --columns prompt=...,response=...")
     return EvalData(str(path), examples, rows, unreadable)
-
-
-def with_images(messages: list[dict], images: list | None) -> list[dict]:
-    """``messages`` with each one that holds ``<image>`` placeholders carrying their images
-    (``images``: the row's, one per placeholder across the messages, in order) in its
-    ``images``, as :meth:`chattune.inference.runs.LoadedRun.image_prompt` reads them; the
-    messages as they are for a row without images."""
-    if not images:
-        return messages
-    placed, at = [], 0
-    for message in messages:
-        count = count_placeholders([message])
-        if count:
-            message = {**message, "images": list(images[at:at + count])}
-            at += count
-        placed.append(message)
-    return placed
 
 
 def usable_rows(run: LoadedRun, data: EvalData) -> EvalData:

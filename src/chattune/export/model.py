@@ -53,6 +53,7 @@ from chattune.manifest import read_manifest, recorded_template, verify_base_mode
 from chattune.methods import get_method
 from chattune.model import DTYPES, load_model, load_tokenizer, native_model_path
 from chattune.paths import check_output_dir
+from chattune.vision.images import count_placeholders, images_on_messages
 from chattune.vision.processor import (
     PROCESSOR_FILES,
     load_vision,
@@ -245,13 +246,8 @@ def image_probes(model, tokenizer, template: str, vision) -> tuple[list[list[int
     run = in_memory_run(model, tokenizer, template, vision=vision)
     prompts, images = [], []
     for messages in IMAGE_PROBES:
-        shown = [probe_image() for message in messages for _ in range(message["content"].count("<image>"))]
-        placed, at = [], 0
-        for message in messages:
-            count = message["content"].count("<image>")
-            placed.append({**message, "images": shown[at:at + count]} if count else message)
-            at += count
-        ids, kept = run.image_prompt(placed)
+        shown = [probe_image() for _ in range(count_placeholders(messages))]
+        ids, kept = run.image_prompt(images_on_messages(messages, shown))
         prompts.append(ids)
         images.append(kept)
     return prompts, images

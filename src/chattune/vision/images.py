@@ -132,6 +132,23 @@ def load_image(ref: str, where: str, max_pixels: int = MAX_IMAGE_PIXELS):
     return decode_image(image_bytes(ref, where), describe(ref), where, max_pixels)
 
 
+def images_on_messages(messages: list[dict], images: list | None) -> list[dict]:
+    """``messages`` with each one that holds placeholders carrying their images (``images``: a
+    row's, one per placeholder across the messages, in order) in its ``images``, as inference
+    reads them (:meth:`chattune.inference.runs.LoadedRun.image_prompt`); the messages as they are
+    without images."""
+    if not images:
+        return messages
+    placed, at = [], 0
+    for message in messages:
+        count = count_placeholders([message])
+        if count:
+            message = {**message, "images": list(images[at:at + count])}
+            at += count
+        placed.append(message)
+    return placed
+
+
 def count_placeholders(messages: list[dict]) -> int:
     """How many :data:`PLACEHOLDER` marks the messages' texts hold."""
     return sum(str(m.get("content") or "").count(PLACEHOLDER) + str(m.get("input") or "").count(PLACEHOLDER)
