@@ -395,9 +395,14 @@ function updateAttach() {
 }
 
 // a message's content as the API takes it: its text, or its images then its text as content parts
-function apiContent(message) {
-  if (!message.images || !message.images.length) return message.content;
-  const parts = message.images.map((url) => ({type: "image_url", image_url: {url}}));
+// (a model that reads no images, or images no longer stored, gets the text with "[image]" marks)
+function apiContent(message, vision) {
+  const images = message.images || [];
+  if (!images.length || !vision) {
+    const count = message.imagesDropped || images.length;
+    return count ? ("[image] ".repeat(count) + (message.content || "")).trim() : message.content;
+  }
+  const parts = images.map((url) => ({type: "image_url", image_url: {url}}));
   if (message.content) parts.push({type: "text", text: message.content});
   return parts;
 }
@@ -496,7 +501,10 @@ function renderMessages() {
 
 function conversationFor(messages) {
   const system = $("#system-prompt").value.trim();
-  const history = messages.filter((m) => !m.error || m.content).map((m) => ({role: m.role, content: apiContent(m)}));
+  const card = state.cards[$("#chat-model").value];
+  const vision = Boolean(card && card.vision);
+  const history = messages.filter((m) => !m.error || m.content)
+    .map((m) => ({role: m.role, content: m.role === "user" ? apiContent(m, vision) : m.content}));
   return system ? [{role: "system", content: system}, ...history] : history;
 }
 
