@@ -113,3 +113,15 @@ def test_image_rows_on_a_text_only_model_are_unusable_rows(tiny_models, image_da
     assert code == 2
     assert err.strip().splitlines()[-1].startswith(f"chattune: error: {image_data}: nothing to evaluate: every "
                                                    "usable row has images and the model reads none")
+
+
+def test_the_generation_sample_leaves_image_rows_out():
+    """eval_generate prompts with token ids alone: a row with images (its prompt needs its pixels)
+    is never in the sample."""
+    from datasets import Dataset
+
+    from chattune.evaluation.evaluate import sample_rows
+
+    rows = Dataset.from_dict({"input_ids": [[5, 6, 7], [1, 2, 3]], "labels": [[-100, 6, 7], [-100, 2, 3]],
+                              "images": [["/a.png"], []]})
+    assert sample_rows(rows, 2, seed=0) == [([1], [2, 3])]

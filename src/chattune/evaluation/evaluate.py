@@ -592,7 +592,7 @@ def sample_rows(dataset, count: int, seed: int) -> list[tuple[list[int], list[in
     order = list(range(len(dataset)))
     random.Random(seed).shuffle(order)
     samples = []
-    images = "images" in (dataset.column_names or [])
+    images = "images" in (getattr(dataset, "column_names", None) or [])
     for index in order:
         if images and dataset[index]["images"]:
             continue  # its prompt needs its pixels
