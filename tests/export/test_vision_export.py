@@ -12,7 +12,8 @@ import torch
 
 from chattune.cli import main
 from chattune.config_io import load_config
-from chattune.export.model import ExportError, export_run, probe_image
+from chattune.export.model import ExportError, export_run
+from chattune.export.vision import probe_image
 from chattune.inference.runs import load_run
 from chattune.training.recipe import train
 

@@ -49,15 +49,14 @@ import torch
 
 from chattune.config import ModelArgs
 from chattune.errors import ChattuneError, ConfigError, ManifestError
+from chattune.export.vision import IMAGE_PROBES, image_probes, image_prompt_mismatches
 from chattune.manifest import read_manifest, recorded_template, verify_base_model
 from chattune.methods import get_method
 from chattune.model import DTYPES, load_model, load_tokenizer, native_model_path
 from chattune.paths import check_output_dir
-from chattune.vision.images import count_placeholders, images_on_messages
 from chattune.vision.processor import (
     PROCESSOR_FILES,
     load_vision,
-    quiet_transformers,
     save_processor_files,
 )
 from chattune.vocab.resize import resize_like_run
@@ -69,8 +68,6 @@ PROBES = [
     [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！有什么可以帮您？"},
      {"role": "user", "content": "中国的首都是哪里？"}],
 ]
-IMAGE_PROBES = [[{"role": "user", "content": "<image>What is in this picture?"}]]
-"""Probe conversations of a vision-language model, each ``<image>`` the :func:`probe_image`."""
 GREEDY_TOKENS = 32
 FLOAT32_TOLERANCE = 1e-4
 FLOAT32_RELATIVE_BOUND = 1e-5
@@ -227,32 +224,6 @@ def top_gaps(model, prompt: list[int], tokens: list[int], images: list | None = 
     return (top[:, 0] - top[:, 1]).tolist()
 
 
-def probe_image():
-    """The image of the vision-language probes: 48 x 40 pixels of colour gradients (every pixel
-    differs from its neighbours, so a changed image processor shows in the logits)."""
-    from PIL import Image
-
-    image = Image.new("RGB", (48, 40))
-    image.putdata([((x * 5) % 256, (y * 6) % 256, ((x + y) * 3) % 256) for y in range(40) for x in range(48)])
-    return image
-
-
-def image_probes(model, tokenizer, template: str, vision) -> tuple[list[list[int]], list[list]]:
-    """The prompt ids of :data:`IMAGE_PROBES` as chattune renders them for ``model`` (its
-    template, each image expanded into the tokens ``vision``, its processor, gives it), and the
-    images each keeps."""
-    from chattune.inference.runs import in_memory_run
-
-    run = in_memory_run(model, tokenizer, template, vision=vision)
-    prompts, images = [], []
-    for messages in IMAGE_PROBES:
-        shown = [probe_image() for _ in range(count_placeholders(messages))]
-        ids, kept = run.image_prompt(images_on_messages(messages, shown))
-        prompts.append(ids)
-        images.append(kept)
-    return prompts, images
-
-
 def write_processor(vision, folder: Path) -> None:
     """The vision-language model's processor saved into ``folder`` beside the exported tokenizer:
     its own files only (:data:`PROCESSOR_FILES`); the tokenizer and its chat template stay the
@@ -260,32 +231,6 @@ def write_processor(vision, folder: Path) -> None:
     if not save_processor_files(vision.processor, folder):
         raise ExportError(f"the {vision.model_type} processor saved none of {', '.join(PROCESSOR_FILES)}; "
                           "expected its settings, for AutoProcessor to load the export")
-
-
-def image_prompt_mismatches(folder: Path, ours: list[list[int]], images: list[list]) -> list[str]:
-    """Image probes whose ids through the exported folder's own route (its tokenizer's chat
-    template rendered as text, each ``<image>`` the processor's image token, then
-    ``AutoProcessor(text=..., images=...)``) differ from chattune's prompt ids ``ours``."""
-    from transformers import AutoProcessor
-
-    from chattune.data.images import with_image_token
-    with quiet_transformers():
-        processor = AutoProcessor.from_pretrained(folder)
-    token = getattr(processor, "image_token", None) or "<image>"
-    found = []
-    for messages, ids, shown in zip(IMAGE_PROBES, ours, images, strict=True):
-        text = processor.tokenizer.apply_chat_template(with_image_token(messages, token), add_generation_prompt=True,
-                                                       tokenize=False)
-        with quiet_transformers():
-            out = processor(text=[text], images=[list(shown)], add_special_tokens=False)
-        theirs = [int(i) for i in (out["input_ids"][0].tolist() if hasattr(out["input_ids"][0], "tolist")
-                                   else out["input_ids"][0])]
-        if theirs != ids:
-            pairs = enumerate(zip(ids, theirs, strict=False))
-            at = next((i for i, (a, b) in pairs if a != b), min(len(ids), len(theirs)))
-            found.append(f"{messages[-1]['content'][:40]!r}: ids differ from token {at} "
-                         f"({ids[at:at + 4]} chattune, {theirs[at:at + 4]} chat template + processor)")
-    return found
 
 
 def compare_probes(reference, exported, dtype: torch.dtype, gaps: list[list[float]] | None = None) -> dict:
