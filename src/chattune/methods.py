@@ -29,7 +29,7 @@ import torch
 
 from chattune.config import CUDA_OPTIMIZERS, OPTIMIZER_PACKAGES, MethodArgs, RunConfig
 from chattune.errors import ConfigError, ManifestError
-from chattune.model import default_lora_targets
+from chattune.model import default_lora_targets, text_config
 
 FREEZE_CONFIG_NAME = "freeze_config.json"
 FREEZE_WEIGHTS_NAME = "model.safetensors"
@@ -149,7 +149,7 @@ def block_list(model) -> torch.nn.ModuleList:
     """The architecture's own list of transformer blocks: the ModuleList whose length is
     ``num_hidden_layers`` (``num_layers`` for ChatGLM remote code); for a vision-language model,
     its language model's (never the vision tower's)."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model.config)
     count = getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", None)
     candidates = [m for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == count
                   and not any(part.startswith(("vision", "visual")) for part in name.split("."))]

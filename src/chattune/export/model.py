@@ -52,7 +52,7 @@ from chattune.errors import ChattuneError, ConfigError, ManifestError
 from chattune.export.vision import IMAGE_PROBES, image_probes, image_prompt_mismatches
 from chattune.manifest import read_manifest, recorded_template, verify_base_model
 from chattune.methods import get_method
-from chattune.model import DTYPES, load_model, load_tokenizer, native_model_path
+from chattune.model import DTYPES, load_model, load_tokenizer, native_model_path, text_config
 from chattune.paths import check_output_dir
 from chattune.vision.processor import (
     PROCESSOR_FILES,
@@ -207,7 +207,7 @@ def probe(model, prompts: list[list[int]], images: list[list] | None = None,
     for seq, shown in zip(seqs, images, strict=True):
         if shown:
             seq.images, seq.image_inputs = list(shown), pixels
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model.config)
     pad = getattr(config, "pad_token_id", None)  # a vision-language model's: its language model's
     decode_batch(model, seqs, pad_token_id=pad if isinstance(pad, int) else 0)
     return logits, [seq.generated for seq in seqs]

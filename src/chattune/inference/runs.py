@@ -39,7 +39,7 @@ from chattune.manifest import (
     verify_template,
 )
 from chattune.methods import Method, get_method
-from chattune.model import load_model, load_tokenizer
+from chattune.model import load_model, load_tokenizer, text_config
 from chattune.templates.registry import get_template, resolve_template_name
 from chattune.vision.images import (
     PLACEHOLDER,
@@ -277,7 +277,7 @@ class LoadedRun:
 def context_length(config) -> int:
     """The most tokens (prompt and answer) the model's positions allow (a vision-language
     model's: its language model's)."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config = text_config(config)
     for key in ("max_position_embeddings", "seq_length", "n_positions", "max_sequence_length"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:

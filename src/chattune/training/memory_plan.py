@@ -28,7 +28,7 @@ import torch
 from chattune.config import RunConfig
 from chattune.errors import ChattuneError, ConfigError
 from chattune.methods import Method, block_list, count_parameters, get_method
-from chattune.model import load_error, native_config, resolve_dtype
+from chattune.model import load_error, native_config, resolve_dtype, text_config
 from chattune.training.preference import resolve_reference
 from chattune.training.start import (
     ADAPTER_METHODS,
@@ -128,7 +128,7 @@ class MemoryPlan:
 def _dims(model_config) -> tuple[int, int, int, int]:
     """(hidden, mlp width, blocks, vocab), also for ChatGLM remote-code configs (a
     vision-language model's: its language model's)."""
-    c = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    c = text_config(model_config)
     hidden = getattr(c, "hidden_size", None) or c.d_model
     inner = getattr(c, "intermediate_size", None) or getattr(c, "ffn_hidden_size", None) or 4 * hidden
     layers = getattr(c, "num_hidden_layers", None) or c.num_layers
