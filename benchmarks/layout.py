@@ -47,8 +47,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("chattune.export",),
     ("chattune.kb",),
     ("chattune.serve",),
-    ("chattune.cli", "chattune.demo", "chattune.demo_real", "chattune.chat", "chattune.predict", "chattune.tiny",
-     "chattune.tiny_vlm"),
+    ("chattune.workbench",),  # the page as a workbench: forms, jobs in processes, a model loaded on demand
+    ("chattune.cli", "chattune.__main__", "chattune.demo", "chattune.demo_real", "chattune.chat", "chattune.predict",
+     "chattune.tiny", "chattune.tiny_vlm"),
 ]
 """Low to high. A name covers its package's modules unless a longer name says otherwise."""
 

@@ -71,31 +71,10 @@ def cmd_data_inspect(args) -> int:
 def cmd_data_prepare(args) -> int:
     """Encode a config's data (or reuse the cache) and print the audit."""
     from chattune.config_io import load_config
-    from chattune.data.prepare import format_audit, prepare_data
-    from chattune.model import load_tokenizer
-    from chattune.templates.registry import resolve_template_name
+    from chattune.data.run_data import prepare_for_config
 
-    config = load_config(args.config, args.overrides)
-    tokenizer = load_tokenizer(config.model.tokenizer_name_or_path or config.model.model_name_or_path,
-                               config.model.trust_remote_code)
-    if config.preference.stage == "pretrain":
-        from chattune.data.pretrain import format_pretrain_audit, prepare_pretrain_data
-
-        if config.data.streaming:
-            from chattune.errors import ConfigError
-
-            raise ConfigError("streaming: a streamed corpus is read while training, not prepared; "
-                              "set streaming=false to encode and cache it")
-        prepared = prepare_pretrain_data(config.data, tokenizer, config.train.seed, force=args.force)
-        print(format_pretrain_audit(prepared.audit))
-    else:
-        from chattune.vision.processor import load_vision
-
-        template = resolve_template_name(config.data.template, tokenizer)
-        vision = load_vision(config.model.model_name_or_path, config.model.trust_remote_code)
-        prepared = prepare_data(config.data, tokenizer, template, config.train.seed, force=args.force,
-                                vision=vision)
-        print(format_audit(prepared.audit))
+    prepared, text = prepare_for_config(load_config(args.config, args.overrides), force=args.force)
+    print(text)
     state = "reused cached" if prepared.reused else "encoded and cached"
     print(f"{state} data set at {prepared.cache_path}")
     return 0
@@ -155,6 +134,13 @@ def cmd_train(args) -> int:
     except TrainingError:
         print(file=sys.stderr)  # the error starts its own line, after the progress bar's
         raise
+    if result.stopped:
+        from chattune.training.callbacks import STOPPED_EXIT
+
+        print(f"stopped at step {result.global_step}: checkpoint-{result.global_step} is in {result.output_dir}; "
+              f"go on with: chattune train {' '.join([*([config_path] if config_path else []), *overrides])} "
+              "resume_from_checkpoint=true")
+        return STOPPED_EXIT
     if world_from_env().is_main:
         print(f"done: {result.global_step} steps, train loss {result.train_loss:.4f}"
               + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
@@ -407,6 +393,13 @@ def cmd_serve(args) -> int:
     return serve(args)
 
 
+def cmd_workbench(args) -> int:
+    """The web page with training: ``chattune workbench --models-dir M --data-dir D --runs-dir R``."""
+    from chattune.workbench.app import run_workbench
+
+    return run_workbench(args)
+
+
 def _add_data_input(parser):
     parser.add_argument("inputs", nargs="+", help="data files (JSON, JSONL, CSV, Parquet)")
     parser.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "openai", "columns"])
@@ -625,6 +618,18 @@ def build_parser() -> argparse.ArgumentParser:
                             f"every chunk, the reply is 'cannot answer' (default {THRESHOLD})")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=cmd_serve)
+
+    bench = sub.add_parser("workbench", help="the web page as a workbench: train, watch, stop, resume, evaluate, "
+                                             "chat and export from the browser")
+    bench.add_argument("--models-dir", required=True, help="folder of base models (model folders, GGUF files)")
+    bench.add_argument("--data-dir", required=True, help="folder of data files (uploads go here)")
+    bench.add_argument("--runs-dir", required=True, help="folder the page's runs are written to (created)")
+    bench.add_argument("--max-jobs", type=int, default=1, help="jobs run at once; the rest wait (default 1)")
+    bench.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    bench.add_argument("--port", type=int, default=7860)
+    bench.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $CHATTUNE_API_KEY)")
+    bench.add_argument("--log-level", default="info")
+    bench.set_defaults(func=cmd_workbench)
     return parser
 
 

@@ -185,7 +185,7 @@ COMMAND_LINE = "command line"
 _LEADING_KEYS = re.compile(r"^(?:unknown config key '([^']+)'|([A-Za-z_]\w*)(?: and ([A-Za-z_]\w*))?)")
 
 
-def _named_keys(message: str) -> list[str]:
+def named_keys(message: str) -> list[str]:
     """The config keys an error message starts with (``lora_rank: ...``, ``train_files[0]: ...``,
     ``fp16 and bf16: ...``)."""
     match = _LEADING_KEYS.match(message)
@@ -225,7 +225,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     try:
         config = build_config(values)
     except ConfigError as exc:
-        named = [sources.get(key) for key in _named_keys(str(exc))]
+        named = [sources.get(key) for key in named_keys(str(exc))]
         if path is None:
             where = ""
         elif COMMAND_LINE in named:
@@ -257,29 +257,49 @@ def resume_setting(config: RunConfig) -> bool | str | None:
     return value
 
 
-def describe_keys(markdown: bool = False) -> str:
-    """Every config key with its default and docstring, for ``--help-config``
-    (``markdown``: as the README's table)."""
+@dataclasses.dataclass(frozen=True)
+class KeyDoc:
+    """One config key as ``--help-config`` documents it."""
+
+    group: str
+    key: str
+    annotation: Any
+    default: Any
+    doc: str
+
+
+def documented_keys() -> list[KeyDoc]:
+    """Every config key, group by group, with its type, default and docstring (the text under
+    the field in :mod:`chattune.config`)."""
     import ast
     import inspect
 
-    lines = ["| key | default | meaning |", "|---|---|---|"] if markdown else []
+    found = []
     for group, cls in GROUPS.items():
         body = ast.parse(inspect.getsource(cls)).body[0].body  # type: ignore[attr-defined]
         docs: dict[str, str] = {}
         for node, after in zip(body, body[1:], strict=False):
             if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr):
                 docs[node.target.id] = " ".join(str(after.value.value).split())  # type: ignore[union-attr]
-        if not markdown:
-            lines.append(f"[{group}]")
-        defaults = cls()
-        for f in dataclasses.fields(cls):
-            default = getattr(defaults, f.name)
-            doc = docs.get(f.name, "")
-            if markdown:
-                lines.append(f"| `{f.name}` | `{default!r}` | {doc.replace('|', '/')} ({group}) |")
-            else:
-                lines += [f"  {f.name} (default: {default!r})", f"      {doc}"]
+        defaults, hints = cls(), typing.get_type_hints(cls)
+        found += [KeyDoc(group, f.name, hints[f.name], getattr(defaults, f.name), docs.get(f.name, ""))
+                  for f in dataclasses.fields(cls)]
+    return found
+
+
+def describe_keys(markdown: bool = False) -> str:
+    """Every config key with its default and docstring, for ``--help-config``
+    (``markdown``: as the README's table)."""
+    lines = ["| key | default | meaning |", "|---|---|---|"] if markdown else []
+    group = None
+    for item in documented_keys():
+        if not markdown and item.group != group:
+            lines.append(f"[{item.group}]")
+        group = item.group
+        if markdown:
+            lines.append(f"| `{item.key}` | `{item.default!r}` | {item.doc.replace('|', '/')} ({item.group}) |")
+        else:
+            lines += [f"  {item.key} (default: {item.default!r})", f"      {item.doc}"]
     return "\n".join(lines)
 
 

@@ -73,3 +73,63 @@ def test_collapse_watch_warns_once_after_patience_dead_logging_steps():
     for step in range(5):
         quiet.on_log(None, SimpleNamespace(global_step=step), None, logs={"loss": math.log(878), "grad_norm": 0.9})
     assert len(lines) == 1
+
+
+def _state(step: int, max_steps: int = 100, zero: bool = True):
+    return SimpleNamespace(global_step=step, max_steps=max_steps, epoch=step / 50, is_world_process_zero=zero)
+
+
+def test_progress_writer_writes_the_step_and_the_time_left_at_this_pace(tmp_path, monkeypatch):
+    from chattune.training import callbacks
+
+    clock = iter([1000.0, 1000.0, 1010.0, 1010.0, 1020.0, 1020.0])
+    monkeypatch.setattr(callbacks.time, "time", lambda: next(clock))
+    writer = callbacks.ProgressWriter(tmp_path, interval=0.0)
+    writer.on_train_begin(None, _state(20), None)  # resumed at step 20
+    writer.on_step_end(None, _state(30), None)
+    written = json.loads((tmp_path / "progress.json").read_text())
+    assert written == {"phase": "training", "step": 30, "max_steps": 100, "epoch": 0.6, "elapsed": 10.0,
+                       "eta_seconds": 70.0, "updated": 1010.0}  # 10 steps in 10 s: 70 left
+    writer.on_train_end(None, _state(40), None)
+    assert json.loads((tmp_path / "progress.json").read_text())["phase"] == "ended"
+    assert [p.name for p in tmp_path.iterdir()] == ["progress.json"]  # no staging file left
+    other = callbacks.ProgressWriter(tmp_path / "rank1")
+    other.on_train_begin(None, _state(0, zero=False), None)
+    assert not (tmp_path / "rank1").exists()
+
+
+def test_stop_on_signal_checkpoints_the_step_under_way_and_ends_training():
+    import signal
+
+    from transformers import TrainerControl
+
+    from chattune.training.callbacks import StopOnSignal
+
+    said = []
+    stopper = StopOnSignal(log=said.append)
+    control = TrainerControl()
+    stopper.on_step_end(None, _state(3), control)
+    assert not control.should_save and not control.should_training_stop  # nothing asked yet
+    stopper.handle(signal.SIGTERM, None)
+    stopper.on_step_end(None, _state(4), control)
+    assert control.should_save and control.should_training_stop and stopper.stopped_at == 4
+    assert said[-1].startswith("chattune: stopped at step 4: checkpoint-4 written")
+    first_ctrl_c = StopOnSignal(log=said.append)
+    first_ctrl_c.handle(signal.SIGINT, None)
+    try:
+        first_ctrl_c.handle(signal.SIGINT, None)
+        raise AssertionError("a second Ctrl-C must interrupt at once")
+    except KeyboardInterrupt:
+        pass
+
+
+def test_stop_on_signal_puts_the_handlers_back():
+    import signal
+
+    from chattune.training.callbacks import StopOnSignal
+
+    before = signal.getsignal(signal.SIGTERM)
+    stopper = StopOnSignal().install()
+    assert signal.getsignal(signal.SIGTERM) == stopper.handle
+    stopper.restore()
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -282,3 +282,31 @@ def test_a_bad_value_in_the_file_names_the_file(config_file, capsys):
     assert code == 2 and err == [f"chattune: error: {config_file}: learning_rate: 1e+38 is beyond what a float32 "
                                  "optimizer can compute with; expected a finite number up to 1e+30 "
                                  "(LoRA usually 1e-5 to 1e-3)"]
+
+
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint_that_resumes(tiny_models, data_file, tmp_path):
+    out = tmp_path / "out"
+    args = overrides(tiny_models("glm4"), data_file, out, max_steps=3000, save_steps=100000, logging_steps=1)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    process = subprocess.Popen([sys.executable, "-m", "chattune", "train", *args], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "progress.json").exists() or json.loads((out / "progress.json").read_text())["step"] < 2:
+            assert process.poll() is None, process.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "the training never reached step 2"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    step = json.loads((out / "progress.json").read_text())["step"]
+    assert process.returncode == 3, stderr[-2000:]
+    assert f"stopped at step {step}: checkpoint-{step} is in {out}" in stdout
+    assert "resume_from_checkpoint=true" in stdout and "Traceback" not in stderr
+    assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{step}"]
+    assert checkpoint_problems(out / f"checkpoint-{step}") == []
+    assert not (out / "chattune.json").exists()  # stopped, not finished
+    config = load_config(None, [*args, f"max_steps={step + 2}", "resume_from_checkpoint=true"])  # later wins
+    assert train(config, log=lambda *_: None).global_step == step + 2
+    assert (out / "chattune.json").is_file()

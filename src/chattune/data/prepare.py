@@ -395,3 +395,4 @@ def format_audit(audit: dict) -> str:
                          f"supervised call tokens {a['supervised_call_tokens']} (of the supervised "
                          "tokens; tool results are never supervised)")
     return "\n".join(lines)
+

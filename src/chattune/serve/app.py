@@ -81,19 +81,21 @@ class RequireKey:
 
 
 class LimitBody:
-    """ASGI middleware: a body over ``limit`` bytes gets 413 before anything parses it."""
+    """ASGI middleware: a body over ``limit`` bytes (or its path's limit in ``path_limits``)
+    gets 413 before anything parses it."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, path_limits: dict[str, int] | None = None):
+        self.app, self.limit, self.path_limits = app, limit, path_limits or {}
 
     async def __call__(self, scope, receive, send):
-        """Read the whole body (at most ``limit`` bytes), then hand it on."""
+        """Read the whole body (at most the limit), then hand it on."""
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.path_limits.get(scope["path"], self.limit)
         declared = dict(scope["headers"]).get(b"content-length", b"0")
-        too_big = error_body(f"the request body is larger than this server's limit of {self.limit} bytes",
+        too_big = error_body(f"the request body is larger than this server's limit of {limit} bytes",
                              code="request_too_large")
-        if declared.isdigit() and int(declared) > self.limit:
+        if declared.isdigit() and int(declared) > limit:
             return await _send_error(scope, receive, send, 413, too_big)
         chunks, size = [], 0
         while True:
@@ -102,7 +104,7 @@ class LimitBody:
                 return
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
-            if size > self.limit:
+            if size > limit:
                 return await _send_error(scope, receive, send, 413, too_big)
             if not message.get("more_body"):
                 break
@@ -227,23 +229,10 @@ async def _events(request: Request, queue: asyncio.Queue, seq: Sequence, engine:
         engine.cancel(seq)
 
 
-def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
-               max_body_bytes: int = 1 << 20, ui: bool = True, runs_dir: str | None = None,
-               kbs: retrieval.KbServing | None = None) -> FastAPI:
-    """The API over a loaded model and a running engine (neither is started or stopped here);
-    with ``ui`` also the web page (:mod:`chattune.serve.ui`), showing the served runs and
-    those under ``runs_dir``; with ``kbs`` every model also answers from each knowledge base
-    as ``MODEL+NAME`` (:mod:`chattune.serve.retrieval`)."""
-    app = FastAPI(title="chattune", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.served, app.state.engine = served, engine
-    app.add_middleware(LimitBody, limit=max_body_bytes)
-    app.add_middleware(RequireKey, key=api_key, open_path=ui_module.is_open_path if ui else lambda path: False)
-    if ui:
-        ui_module.add_ui(app, served, runs_dir)
-    vocab = served.model.get_input_embeddings().num_embeddings
-    served.fewest_prompt_tokens([])  # decodes every token once, before a request waits for it
-    kb_models = retrieval.kb_profiles(served.profiles, kbs)
-    app.state.kb_names = list(kbs.bases) if kbs else []
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error ``app`` answers as OpenAI's ``{"error": {...}}`` body: our own
+    :class:`~chattune.serve.schema.APIError`, pydantic's 422 (a 400 naming the field), unknown
+    routes and methods, and anything unexpected (a 500)."""
 
     @app.exception_handler(APIError)
     async def api_error(_request, exc: APIError):
@@ -269,6 +258,27 @@ def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
         message = f"{exc.detail}: {request.method} {request.url.path}"
         return JSONResponse(error_body(message, _status_type(exc.status_code)), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
+
+
+def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
+               max_body_bytes: int = 1 << 20, ui: bool = True, runs_dir: str | None = None,
+               kbs: retrieval.KbServing | None = None) -> FastAPI:
+    """The API over a loaded model and a running engine (neither is started or stopped here);
+    with ``ui`` also the web page (:mod:`chattune.serve.ui`), showing the served runs and
+    those under ``runs_dir``; with ``kbs`` every model also answers from each knowledge base
+    as ``MODEL+NAME`` (:mod:`chattune.serve.retrieval`)."""
+    app = FastAPI(title="chattune", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.served, app.state.engine = served, engine
+    app.add_middleware(LimitBody, limit=max_body_bytes)
+    app.add_middleware(RequireKey, key=api_key, open_path=ui_module.is_open_path if ui else lambda path: False)
+    if ui:
+        ui_module.add_ui(app, lambda: {name: p.run_dir for name, p in served.profiles.items()}, runs_dir)
+    vocab = served.model.get_input_embeddings().num_embeddings
+    served.fewest_prompt_tokens([])  # decodes every token once, before a request waits for it
+    kb_models = retrieval.kb_profiles(served.profiles, kbs)
+    app.state.kb_names = list(kbs.bases) if kbs else []
+
+    add_error_handlers(app)
 
     created = int(time.time())
 

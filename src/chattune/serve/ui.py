@@ -15,13 +15,13 @@ for the key and sends it as the bearer header), every other route needs the key.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from chattune.inference.runs import LoadedRun
 from chattune.serve.run_info import find_runs, metrics_since, run_detail, run_summary
 from chattune.serve.schema import APIError
 
@@ -35,16 +35,17 @@ def is_open_path(path: str) -> bool:
     return path in PAGE_PATHS or path.startswith(STATIC_PREFIX)
 
 
-def add_ui(app: FastAPI, served: LoadedRun, runs_dir: str | Path | None = None) -> None:
-    """Add the page and its run routes to ``app``."""
+def add_ui(app: FastAPI, served_dirs: Callable[[], dict[str, Path | None]],
+           runs_dir: str | Path | None = None) -> None:
+    """Add the page and its run routes to ``app``; ``served_dirs()``: the run folder of each
+    model served now, by name (None for a bare base model)."""
     if not (STATIC_DIR / "index.html").is_file():
         raise FileNotFoundError(f"{STATIC_DIR}: the page's files are missing from this install")
     runs_root = Path(runs_dir) if runs_dir is not None else None
-    served_dirs = {name: profile.run_dir for name, profile in served.profiles.items()}
     no_store = {"Cache-Control": "no-cache"}
 
     def entries():
-        return find_runs(served_dirs, runs_root)
+        return find_runs(served_dirs(), runs_root)
 
     def entry(run: str):
         found = entries().get(run)

@@ -8,13 +8,20 @@
 - :class:`CollapseWatch`: a warning when the model has collapsed (gradient norm 0 and the
   loss at ln(vocabulary size), the loss of a uniform guess) for several logging steps;
 - :class:`EarlyStopping`: training stops when an eval metric has not improved for a number of
-  evaluations (the checkpoints written so far stay).
+  evaluations (the checkpoints written so far stay);
+- :class:`ProgressWriter`: ``progress.json`` (step, steps in all, time left) for whoever watches
+  the run (the workbench's page);
+- :class:`StopOnSignal`: SIGTERM, or a first Ctrl-C, ends training after the current step with a
+  checkpoint written, so that a stopped run resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -133,3 +140,97 @@ class EarlyStopping(TrainerCallback):
             control.should_training_stop = True
             self.log(f"early stopping at step {state.global_step}: {self.metric} {value:.4f} has not improved on "
                      f"its best {self.best:.4f} by more than {self.threshold:g} for {self.stale} evaluations")
+
+
+PROGRESS_NAME = "progress.json"
+STOPPED_EXIT = 3
+"""``chattune train``'s exit status when it stopped on request with a checkpoint (not finished)."""
+
+
+class ProgressWriter(TrainerCallback):
+    """Writes ``progress.json`` in the run folder (whole, by a rename): the step, the steps in
+    all, the epoch, seconds since this process began training and the time left at the pace
+    of this process's steps so far; at most once every ``interval`` seconds, and at the end."""
+
+    def __init__(self, folder: Path, interval: float = 1.0):
+        self.path, self.interval = folder / PROGRESS_NAME, interval
+        self.began: float | None = None
+        self.first_step = 0
+        self.written = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """Start the clock (on resume: from the step resumed at)."""
+        self.began, self.first_step = time.time(), state.global_step
+        self.write(state, "training")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        """Rewrite the file when ``interval`` has passed since the last time."""
+        if time.time() - self.written >= self.interval:
+            self.write(state, "training")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        """The last word: the step training ended at."""
+        self.write(state, "ended")
+
+    def write(self, state, phase: str) -> None:
+        """The file as of ``state`` (only the first process of a job writes)."""
+        if not state.is_world_process_zero or self.began is None:
+            return
+        now = time.time()
+        done = state.global_step - self.first_step
+        elapsed = now - self.began
+        left = max(state.max_steps - state.global_step, 0)
+        eta = round(elapsed / done * left, 1) if done > 0 else None
+        body = {"phase": phase, "step": state.global_step, "max_steps": state.max_steps,
+                "epoch": round(state.epoch or 0.0, 4), "elapsed": round(elapsed, 1), "eta_seconds": eta,
+                "updated": round(now, 3)}
+        staging = self.path.with_name(f".{PROGRESS_NAME}.{os.getpid()}")
+        staging.write_text(json.dumps(body), encoding="utf-8")
+        os.replace(staging, self.path)
+        self.written = now
+
+
+class StopOnSignal(TrainerCallback):
+    """Ends training cleanly on request: SIGTERM (what the workbench sends) or a first Ctrl-C
+    mark the stop; at the end of the step under way a checkpoint is saved and training ends
+    (``stopped`` tells the recipe not to write the run as finished). A second Ctrl-C interrupts
+    at once. Only a single-process job listens (the processes of a distributed job would stop
+    at different steps); the handlers are put back as they were by :meth:`restore`."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, log=print):
+        self.log = log
+        self.requested: str | None = None
+        self.stopped_at: int | None = None
+        self.previous: dict = {}
+
+    def install(self) -> StopOnSignal:
+        """Listen for the signals (only from the main thread, where Python runs handlers)."""
+        if threading.current_thread() is threading.main_thread():
+            for number in self.SIGNALS:
+                self.previous[number] = signal.signal(number, self.handle)
+        return self
+
+    def restore(self) -> None:
+        """Put the handlers back."""
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+        self.previous = {}
+
+    def handle(self, number, frame) -> None:
+        """Mark the stop; a second Ctrl-C raises KeyboardInterrupt."""
+        if self.requested and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(number).name
+        self.log(f"chattune: {self.requested}: stopping after this step with a checkpoint "
+                 "(Ctrl-C again to interrupt at once)")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        """A stop marked: save a checkpoint of this step and end training."""
+        if self.requested and self.stopped_at is None:
+            self.stopped_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+            self.log(f"chattune: stopped at step {state.global_step}: checkpoint-{state.global_step} written; "
+                     "resume with resume_from_checkpoint=true")

@@ -59,7 +59,14 @@ from chattune.training.batching import (
     format_batches,
     resolve_packing,
 )
-from chattune.training.callbacks import CollapseWatch, EarlyStopping, ManifestWriter, MetricsLogger
+from chattune.training.callbacks import (
+    CollapseWatch,
+    EarlyStopping,
+    ManifestWriter,
+    MetricsLogger,
+    ProgressWriter,
+    StopOnSignal,
+)
 from chattune.training.checkpoints import WRITE_ERRORS, storage_error
 from chattune.training.collate import ImageCollator
 from chattune.training.distributed import (
@@ -106,6 +113,9 @@ class TrainResult:
     eval_loss: float | None
     prepared: PreparedData | PreparedPreference
     model: object = None
+    stopped: bool = False
+    """Stopped on request (SIGTERM or Ctrl-C) with a checkpoint, before the last step: the run
+    folder holds checkpoints, not a finished run."""
 
 
 def load_for_training(config: RunConfig, method: Method, continued: Path | None = None,
@@ -448,6 +458,7 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
             if batches.eval is not None:
                 batches.eval = precompute_reference(objective, model, batches.eval, batches.collator, size, log)
         args = training_arguments(config, batches.eval is not None, batches, sharding_arguments(config, model))
+        stopper = StopOnSignal(log)
         trainer = ChattuneTrainer(
             model=model, args=args,
             train_dataset=batches.train, eval_dataset=batches.eval, data_collator=batches.collator,
@@ -457,9 +468,15 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
             loraplus_lr_ratio=config.train.loraplus_lr_ratio,
             callbacks=[MetricsLogger(output_dir / METRICS_NAME), ManifestWriter(manifest, config),
                        CollapseWatch(vocab_size, config.train.learning_rate, log=log),
-                       *early_stopping(config, log)],
+                       *early_stopping(config, log), ProgressWriter(output_dir), stopper],
         )
+        if not world.distributed:
+            patches.callback(stopper.install().restore)
         result = trainer.train(resume_from_checkpoint=resume)
+        if stopper.stopped_at is not None:  # checkpointed and stopped on request: not a finished run
+            model.eval()
+            return TrainResult(output_dir, trainer.state.global_step, result.training_loss, None, prepared, model,
+                               stopped=True)
         eval_loss = trainer.final_eval_loss()
     def write_files(folder):
         write_run_files(folder, manifest, config, {
