@@ -206,6 +206,13 @@ def cmd_eval(args) -> int:
     from chattune.evaluation import preference_eval
     from chattune.paths import check_output_dir
 
+    if args.benchmark:
+        return _eval_benchmark(args)
+    if not args.data:
+        from chattune.errors import ConfigError
+
+        raise ConfigError("eval: give --data FILE (prompts and reference answers) or --benchmark ceval|cmmlu|mmlu "
+                          "--data-dir DIR")
     if preference_eval.is_pair_file(args.data):
         return _eval_pairs(args)
     data = ev.read_eval_data(args.data, fmt=args.format, columns=_columns(args.columns), limit=args.limit)
@@ -225,6 +232,43 @@ def cmd_eval(args) -> int:
     out = ev.write_eval(out, result, rows, other_rows)
     print(ev.format_eval(result))
     print(ev.format_written(out, result))
+    return 0
+
+
+def _eval_benchmark(args) -> int:
+    """``chattune eval RUN --benchmark mmlu --data-dir DIR``: multiple-choice accuracy, LLaMA-Factory's way."""
+    from chattune.errors import ConfigError
+    from chattune.evaluation import choice
+    from chattune.evaluation import evaluate as ev
+    from chattune.paths import check_output_dir
+
+    if not args.data_dir:
+        raise ConfigError(f"--benchmark {args.benchmark}: give --data-dir DIR, a local copy of the benchmark")
+    if args.n_shot < 0:
+        raise ConfigError(f"--n-shot: must be >= 0, got {args.n_shot}")
+    split = args.split or choice.DEFAULT_SPLIT[args.benchmark]
+    lang = args.lang or choice.DEFAULT_LANG[args.benchmark]
+    subjects = choice.read_benchmark(args.benchmark, args.data_dir, split, limit=args.limit,
+                                     subjects=[s.strip() for s in args.subjects.split(",")] if args.subjects else None)
+    out = check_output_dir(args.out or Path(args.run_dir) / "eval" / f"{args.benchmark}-{split}",
+                           "--out" if args.out else "--out (default RUN/eval/BENCHMARK-SPLIT)")
+    run = _load_run(args)
+
+    def scored(model, profile):
+        prompts = choice.build_prompts(model, subjects, n_shot=args.n_shot, lang=lang, seed=args.seed or 0,
+                                       max_length=model.context_length, log=_to_stderr)
+        return (prompts, *choice.run_benchmark(model, profile, prompts, batch_size=args.batch_size))
+
+    prompts, table, predictions = scored(run, None)
+    other, other_name, other_predictions = None, None, None
+    if args.compare:
+        other_run, other_name = ev.load_compare(run, args.compare, base_model=args.base_model, force=args.force,
+                                                warn=_to_stderr)
+        _, other, other_predictions = scored(other_run, other_name)
+    result = choice.benchmark_result(args.benchmark, split, args.n_shot, lang, table, other, other_name)
+    choice.write_benchmark(out, result, prompts, predictions, other_predictions)
+    print(choice.format_benchmark(result, run.profile().name))
+    print(f"wrote {out / 'eval.json'} and {out / 'results.json'}")
     return 0
 
 
@@ -519,13 +563,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluation = sub.add_parser("eval", help="score a run on a data file: ROUGE-1/2/L, BLEU-4, exact match, loss")
     _add_inference(evaluation)
-    evaluation.add_argument("--data", required=True, help="data file with prompts and reference answers")
+    evaluation.add_argument("--data", help="data file with prompts and reference answers")
     evaluation.add_argument("--format", default="auto")
     evaluation.add_argument("--columns", help="target=column pairs, e.g. prompt=content,response=summary")
     evaluation.add_argument("--compare", help="'base' (the run's base model) or another run folder, side by side")
-    evaluation.add_argument("--limit", type=int, help="only the first N rows")
+    evaluation.add_argument("--limit", type=int, help="only the first N rows (with --benchmark: of each subject)")
     evaluation.add_argument("--batch-size", type=int, default=8)
     evaluation.add_argument("--out", help="output folder (default RUN/eval/<data file name>)")
+    evaluation.add_argument("--benchmark", choices=["ceval", "cmmlu", "mmlu"],
+                            help="multiple-choice accuracy on a local copy of C-Eval, CMMLU or MMLU (--data-dir)")
+    evaluation.add_argument("--data-dir", help="with --benchmark: the benchmark's folder, as published")
+    evaluation.add_argument("--split", help="with --benchmark: the split scored (default: ceval val, cmmlu and mmlu "
+                                            "test)")
+    evaluation.add_argument("--n-shot", type=int, default=5, help="with --benchmark: solved examples before each "
+                                                                   "question (default 5)")
+    evaluation.add_argument("--lang", choices=["en", "zh"], help="with --benchmark: the prompt's words (default: zh "
+                                                                  "for ceval and cmmlu, en for mmlu)")
+    evaluation.add_argument("--subjects", help="with --benchmark: only these subjects (comma-separated)")
     evaluation.set_defaults(func=cmd_eval)
 
     export = sub.add_parser("export", help="merge a run into one model folder any runtime loads (and GGUF)")

@@ -153,6 +153,7 @@ def test_the_whole_road_train_stop_resume_evaluate_chat_export(bench):
     out = wait_job(bench, exported.json()["id"], lambda j: j["state"] not in ("queued", "running"))
     assert out["state"] == "finished", out["log"][-2000:]
     assert "check: float32: max |logit difference|" in out["log"]
+    assert out["outcome"][0].startswith("exported ") and out["outcome"][1].startswith("check: float32")
     assert {"name": "road-merged", "kind": "folder"} in get(bench, "/models").json()["models"]
     again = post(bench, "/jobs", {"kind": "export", "run": job["run"], "out": "road-merged"})
     assert again.status_code == 400 and again.json()["error"]["param"] == "out"

@@ -320,7 +320,7 @@ def reference_loss(run: LoadedRun, profile: ServedModel, data: EvalData, *, max_
     model.eval()
     total, tokens = 0.0, 0
     try:
-        with _adapter(run, profile.adapter):
+        with ActiveAdapter(run, profile.adapter):
             loss = auto_loss(model, model.get_input_embeddings().weight.shape[0])[0]
             for start in range(0, len(rows), batch_size):
                 batch_total, count = loss.batch_sum(model, collate(rows[start:start + batch_size]))
@@ -331,7 +331,7 @@ def reference_loss(run: LoadedRun, profile: ServedModel, data: EvalData, *, max_
     return (total / tokens if tokens else None), tokens
 
 
-class _adapter:
+class ActiveAdapter:
     """The peft adapter of a profile active for a plain forward pass (the base: adapters off)."""
 
     def __init__(self, run: LoadedRun, adapter: str):

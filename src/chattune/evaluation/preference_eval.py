@@ -124,17 +124,17 @@ def evaluate_pairs(run, base_run, base_name: str, what: str, path: str, *, batch
     """The preference figures of ``run`` (its default profile) on the pairs of ``path``, and of
     its base (``base_run``'s profile ``base_name``: the adapter switched off, or the base loaded
     alone); the result and one row per pair."""
-    from chattune.evaluation.evaluate import _adapter
+    from chattune.evaluation.evaluate import ActiveAdapter
 
     profile = run.profile()
     length = max_seq_length or (profile.manifest.max_seq_length if profile.manifest else run.context_length)
     columns, audit = encode_pairs(path, run.tokenizer, profile.template, length, limit)
     log(f"eval: {audit['rows_out']} pairs of {audit['rows_in']} ({audit['rows_truncated']} truncated, "
         f"{audit['rows_dropped']} dropped), template {profile.template}")
-    with _adapter(run, profile.adapter):
+    with ActiveAdapter(run, profile.adapter):
         mine = answer_log_probs(run.model, columns, run.tokenizer.pad_token_id, batch_size)
     base_profile = base_run.profile(base_name)
-    with _adapter(base_run, base_profile.adapter if base_run is not run else BASE_ADAPTER):
+    with ActiveAdapter(base_run, base_profile.adapter if base_run is not run else BASE_ADAPTER):
         base = answer_log_probs(base_run.model, columns, base_run.tokenizer.pad_token_id, batch_size)
     beta = run_beta(profile.manifest)
     rewards, margins = reward_figures(mine, base, beta)

@@ -264,7 +264,8 @@ def create_workbench(folders: Folders, jobs: JobQueue, slot: ModelSlot, *, api_k
     def job_detail(job: Job) -> dict:
         run_dir = Path(job.run_dir) if job.run_dir else None
         checkpoints = complete_checkpoints(run_dir) if run_dir else []
-        return {**job_view(job), "progress": progress(run_dir, job), "log": jobs.log_tail(job),
+        log = jobs.log_tail(job)
+        return {**job_view(job), "progress": progress(run_dir, job), "log": log, "outcome": outcome(job, log),
                 "checkpoints": [path.name for path in checkpoints],
                 "resumable": (job.kind == "train" and job.state in ("stopped", "failed") and bool(checkpoints)
                               and not (run_dir / MANIFEST_NAME).is_file())}
@@ -301,7 +302,7 @@ def create_workbench(folders: Folders, jobs: JobQueue, slot: ModelSlot, *, api_k
                 raise APIError(400, "data: required; a file of the data folder with prompts and answers",
                                param="data")
             data = folders.inside("data", body.data, "data")
-            argv = ["eval", str(path), "--data", str(data)]
+            argv = ["eval", str(path), "--data", str(data), "--out", str(run_root(path) / "eval" / data.stem)]
             argv += ["--compare", body.compare] if body.compare else []
             argv += ["--limit", str(body.limit)] if body.limit else []
             return jobs.submit("eval", f"eval {path.name} on {data.name}", argv, str(run_root(path)))
@@ -354,6 +355,19 @@ def create_workbench(folders: Folders, jobs: JobQueue, slot: ModelSlot, *, api_k
         return {"model": name, "path": str(path)}
 
     return Dispatch(app, slot)
+
+
+OUTCOME_STARTS = {"train": ("done:", "stopped at step", "chattune: error:"),
+                  "eval": ("chattune: error:", "wrote "),
+                  "export": ("exported ", "check:", "wrote ", "chattune: error:")}
+"""The lines of a job's log that say what it came to (an export's parity check among them)."""
+
+
+def outcome(job: Job, log: str) -> list[str]:
+    """The lines of the log's tail that say what the job came to: a training's last line, an
+    export's parity check, an evaluation's files; every error line."""
+    starts = OUTCOME_STARTS.get(job.kind, ())
+    return [line.strip() for line in log.splitlines() if line.strip().lower().startswith(starts)]
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
