@@ -13,7 +13,7 @@ from chattune.serve.ui import STATIC_DIR
 from tests.serve.helpers import KEY
 from tests.serve.server_thread import ServerThread
 
-PAGE_FILES = ["index.html", "app.js", "markdown.js", "charts.js", "style.css", "favicon.svg"]
+PAGE_FILES = ["index.html", "app.js", "markdown.js", "charts.js", "workbench.js", "style.css", "favicon.svg"]
 
 
 @pytest.fixture(scope="module")

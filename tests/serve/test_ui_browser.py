@@ -20,20 +20,11 @@ import openai
 import pytest
 
 from chattune.serve.app import create_app
+from tests.browser import find, find_all, needs_browser, screenshot_folder, start_browser, wait
 from tests.serve.helpers import KEY
 from tests.serve.server_thread import ServerThread
 
-CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
-DRIVER = shutil.which("chromedriver")
-try:
-    import selenium  # noqa: F401
-except ImportError:  # pragma: no cover - the test extra installs it
-    selenium = None
-
-pytestmark = pytest.mark.skipif(
-    selenium is None or CHROMIUM is None or DRIVER is None,
-    reason="browser tests need Chromium, chromedriver and selenium: apt-get install -y chromium chromium-driver; "
-           "pip install selenium (CI installs them)")
+pytestmark = needs_browser
 
 TIMEOUT = 60
 
@@ -41,9 +32,7 @@ TIMEOUT = 60
 @pytest.fixture(scope="module")
 def shots(tmp_path_factory) -> Path:
     """Where screenshots go."""
-    folder = Path(os.environ.get("CHATTUNE_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    return screenshot_folder(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -63,35 +52,15 @@ def urls(server, runs_dir):
 
 @pytest.fixture(scope="module")
 def browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,860",
-                     "--lang=en-US"):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    driver = start_browser(860)
     yield driver
     driver.quit()
 
 
-def wait(driver, condition, seconds: float = TIMEOUT, message: str = ""):
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(driver, seconds, poll_frequency=0.05).until(lambda d: condition(d), message)
 
 
-def find(driver, css: str):
-    from selenium.webdriver.common.by import By
-
-    return driver.find_element(By.CSS_SELECTOR, css)
 
 
-def find_all(driver, css: str):
-    from selenium.webdriver.common.by import By
-
-    return driver.find_elements(By.CSS_SELECTOR, css)
 
 
 def open_page(driver, url: str, *, fresh: bool = True, view: str = "chat"):

@@ -5,6 +5,8 @@
 // asks for it and keeps it in memory, or in localStorage when "remember" is ticked.
 // A chat message may carry images (to a model that reads them): each is read in the browser
 // as a data: URL (scaled down when too large to send as it is) and sent as an image_url part.
+// Under `chattune workbench` the page also has a Train view (workbench.js, loaded after this
+// file: it shares these globals, adds its strings to TEXT and follows the page through `hooks`).
 "use strict";
 
 const STORE = {
@@ -16,7 +18,7 @@ const STORE = {
 
 const TEXT = {
   en: {
-    tab_chat: "Chat", tab_compare: "Side by side", tab_runs: "Runs", model: "Model",
+    tab_chat: "Chat", tab_compare: "Side by side", tab_runs: "Runs", tab_train: "Train", model: "Model",
     system_prompt: "System prompt", system_placeholder: "Optional: sent first, as the system message",
     temperature: "Temperature", max_tokens: "Max tokens", stop: "Stop",
     stop_placeholder: "comma-separated stop strings", settings_note: "These settings apply to the side-by-side view too.",
@@ -44,7 +46,7 @@ const TEXT = {
     images_not_kept: "image not kept: the browser's storage is full",
   },
   zh: {
-    tab_chat: "对话", tab_compare: "并排对比", tab_runs: "训练记录", model: "模型",
+    tab_chat: "对话", tab_compare: "并排对比", tab_runs: "训练记录", tab_train: "训练", model: "模型",
     system_prompt: "系统提示词", system_placeholder: "可选：作为 system 消息最先发送",
     temperature: "温度", max_tokens: "最大生成长度", stop: "停止词",
     stop_placeholder: "多个停止词用逗号分隔", settings_note: "这些设置也用于并排对比。",
@@ -84,8 +86,11 @@ const state = {
   settings: readJson(STORE.settings, {}),
   controller: null,
   keyWaiters: [],
-  run: null,           // the run shown: {id, offset, rows, timer, stage}
+  run: null,           // the run shown: {id, offset, rows, timer, stage, busy}
 };
+
+// what other scripts of the page (workbench.js) run when the view or the language changes
+const hooks = {view: [], language: []};
 
 function readJson(key, fallback) {
   try {
@@ -104,11 +109,13 @@ function applyLanguage() {
   document.documentElement.lang = state.lang === "zh" ? "zh-CN" : "en";
   document.querySelectorAll("[data-i18n]").forEach((el) => { el.textContent = t(el.dataset.i18n); });
   document.querySelectorAll("[data-i18n-placeholder]").forEach((el) => { el.placeholder = t(el.dataset.i18nPlaceholder); });
+  document.querySelectorAll("[data-i18n-title]").forEach((el) => { el.title = t(el.dataset.i18nTitle); });
   $("#lang-button").textContent = state.lang === "zh" ? "English" : "中文";
   updateAttach();
   renderAttachments();
   renderMessages();
   if (state.run) showRun(state.run.id, true);
+  hooks.language.forEach((hook) => hook());
 }
 
 // ---------------------------------------------------------------- the server's routes
@@ -698,8 +705,12 @@ async function showRun(id, keepCurves) {
   audit.innerHTML = "";
   if (run.audit) audit.appendChild(table(Object.entries(run.audit)));
   else audit.textContent = t("no_audit");
-  if (sameRun) drawCurves(run.state);
-  else await pollMetrics();
+  if (sameRun) {
+    drawCurves(run.state);
+    pollMetrics();
+  } else {
+    await pollMetrics();
+  }
 }
 
 // the stage of a run: its manifest's, or, while training before its first checkpoint, its data
@@ -801,15 +812,27 @@ function drawCurves(runState) {
   $("#curve-status").dataset.rows = String(rows.length);
 }
 
+// whether the run's details are on the view shown (the runs view's, or the train view's job panel)
+function runDetailShown() {
+  const view = $("#run-detail").closest(".view");
+  return Boolean(view && view.classList.contains("active"));
+}
+
+// read the shown run's new metrics rows; one read at a time (a call during a read is dropped:
+// that read goes on polling)
 async function pollMetrics() {
   const run = state.run;
-  if (!run) return;
+  if (!run || run.busy) return;
+  clearTimeout(run.timer);
+  run.busy = true;
   let body;
   try {
     body = await getJson("/ui/api/runs/" + encodeURIComponent(run.id) + "/metrics?offset=" + run.offset);
   } catch (error) {
     $("#curve-status").textContent = t("error") + ": " + error.message;
     return;
+  } finally {
+    run.busy = false;
   }
   if (state.run !== run) return;
   if (body.reset) run.rows = [];
@@ -817,8 +840,8 @@ async function pollMetrics() {
   run.offset = body.offset;
   drawCurves(body.state);
   const more = body.offset < body.size;
-  // while the page is on the runs view, keep reading: a training may still be writing
-  if (more || !$("#view-runs").hidden) run.timer = setTimeout(pollMetrics, more ? 50 : 2000);
+  // while the details are shown, keep reading: a training may still be writing
+  if (more || runDetailShown()) run.timer = setTimeout(pollMetrics, more ? 50 : 2000);
 }
 
 // ---------------------------------------------------------------- views and start
@@ -831,10 +854,11 @@ function showView(name) {
   });
   document.querySelectorAll("#tabs button").forEach((b) => b.classList.toggle("active", b.dataset.view === name));
   location.hash = name;
+  hooks.view.forEach((hook) => hook(name));
   if (name === "runs") {
     loadRuns().catch((error) => { $("#runs-note").textContent = t("error") + ": " + error.message; });
-    if (state.run) { stopPolling(); pollMetrics(); }
-  } else {
+    if (state.run) pollMetrics();
+  } else if (!runDetailShown()) {
     stopPolling();
   }
 }
@@ -877,8 +901,8 @@ function start() {
     .forEach((id) => $(id).addEventListener("change", saveSettings));
   applyLanguage();
   const view = (location.hash || "#chat").slice(1);
-  showView(["chat", "compare", "runs"].includes(view) ? view : "chat");
-  loadModels().then(() => { document.body.dataset.ready = "1"; })
+  showView(["chat", "compare", "runs", "train"].includes(view) ? view : "chat");  // train: workbench.js
+  state.ready = loadModels().then(() => { document.body.dataset.ready = "1"; })
     .catch((error) => { $("#status").textContent = t("error") + ": " + error.message; });
 }
 
