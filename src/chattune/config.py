@@ -49,6 +49,45 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+ROPE_TYPES = ("linear", "dynamic", "yarn")
+"""The RoPE scalings ``rope_scaling`` offers (transformers' rope types of the same names)."""
+_ROPE_EXAMPLE = "expected e.g. {type: linear, factor: 2.0} or rope_scaling=linear:2.0"
+
+
+def rope_scaling_settings(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``rope_scaling`` in its canonical form ``{"type": ..., "factor": float}`` (None for none or
+    an empty mapping); ConfigError naming the key for an unknown setting or type, or a factor that
+    is not a finite number above 1. ``rope_type`` is taken for ``type`` (transformers' name)."""
+    if not value:
+        return None
+    _check(isinstance(value, dict), f"rope_scaling: expected a mapping, got {value!r}; {_ROPE_EXAMPLE}")
+    for name in value:
+        _check(name in ("type", "rope_type", "factor"),
+               f"rope_scaling: unknown setting {name!r}; it takes type and factor ({_ROPE_EXAMPLE})")
+    kind = value.get("type", value.get("rope_type"))
+    _check(kind in ROPE_TYPES, f"rope_scaling: type: expected one of {list(ROPE_TYPES)}, got {kind!r}")
+    factor = value.get("factor")
+    if isinstance(factor, str):
+        try:
+            factor = float(factor)
+        except ValueError:
+            pass
+    _check(isinstance(factor, (int, float)) and not isinstance(factor, bool) and math.isfinite(factor)
+           and factor > 1, f"rope_scaling: factor: expected a number > 1 (the context becomes factor x the "
+                           f"model's), got {factor!r}")
+    return {"type": kind, "factor": float(factor)}
+
+
+def rope_scaling_short_form(value: Any) -> Any:
+    """``rope_scaling``'s command-line short form ``TYPE:FACTOR`` (``linear:2.0``) as a mapping;
+    any other value as it is."""
+    if isinstance(value, str):
+        kind, colon, factor = value.strip().partition(":")
+        if colon and kind.strip().isidentifier() and factor.strip():
+            return {"type": kind.strip(), "factor": factor.strip()}
+    return value
+
+
 @dataclass
 class DataSource:
     """One data file and how to read it."""
@@ -87,6 +126,18 @@ class ModelArgs:
     ``chattune tokenizer extend``: the model gets an embedding (and output) row for every token
     beyond the base's, each starting as the mean of the rows of the pieces the base split it
     into; the run folder keeps the tokenizer, so chat, serve, eval and export need nothing more."""
+    rope_scaling: dict[str, Any] | None = None
+    """Stretch the model's rotary position embeddings (RoPE) so that max_seq_length may go beyond
+    the context it was trained for (max_position_embeddings): ``{type: linear, factor: 2.0}``, or
+    on the command line ``rope_scaling=linear:2.0``. Types: ``linear`` (position interpolation),
+    ``dynamic`` (NTK-aware, changes nothing up to the trained context), ``yarn``; the context
+    becomes factor x the trained one (factor > 1). Recorded with the run: chat, serve, eval and
+    export load the base scaled the same way (an export's config.json carries it)."""
+
+    def validate(self) -> None:
+        """Reject impossible values, naming the key; ``rope_scaling`` is put in its canonical
+        form ``{type, factor}`` (None for none)."""
+        self.rope_scaling = rope_scaling_settings(self.rope_scaling)
 
 
 @dataclass
@@ -135,10 +186,26 @@ class DataArgs:
     streaming: bool = False
     """stage pretrain: read train_files lazily while training (flat memory, for corpora larger
     than memory) instead of encoding and caching them first; needs max_steps."""
+    mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = "concat"
+    """How several train_files become one set (each file first sampled by its max_samples and
+    weight): ``concat`` one after another; ``interleave_under`` a row from each in turn (or by
+    interleave_probs) until the first runs out; ``interleave_over`` until every file has run
+    out once, the smaller ones repeated. The audit gives each file's rows and tokens as drawn."""
+    interleave_probs: list[float] | None = None
+    """With an interleave mix_strategy: the chance of drawing from each train file, in order
+    (weights, normalised), e.g. ``0.7,0.3``; none: strict turns."""
 
     def validate(self) -> None:
         """Reject impossible values, naming the key."""
         _check(self.max_seq_length >= 8, "max_seq_length: must be >= 8")
+        if self.interleave_probs is not None:
+            _check(self.mix_strategy != "concat",
+                   "interleave_probs: only with mix_strategy interleave_under or interleave_over")
+            _check(len(self.interleave_probs) == len(self.train_files),
+                   f"interleave_probs: {len(self.interleave_probs)} weights for {len(self.train_files)} train_files; "
+                   "give one per file, in order")
+            _check(all(math.isfinite(p) and p >= 0 for p in self.interleave_probs) and sum(self.interleave_probs) > 0,
+                   f"interleave_probs: weights must be finite, >= 0 and not all 0, got {self.interleave_probs}")
         _check(bool(self.text_field) and all(isinstance(f, str) and f for f in self.text_field),
                "text_field: expected a field name or a list of field names")
         _check(0.0 <= self.eval_fraction < 1.0, "eval_fraction: must be in [0, 1)")
@@ -251,6 +318,15 @@ class TrainArgs:
     """Mixed precision bfloat16."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    gradient_checkpointing_reentrant: bool = False
+    """gradient_checkpointing: torch's reentrant checkpoint (``use_reentrant=True``, the older
+    implementation some recipes ask for) instead of the non-reentrant one (the default, torch's
+    recommendation); the loss and gradients are the same."""
+    offload_activations: bool = False
+    """Move the tensors autograd saves for the backward pass to CPU memory (pinned on CUDA) as the
+    forward pass makes them, and back as the backward needs them: GPU memory for PCIe time. With
+    gradient_checkpointing only each block's input is saved, so that is what moves. On a machine
+    without a GPU they are in CPU memory already (nothing moves)."""
     loss: Literal["auto", "chunked", "plain"] = "auto"
     """``chunked``: cross-entropy from the last hidden states, loss_chunk_size tokens at a time,
     without the full-vocabulary logits; ``plain``: from the model's logits. ``auto``: chunked
@@ -346,6 +422,9 @@ class TrainArgs:
         _check(self.eval_generate_max_new_tokens is None or self.eval_generate_max_new_tokens >= 1,
                "eval_generate_max_new_tokens: must be >= 1")
         _check(not (self.fp16 and self.bf16), "fp16 and bf16: choose one")
+        _check(self.gradient_checkpointing or not self.gradient_checkpointing_reentrant,
+               "gradient_checkpointing_reentrant: chooses how gradient_checkpointing recomputes, and it is off; "
+               "set gradient_checkpointing=true")
         _check(self.max_grad_norm >= 0, "max_grad_norm: must be >= 0")
         _check(self.optim in OPTIMIZERS, f"optim: expected one of {list(OPTIMIZERS)}")
         _check(not self.optim.startswith(LOW_RANK_OPTIMIZERS) or bool(self.optim_target_modules),
@@ -456,7 +535,7 @@ class RunConfig:
     def validate(self) -> None:
         """Check every group (raises ConfigError naming the key); what depends on the method
         table is checked by :func:`chattune.methods.check_run_config`."""
-        for group in (self.data, self.method, self.train, self.generate, self.preference):
+        for group in (self.model, self.data, self.method, self.train, self.generate, self.preference):
             group.validate()
         _check(not self.data.streaming or self.preference.stage == "pretrain",
                f"streaming: reads raw text for stage pretrain only, not stage {self.preference.stage}")

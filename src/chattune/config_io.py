@@ -20,13 +20,15 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from chattune.config import GROUPS, DataSource, GenerateArgs, RunConfig
+from chattune.config import GROUPS, DataSource, GenerateArgs, RunConfig, rope_scaling_short_form
 from chattune.errors import ConfigError
 from chattune.methods import check_run_config
 
 _KEY_TO_GROUP: dict[str, str] = {
     f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)
 }
+_SHORT_FORMS = {"rope_scaling": rope_scaling_short_form}
+"""Keys with a command-line short form: key -> what turns it into the key's type."""
 
 
 _TRUE = {"true", "yes", "on", "1", "y", "t"}
@@ -174,6 +176,7 @@ def build_config(values: dict[str, Any]) -> RunConfig:
             raise _unknown_key_error(key)
         group = _KEY_TO_GROUP[key]
         hints = typing.get_type_hints(GROUPS[group])
+        value = _SHORT_FORMS.get(key, lambda v: v)(value)
         grouped[group][key] = _coerce(value, hints[key], key)
     config = RunConfig(**{name: GROUPS[name](**kw) for name, kw in grouped.items()})
     config.validate()

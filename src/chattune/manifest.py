@@ -3,9 +3,10 @@
 ``chattune.json`` in every checkpoint and in the final run folder records the
 base model (path and hashes of its config and tokenizer), the template (name,
 source, and its rendering of a fixed probe conversation), the method and its
-settings, the maximum length, the data fingerprint, chattune's version and the
-generation defaults. ``chattune.yaml`` beside it is the resolved config.
-Everything downstream reads a :class:`Manifest` instead of asking the user again.
+settings, the maximum length, the data fingerprint, chattune's version, the
+generation defaults and the RoPE scaling the base was loaded with. ``chattune.yaml``
+beside it is the resolved config. Everything downstream reads a :class:`Manifest`
+instead of asking the user again.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from chattune import __version__
-from chattune.config import GenerateArgs, RunConfig
+from chattune.config import GenerateArgs, RunConfig, rope_scaling_settings
 from chattune.errors import ChattuneError, ConfigError, ManifestError
 from chattune.methods import get_method
 from chattune.model import base_model_fingerprint
@@ -82,6 +83,9 @@ class Manifest:
     vision: dict = field(default_factory=dict)
     """A vision-language run: the model type, its image token, and which of the vision tower and
     the projector trained (``{}`` for a text model)."""
+    rope_scaling: dict = field(default_factory=dict)
+    """The RoPE scaling the base was loaded with (``rope_scaling``: ``{type, factor}``; ``{}``
+    for none): loading the run for inference or export scales the base the same way."""
 
     def to_json(self) -> dict:
         """The manifest as written to ``chattune.json``."""
@@ -97,6 +101,7 @@ class Manifest:
             **({"stage": self.stage} if self.stage else {}),
             **({"vocabulary": self.vocabulary} if self.vocabulary else {}),
             **({"vision": self.vision} if self.vision else {}),
+            **({"rope_scaling": self.rope_scaling} if self.rope_scaling else {}),
             **self.results,
         }
 
@@ -122,7 +127,18 @@ class Manifest:
             stage=dict(_section(data, "stage", where)) if "stage" in data else {},
             vocabulary=dict(_section(data, "vocabulary", where)) if "vocabulary" in data else {},
             vision=dict(_section(data, "vision", where)) if "vision" in data else {},
+            rope_scaling=_rope_scaling(data, where),
         )
+
+
+def _rope_scaling(data: dict, where: str) -> dict:
+    """The manifest's ``rope_scaling`` in its canonical form (``{}`` when absent), or an error naming it."""
+    if "rope_scaling" not in data:
+        return {}
+    try:
+        return rope_scaling_settings(_section(data, "rope_scaling", where)) or {}
+    except ConfigError as exc:
+        raise ManifestError(f"{where}: {exc}") from None
 
 
 def _section(data: dict, key: str, where: str) -> dict:
@@ -195,6 +211,7 @@ def build_manifest(config: RunConfig, base: dict, template_name: str, tokenizer,
         stage=dict(stage or {}),
         vocabulary=dict(vocabulary or {}),
         vision=dict(vision or {}),
+        rope_scaling=dict(rope_scaling_settings(config.model.rope_scaling) or {}),
     )
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from chattune import chatglm, gguf_import
-from chattune.config import ModelArgs
+from chattune.config import ROPE_TYPES, ModelArgs, rope_scaling_settings
 from chattune.errors import ConfigError, ModelLoadError
 
 chatglm.register()
@@ -152,6 +152,96 @@ def text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+POSITION_KEYS = ("max_position_embeddings", "seq_length", "n_positions", "max_sequence_length")
+"""Where configs say how many positions the model was trained for."""
+
+
+def trained_positions(config) -> int | None:
+    """The positions the model's config says it was trained for (a vision-language model's: its
+    language model's), before any RoPE scaling; None where the config names none."""
+    config = text_config(config)
+    for key in POSITION_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _rope(config) -> tuple[str, dict] | None:
+    """The field holding a text config's RoPE settings and their value: ``rope_parameters``
+    (transformers 5) or ``rope_scaling`` (transformers 4, beside ``rope_theta``); None for a model
+    without RoPE settings transformers reads."""
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict) and params:
+        return "rope_parameters", params
+    if "rope_parameters" not in vars(config) and getattr(config, "rope_theta", None) is not None:
+        return "rope_scaling", dict(vars(config).get("rope_scaling") or {})
+    return None
+
+
+def context_length(config) -> int:
+    """The most tokens (prompt and answer) the model's positions allow: the positions it was
+    trained for, times the factor of a linear, dynamic or yarn RoPE scaling (2048 where the config
+    names none)."""
+    positions = trained_positions(config) or 2048
+    found = _rope(text_config(config))
+    params = found[1] if found else {}
+    kind, factor = params.get("rope_type", params.get("type")), params.get("factor")
+    if kind not in ROPE_TYPES or not isinstance(factor, (int, float)) or factor <= 1:
+        return positions
+    original = params.get("original_max_position_embeddings") or positions
+    return max(positions, int(original * factor))
+
+
+def apply_rope_scaling(config, scaling: dict | None) -> None:
+    """Set ``scaling`` (``rope_scaling``: ``{type, factor}``) on a model config, in place, as the
+    installed transformers reads it (``rope_parameters``, or ``rope_scaling`` before transformers 5),
+    keeping the model's own RoPE base; nothing for None or a config that already scales so.
+
+    Raises ConfigError naming the key for a model without RoPE settings, with RoPE settings per
+    layer type, or already scaled another way."""
+    settings = rope_scaling_settings(scaling)
+    if settings is None:
+        return
+    text = text_config(config)
+    model_type = getattr(text, "model_type", None) or type(text).__name__
+    found = _rope(text)
+    if found is None:
+        raise ConfigError(f"rope_scaling: the model ({model_type}) has no rotary position embeddings that "
+                          "transformers can scale (no rope_parameters or rope_theta in its config)")
+    field_name, params = found
+    if hasattr(text, "nested_rope_parameter_keys") and text.nested_rope_parameter_keys(params):
+        raise ConfigError(f"rope_scaling: the model ({model_type}) has RoPE settings per layer type; "
+                          "chattune scales only a model with one RoPE for all layers")
+    kind, factor = params.get("rope_type", params.get("type", "default")), params.get("factor")
+    if kind == settings["type"] and factor == settings["factor"]:
+        return  # loaded from a folder saved scaled (a full fine-tune's, an export)
+    if kind not in ("default", None):
+        raise ConfigError(f"rope_scaling: the model ({model_type}) already scales its RoPE ({kind}, factor "
+                          f"{factor}); scalings do not stack. Leave rope_scaling out to train with the model's "
+                          "own, or start from a model without one")
+    scaled = {k: v for k, v in params.items() if k != "type"}
+    scaled.update(rope_type=settings["type"], factor=settings["factor"])
+    setattr(text, field_name, scaled)
+    if field_name == "rope_parameters" and hasattr(text, "standardize_rope_params"):
+        text.standardize_rope_params()  # yarn: original_max_position_embeddings from the config
+
+
+def load_config(args: ModelArgs, path: str | None = None):
+    """The model config at ``path`` (default: the native folder of ``args.model_name_or_path``),
+    with ``args.rope_scaling`` applied; ModelLoadError when it cannot be read, ConfigError for a
+    scaling the model cannot take (:func:`apply_rope_scaling`)."""
+    from transformers import AutoConfig
+
+    path = path or native_model_path(args.model_name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    except Exception as exc:  # from_pretrained raises OSError, ValueError, ...
+        raise load_error(path, exc, "config") from exc
+    apply_rope_scaling(config, args.rope_scaling)
+    return config
+
+
 def model_class(path: str, trust_remote_code: bool = False):
     """The transformers auto class that loads the model at ``path`` (native): image-text-to-text
     for a vision-language model chattune reads images with (:func:`vision_model_type`), else causal LM."""
@@ -165,8 +255,8 @@ def model_class(path: str, trust_remote_code: bool = False):
 
 
 def load_model(args: ModelArgs, dtype: torch.dtype = torch.float32, **extra):
-    """The base causal LM (or vision-language model) from a path (or cached hub id); ``extra``
-    goes to from_pretrained.
+    """The base causal LM (or vision-language model) from a path (or cached hub id), its RoPE
+    scaled by ``args.rope_scaling`` (:func:`apply_rope_scaling`); ``extra`` goes to from_pretrained.
 
     Raises ConfigError for an empty path and ModelLoadError (see :func:`load_error`)
     when the model cannot be loaded.
@@ -177,6 +267,8 @@ def load_model(args: ModelArgs, dtype: torch.dtype = torch.float32, **extra):
     if args.device_map:
         kwargs["device_map"] = args.device_map
     path = native_model_path(args.model_name_or_path)
+    if args.rope_scaling:
+        kwargs["config"] = load_config(args, path)
     try:
         return model_class(path, args.trust_remote_code).from_pretrained(path, **kwargs)
     except Exception as exc:

@@ -12,6 +12,8 @@ says so when it is made and in the folder (``README.md``, ``chattune_export.json
 - dtype: ``auto`` keeps the base model's dtype; the base is loaded in the chosen dtype
   and the adapter merged into it (never silently float32 for a bf16 base);
 - QLoRA: merged into the unquantized base in its compute dtype, never into 4-bit weights;
+- RoPE scaling: a run trained with ``rope_scaling`` is merged into the base loaded scaled the
+  same way, and the export's ``config.json`` carries the scaling (``rope_parameters``);
 - tied embeddings: when the adapter (or ``modules_to_save``) left the LM head different
   from the embedding, the export unties them, so a reload cannot overwrite the head;
 - memory: weights are written tensor by tensor into each shard (a shard is never copied
@@ -411,7 +413,8 @@ def export_run(run_dir: str, out: str, *, dtype: str = "auto", shard_size: str =
         for problem in problems:
             log(f"warning: {problem}")
     model_args = ModelArgs(model_name_or_path=str(run) if method.run_is_model else base_path,
-                           trust_remote_code=manifest.base_model.trust_remote_code)
+                           trust_remote_code=manifest.base_model.trust_remote_code,
+                           rope_scaling=manifest.rope_scaling or None)  # config.json carries it on
     from transformers import AutoConfig
 
     native = native_model_path(model_args.model_name_or_path)

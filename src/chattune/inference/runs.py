@@ -39,7 +39,7 @@ from chattune.manifest import (
     verify_template,
 )
 from chattune.methods import Method, get_method
-from chattune.model import load_model, load_tokenizer, text_config
+from chattune.model import context_length, load_model, load_tokenizer
 from chattune.templates.registry import get_template, resolve_template_name
 from chattune.vision.images import (
     PLACEHOLDER,
@@ -274,17 +274,6 @@ class LoadedRun:
         return frozenset(found)
 
 
-def context_length(config) -> int:
-    """The most tokens (prompt and answer) the model's positions allow (a vision-language
-    model's: its language model's)."""
-    config = text_config(config)
-    for key in ("max_position_embeddings", "seq_length", "n_positions", "max_sequence_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 2048
-
-
 def stop_token_ids(tokenizer, template: str) -> frozenset[int]:
     """EOS and the template's end tokens that the tokenizer knows."""
     ids = {tokenizer.eos_token_id}
@@ -360,6 +349,12 @@ def _check_batchable(runs: list[_Run]) -> None:
 def _check_same_base(runs: list[_Run]) -> None:
     first = runs[0]
     for run in runs[1:]:
+        mine, theirs = run.manifest.rope_scaling or "none", first.manifest.rope_scaling or "none"
+        if mine != theirs:
+            raise ManifestError(
+                f"adapter {run.name!r} ({run.folder}) was trained with RoPE scaling {mine} and {first.name!r} "
+                f"({first.folder}) with {theirs}: one base model cannot hold both; serve these from separate "
+                "processes.")
         for key, what in (("config_sha256", "model config"), ("tokenizer_sha256", "tokenizer"),
                           ("gguf_sha256", "GGUF file"), ("vocabulary", "extended tokenizer")):
             if key == "vocabulary":
@@ -404,10 +399,13 @@ def _load_runs(runs: list[_Run], base_path: str, alone: bool):
     named peft adapter (``a0``, ``a1``, ...) on one base model."""
     first = runs[0]
     remote = first.manifest.base_model.trust_remote_code
+    scaling = first.manifest.rope_scaling or None  # the RoPE scaling the run trained with
     if alone and first.method.run_is_model:
-        return load_model(ModelArgs(model_name_or_path=str(first.folder), trust_remote_code=remote))
+        return load_model(ModelArgs(model_name_or_path=str(first.folder), trust_remote_code=remote,
+                                    rope_scaling=scaling))
     extra = first.method.base_load_kwargs(first.manifest.method_settings)
-    model = load_model(ModelArgs(model_name_or_path=base_path, trust_remote_code=remote), **extra)
+    model = load_model(ModelArgs(model_name_or_path=base_path, trust_remote_code=remote, rope_scaling=scaling),
+                       **extra)
     resize_like_run(model, first.manifest.vocabulary, first.folder)
     if alone:
         with _trained_weights(first):

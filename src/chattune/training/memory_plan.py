@@ -7,7 +7,9 @@ optimizer state and activations at the configured batch and sequence length.
 Activations per token and per block were fitted to what autograd actually saves
 (measured by ``tests/training/test_memory_plan.py``, Llama and GLM-4 blocks with SDPA, fit error under 1%):
 see :func:`activation_bytes`. Gradient checkpointing keeps one ``h`` per token per
-block plus one block's worth.
+block plus one block's worth; offloading (``offload_activations``) moves all but one block's
+worth to CPU memory. The sequence length planned for is ``max_seq_length``, also where RoPE
+scaling (``rope_scaling``) extends the model's context to allow it (said in the plan).
 
 On N devices (``--dry-run --nproc N``) :func:`device_plans` splits the same plan per device
 for DDP, FSDP full_shard, DeepSpeed ZeRO-2 and ZeRO-3 (formulas in its docstring).
@@ -28,10 +30,11 @@ import torch
 from chattune.config import RunConfig
 from chattune.errors import ChattuneError, ConfigError
 from chattune.methods import Method, block_list, count_parameters, get_method
-from chattune.model import load_error, native_config, resolve_dtype, text_config
+from chattune.model import apply_rope_scaling, load_error, native_config, resolve_dtype, text_config
 from chattune.training.preference import resolve_reference
 from chattune.training.start import (
     ADAPTER_METHODS,
+    context_note,
     load_tokenizers,
     new_token_settings,
     start_from_run,
@@ -113,6 +116,11 @@ class MemoryPlan:
     """A dpo or kto stage's reference options; None for sft, orpo and simpo."""
     started_from: str | None = None
     """The run folder whose LoRA adapter trains further, when the run starts from one."""
+    offloaded: float = 0.0
+    """Activations kept in CPU memory instead (``offload_activations``; not in the total)."""
+    context: str | None = None
+    """What max_seq_length means for the model's context, where it says something
+    (:func:`chattune.training.start.context_note`): extended by RoPE scaling, or beyond the model's."""
 
     @property
     def reference_bytes(self) -> float:
@@ -142,7 +150,8 @@ def _bytes(dtype: torch.dtype) -> int:
 
 def meta_model(config: RunConfig):
     """The configured model with the method applied, on the meta device (no weights read), with
-    the rows of an extended tokenizer's new tokens and the settings that train them.
+    the rows of an extended tokenizer's new tokens and the settings that train them, and its
+    config (RoPE scaled by ``rope_scaling``).
 
     Raises ConfigError without a model and ModelLoadError when its config cannot be read."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
@@ -157,6 +166,7 @@ def meta_model(config: RunConfig):
         raise
     except Exception as exc:  # from_pretrained raises OSError, ValueError, ...
         raise load_error(path, exc, "config") from exc
+    apply_rope_scaling(model_config, config.model.rope_scaling)
     new_rows = load_tokenizers(config)[2] if config.model.tokenizer_name_or_path else None
     vision = is_vision_config(model_config)
     auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
@@ -172,14 +182,17 @@ def meta_model(config: RunConfig):
 
 
 def activation_bytes(model, model_config, tokens: int, element_bytes: int, method: Method,
-                     checkpointing: bool) -> float:
-    """Estimated bytes autograd keeps for the backward pass of one step.
+                     checkpointing: bool, offload: bool = False) -> tuple[float, float]:
+    """Estimated bytes autograd keeps for the backward pass of one step: on the device, and in
+    CPU memory with ``offload`` (``offload_activations``).
 
     Per token, a block whose weights train keeps ``(5.5 + 2.5 n) h + 4 i`` values and a
     frozen block that gradients flow through ``(4 + 1.5 n) h + 4 i``, n being the block's
     norm layers (2 in Llama, 4 in GLM-4); blocks before the first trained one keep
     nothing (with freeze on MLPs only, the first trained block keeps ``(1 + n/2) h + 4 i``
     and later ones ``(4 + n) h + 4 i``). The float32 logits add ``V`` values per token.
+    With ``offload`` every saved value moves to CPU memory but one block's worth (the block the
+    backward pass works on, recomputed under checkpointing) and the logits.
     """
     hidden, inner, layers, vocab = _dims(model_config)
     blocks = block_list(model)
@@ -204,7 +217,8 @@ def activation_bytes(model, model_config, tokens: int, element_bytes: int, metho
         kept = sum(hidden for b in per_block if b) + max(per_block)
     else:
         kept = sum(per_block)
-    return tokens * (kept * element_bytes + vocab * 4)
+    moved = kept - max(per_block) if offload else 0.0
+    return tokens * ((kept - moved) * element_bytes + vocab * 4), tokens * moved * element_bytes
 
 
 def _held_bytes(name: str, param, method: Method, config: RunConfig, load_dtype: torch.dtype,
@@ -284,12 +298,13 @@ def estimate(config: RunConfig) -> MemoryPlan:
     stage = config.preference.stage
     sequences = SEQUENCES_PER_ROW[stage]
     tokens = config.train.per_device_train_batch_size * sequences * config.data.max_seq_length
-    activations = activation_bytes(model, model_config, tokens, 2 if mixed else 4, method,
-                                   checkpointing=config.train.gradient_checkpointing)
+    activations, offloaded = activation_bytes(model, model_config, tokens, 2 if mixed else 4, method,
+                                              checkpointing=config.train.gradient_checkpointing,
+                                              offload=config.train.offload_activations)
     sizes = _shard_sizes(model, method, config, load_dtype, trained_bytes, state)
     return MemoryPlan(method.name, trainable, total, weights, gradients, optimizer, activations, tokens,
                       sizes, stage, sequences, reference_plan(config, weights, continued is not None),
-                      str(continued) if continued else None)
+                      str(continued) if continued else None, offloaded, context_note(config, model_config))
 
 
 def _gib(value: float) -> str:
@@ -311,7 +326,15 @@ def _step_line(plan: MemoryPlan, config: RunConfig) -> str:
     return (f"step       {rows} x {config.data.max_seq_length} tokens = {plan.tokens_per_step} tokens, "
             f"dtype {resolve_dtype(config.model.dtype, train.fp16, train.bf16)}"
             f"{', fp16' if train.fp16 else ''}{', bf16' if train.bf16 else ''}"
-            f"{', gradient checkpointing' if train.gradient_checkpointing else ''}")
+            f"{_checkpointing(train)}")
+
+
+def _checkpointing(train) -> str:
+    """The step line's words for gradient checkpointing and activation offloading."""
+    words = ""
+    if train.gradient_checkpointing:
+        words += f", gradient checkpointing ({'reentrant' if train.gradient_checkpointing_reentrant else 'non-reentrant'})"
+    return words + (", activations offloaded to CPU" if train.offload_activations else "")
 
 
 def _held_as(plan: MemoryPlan, config: RunConfig) -> str:
@@ -354,10 +377,12 @@ def format_plan(plan: MemoryPlan, config: RunConfig) -> str:
         f"method     {plan.method}: {plan.trainable:,} trainable of {plan.total:,} parameters "
         f"({plan.trainable / max(plan.total, 1):.3%})",
         _step_line(plan, config),
+        *([plan.context] if plan.context else []),
         f"weights    {_gib(plan.weights)}",
         f"gradients  {_gib(plan.gradients)}",
         f"optimizer  {_gib(plan.optimizer)}  ({config.train.optim})",
-        f"activations{_gib(plan.activations)}",
+        f"activations{_gib(plan.activations)}"
+        + (f"  (+{_gib(plan.offloaded).strip()} offloaded to CPU memory)" if plan.offloaded else ""),
         *_reference_lines(plan, config),
         f"total      {_gib(plan.total_bytes)}  (+ about 0.5-1 GiB CUDA context and allocator slack)",
     ])

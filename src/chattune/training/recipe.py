@@ -89,6 +89,7 @@ from chattune.training.sharding import check_sharding_supported, sharding_argume
 from chattune.training.start import (
     ADAPTER_METHODS,
     PEFT_METHODS,
+    context_note,
     load_tokenizers,
     new_token_settings,
     start_from_run,
@@ -120,8 +121,8 @@ class TrainResult:
 
 def load_for_training(config: RunConfig, method: Method, continued: Path | None = None,
                       new_rows: NewRows | None = None, vision: bool = False):
-    """The base model as configured (dtype, quantization, attention; no KV cache), with rows for
-    ``new_rows`` (an extended tokenizer's tokens, :mod:`chattune.vocab.resize`), with the method
+    """The base model as configured (dtype, quantization, attention, RoPE scaling; no KV cache),
+    with rows for ``new_rows`` (an extended tokenizer's tokens, :mod:`chattune.vocab.resize`), with the method
     applied (for a ``vision``-language model, as :func:`~chattune.vision.methods.apply_vision_method` does) (or, ``continued``, that run's adapter loaded to train further): the model to train,
     and what the resize did (None without new tokens)."""
     dtype = resolve_dtype(config.model.dtype, config.train.fp16, config.train.bf16)
@@ -272,6 +273,16 @@ def early_stopping(config: RunConfig, log=print) -> list:
     return [EarlyStopping(t.early_stopping_metric, t.early_stopping_patience, t.early_stopping_threshold, log)]
 
 
+def model_notes(config: RunConfig, model_config) -> list[str]:
+    """What the log says of the context and the activations: the context RoPE scaling extended
+    (or a max_seq_length beyond the model's, :func:`~chattune.training.start.context_note`), and
+    activations offloaded on a machine without a GPU, where they are in CPU memory already."""
+    notes = [note for note in [context_note(config, model_config)] if note]
+    if config.train.offload_activations and not torch.cuda.is_available():
+        notes.append("offload_activations: no GPU here; the activations are in CPU memory already (nothing moves)")
+    return notes
+
+
 def check_machine(config: RunConfig) -> None:
     """Refuse, naming the key and where it was set, what this machine cannot honour:
     fp16 without CUDA (float16 mixed precision on a CPU runs about 12x slower than float32),
@@ -412,6 +423,8 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
     # whole on every process, also under FSDP and ZeRO-3: the probes below run on the real weights,
     # and the Trainer shards them when it wraps the model (so the model must fit one device once)
     model, resized = load_for_training(config, method, continued, new_rows, vision is not None)
+    for note in model_notes(config, model.config):
+        log(note)
     vocabulary = vocabulary_record(config, tokenizer, method, resized, continued)
     record = Path(config.model.tokenizer_name_or_path or "") / EXTENSION_NAME
     if vocabulary and record.is_file() and world.is_main:  # the run loads its new rows as they started
@@ -465,7 +478,7 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
             processing_class=tokenizer, compute_loss_func=loss, log=log, objective=objective,
             generation_eval=generation_eval(config, prepared, tokenizer, template_name, log) if stage == "sft" else None,
             train_sampler=batches.train_sampler(config.train.seed),
-            loraplus_lr_ratio=config.train.loraplus_lr_ratio,
+            loraplus_lr_ratio=config.train.loraplus_lr_ratio, offload_activations=config.train.offload_activations,
             callbacks=[MetricsLogger(output_dir / METRICS_NAME), ManifestWriter(manifest, config),
                        CollapseWatch(vocab_size, config.train.learning_rate, log=log),
                        *early_stopping(config, log), ProgressWriter(output_dir), stopper],

@@ -8,14 +8,15 @@ Shared by the training (:mod:`chattune.training.recipe`) and its memory plan
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
-from chattune.config import RunConfig
+from chattune.config import RunConfig, rope_scaling_settings
 from chattune.config_io import source_prefix
 from chattune.errors import ConfigError
 from chattune.manifest import is_run_folder, read_manifest
 from chattune.methods import LORA_SETTINGS, Method, get_method
-from chattune.model import load_tokenizer
+from chattune.model import context_length, load_tokenizer, trained_positions
 from chattune.vocab.resize import NewRows, new_token_rows
 
 PEFT_METHODS = ("lora", "qlora")
@@ -38,8 +39,8 @@ def _with_run_template(config: RunConfig, manifest, path: str, log) -> RunConfig
 def start_from_run(config: RunConfig, log=print) -> tuple[RunConfig, Path | None]:
     """Where a run starts when ``model_name_or_path`` is a run folder: a full fine-tune's folder is
     a model (loaded as any); a LoRA run's adapter is trained further on its base, with its LoRA
-    settings (the returned config names that base; the second value is the run folder). Either way
-    ``template: auto`` becomes the run's template. Any other
+    settings and, unless set, its RoPE scaling (the returned config names that base; the second
+    value is the run folder). Either way ``template: auto`` becomes the run's template. Any other
     pairing is a ConfigError saying how to start from a merged export instead."""
     path = config.model.model_name_or_path
     if not path or not is_run_folder(path):
@@ -56,7 +57,8 @@ def start_from_run(config: RunConfig, log=print) -> tuple[RunConfig, Path | None
             config,
             model=dataclasses.replace(config.model, model_name_or_path=manifest.base_model.path,
                                       trust_remote_code=manifest.base_model.trust_remote_code,
-                                      tokenizer_name_or_path=tokenizer),
+                                      tokenizer_name_or_path=tokenizer,
+                                      rope_scaling=config.model.rope_scaling or manifest.rope_scaling or None),
             method=dataclasses.replace(config.method, **settings))
         log(f"starting from {path}: its {manifest.method} adapter trains further on its base "
             f"{manifest.base_model.path} (LoRA settings from the run: rank {settings.get('lora_rank')})")
@@ -101,3 +103,22 @@ def new_token_settings(config: RunConfig, method: Method, new_rows: NewRows | No
                                                                  "embed_tokens", "lm_head"}))
     return dataclasses.replace(args, trainable_token_indices=sorted({*(args.trainable_token_indices or []),
                                                                      *new_rows.ids}))
+
+
+def context_note(config: RunConfig, model_config) -> str | None:
+    """What ``max_seq_length`` means for the model's context (``model_config`` as loaded, RoPE
+    scaling applied): with ``rope_scaling``, the context it extends from the trained positions to;
+    without, a warning when max_seq_length is beyond the model's context, suggesting
+    rope_scaling; None when it fits the model as it is."""
+    length, scaling = config.data.max_seq_length, rope_scaling_settings(config.model.rope_scaling)
+    context = context_length(model_config)
+    if scaling:
+        trained = trained_positions(model_config) or context
+        note = (f"context: extended by RoPE scaling ({scaling['type']}, factor {scaling['factor']:g}) from "
+                f"{trained:,} to {context:,} tokens; max_seq_length {length:,}")
+        return note + (" is beyond even that" if length > context else "")
+    if trained_positions(model_config) is None or length <= context:
+        return None
+    return (f"context: warning: max_seq_length {length:,} is beyond the {context:,} positions the model was "
+            f"trained for; positions past them were never trained. To extend the context, set rope_scaling "
+            f"(e.g. rope_scaling=linear:{math.ceil(length / context)})")

@@ -53,12 +53,14 @@ class ChattuneTrainer(Trainer):
     supervised token of the eval set (the Trainer's own is a mean of per-batch means, which
     depends on how rows are batched or packed); checkpoints are atomic; and a non-finite loss,
     gradient norm or weight stops training with a :class:`TrainingError` (the Trainer's
-    ``logging_nan_inf_filter`` would hide it)."""
+    ``logging_nan_inf_filter`` would hide it). With ``offload_activations`` a training step keeps
+    what autograd saves in CPU memory (:func:`offloaded_activations`)."""
 
     def __init__(self, *args, log=print, generation_eval=None, train_sampler=None, objective=None,
-                 loraplus_lr_ratio: float | None = None, **kwargs):
+                 loraplus_lr_ratio: float | None = None, offload_activations: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.loraplus_lr_ratio = loraplus_lr_ratio
+        self.offload_activations = offload_activations
         self.chattune_log = log
         self.generation_eval = generation_eval  # model -> {metric: value}, added to each evaluation
         self.chattune_sampler = train_sampler  # packed steps planned per rank (Batches.train_sampler)
@@ -143,8 +145,11 @@ class ChattuneTrainer(Trainer):
                              f"Fix: {fix}, then start again. Nothing was saved from this step on; {kept}")
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """The Trainer's step, stopping on the step the (unfiltered) loss turns NaN or inf."""
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        """The Trainer's step, with ``offload_activations`` under :func:`torch.autograd.graph.save_on_cpu`
+        (what autograd saves goes to CPU memory, pinned on CUDA, and comes back for the backward),
+        stopping on the step the (unfiltered) loss turns NaN or inf."""
+        with offloaded_activations(self.offload_activations):
+            loss = super().training_step(model, inputs, num_items_in_batch)
         if not bool(torch.isfinite(loss.detach()).all()):
             raise self.divergence_error(f"the loss is {loss.detach().float().mean().item()}",
                                         self.state.global_step + 1)
@@ -332,6 +337,14 @@ class ChattuneTrainer(Trainer):
         return last[-1] if last else self.evaluate()["eval_loss"]
 
 
+def offloaded_activations(offload: bool):
+    """A context under which the tensors autograd saves are kept in CPU memory (pinned when CUDA
+    is there, copied back as the backward pass needs them); a no-op context without ``offload``."""
+    if not offload:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+
+
 def _step_of(folder: Path) -> int:
     """N of a ``checkpoint-N`` folder (0 for any other name)."""
     match = CHECKPOINT_RE.match(folder.name)
@@ -420,6 +433,8 @@ def training_arguments(config: RunConfig, has_eval: bool, batches: Batches | Non
     # transformers 5 renamed gradient_checkpointing to activation_checkpointing
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     extra = {}
+    if t.gradient_checkpointing:  # stated either way: transformers' default changed between versions
+        extra[f"{checkpointing}_kwargs"] = {"use_reentrant": t.gradient_checkpointing_reentrant}
     if batches is not None and batches.mode == "group_by_length":
         if "train_sampling_strategy" in fields:
             extra["train_sampling_strategy"] = "group_by_length"
