@@ -32,6 +32,7 @@ from chattune.data.sources import (
     file_digest,
     format_file_rows,
     load_records,
+    source_index,
     split_eval,
 )
 from chattune.errors import ConfigError, DataError
@@ -111,6 +112,7 @@ def data_fingerprint(data: DataArgs, template_name: str, tokenizer, seed: int, v
         "train": [source_key(s) for s in data.train_files],
         "eval": [source_key(s) for s in data.eval_files],
         "eval_fraction": data.eval_fraction, "seed": seed, "dedup": data.dedup,
+        **({"mix": [data.mix_strategy, data.interleave_probs]} if data.mix_strategy != "concat" else {}),
         "tokenizer": tokenizer_hash(tokenizer),
         "template": template_provenance(template_name, tokenizer),
         "max_seq_length": data.max_seq_length, "train_on_prompt": data.train_on_prompt,
@@ -148,7 +150,7 @@ def _encode_rows(records, template_name, encoder, options, vision) -> tuple[list
 
 
 def _encode_split(records, template_name, encoder, options, *, split: str = "train",
-                  progress: Progress | None = None, vision=None):
+                  progress: Progress | None = None, vision=None, paths: list[str] | None = None):
     """Encode one split's records (``PROGRESS_ROWS`` at a time, telling ``progress``); the rows
     and their audit. Rows with tools are counted (``rows_with_tools``, their ``tool_calls``) and
     the supervised tokens of tool calls apart (``supervised_call_tokens``, part of
@@ -156,9 +158,11 @@ def _encode_split(records, template_name, encoder, options, *, split: str = "tra
     the row that lost the most). Rows with images (``vision``: the model's
     :class:`~chattune.vision.processor.VisionProcessor`) keep their images in an ``images``
     column, and the audit counts them (``rows_with_images``, ``images``, ``image_tokens``,
-    ``text_tokens``)."""
+    ``text_tokens``). With several files (``paths``), ``sources`` gives each one's rows and tokens
+    as they are in the split (after any mixing, holding out and dropping)."""
     tools = [getattr(r, "tools", None) for r in records]  # records read before tools carry none
     encoded, image_tokens = [], []
+    per_source = [{"path": path, "rows": 0, "tokens": 0, "supervised_tokens": 0} for path in paths or []]
     for start in range(0, len(records), PROGRESS_ROWS):
         chunk_rows, chunk_images = _encode_rows(records[start:start + PROGRESS_ROWS], template_name, encoder,
                                                 options, vision)
@@ -194,7 +198,13 @@ def _encode_split(records, template_name, encoder, options, *, split: str = "tra
             image_token_total += row_image_tokens
         lengths.append(len(enc.input_ids))
         tokens += len(enc.input_ids)
-        supervised += sum(1 for label in enc.labels if label != IGNORE_INDEX)
+        row_supervised = sum(1 for label in enc.labels if label != IGNORE_INDEX)
+        supervised += row_supervised
+        which = source_index(record.source, paths) if per_source else None
+        if which is not None:
+            per_source[which]["rows"] += 1
+            per_source[which]["tokens"] += len(enc.input_ids)
+            per_source[which]["supervised_tokens"] += row_supervised
         call_tokens += enc.supervised_call_tokens
         tool_rows += uses_tools(record.messages, row_tools)
         tool_calls += enc.tool_calls
@@ -207,6 +217,8 @@ def _encode_split(records, template_name, encoder, options, *, split: str = "tra
         "rows_with_tools": tool_rows, "tool_calls": tool_calls, "supervised_call_tokens": call_tokens,
         "length": length_percentiles(lengths),
     }
+    if len(per_source) > 1:
+        audit["sources"] = per_source
     if with_images:
         audit.update(rows_with_images=image_rows, images=images, image_tokens=image_token_total,
                      text_tokens=tokens - image_token_total)
@@ -303,7 +315,8 @@ def prepare_data(data: DataArgs, tokenizer, template_name: str, seed: int,
     encoder = PieceEncoder(tokenizer, head_tokens=data.max_seq_length)  # no row keeps more of a text
     progress = Progress(log)
 
-    records, summaries = load_records(data.train_files, strict=data.strict, dedup=data.dedup, seed=seed)
+    records, summaries = load_records(data.train_files, strict=data.strict, dedup=data.dedup, seed=seed,
+                                      mix_strategy=data.mix_strategy, interleave_probs=data.interleave_probs)
     if data.eval_files:
         eval_records, eval_summaries = load_records(data.eval_files, strict=data.strict,
                                                     dedup=data.dedup, seed=seed)
@@ -317,8 +330,9 @@ def prepare_data(data: DataArgs, tokenizer, template_name: str, seed: int,
                             "lower eval_fraction, add data, or give eval_files")
     options = EncodeOptions(data.max_seq_length, data.train_on_prompt, data.train_last_turn_only)
     progress.rows("read", len(records) + len(eval_records), len(records) + len(eval_records))
+    paths = [source.path for source in data.train_files]
     train_rows, train_audit = _encode_split(records, template_name, encoder, options, progress=progress,
-                                            vision=vision)
+                                            vision=vision, paths=paths)
     if not train_rows["input_ids"]:
         raise DataError(f"train_files: no training rows left after reading and encoding: "
                         f"{_why_no_rows(summaries, train_audit, data.max_seq_length)}")
@@ -394,5 +408,9 @@ def format_audit(audit: dict) -> str:
             lines.append(f"[{split}] rows with tools {a['rows_with_tools']}, tool calls {a['tool_calls']}, "
                          f"supervised call tokens {a['supervised_call_tokens']} (of the supervised "
                          "tokens; tool results are never supervised)")
+        for source in a.get("sources", []):
+            share = source["tokens"] / a["tokens"] if a["tokens"] else 0.0
+            lines.append(f"[{split}] from {source['path']}: {source['rows']} rows, {source['tokens']} tokens "
+                         f"({share:.1%}), {source['supervised_tokens']} supervised")
     return "\n".join(lines)
 

@@ -41,6 +41,8 @@ class FileSummary:
     repeated: int = 0
     with_tools: int = 0
     tool_calls: int = 0
+    drawn: int | None = None
+    """Rows this file gave to a mix of several files (None: concatenated, all of them)."""
 
     @property
     def skipped_total(self) -> int:
@@ -57,6 +59,7 @@ class FileSummary:
             "kept": self.converted - self.sampled_out + self.repeated,
             "rows_with_tools": self.with_tools, "tool_calls": self.tool_calls,
             "first_errors": self.examples,
+            **({"drawn": self.drawn} if self.drawn is not None else {}),
         }
 
 
@@ -144,6 +147,8 @@ def format_file_rows(files: list[dict]) -> list[str]:
                      f"{f['duplicated']:>6} {f['kept']:>6}")
         for reason, count in f["skipped_reasons"].items():
             lines.append(f"    skipped {count} x {reason}")
+        if f.get("drawn") is not None:
+            lines.append(f"    drawn into the mix: {f['drawn']} rows")
     return lines
 
 
@@ -164,18 +169,71 @@ def apply_sampling(records: list[Record], source: DataSource, summary: FileSumma
     return result
 
 
+MIX_STRATEGIES = ("concat", "interleave_under", "interleave_over")
+MAX_MIXED_ROWS = 50_000_000
+
+
+def mix_sources(parts: list[list[Record]], strategy: str = "concat", probs: list[float] | None = None,
+                rng: random.Random | None = None) -> tuple[list[Record], list[int]]:
+    """Several sources' records as one list, and how many rows were drawn from each.
+
+    ``concat``: one after another. ``interleave_under`` / ``interleave_over``: a row at a time
+    from a source picked in turn (or, with ``probs``, at random with those weights), each source
+    read in order; ``under`` stops when the first source runs out (the smaller sources set the
+    size), ``over`` when every source drawn from has run out at least once, the ones that ran
+    out starting again (the larger sources set the size; the smaller are repeated), as
+    ``datasets.interleave_datasets`` does with ``first_exhausted`` / ``all_exhausted``. Sources
+    with no rows, or a weight of 0, give none."""
+    if strategy == "concat" or len(parts) < 2:
+        return [record for part in parts for record in part], [len(part) for part in parts]
+    rng = rng or random.Random(0)
+    weights = [float(p) for p in probs] if probs else [1.0] * len(parts)
+    live = [i for i, part in enumerate(parts) if part and weights[i] > 0]
+    drawn = [0] * len(parts)
+    mixed: list[Record] = []
+    ran_out: set[int] = set()
+    turn = 0
+    while live and len(mixed) < MAX_MIXED_ROWS:
+        if probs:
+            index = rng.choices(live, weights=[weights[i] for i in live])[0]
+        else:
+            index, turn = live[turn % len(live)], turn + 1
+        part = parts[index]
+        mixed.append(part[drawn[index] % len(part)])
+        drawn[index] += 1
+        if drawn[index] % len(part) == 0:
+            ran_out.add(index)
+            if strategy == "interleave_under" or ran_out >= set(live):
+                break
+    return mixed, drawn
+
+
 def load_records(sources: list[DataSource], *, strict: bool = False, dedup: bool = True,
-                 seed: int = 42) -> tuple[list[Record], list[FileSummary]]:
-    """Read, validate, de-duplicate and mix several files into one list of records."""
+                 seed: int = 42, mix_strategy: str = "concat", interleave_probs: list[float] | None = None
+                 ) -> tuple[list[Record], list[FileSummary]]:
+    """Read, validate, de-duplicate and mix several files into one list of records (each file
+    sampled by its ``max_samples`` and ``weight`` first; then mixed by ``mix_strategy``, see
+    :func:`mix_sources`; with interleaving each summary's ``drawn`` says how many rows it gave)."""
     rng = random.Random(seed)
     seen: set[str] = set()
-    records: list[Record] = []
+    parts: list[list[Record]] = []
     summaries = []
     for source in sources:
         file_records, summary = read_source(source, strict=strict, dedup=dedup, seen=seen)
-        records += apply_sampling(file_records, source, summary, rng)
+        parts.append(apply_sampling(file_records, source, summary, rng))
         summaries.append(summary)
+    records, drawn = mix_sources(parts, mix_strategy, interleave_probs, rng)
+    if mix_strategy != "concat":
+        for summary, count in zip(summaries, drawn, strict=True):
+            summary.drawn = count
     return records, summaries
+
+
+def source_index(source: str, paths: list[str]) -> int | None:
+    """Which file of ``paths`` a record's ``source`` (``file:line`` / ``file#index``) names
+    (the longest matching path), or None."""
+    found = [i for i, path in enumerate(paths) if source.startswith(path)]
+    return max(found, key=lambda i: len(paths[i])) if found else None
 
 
 def split_eval(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
