@@ -145,7 +145,10 @@ class DataArgs:
     """What to train on and how it is rendered and encoded."""
 
     train_files: list[DataSource] = field(default_factory=list)
-    """Training data files (a path, or mappings with path/format/columns/max_samples/weight)."""
+    """Training data files (a path, or mappings with path/format/columns/max_samples/weight). A path
+    may be a storage URL read through fsspec (``s3://``, ``gs://``, ``https://``, ``hf://datasets/...``)
+    or ``hub:OWNER/NAME[:SPLIT]``, a hub data set through ``datasets.load_dataset``; either is copied
+    into the cache folder and read like a local file."""
     eval_files: list[DataSource] = field(default_factory=list)
     """Evaluation data files; if empty, ``eval_fraction`` of the training data is held out."""
     eval_fraction: float = 0.0

@@ -27,6 +27,7 @@ from chattune import __version__
 from chattune.config import DataArgs
 from chattune.data.encode import IGNORE_INDEX, EncodeOptions, PieceEncoder, encode_all
 from chattune.data.images import encode_image_record, stray_image_token
+from chattune.data.remote import localized
 from chattune.data.sources import (
     FileSummary,
     file_digest,
@@ -301,6 +302,7 @@ def prepare_data(data: DataArgs, tokenizer, template_name: str, seed: int,
     if not data.train_files:
         raise ConfigError("train_files: no training data given; set train_files to one or more data files "
                           "(train_files=[data.jsonl] on the command line)")
+    data = localized(data, Path(cache_dir or data.cache_dir or default_cache_dir()), log)
     fingerprint = data_fingerprint(data, template_name, tokenizer, seed, vision)
     root = Path(cache_dir or data.cache_dir or default_cache_dir()) / "datasets" / fingerprint
     if (root / "audit.json").is_file() and not force:

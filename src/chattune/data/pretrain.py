@@ -34,6 +34,7 @@ from chattune.data.prepare import (
     stderr_log,
     unwritable_cache,
 )
+from chattune.data.remote import localized
 from chattune.data.sources import file_digest
 from chattune.errors import ConfigError, DataError
 from chattune.model import tokenizer_hash
@@ -136,6 +137,7 @@ def prepare_pretrain_data(data: DataArgs, tokenizer, seed: int, cache_dir: str |
         raise ConfigError("train_files: no training text given; set train_files to one or more text files")
     _check_sources(data.train_files, "train_files")
     _check_sources(data.eval_files, "eval_files")
+    data = localized(data, Path(cache_dir or data.cache_dir or default_cache_dir()), log)
     fingerprint = pretrain_fingerprint(data, tokenizer, seed)
     root = Path(cache_dir or data.cache_dir or default_cache_dir()) / "datasets" / fingerprint
     if (root / "audit.json").is_file() and not force:
