@@ -374,7 +374,15 @@ class TrainArgs:
     dataloader_num_workers: int | None = None
     """DataLoader worker processes; default 0 on CPU, 2-4 with CUDA (memory is pinned with CUDA)."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
-    """Logging integrations (``none`` for none)."""
+    """Experiment trackers: some of ``tensorboard``, ``wandb``, ``mlflow``, ``swanlab`` (each
+    through transformers' callback; its package must be installed), or ``none``. They get the
+    metrics of metrics.jsonl (tokens/s included) and, once, the run's config and manifest."""
+    run_name: str | None = None
+    """The run's name in the trackers; default: the output_dir folder's name."""
+    project: str | None = None
+    """The trackers' project (wandb and SwanLab project, MLflow experiment); default ``chattune``."""
+    tags: list[str] | None = None
+    """Tags of the run in wandb (its tags) and MLflow (each a tag set to ``true``)."""
     ddp_timeout: int = 1800
     """Several processes (torchrun, ``--nproc``): seconds a process waits for the others at a
     collective step (gradient all-reduce, barrier) before the job fails with a timeout; bounds

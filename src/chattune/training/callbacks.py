@@ -50,7 +50,7 @@ class MetricsLogger(TrainerCallback):
         first process of a job writes."""
         if not state.is_world_process_zero:
             return
-        logs = dict(logs or {})
+        logs = logs if logs is not None else {}  # the event itself: trackers after this callback see tokens/s
         now = time.perf_counter()
         if "loss" in logs and self.last_time is not None:
             seen = state.num_input_tokens_seen  # summed over the processes by the Trainer

@@ -94,6 +94,7 @@ from chattune.training.start import (
     new_token_settings,
     start_from_run,
 )
+from chattune.training.trackers import TrackerRecords, check_trackers, tracker_env
 from chattune.training.trainer import ChattuneTrainer, place_model, resume_path, training_arguments
 from chattune.vision.methods import apply_vision_method
 from chattune.vision.processor import load_vision, save_processor_files, vision_parts
@@ -292,6 +293,7 @@ def check_machine(config: RunConfig) -> None:
         raise ConfigError(f"{source_prefix(config, 'fp16')}fp16: float16 mixed precision needs a CUDA GPU; on "
                           "this CPU it would run about 12x slower than float32. Set fp16=false (or bf16=true)")
     check_sharding_supported(config)
+    check_trackers(config, source_prefix(config, "report_to"))
     check_output_dir(config.train.output_dir, f"{source_prefix(config, 'output_dir')}output_dir")
 
 
@@ -472,6 +474,10 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
                 batches.eval = precompute_reference(objective, model, batches.eval, batches.collator, size, log)
         args = training_arguments(config, batches.eval is not None, batches, sharding_arguments(config, model))
         stopper = StopOnSignal(log)
+        metrics_logger = MetricsLogger(output_dir / METRICS_NAME)
+        trackers = check_trackers(config)
+        patches.enter_context(tracker_env(config))
+        records = [TrackerRecords(trackers, config.to_flat_dict(), manifest.to_json())] if trackers else []
         trainer = ChattuneTrainer(
             model=model, args=args,
             train_dataset=batches.train, eval_dataset=batches.eval, data_collator=batches.collator,
@@ -479,10 +485,13 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
             generation_eval=generation_eval(config, prepared, tokenizer, template_name, log) if stage == "sft" else None,
             train_sampler=batches.train_sampler(config.train.seed),
             loraplus_lr_ratio=config.train.loraplus_lr_ratio, offload_activations=config.train.offload_activations,
-            callbacks=[MetricsLogger(output_dir / METRICS_NAME), ManifestWriter(manifest, config),
+            callbacks=[metrics_logger, ManifestWriter(manifest, config), *records,
                        CollapseWatch(vocab_size, config.train.learning_rate, log=log),
                        *early_stopping(config, log), ProgressWriter(output_dir), stopper],
         )
+        # metrics.jsonl's logger first: the trackers' callbacks then get the event with its tokens/s
+        trainer.callback_handler.callbacks.remove(metrics_logger)
+        trainer.callback_handler.callbacks.insert(0, metrics_logger)
         if not world.distributed:
             patches.callback(stopper.install().restore)
         result = trainer.train(resume_from_checkpoint=resume)

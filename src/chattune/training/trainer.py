@@ -469,6 +469,7 @@ def training_arguments(config: RunConfig, has_eval: bool, batches: Batches | Non
         seed=t.seed,
         data_seed=t.seed,
         report_to=report or "none",
+        run_name=t.run_name or Path(t.output_dir).name,
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
         neftune_noise_alpha=t.neftune_noise_alpha,
