@@ -206,13 +206,19 @@ def cmd_eval(args) -> int:
     from chattune.evaluation import preference_eval
     from chattune.paths import check_output_dir
 
+    if args.benchmark and args.lm_eval:
+        from chattune.errors import ConfigError
+
+        raise ConfigError("eval: --benchmark and --lm-eval are two ways to score; give one")
     if args.benchmark:
         return _eval_benchmark(args)
+    if args.lm_eval:
+        return _eval_harness(args)
     if not args.data:
         from chattune.errors import ConfigError
 
-        raise ConfigError("eval: give --data FILE (prompts and reference answers) or --benchmark ceval|cmmlu|mmlu "
-                          "--data-dir DIR")
+        raise ConfigError("eval: give --data FILE (prompts and reference answers), --benchmark ceval|cmmlu|mmlu "
+                          "--data-dir DIR, or --lm-eval TASKS")
     if preference_eval.is_pair_file(args.data):
         return _eval_pairs(args)
     data = ev.read_eval_data(args.data, fmt=args.format, columns=_columns(args.columns), limit=args.limit)
@@ -244,6 +250,7 @@ def _eval_benchmark(args) -> int:
 
     if not args.data_dir:
         raise ConfigError(f"--benchmark {args.benchmark}: give --data-dir DIR, a local copy of the benchmark")
+    args.n_shot = 5 if args.n_shot is None else args.n_shot
     if args.n_shot < 0:
         raise ConfigError(f"--n-shot: must be >= 0, got {args.n_shot}")
     split = args.split or choice.DEFAULT_SPLIT[args.benchmark]
@@ -268,6 +275,41 @@ def _eval_benchmark(args) -> int:
     result = choice.benchmark_result(args.benchmark, split, args.n_shot, lang, table, other, other_name)
     choice.write_benchmark(out, result, prompts, predictions, other_predictions)
     print(choice.format_benchmark(result, run.profile().name))
+    print(f"wrote {out / 'eval.json'} and {out / 'results.json'}")
+    return 0
+
+
+def _eval_harness(args) -> int:
+    """``chattune eval RUN --lm-eval TASKS``: lm-evaluation-harness tasks on the run as chattune loads it."""
+    from chattune.errors import ConfigError
+    from chattune.evaluation import evaluate as ev
+    from chattune.evaluation import harness
+    from chattune.inference.decoding import BASE_ADAPTER
+    from chattune.paths import check_output_dir
+
+    if not harness.harness_available():
+        raise ConfigError("--lm-eval: lm-evaluation-harness is not installed; pip install lm-eval")
+    if args.n_shot is not None and args.n_shot < 0:
+        raise ConfigError(f"--n-shot: must be >= 0, got {args.n_shot}")
+    if args.compare not in (None, "base"):
+        raise ConfigError(f"--compare {args.compare}: with --lm-eval the run is compared with its base "
+                          "(--compare base)")
+    tasks = [task.strip() for task in args.lm_eval.split(",") if task.strip()]
+    out = check_output_dir(args.out or Path(args.run_dir) / "eval" / "lm-eval",
+                           "--out" if args.out else "--out (default RUN/eval/lm-eval)")
+    run = _load_run(args)
+    settings = {"include": args.lm_eval_include, "n_shot": args.n_shot, "limit": args.limit,
+                "batch_size": args.batch_size}
+    results = harness.run_harness(run, run.profile().adapter, tasks, **settings)
+    other, other_name = None, None
+    if args.compare:
+        base_run, other_name = ev.load_compare(run, "base", base_model=args.base_model, force=args.force,
+                                               warn=_to_stderr)
+        adapter = base_run.profile(other_name).adapter if base_run is not run else BASE_ADAPTER
+        other = harness.run_harness(base_run, adapter, tasks, **settings)
+    result = harness.harness_result(tasks, results, other, other_name)
+    harness.write_harness(out, result, results)
+    print(harness.format_harness(result, run.profile().name))
     print(f"wrote {out / 'eval.json'} and {out / 'results.json'}")
     return 0
 
@@ -575,11 +617,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--data-dir", help="with --benchmark: the benchmark's folder, as published")
     evaluation.add_argument("--split", help="with --benchmark: the split scored (default: ceval val, cmmlu and mmlu "
                                             "test)")
-    evaluation.add_argument("--n-shot", type=int, default=5, help="with --benchmark: solved examples before each "
-                                                                   "question (default 5)")
+    evaluation.add_argument("--n-shot", type=int, help="with --benchmark: solved examples before each question "
+                                                        "(default 5); with --lm-eval: the tasks' few-shot count")
     evaluation.add_argument("--lang", choices=["en", "zh"], help="with --benchmark: the prompt's words (default: zh "
                                                                   "for ceval and cmmlu, en for mmlu)")
     evaluation.add_argument("--subjects", help="with --benchmark: only these subjects (comma-separated)")
+    evaluation.add_argument("--lm-eval", metavar="TASKS", help="lm-evaluation-harness tasks (comma-separated) on the "
+                                                               "run, where lm-eval is installed")
+    evaluation.add_argument("--lm-eval-include", metavar="DIR", help="with --lm-eval: a folder of local task YAML "
+                                                                     "files")
     evaluation.set_defaults(func=cmd_eval)
 
     export = sub.add_parser("export", help="merge a run into one model folder any runtime loads (and GGUF)")
