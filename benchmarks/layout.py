@@ -33,6 +33,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("chattune.data.records", "chattune.vision.images", "chattune.data.formats", "chattune.evaluation.metrics"),
     ("chattune.chatglm", "chattune.gguf_import", "chattune.pretrained"),  # model files into native folders
     ("chattune.special_text",),  # an exported tokenizer read back as its run's
+    ("chattune.lora_init",),  # LoRA starts that change the base, and their adapters converted back
     ("chattune.model", "chattune.methods", "chattune.config_io"),
     ("chattune.vision",),  # a vision-language model's processor: image tokens and pixels
     ("chattune.vocab",),  # new tokens: learned into a tokenizer, given embedding rows

@@ -99,7 +99,8 @@ def test_lora_variants_dora_rslora_targets_and_modules_to_save(tiny_models, data
     manifest = json.loads((result.output_dir / "chattune.json").read_text())
     assert manifest["method"] == {"name": "lora", "lora_rank": 8, "lora_alpha": None, "lora_dropout": 0.0,
                                   "lora_target": ["q_proj", "v_proj"], "use_dora": True, "use_rslora": True,
-                                  "modules_to_save": ["lm_head"], "trainable_token_indices": None}
+                                  "lora_init": "default", "modules_to_save": ["lm_head"],
+                                  "trainable_token_indices": None}
     assert_reload_matches(result)
 
 

@@ -187,8 +187,11 @@ class DataArgs:
     """stage pretrain: in .txt/.md files, one document per line, or per block of lines
     separated by blank lines."""
     streaming: bool = False
-    """stage pretrain: read train_files lazily while training (flat memory, for corpora larger
-    than memory) instead of encoding and caching them first; needs max_steps."""
+    """stage pretrain and sft: read train_files lazily while training (flat memory, for corpora
+    larger than memory) instead of encoding and caching them first; needs max_steps. sft: rows
+    are read, converted and encoded in file order as training takes them (the files read again
+    from the first when max_steps needs more rows), padded, not packed; eval_files are encoded
+    up front; eval_fraction, max_samples, weight and interleaving need the whole file first."""
     mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = "concat"
     """How several train_files become one set (each file first sampled by its max_samples and
     weight): ``concat`` one after another; ``interleave_under`` a row from each in turn (or by
@@ -237,6 +240,13 @@ class MethodArgs:
     """Weight-decomposed LoRA (DoRA)."""
     use_rslora: bool = False
     """Rank-stabilised LoRA scaling (alpha / sqrt(r))."""
+    lora_init: str = "default"
+    """LoRA's starting point (peft's ``init_lora_weights``): ``default`` (A random, B zero: the run
+    starts as the base), ``gaussian``, ``pissa`` (A and B from the base weights' principal
+    singular vectors, the base keeping the residual; ``pissa_niter_N``: a faster randomized SVD)
+    or ``olora`` (from a QR decomposition). PiSSA and OLoRA change the base weights while
+    training: the run's adapter is stored converted to a plain LoRA of the original base, so
+    chat, serve and export load it exactly."""
     modules_to_save: list[str] | None = None
     """Extra modules trained in full and saved with the adapter (e.g. embed_tokens, lm_head)."""
     trainable_token_indices: list[int] | None = None
@@ -548,8 +558,8 @@ class RunConfig:
         table is checked by :func:`chattune.methods.check_run_config`."""
         for group in (self.model, self.data, self.method, self.train, self.generate, self.preference):
             group.validate()
-        _check(not self.data.streaming or self.preference.stage == "pretrain",
-               f"streaming: reads raw text for stage pretrain only, not stage {self.preference.stage}")
+        _check(not self.data.streaming or self.preference.stage in ("pretrain", "sft"),
+               f"streaming: streams stage pretrain and sft data only, not stage {self.preference.stage}")
         _check(self.train.early_stopping_patience is None or bool(self.data.eval_files) or self.data.eval_fraction > 0,
                "early_stopping_patience: needs eval data to watch; set eval_files or eval_fraction")
         _check(self.train.loraplus_lr_ratio is None or self.method.method in ("lora", "qlora"),

@@ -8,6 +8,9 @@
 | ptuning | P-Tuning v2 prefix encoder                | peft prefix-tuning adapter            |
 | full    | every parameter                           | a complete Hugging Face model         |
 
+A lora run whose ``lora_init`` changes the base weights while training (PiSSA, OLoRA) saves its
+adapter converted to a plain LoRA of the original base (:mod:`chattune.lora_init`).
+
 Each :class:`Method` declares once whether it needs CUDA, whether its rows may be
 packed, how it is applied to a base model, how a run folder of it is loaded, how
 the memory plan counts it, and whether a server can batch it beside other
@@ -29,13 +32,20 @@ import torch
 
 from chattune.config import CUDA_OPTIMIZERS, OPTIMIZER_PACKAGES, MethodArgs, RunConfig
 from chattune.errors import ConfigError, ManifestError
+from chattune.lora_init import (
+    check_lora_init,
+    keep_initial_adapter,
+    mutates_base,
+    peft_init,
+    starting_rng,
+)
 from chattune.model import default_lora_targets, text_config
 
 FREEZE_CONFIG_NAME = "freeze_config.json"
 FREEZE_WEIGHTS_NAME = "model.safetensors"
 
 LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_dora", "use_rslora",
-                 "modules_to_save", "trainable_token_indices")
+                 "lora_init", "modules_to_save", "trainable_token_indices")
 
 
 @dataclass(frozen=True)
@@ -130,6 +140,7 @@ def lora_config(args: MethodArgs, model_type: str):
         target_modules=targets,
         use_dora=args.use_dora,
         use_rslora=args.use_rslora,
+        init_lora_weights=peft_init(args.lora_init),
         modules_to_save=args.modules_to_save,
         trainable_token_indices=args.trainable_token_indices,
     )
@@ -213,11 +224,27 @@ def _trainable_tokens(model, ids: list[int]) -> list[int] | dict[str, list[int]]
 
 
 def _apply_lora(model, args: MethodArgs, gradient_checkpointing: bool):
-    from peft import get_peft_model
-
+    """peft's LoRA on ``model``; a start that changes the base weights (``lora_init`` pissa,
+    olora) made with seeded random generators, its initial adapter kept so that every adapter
+    saved is a LoRA of the original base (:mod:`chattune.lora_init`). On the meta device (a
+    memory plan, shapes alone) every start is peft's default."""
     config = lora_config(args, model.config.model_type)
     if args.trainable_token_indices:
         config.trainable_token_indices = _trainable_tokens(model, args.trainable_token_indices)
+    if any(param.device.type == "meta" for param in model.parameters()):
+        config.init_lora_weights = True
+    if config.init_lora_weights is True or not mutates_base(args.lora_init):
+        return _peft_model(model, config)
+    with starting_rng():
+        model = _peft_model(model, config)
+    keep_initial_adapter(model)
+    return model
+
+
+def _peft_model(model, config):
+    """peft's ``get_peft_model``; its ValueError (a target the model lacks) a ConfigError."""
+    from peft import get_peft_model
+
     try:
         return get_peft_model(model, config)
     except ValueError as exc:
@@ -304,12 +331,15 @@ def get_method(name: str) -> Method:
 
 
 def check_run_config(config: RunConfig) -> None:
-    """What a run's config asks of its method: a method that cannot train packed rows refuses
-    ``packing=pack`` / ``padding_free`` (ConfigError naming the key)."""
+    """What a run's config asks of its method (ConfigError naming the key): a method that cannot
+    train packed rows refuses ``packing=pack`` / ``padding_free``; ``lora_init`` must be one
+    the method (and the sharding) can honour (:func:`chattune.lora_init.check_lora_init`)."""
     refusal = get_method(config.method.method).packing_refusal
     if refusal and config.data.packing in ("pack", "padding_free"):
         raise ConfigError(f"packing: {config.data.packing} is not possible with method={config.method.method} "
                           f"({refusal}); use packing=auto, group_by_length or pad")
+    sharding = "fsdp" if config.train.fsdp.strip() else "deepspeed" if config.train.deepspeed else None
+    check_lora_init(config.method.lora_init, config.method.method, sharding)
 
 
 def count_parameters(model) -> tuple[int, int]:

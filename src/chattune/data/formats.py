@@ -53,6 +53,7 @@ CSV_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
 """Longest CSV cell read (the csv module's default, 128 KiB, is short for long documents)."""
 CSV_EXTRA_CELLS = "(cells past the header)"
 """The key under which a CSV row keeps cells beyond its header's columns."""
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class DataFileError(ChattuneError, ValueError):
@@ -110,15 +111,44 @@ def _read_json_text(path: Path, text: str) -> Iterator[RawRow]:
 def _read_jsonl_text(path: Path, text: str) -> Iterator[RawRow]:
     # split on "\n" only: U+2028 and friends are legal inside JSON strings
     for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataFileError(f"{path}:{lineno}:{exc.colno}: malformed JSON: {exc.msg}") from exc
-        except (ValueError, RecursionError) as exc:
-            raise _unusable_json(f"{path}:{lineno}", exc) from exc
-        yield RawRow(value, f"{path}:{lineno}")
+        row = _jsonl_row(path, lineno, line)
+        if row is not None:
+            yield row
+
+
+def _read_jsonl_lines(path: Path) -> Iterator[RawRow]:
+    """A JSON Lines file read a line at a time (split on ``\n`` only, as :func:`_read_jsonl_text`
+    splits): memory holds one line, however long the file; a line that is not UTF-8 is an error
+    naming its byte offset in the file, met when it is read."""
+    try:
+        with path.open("rb") as handle:
+            offset = 0
+            for lineno, raw in enumerate(handle, start=1):
+                skip = len(UTF8_BOM) if lineno == 1 and raw.startswith(UTF8_BOM) else 0
+                try:
+                    line = raw[skip:].decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataFileError(f"{path}: not UTF-8 text ({exc.reason} at byte "
+                                        f"{offset + skip + exc.start})") from exc
+                offset += len(raw)
+                row = _jsonl_row(path, lineno, line.removesuffix("\n"))
+                if row is not None:
+                    yield row
+    except OSError as exc:
+        raise _unreadable(path, exc) from exc
+
+
+def _jsonl_row(path: Path, lineno: int, line: str) -> RawRow | None:
+    """One line of JSON Lines as a row (None for a blank line)."""
+    if not line.strip():
+        return None
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataFileError(f"{path}:{lineno}:{exc.colno}: malformed JSON: {exc.msg}") from exc
+    except (ValueError, RecursionError) as exc:
+        raise _unusable_json(f"{path}:{lineno}", exc) from exc
+    return RawRow(value, f"{path}:{lineno}")
 
 
 def _unusable_json(where: str, exc: Exception) -> DataFileError:
@@ -172,7 +202,12 @@ def _read_parquet(path: Path) -> Iterator[RawRow]:
 
 
 def read_rows(path: str | Path) -> Iterator[RawRow]:
-    """Yield every raw row of a file, detecting its type by extension and content."""
+    """Yield every raw row of a file, detecting its type by extension and content.
+
+    JSON Lines (``.jsonl``, ``.ndjson``) and CSV are read a row at a time: memory holds one row
+    however long the file, and a row is read when it is asked for. A ``.json`` file (an array,
+    one object, or JSON Lines under that name) and Parquet are read whole first: a JSON array
+    cannot be parsed in parts."""
     path = check_data_file(path)
     suffix = path.suffix.lower()
     if suffix == ".parquet":
@@ -189,15 +224,16 @@ def read_rows(path: str | Path) -> Iterator[RawRow]:
     if suffix in (".csv", ".tsv"):
         yield from _read_csv(path)
         return
+    if suffix in (".jsonl", ".ndjson"):
+        yield from _read_jsonl_lines(path)
+        return
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataFileError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     except OSError as exc:
         raise _unreadable(path, exc) from exc
-    if suffix in (".jsonl", ".ndjson"):
-        yield from _read_jsonl_text(path, text)
-    elif suffix == ".json" or text.lstrip()[:1] in ("[", "{"):
+    if suffix == ".json" or text.lstrip()[:1] in ("[", "{"):
         yield from _read_json_text(path, text)
     else:
         raise DataFileError(

@@ -13,14 +13,14 @@ def prepare_for_config(config, *, force: bool = False, log=stderr_log):
     and the workbench's Audit button do it: (the prepared data, the audit as printed)."""
     from chattune.model import load_tokenizer
 
+    if config.data.streaming:
+        raise ConfigError("streaming: streamed data is read while training, not prepared; "
+                          "set streaming=false to encode and cache it")
     tokenizer = load_tokenizer(config.model.tokenizer_name_or_path or config.model.model_name_or_path,
                                config.model.trust_remote_code)
     if config.preference.stage == "pretrain":
         from chattune.data.pretrain import format_pretrain_audit, prepare_pretrain_data
 
-        if config.data.streaming:
-            raise ConfigError("streaming: a streamed corpus is read while training, not prepared; "
-                              "set streaming=false to encode and cache it")
         prepared = prepare_pretrain_data(config.data, tokenizer, config.train.seed, force=force, log=log)
         return prepared, format_pretrain_audit(prepared.audit)
     from chattune.templates.registry import resolve_template_name

@@ -11,6 +11,7 @@ import hashlib
 import json
 import random
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,23 +99,35 @@ def read_source(source: DataSource, *, strict: bool = False, dedup: bool = True,
                 seen: set[str] | None = None) -> tuple[list[Record], FileSummary]:
     """Read one file into records; bad rows are skipped and counted (or raise if strict)."""
     summary = FileSummary(path=source.path, format=source.format)
+    records = list(iter_source(source, summary, strict=strict, dedup=dedup, seen=seen))
+    return records, summary
+
+
+def iter_source(source: DataSource, summary: FileSummary, *, strict: bool = False, dedup: bool = True,
+                seen: set | None = None) -> Iterator[Record]:
+    """The records of one file as it is read (lazily where :func:`read_rows` is: JSON Lines and
+    CSV), each row counted in ``summary`` when it is met, tools and tool calls too."""
     if source.format == "columns" or source.columns:
         check_columns(source.columns, source.path)
     seen = set() if seen is None else seen
-    records = read_counted(source.path, summary, lambda row: to_record(row, source.format, source.columns,
+    records = iter_counted(source.path, summary, lambda row: to_record(row, source.format, source.columns,
                                                                      base_dir=Path(source.path).parent),
                            record_key, strict=strict, dedup=dedup, seen=seen)
     for record in records:
         summary.with_tools += bool(record.tools)
         summary.tool_calls += tool_call_count(record.messages)
-    return records, summary
+        yield record
 
 
 def read_counted(path, summary: FileSummary, convert, key, *, strict: bool, dedup: bool, seen: set[str]) -> list:
     """Every row of ``path`` through ``convert`` (a raw row -> a record, or RecordError), counted
     in ``summary``: converted, skipped with the reason (raised with ``strict``), or a duplicate
     (by ``key``, across the files sharing ``seen``)."""
-    records = []
+    return list(iter_counted(path, summary, convert, key, strict=strict, dedup=dedup, seen=seen))
+
+
+def iter_counted(path, summary: FileSummary, convert, key, *, strict: bool, dedup: bool, seen: set) -> Iterator:
+    """:func:`read_counted` as a generator: each record yielded as its row is read and counted."""
     for row in read_rows(path):
         summary.read += 1
         try:
@@ -133,8 +146,7 @@ def read_counted(path, summary: FileSummary, convert, key, *, strict: bool, dedu
                 continue
             seen.add(digest)
         summary.converted += 1
-        records.append(record)
-    return records
+        yield record
 
 
 def format_file_rows(files: list[dict]) -> list[str]:

@@ -84,6 +84,20 @@ class StreamedBlocks(torch.utils.data.IterableDataset):
             yield {"bins": [[{"input_ids": row, "labels": row} for row in block]]}
 
 
+class StreamedRows(torch.utils.data.IterableDataset):
+    """SFT rows read, converted and encoded lazily from ``train_files``
+    (:class:`chattune.data.stream.ConversationStream`): one item per row, in file order, the
+    files read again after each pass, endlessly (training stops at ``max_steps``). The Trainer
+    skips the batches a checkpoint had trained on by reading them again, so a resumed run goes
+    on with the rows the uninterrupted one would have seen, and the counts with it."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __iter__(self):
+        return self.stream.rows()
+
+
 def row_lengths(dataset) -> list[int]:
     """Tokens of every row of an encoded data set (read from Arrow, not row by row)."""
     import pyarrow.compute as pc
@@ -160,6 +174,8 @@ def build_batches(mode: str, prepared: PreparedData, config: RunConfig, pad_toke
                    "blocks_per_step": t.per_device_train_batch_size}
         return Batches("stream", prepared.train, prepared.eval, collator, t.per_device_train_batch_size,
                        t.per_device_eval_batch_size, summary, world_size)
+    if isinstance(prepared.train, StreamedRows):
+        return _streamed_rows(mode, prepared, config, pad_token_id, world_size)
     pretrain = config.preference.stage == "pretrain"  # a step is per_device_train_batch_size full blocks
     if mode == "pack":
         capacity = d.pack_length or d.max_seq_length
@@ -191,8 +207,40 @@ def build_batches(mode: str, prepared: PreparedData, config: RunConfig, pad_toke
                    {"mode": mode, **({"world_size": world_size} if world_size > 1 else {})}, world_size)
 
 
+def _streamed_rows(mode: str, prepared: PreparedData, config: RunConfig, pad_token_id: int,
+                   world_size: int) -> Batches:
+    """Batches of streamed SFT rows, padded to the longest (``per_device_train_batch_size`` rows a
+    batch, in the order read); the eval set as in ``pad`` mode."""
+    t = config.train
+    if mode in PACKED_MODES:
+        raise ConfigError(f"packing: {mode} needs every row's length ahead, and streamed rows are read as "
+                          "training goes; use packing=pad or auto, or set streaming=false")
+    evaluation = prepared.eval
+    if evaluation is not None and world_size > 1:
+        evaluation = _filled_rows(evaluation, pad_token_id, world_size * t.per_device_eval_batch_size)
+    summary = {"mode": "stream", "rows": "padded", "rows_per_batch": t.per_device_train_batch_size,
+               **({"world_size": world_size} if world_size > 1 else {})}
+    return Batches("stream", prepared.train, evaluation, PadCollator(pad_token_id), t.per_device_train_batch_size,
+                   t.per_device_eval_batch_size, summary, world_size)
+
+
+def stream_batching(config: RunConfig, log=print) -> str:
+    """The batching mode of streamed SFT rows: ``auto`` and ``group_by_length`` become ``pad``
+    (said in the log: the rows' lengths are not known ahead, so they are neither packed nor
+    grouped by length); ``pack`` and ``padding_free`` stay, for :func:`build_batches` to refuse."""
+    wanted = config.data.packing
+    if wanted in ("auto", "group_by_length"):
+        log(f"packing: {wanted} -> pad (streamed rows are read as training goes: padded in the order read, "
+            "neither packed nor grouped by length)")
+        return "pad"
+    return wanted
+
+
 def format_batches(batches: Batches) -> str:
     """One line on how the data is batched (for the log)."""
+    if batches.mode == "stream" and batches.summary.get("rows") == "padded":
+        return (f"batching: streamed rows, {batches.summary['rows_per_batch']} a batch in the order read, "
+                "padded to the longest" + (f" on {batches.world_size} processes" if batches.world_size > 1 else ""))
     if batches.mode == "stream":
         return (f"batching: streamed, documents filled in order into blocks of {batches.summary['block_length']} "
                 f"tokens (no attention across documents), {batches.summary['blocks_per_step']} blocks a step")

@@ -12,7 +12,9 @@
 - :class:`ProgressWriter`: ``progress.json`` (step, steps in all, time left) for whoever watches
   the run (the workbench's page);
 - :class:`StopOnSignal`: SIGTERM, or a first Ctrl-C, ends training after the current step with a
-  checkpoint written, so that a stopped run resumes where it stopped.
+  checkpoint written, so that a stopped run resumes where it stopped;
+- :class:`StreamAudit`: a streamed run's data audit with the counts so far, in every checkpoint
+  and in the run folder at each save and when training ends.
 """
 
 from __future__ import annotations
@@ -80,6 +82,34 @@ class ManifestWriter(TrainerCallback):
         """Write the run files into a checkpoint being saved (called by
         :meth:`chattune.training.trainer.ChattuneTrainer._save_checkpoint` before the rename)."""
         write_run_files(folder, self.manifest, self.config, {"global_step": state.global_step})
+
+
+class StreamAudit(TrainerCallback):
+    """Keeps a streamed run's data audit (``path``, the run folder's) current: ``audit`` with the
+    counts so far (``counts()``, e.g. :meth:`chattune.data.stream.ConversationStream.audit`)
+    written into each checkpoint being saved and into ``path`` then and when training ends
+    (by the first process)."""
+
+    def __init__(self, path: Path, audit: dict, counts):
+        self.path, self.audit, self.counts = path, audit, counts
+
+    def current(self) -> dict:
+        """The audit with the counts so far."""
+        return {**self.audit, **self.counts()}
+
+    def write(self, path: Path) -> None:
+        """Write the audit so far to ``path``."""
+        path.write_text(json.dumps(self.current(), indent=2, ensure_ascii=False), encoding="utf-8")
+
+    def write_checkpoint_files(self, folder: Path, state) -> None:
+        """Write the audit so far into a checkpoint being saved and into the run folder."""
+        self.write(folder / self.path.name)
+        self.write(self.path)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        """Write the audit as training leaves it."""
+        if state.is_world_process_zero:
+            self.write(self.path)
 
 
 class CollapseWatch(TrainerCallback):

@@ -29,6 +29,7 @@ import torch
 
 from chattune.config import RunConfig
 from chattune.errors import ChattuneError, ConfigError
+from chattune.lora_init import mutates_base
 from chattune.methods import Method, block_list, count_parameters, get_method
 from chattune.model import apply_rope_scaling, load_error, native_config, resolve_dtype, text_config
 from chattune.training.preference import resolve_reference
@@ -266,7 +267,7 @@ def reference_plan(config: RunConfig, weights: float, continued: bool) -> Refere
     option used is the run's (raises the run's ConfigError where ``pref_reference`` cannot be)."""
     prefs = config.preference
     adapter = config.method.method in ADAPTER_METHODS
-    used = resolve_reference(prefs, adapter, continued)
+    used = resolve_reference(prefs, adapter, continued, config.method.lora_init)
     if used is None:
         return None
     why = ""
@@ -274,6 +275,8 @@ def reference_plan(config: RunConfig, weights: float, continued: bool) -> Refere
         why = "the method trains the model's own weights (no adapter to switch off)"
     elif continued:
         why = "the run continues an adapter (switched off it gives the base)"
+    elif mutates_base(config.method.lora_init):
+        why = f"lora_init={config.method.lora_init} moves the base weights' principal part into the adapter"
     extra = {"adapter_off": None if why else 0.0, "precompute": 0.0, "copy": float(weights)}
     return ReferencePlan(extra, used, why)
 

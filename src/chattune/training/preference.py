@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from chattune.config import PreferenceArgs
 from chattune.data.encode import IGNORE_INDEX
 from chattune.errors import ConfigError
+from chattune.lora_init import mutates_base
 from chattune.training.loss import HeadCapture
 from chattune.training.preference_loss import (
     dpo_losses,
@@ -158,15 +159,22 @@ def _unwrapped(model):
     return getattr(model, "module", model)
 
 
-def resolve_reference(prefs: PreferenceArgs, is_peft: bool, continued: bool) -> str | None:
+def resolve_reference(prefs: PreferenceArgs, is_peft: bool, continued: bool,
+                      lora_init: str = "default") -> str | None:
     """The reference a run uses: None for orpo/simpo (no reference); ``auto``: the adapter
-    switched off for a new adapter (peft methods), else precomputed log-probabilities.
-    ``adapter_off`` without a new adapter is a ConfigError."""
+    switched off for a new adapter (peft methods) that starts as the base, else precomputed
+    log-probabilities. ``adapter_off`` without such an adapter is a ConfigError (a ``lora_init``
+    that changes the base weights leaves only their residual with the adapter off)."""
     if prefs.stage not in ("dpo", "kto"):
         return None
     wanted = prefs.pref_reference
+    residual = mutates_base(lora_init)
     if wanted == "auto":
-        return "adapter_off" if is_peft and not continued else "precompute"
+        return "adapter_off" if is_peft and not continued and not residual else "precompute"
+    if wanted == "adapter_off" and residual and is_peft and not continued:
+        raise ConfigError(f"pref_reference: adapter_off is not possible with lora_init={lora_init}: the adapter "
+                          "starts with the base weights' principal part, so switching it off gives their residual, "
+                          "not the base; use precompute or copy")
     if wanted == "adapter_off" and (not is_peft or continued):
         why = ("the run continues an adapter, so switching it off would give the base, not the model it starts from"
                if is_peft else "the method trains the model's own weights (no adapter to switch off)")

@@ -34,6 +34,7 @@ from chattune.data.pair_encode import (
 )
 from chattune.data.prepare import PreparedData, data_fingerprint, format_audit, prepare_data
 from chattune.data.pretrain import format_pretrain_audit, prepare_pretrain_data, streamed_data
+from chattune.data.stream import ConversationStream, format_stream_audit, streamed_sft_data
 from chattune.errors import ConfigError
 from chattune.manifest import build_manifest, read_manifest, write_run_files
 from chattune.methods import (
@@ -55,9 +56,11 @@ from chattune.training.batching import (
     PACKED_MODES,
     Batches,
     StreamedBlocks,
+    StreamedRows,
     build_batches,
     format_batches,
     resolve_packing,
+    stream_batching,
 )
 from chattune.training.callbacks import (
     CollapseWatch,
@@ -66,6 +69,7 @@ from chattune.training.callbacks import (
     MetricsLogger,
     ProgressWriter,
     StopOnSignal,
+    StreamAudit,
 )
 from chattune.training.checkpoints import WRITE_ERRORS, storage_error
 from chattune.training.collate import ImageCollator
@@ -204,7 +208,12 @@ def setup_batching_and_loss(config: RunConfig, model, prepared: PreparedData, pa
     if eager_cpu:
         attention.enter_context(use_varlen_sdpa(model))
     images = vision is not None and has_images(prepared)
-    mode = image_batching(config, log) if images else resolve_packing(config, model, pad_token_id, vocab_size, log)
+    if isinstance(prepared.train, StreamedRows):
+        mode = stream_batching(config, log)
+    elif images:
+        mode = image_batching(config, log)
+    else:
+        mode = resolve_packing(config, model, pad_token_id, vocab_size, log)
     if mode not in PACKED_MODES:
         attention.close()  # back to transformers' SDPA
     batches = build_batches(mode, prepared, config, pad_token_id, uses_varlen_attention(model), world_size)
@@ -375,6 +384,39 @@ def prepare_pretrain(config: RunConfig, tokenizer, world: World, log=print) -> P
     return prepared
 
 
+def prepare_sft(config: RunConfig, tokenizer, template_name: str, world: World, log=print,
+                vision=None) -> PreparedData:
+    """An SFT run's rows: encoded and cached by one process (:func:`prepare_once`), or, with
+    ``streaming``, read, converted and encoded while training (:class:`StreamedRows`; eval_files
+    encoded up front). Raises ConfigError for streaming with a vision-language model (rows with
+    images are not streamed)."""
+    if not config.data.streaming:
+        prepared = prepare_once(config, tokenizer, template_name, world, log, vision)
+        log(format_audit(prepared.audit))
+        return prepared
+    if vision is not None:
+        raise ConfigError(f"{source_prefix(config, 'streaming')}streaming: rows with images are not streamed, and "
+                          f"{config.model.model_name_or_path} is a vision-language model; set streaming=false")
+    rows = StreamedRows(ConversationStream(config.data, tokenizer, template_name))
+    prepared = streamed_sft_data(config.data, tokenizer, template_name, config.train.seed, rows, log)
+    log(format_stream_audit(prepared.audit))
+    return prepared
+
+
+def stream_counts(prepared) -> ConversationStream | None:
+    """The stream whose counts a streamed SFT run's audit reports (None for any other data)."""
+    return prepared.train.stream if isinstance(prepared.train, StreamedRows) else None
+
+
+def stream_summary(audit: dict) -> str:
+    """One line on what a streamed run read, for the log at its end."""
+    stream, files = audit["stream"], audit["files"]
+    skipped, duplicated = sum(f["skipped"] for f in files), sum(f["duplicated"] for f in files)
+    return (f"data: streamed {stream['rows_read']:,} rows read, {skipped:,} skipped, {duplicated:,} duplicated, "
+            f"{audit['train']['rows_dropped']:,} dropped at encoding, {stream['rows_kept']:,} kept for training "
+            f"({stream['passes']} passes read to the end); counts in {AUDIT_NAME}")
+
+
 def prepare_once(config: RunConfig, tokenizer, template_name: str, world: World, log=print,
                  vision=None) -> PreparedData:
     """The encoded data, encoded by one process: rank 0 encodes (or finds the cache), the
@@ -413,8 +455,7 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
         prepared = prepare_pretrain(config, tokenizer, world, log)
         fingerprint = prepared.fingerprint
     elif stage == "sft":
-        prepared = prepare_once(config, tokenizer, template_name, world, log, vision)
-        log(format_audit(prepared.audit))
+        prepared = prepare_sft(config, tokenizer, template_name, world, log, vision)
         fingerprint = prepared.fingerprint
     else:
         prepared = prepare_preference_data(config.data, tokenizer, template_name, stage, config.train.seed)
@@ -439,7 +480,8 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
     log(f"method {method.name}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.3%})")
     reference = None
     if stage not in ("sft", "pretrain"):
-        reference = resolve_reference(config.preference, method.name in ADAPTER_METHODS, continued is not None)
+        reference = resolve_reference(config.preference, method.name in ADAPTER_METHODS, continued is not None,
+                                      config.method.lora_init)
 
     with ExitStack() as patches:  # undone when training ends, also on an error
         objective = None
@@ -476,6 +518,8 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
         stopper = StopOnSignal(log)
         metrics_logger = MetricsLogger(output_dir / METRICS_NAME)
         trackers = check_trackers(config)
+        stream = stream_counts(prepared)
+        audits = [StreamAudit(output_dir / AUDIT_NAME, audit, stream.audit)] if stream is not None else []
         patches.enter_context(tracker_env(config))
         records = [TrackerRecords(trackers, config.to_flat_dict(), manifest.to_json())] if trackers else []
         trainer = ChattuneTrainer(
@@ -487,7 +531,7 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
             loraplus_lr_ratio=config.train.loraplus_lr_ratio, offload_activations=config.train.offload_activations,
             callbacks=[metrics_logger, ManifestWriter(manifest, config), *records,
                        CollapseWatch(vocab_size, config.train.learning_rate, log=log),
-                       *early_stopping(config, log), ProgressWriter(output_dir), stopper],
+                       *early_stopping(config, log), ProgressWriter(output_dir), *audits, stopper],
         )
         # metrics.jsonl's logger first: the trackers' callbacks then get the event with its tokens/s
         trainer.callback_handler.callbacks.remove(metrics_logger)
@@ -495,6 +539,8 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
         if not world.distributed:
             patches.callback(stopper.install().restore)
         result = trainer.train(resume_from_checkpoint=resume)
+        if audits:
+            log(stream_summary(audits[0].current()))
         if stopper.stopped_at is not None:  # checkpointed and stopped on request: not a finished run
             model.eval()
             return TrainResult(output_dir, trainer.state.global_step, result.training_loss, None, prepared, model,

@@ -14,6 +14,7 @@ from pathlib import Path
 from chattune.config import RunConfig, rope_scaling_settings
 from chattune.config_io import source_prefix
 from chattune.errors import ConfigError
+from chattune.lora_init import converted_settings
 from chattune.manifest import is_run_folder, read_manifest
 from chattune.methods import LORA_SETTINGS, Method, get_method
 from chattune.model import context_length, load_tokenizer, trained_positions
@@ -50,7 +51,8 @@ def start_from_run(config: RunConfig, log=print) -> tuple[RunConfig, Path | None
     if get_method(manifest.method).run_is_model:
         return config, None
     if manifest.method in PEFT_METHODS and config.method.method in PEFT_METHODS:
-        settings = {k: v for k, v in manifest.method_settings.items() if k in LORA_SETTINGS}
+        # the adapter as saved: a run whose lora_init changed the base saved a plain LoRA of twice the rank
+        settings = converted_settings({k: v for k, v in manifest.method_settings.items() if k in LORA_SETTINGS})
         # a run with its own tokenizer (new tokens) goes on with it: its folder holds it
         tokenizer = config.model.tokenizer_name_or_path or (path if manifest.vocabulary else None)
         started = dataclasses.replace(

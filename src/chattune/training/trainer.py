@@ -24,6 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from chattune.config import RunConfig
 from chattune.config_io import resume_setting, source_prefix
 from chattune.errors import ConfigError, TrainingError
+from chattune.lora_init import initial_adapter, load_converted
 from chattune.methods import Method
 from chattune.training.batching import Batches
 from chattune.training.checkpoints import (
@@ -172,10 +173,15 @@ class ChattuneTrainer(Trainer):
                 f"so {where} was not written", self.state.global_step)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        """The Trainer's load of a checkpoint's weights, then a check that the trainable ones
-        are finite: a checkpoint whose weights were damaged on disk (NaN or inf, the files
-        whole) stops the run with a TrainingError naming it, before any step trains on it."""
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        """The Trainer's load of a checkpoint's weights (for a run whose ``lora_init`` changed the
+        base weights, the trained part of its converted adapter, :func:`load_converted`), then a
+        check that the trainable ones are finite: a checkpoint whose weights were damaged on disk
+        (NaN or inf, the files whole) stops the run with a TrainingError naming it, before any
+        step trains on it."""
+        if initial_adapter(self.model) is not None:
+            load_converted(self.model, Path(resume_from_checkpoint), self.chattune_log)
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
         bad = non_finite(self.model)
         if not bad:
             return
@@ -412,9 +418,13 @@ def place_model(model, method: Method) -> None:
         model.to(PartialState().device)
 
 
-def dataloader_workers(setting: int | None) -> int:
+def dataloader_workers(setting: int | None, streamed: bool = False) -> int:
     """DataLoader workers: as set, else 2-4 on CUDA (batches are built while the GPU computes)
-    and 0 on CPU (workers would take cores from the compute)."""
+    and 0 on CPU (workers would take cores from the compute); always 0 for ``streamed`` data (read
+    as training goes): each worker would read the whole stream again, and its counts must be
+    the training process's."""
+    if streamed:
+        return 0
     if setting is not None:
         return setting
     if not torch.cuda.is_available():
@@ -443,7 +453,7 @@ def training_arguments(config: RunConfig, has_eval: bool, batches: Batches | Non
     if t.torch_compile:
         extra.update(torch_compile=True, torch_compile_backend="inductor")
     extra.update(sharding or {})
-    workers = dataloader_workers(t.dataloader_num_workers)
+    workers = dataloader_workers(t.dataloader_num_workers, batches is not None and batches.mode == "stream")
     return TrainingArguments(
         **{checkpointing: t.gradient_checkpointing},
         **extra,

@@ -28,7 +28,7 @@ from chattune.workbench.folders import Folders, PathRefused
 LORA_METHODS = ["lora", "qlora"]
 METHOD_KEYS: dict[str, list[str]] = {
     **{key: LORA_METHODS for key in ("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_dora",
-                                     "use_rslora", "modules_to_save", "trainable_token_indices",
+                                     "use_rslora", "lora_init", "modules_to_save", "trainable_token_indices",
                                      "new_tokens_train")},
     "quantization_bit": ["qlora"],
     **{key: ["freeze"] for key in ("freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules")},
