@@ -13,7 +13,8 @@ from chattune.serve.ui import STATIC_DIR
 from tests.serve.helpers import KEY
 from tests.serve.server_thread import ServerThread
 
-PAGE_FILES = ["index.html", "app.js", "markdown.js", "charts.js", "workbench.js", "style.css", "favicon.svg"]
+PAGE_FILES = ["index.html", "app.js", "vendor/markdown-it.min.js", "markdown.js", "charts.js", "workbench.js",
+              "style.css", "favicon.svg"]
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +52,17 @@ def test_the_page_and_its_files_are_served_from_the_package(page_server):
     assert httpx.get(url + "/favicon.ico").headers["content-type"] == "image/svg+xml"
 
 
+def test_the_page_comes_with_a_content_security_policy(page_server):
+    page = httpx.get(page_server[0] + "/")
+    policy = page.headers["content-security-policy"]
+    assert "script-src 'self';" in policy and "default-src 'self';" in policy and "object-src 'none'" in policy
+    assert "unsafe-inline" not in policy and "unsafe-eval" not in policy
+    assert "<script>" not in page.text and " style=" not in page.text and " on" + "click=" not in page.text
+    assert page.headers["x-content-type-options"] == "nosniff"
+
+
 def test_nothing_is_fetched_from_another_host():
-    for name in ("index.html", "app.js", "markdown.js", "charts.js", "style.css"):
+    for name in ("index.html", "app.js", "markdown.js", "charts.js", "workbench.js", "style.css"):
         text = (STATIC_DIR / name).read_text()
         assert "//cdn" not in text and "https://" not in text.replace("https?:", ""), name
         assert "src=\"http" not in text and "href=\"http" not in text, name

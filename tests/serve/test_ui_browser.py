@@ -208,12 +208,22 @@ def test_answers_render_markdown_and_never_the_models_html(browser, urls):
     html = browser.execute_script("return Markdown.render(arguments[0])",
                                   "# Title\nSome **bold** and `code` and *it*.\n\n```python\nprint('<b>')\n```\n"
                                   "- one\n- two\n\n<img src=x onerror=alert(1)> [link](https://example.com)")
-    assert "<h3>Title</h3>" in html
+    flat = html.replace("\n", "")
+    assert "<h3>Title</h3>" in flat
     assert "<strong>bold</strong>" in html and "<code>code</code>" in html and "<em>it</em>" in html
     assert '<pre data-lang="python"><code>print(&#39;&lt;b&gt;&#39;)</code></pre>' in html
-    assert "<ul><li>one</li><li>two</li></ul>" in html
+    assert "<ul><li>one</li><li>two</li></ul>" in flat
     assert "<img" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
     assert '<a href="https://example.com" target="_blank" rel="noopener noreferrer">link</a>' in html
+    more = browser.execute_script("return Markdown.render(arguments[0])",
+                                  "| a | b |\n|---|---|\n| 1 | 2 |\n\n- outer\n  - inner\n\n"
+                                  "[bad](javascript:alert(1)) ![pic](https://example.com/x.png)").replace("\n", "")
+    assert "<table><thead><tr><th>a</th><th>b</th></tr></thead><tbody><tr><td>1</td><td>2</td></tr>" in more
+    assert "<li>outer<ul><li>inner</li></ul></li>" in more
+    assert "[bad](javascript:alert(1))" in more and 'href="javascript' not in more  # text, not a link
+    assert "<img" not in more and '!<a href="https://example.com/x.png"' in more  # never loaded: a link to click
+    violations = [entry for entry in browser.get_log("browser") if "Content Security Policy" in entry["message"]]
+    assert violations == []
 
 
 def test_side_by_side_sends_one_prompt_to_two_models(browser, urls, shots):

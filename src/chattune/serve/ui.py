@@ -26,6 +26,12 @@ from chattune.serve.run_info import find_runs, metrics_since, run_detail, run_su
 from chattune.serve.schema import APIError
 
 STATIC_DIR = Path(__file__).parent / "static"
+CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+                           "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+                           "frame-ancestors 'none'")
+"""The page's Content-Security-Policy: its own scripts and styles only (no inline script, no
+other host), images only from itself or the user's own files (data: and blob: URLs), requests
+only to its server, never framed by another page."""
 PAGE_PATHS = ("/", "/favicon.ico")
 STATIC_PREFIX = "/ui/static/"
 
@@ -57,7 +63,9 @@ def add_ui(app: FastAPI, served_dirs: Callable[[], dict[str, Path | None]],
     @app.get("/", include_in_schema=False)
     async def page():
         """The page."""
-        return FileResponse(STATIC_DIR / "index.html", headers=no_store)
+        return FileResponse(STATIC_DIR / "index.html",
+                            headers={**no_store, "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+                                     "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
 
     @app.get("/favicon.ico", include_in_schema=False)
     async def favicon():
