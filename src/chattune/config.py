@@ -1,19 +1,31 @@
-"""The run configuration as typed dataclasses, one per group of keys, each checking itself.
+"""The run configuration as pydantic dataclasses, one per group of keys, each checking itself.
 
 A config is one flat mapping, as the tutorial's command-line flags were
 (``lora_rank: 8``, ``per_device_train_batch_size: 6``, ...). Each key belongs to
-exactly one group dataclass below; the docstring under each field is the
-documentation ``chattune train --help-config`` prints. Reading YAML and ``key=value``
-overrides into these is :mod:`chattune.config_io`; impossible values raise
-:class:`ConfigError` naming the key.
+exactly one group below; the docstring under each field is its pydantic description and
+the documentation ``chattune train --help-config`` prints. Each group is a pydantic v2
+dataclass (``extra="forbid"``): building one coerces every value given to its field's type
+(``fp16="no"`` is False, ``lora_target="q,v"`` a list, strict boolean words only) and checks
+the group (its ``validate``), so that a group is never built holding an impossible value; a
+wrong value raises :class:`ConfigError` naming the key. They stay dataclasses
+(``dataclasses.fields``/``asdict``/``replace`` work; ``replace`` checks again). Reading YAML
+and ``key=value`` overrides into these is :mod:`chattune.config_io`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import math
-from dataclasses import dataclass, field
-from typing import Any, Literal
+import types
+import typing
+from dataclasses import field
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import ConfigDict, ValidationError, field_validator, model_validator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from chattune.errors import ConfigError
 
@@ -47,6 +59,201 @@ MAX_SEED = 2**32 - 1
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+_TRUE = {"true", "yes", "on", "1", "y", "t"}
+_FALSE = {"false", "no", "off", "0", "n", "f"}
+
+
+def parse_bool(value: Any, key: str) -> bool:
+    """Parse a boolean the way a user means it: "false", "no", "0" are False."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+    raise ConfigError(f"{key}: expected a boolean (true/false), got {value!r}")
+
+
+def coerce_value(value: Any, annotation: Any, key: str) -> Any:
+    """Convert ``value`` to ``annotation`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none")):
+            if type(None) in args:
+                return None
+        non_none = [a for a in args if a is not type(None)]
+        errors = []
+        for option in non_none:
+            try:
+                return coerce_value(value, option, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {non_none}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
+        return value
+    if annotation is bool:
+        return parse_bool(value, key)
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if annotation is str:
+        if value is None:
+            raise ConfigError(f"{key}: expected a string, got null")
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if origin is list:
+        (item_type,) = args
+        if isinstance(value, str):
+            text = value.strip()
+            value = yaml.safe_load(text) if text.startswith("[") else [v.strip() for v in text.split(",") if v.strip()]
+        if not isinstance(value, list):
+            value = [value]
+        return [coerce_value(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        typed = args[1] is Any  # values kept as YAML typed them, else strings
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("{"):
+                value = yaml.safe_load(text)
+            else:
+                value = {k.strip(): yaml.safe_load(v) if typed else v
+                         for k, v in (item.split("=", 1) for item in text.split(",") if "=" in item)}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): v if typed else str(v) for k, v in value.items()}
+    if annotation is DataSource:
+        return data_source(value, key)
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):  # a group of RunConfig
+        if isinstance(value, annotation):
+            return value
+        if isinstance(value, dict):
+            return annotation(**value)
+        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {annotation}")  # pragma: no cover
+
+
+def data_source(value: Any, key: str = "train_files") -> DataSource:
+    """Build a DataSource from a path string or a mapping, checking its keys."""
+    if isinstance(value, str):
+        return DataSource(path=value)
+    if isinstance(value, DataSource):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a path or a mapping with 'path', got {value!r}")
+    hints = _hints(DataSource)
+    known = set(hints)
+    for name in value:
+        if name not in known:
+            raise ConfigError(f"{key}: unknown key {name!r}; expected {sorted(known)}")
+    if "path" not in value:
+        raise ConfigError(f"{key}: missing 'path'")
+    kwargs = {k: coerce_value(v, hints[k], f"{key}.{k}") for k, v in value.items()}
+    try:
+        return DataSource(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{key}.{exc}") from None
+
+
+_MODEL_CONFIG = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+"""Every group: unknown keys refused, the docstring under a field its description."""
+
+
+def _config_error(exc: ValidationError, cls: type) -> ConfigError:
+    """The ConfigError a group's validation raised (pydantic wraps it), or one naming the key
+    of pydantic's own first complaint (an unknown or missing key)."""
+    for error in exc.errors():
+        raised = (error.get("ctx") or {}).get("error")
+        if isinstance(raised, ConfigError):
+            return raised
+    error = exc.errors()[0]
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        close = difflib.get_close_matches(key, [f.name for f in dataclasses.fields(cls)], n=3)
+        return ConfigError(f"unknown config key {key!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    if error["type"] in ("missing", "missing_argument"):
+        return ConfigError(f"{key}: missing")
+    return ConfigError(f"{key}: {error['msg']}" if key else error["msg"])
+
+
+def config_model(cls):
+    """Make ``cls`` a pydantic dataclass (:data:`_MODEL_CONFIG`) whose values are coerced by
+    annotation (:func:`coerce_value`) and whose ``validate`` runs once it is built; failures
+    raise :class:`ConfigError` naming the key, not pydantic's ValidationError."""
+
+    def coerce_field(inner, value: Any, info) -> Any:
+        return coerce_value(value, _hints(inner)[info.field_name], info.field_name)
+
+    def check(self):
+        self.validate()
+        return self
+
+    cls._coerce_field = field_validator("*", mode="before")(classmethod(coerce_field))
+    cls._check = model_validator(mode="after")(check)
+    model = pydantic_dataclass(cls, config=_MODEL_CONFIG)
+    init = model.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        try:
+            init(self, *args, **kwargs)
+        except ValidationError as exc:
+            raise _config_error(exc, model) from None
+
+    model.__init__ = __init__
+    return model
+
+
+def unchecked(cls, values: dict[str, Any]):
+    """A group built from its defaults with ``values`` set as they are, neither coerced nor
+    checked: for values a run did not choose (a generation_config.json as found)."""
+    built = cls()
+    for name, value in values.items():
+        setattr(built, name, value)
+    return built
+
+
+@functools.cache
+def _schedulers() -> list[str]:
+    """transformers' scheduler names (imported only when a run names another than linear)."""
+    from transformers import SchedulerType
+
+    return [kind.value for kind in SchedulerType]
+
+
+@functools.cache
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 ROPE_TYPES = ("linear", "dynamic", "yarn")
@@ -88,7 +295,7 @@ def rope_scaling_short_form(value: Any) -> Any:
     return value
 
 
-@dataclass
+@config_model
 class DataSource:
     """One data file and how to read it."""
 
@@ -104,8 +311,13 @@ class DataSource:
     weight: float = 1.0
     """Sampling weight: 2.0 repeats the file twice, 0.5 keeps a seeded half."""
 
+    def validate(self) -> None:
+        """Reject impossible values, naming the key."""
+        _check(math.isfinite(self.weight) and self.weight > 0, f"weight: must be a finite number > 0, got {self.weight}")
+        _check(self.max_samples is None or self.max_samples >= 1, f"max_samples: must be >= 1, got {self.max_samples}")
 
-@dataclass
+
+@config_model
 class ModelArgs:
     """Which base model to load and how."""
 
@@ -140,7 +352,7 @@ class ModelArgs:
         self.rope_scaling = rope_scaling_settings(self.rope_scaling)
 
 
-@dataclass
+@config_model
 class DataArgs:
     """What to train on and how it is rendered and encoded."""
 
@@ -219,7 +431,7 @@ class DataArgs:
                f"pack_length: must be >= max_seq_length ({self.max_seq_length}) so that every row fits a bin")
 
 
-@dataclass
+@config_model
 class MethodArgs:
     """The fine-tuning method and its settings."""
 
@@ -288,7 +500,7 @@ class MethodArgs:
         _check(self.prefix_hidden_size >= 1, "prefix_hidden_size: must be >= 1")
 
 
-@dataclass
+@config_model
 class TrainArgs:
     """Trainer arguments, named as in transformers' TrainingArguments."""
 
@@ -456,14 +668,12 @@ class TrainArgs:
         _check(self.loss_chunk_size >= 1, "loss_chunk_size: must be >= 1")
         _check(self.ddp_timeout >= 1, "ddp_timeout: must be >= 1 (seconds)")
         _check(not (self.fsdp and self.deepspeed), "fsdp and deepspeed: choose one")
-        from transformers import SchedulerType
-
-        schedulers = [kind.value for kind in SchedulerType]
+        schedulers = _schedulers() if self.lr_scheduler_type != "linear" else ["linear"]
         _check(self.lr_scheduler_type in schedulers, f"lr_scheduler_type: expected one of {schedulers}, "
                f"got {self.lr_scheduler_type!r}")
 
 
-@dataclass
+@config_model
 class GenerateArgs:
     """Generation defaults saved with the run and used by chat/predict."""
 
@@ -493,7 +703,7 @@ REFERENCE_STAGES = ("dpo", "kto")
 """Stages whose loss compares the model with a reference model (ORPO and SimPO need none)."""
 
 
-@dataclass
+@config_model
 class PreferenceArgs:
     """The training stage: continued pre-training on raw text, supervised fine-tuning, or
     preference optimisation (DPO, ORPO, SimPO, KTO) on pairs of answers or labelled answers."""
@@ -542,7 +752,7 @@ class PreferenceArgs:
                f"pref_label_smoothing: applies to pref_loss=sigmoid only, not {self.pref_loss}")
 
 
-@dataclass
+@config_model
 class RunConfig:
     """The whole configuration of one training run."""
 

@@ -11,16 +11,24 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
 import re
-import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any
 
 import yaml
 
-from chattune.config import GROUPS, DataSource, GenerateArgs, RunConfig, rope_scaling_short_form
+from chattune.config import (  # noqa: F401 (parse_bool, data_source: re-exported)
+    _FALSE,
+    _TRUE,
+    GROUPS,
+    GenerateArgs,
+    RunConfig,
+    data_source,
+    parse_bool,
+    rope_scaling_short_form,
+    unchecked,
+)
 from chattune.errors import ConfigError
 from chattune.methods import check_run_config
 
@@ -29,126 +37,6 @@ _KEY_TO_GROUP: dict[str, str] = {
 }
 _SHORT_FORMS = {"rope_scaling": rope_scaling_short_form}
 """Keys with a command-line short form: key -> what turns it into the key's type."""
-
-
-_TRUE = {"true", "yes", "on", "1", "y", "t"}
-_FALSE = {"false", "no", "off", "0", "n", "f"}
-
-
-def parse_bool(value: Any, key: str) -> bool:
-    """Parse a boolean the way a user means it: "false", "no", "0" are False."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str):
-        low = value.strip().lower()
-        if low in _TRUE:
-            return True
-        if low in _FALSE:
-            return False
-    raise ConfigError(f"{key}: expected a boolean (true/false), got {value!r}")
-
-
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Convert ``value`` to ``annotation`` or raise ConfigError naming ``key``."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none")):
-            if type(None) in args:
-                return None
-        non_none = [a for a in args if a is not type(None)]
-        errors = []
-        for option in non_none:
-            try:
-                return _coerce(value, option, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {non_none}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
-        return value
-    if annotation is bool:
-        return parse_bool(value, key)
-    if annotation is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if annotation is str:
-        if value is None:
-            raise ConfigError(f"{key}: expected a string, got null")
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    if origin is list:
-        (item_type,) = args
-        if isinstance(value, str):
-            text = value.strip()
-            value = yaml.safe_load(text) if text.startswith("[") else [v.strip() for v in text.split(",") if v.strip()]
-        if not isinstance(value, list):
-            value = [value]
-        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        typed = args[1] is Any  # values kept as YAML typed them, else strings
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("{"):
-                value = yaml.safe_load(text)
-            else:
-                value = {k.strip(): yaml.safe_load(v) if typed else v
-                         for k, v in (item.split("=", 1) for item in text.split(",") if "=" in item)}
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return {str(k): v if typed else str(v) for k, v in value.items()}
-    if annotation is DataSource:
-        return data_source(value, key)
-    raise ConfigError(f"{key}: unsupported type {annotation}")  # pragma: no cover
-
-
-def data_source(value: Any, key: str = "train_files") -> DataSource:
-    """Build a DataSource from a path string or a mapping, checking its keys."""
-    if isinstance(value, str):
-        return DataSource(path=value)
-    if isinstance(value, DataSource):
-        return value
-    if not isinstance(value, dict):
-        raise ConfigError(f"{key}: expected a path or a mapping with 'path', got {value!r}")
-    hints = typing.get_type_hints(DataSource)
-    known = set(hints)
-    for name in value:
-        if name not in known:
-            raise ConfigError(f"{key}: unknown key {name!r}; expected {sorted(known)}")
-    if "path" not in value:
-        raise ConfigError(f"{key}: missing 'path'")
-    kwargs = {k: _coerce(v, hints[k], f"{key}.{k}") for k, v in value.items()}
-    source = DataSource(**kwargs)
-    if not (math.isfinite(source.weight) and source.weight > 0):
-        raise ConfigError(f"{key}.weight: must be a finite number > 0, got {source.weight}")
-    if source.max_samples is not None and source.max_samples < 1:
-        raise ConfigError(f"{key}.max_samples: must be >= 1, got {source.max_samples}")
-    return source
 
 
 def _unknown_key_error(key: str) -> ConfigError:
@@ -174,12 +62,8 @@ def build_config(values: dict[str, Any]) -> RunConfig:
     for key, value in values.items():
         if key not in _KEY_TO_GROUP:
             raise _unknown_key_error(key)
-        group = _KEY_TO_GROUP[key]
-        hints = typing.get_type_hints(GROUPS[group])
-        value = _SHORT_FORMS.get(key, lambda v: v)(value)
-        grouped[group][key] = _coerce(value, hints[key], key)
-    config = RunConfig(**{name: GROUPS[name](**kw) for name, kw in grouped.items()})
-    config.validate()
+        grouped[_KEY_TO_GROUP[key]][key] = _SHORT_FORMS.get(key, lambda v: v)(value)
+    config = RunConfig(**{name: GROUPS[name](**kw) for name, kw in grouped.items()})  # coerced and checked
     check_run_config(config)
     return config
 
@@ -273,19 +157,13 @@ class KeyDoc:
 
 def documented_keys() -> list[KeyDoc]:
     """Every config key, group by group, with its type, default and docstring (the text under
-    the field in :mod:`chattune.config`)."""
-    import ast
-    import inspect
-
+    the field in :mod:`chattune.config`, pydantic's description of the field)."""
     found = []
     for group, cls in GROUPS.items():
-        body = ast.parse(inspect.getsource(cls)).body[0].body  # type: ignore[attr-defined]
-        docs: dict[str, str] = {}
-        for node, after in zip(body, body[1:], strict=False):
-            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr):
-                docs[node.target.id] = " ".join(str(after.value.value).split())  # type: ignore[union-attr]
         defaults, hints = cls(), typing.get_type_hints(cls)
-        found += [KeyDoc(group, f.name, hints[f.name], getattr(defaults, f.name), docs.get(f.name, ""))
+        described = cls.__pydantic_fields__
+        found += [KeyDoc(group, f.name, hints[f.name], getattr(defaults, f.name),
+                         " ".join((described[f.name].description or "").split()))
                   for f in dataclasses.fields(cls)]
     return found
 
@@ -314,7 +192,7 @@ def generation_defaults(folder: Path):
     except (OSError, ValueError):
         saved = {}
     names = {field.name for field in dataclasses.fields(GenerateArgs)}
-    generation = GenerateArgs(**{name: saved[name] for name in names if saved.get(name) is not None})
+    generation = unchecked(GenerateArgs, {name: saved[name] for name in names if saved.get(name) is not None})
     if "top_k" not in names and saved.get("top_k") is not None:
         generation.top_k = saved["top_k"]  # read by write_modelfile
     return generation

@@ -183,9 +183,8 @@ def _record(kind, values: dict, key: str, where: str):
 def _generation(values: dict, where: str) -> GenerateArgs:
     fields = {f.name: f for f in dataclasses.fields(GenerateArgs)}
     typed = {k: _typed(k, v, fields[k].type, "generation", where) for k, v in values.items() if k in fields}
-    generation = GenerateArgs(**typed)
     try:
-        generation.validate()
+        generation = GenerateArgs(**typed)  # checked as it is built
     except ConfigError as exc:
         raise ManifestError(f"{where}: generation.{exc}") from None
     return generation
