@@ -1,9 +1,10 @@
 """Reading a run configuration: flat YAML plus ``key=value`` overrides, typed and checked.
 
-Values are coerced to each key's annotated type (``fp16=false`` is False, ``lora_target=q,v``
-a list); unknown keys (with a close match suggested), wrong types and impossible values raise
-:class:`ConfigError` naming the key. ``describe_keys`` documents every key from the
-dataclasses' own field docstrings.
+Values are coerced to each key's annotated type by the groups of :mod:`chattune.config`
+(pydantic dataclasses; ``fp16=false`` is False, ``lora_target=q,v`` a list); unknown keys (with
+a close match suggested), wrong types and impossible values raise :class:`ConfigError` naming
+the key. ``describe_keys`` documents every key from the fields' own docstrings (pydantic's
+field descriptions).
 """
 
 from __future__ import annotations
