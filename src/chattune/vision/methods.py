@@ -45,8 +45,10 @@ def vision_method_args(args: MethodArgs, model, parts: VisionParts, method: Meth
         return args
     extra = [leaf(parts.projector)] if args.train_projector else []
     extra += [leaf(parts.tower)] if args.train_vision_tower else []
-    return dataclasses.replace(args, lora_target=lora_targets(model, parts, args.lora_target),
-                               modules_to_save=sorted({*(args.modules_to_save or []), *extra}) or None)
+    targets = lora_targets(model, parts, args.lora_target)
+    chosen = dataclasses.replace(args, modules_to_save=sorted({*(args.modules_to_save or []), *extra}) or None)
+    chosen.lora_target = targets  # peft's regular expression, set past the list the config key takes
+    return chosen
 
 
 def leaf(name: str) -> str:
