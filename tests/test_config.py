@@ -60,3 +60,31 @@ def test_the_ends_of_the_seed_range_are_valid(seed):
 
 def test_config_errors_are_chattune_errors():
     assert issubclass(ConfigError, ChattuneError) and issubclass(ConfigError, ValueError)
+
+
+def test_a_group_is_a_pydantic_model_that_refuses_unknown_keys():
+    with pytest.raises(ConfigError, match=r"^unknown config key 'sed'; did you mean seed\?$"):
+        TrainArgs(sed=1)
+    assert TrainArgs.__pydantic_fields__["fp16"].description == "Mixed precision float16 (CUDA)."
+
+
+@pytest.mark.parametrize(("value", "expected"), [("Yes", True), (" off ", False), ("t", True), (0, False), (True, True)])
+def test_boolean_words_are_read_strictly(value, expected):
+    assert TrainArgs(fp16=value).fp16 is expected
+
+
+@pytest.mark.parametrize("value", ["maybe", 2, 1.0, None, "tru"])
+def test_other_booleans_are_refused_naming_the_key(value):
+    with pytest.raises(ConfigError) as caught:
+        TrainArgs(fp16=value)
+    assert str(caught.value) == f"fp16: expected a boolean (true/false), got {value!r}"
+
+
+def test_an_integer_key_takes_no_fraction_and_a_built_group_is_checked_again_when_replaced():
+    import dataclasses
+
+    assert TrainArgs(seed=7.0).seed == 7
+    with pytest.raises(ConfigError, match=r"^seed: expected an integer, got 1\.5$"):
+        TrainArgs(seed=1.5)
+    with pytest.raises(ConfigError, match="^fp16 and bf16: choose one$"):
+        dataclasses.replace(TrainArgs(fp16=True), bf16="yes")
