@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chattune.data.formats import DataFileError, check_data_file, parquet_file
+from chattune.data.formats import DataFileError, check_data_file, parquet_file, utf8_lines
 from chattune.errors import ConfigError
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
@@ -149,15 +149,9 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
         with path.open("rb") as handle:
             _check_not_binary(path, handle.read(BINARY_PROBE))
             handle.seek(0)
-            offset = 0
-            for lineno, raw in enumerate(handle, start=1):
-                skip = len(BOM) if lineno == 1 and raw.startswith(BOM) else 0
-                try:
-                    line = raw[skip:].decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise _not_utf8(f"{path}:{lineno}", exc, offset + skip + exc.start) from exc
-                offset += len(raw)
-                yield lineno, line.removesuffix("\n").removesuffix("\r")
+            not_utf8 = lambda lineno, exc, offset: _not_utf8(f"{path}:{lineno}", exc, offset)  # noqa: E731
+            for lineno, line in utf8_lines(handle, not_utf8):
+                yield lineno, line.removesuffix("\r")
     except OSError as exc:
         raise _unreadable(path, exc) from exc
 

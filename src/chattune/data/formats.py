@@ -116,22 +116,33 @@ def _read_jsonl_text(path: Path, text: str) -> Iterator[RawRow]:
             yield row
 
 
+def utf8_lines(handle, not_utf8) -> Iterator[tuple[int, str]]:
+    """(1-based number, text) of each line of a binary file ``handle``, decoded one at a time (a
+    leading BOM dropped, the ``\n`` ending too); a line that is not UTF-8 raises
+    ``not_utf8(lineno, exc, byte offset in the file)``."""
+    offset = 0
+    for lineno, raw in enumerate(handle, start=1):
+        skip = len(UTF8_BOM) if lineno == 1 and raw.startswith(UTF8_BOM) else 0
+        try:
+            line = raw[skip:].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise not_utf8(lineno, exc, offset + skip + exc.start) from exc
+        offset += len(raw)
+        yield lineno, line.removesuffix("\n")
+
+
 def _read_jsonl_lines(path: Path) -> Iterator[RawRow]:
     """A JSON Lines file read a line at a time (split on ``\n`` only, as :func:`_read_jsonl_text`
     splits): memory holds one line, however long the file; a line that is not UTF-8 is an error
     naming its byte offset in the file, met when it is read."""
+
+    def not_utf8(lineno: int, exc: UnicodeDecodeError, offset: int) -> DataFileError:
+        return DataFileError(f"{path}: not UTF-8 text ({exc.reason} at byte {offset})")
+
     try:
         with path.open("rb") as handle:
-            offset = 0
-            for lineno, raw in enumerate(handle, start=1):
-                skip = len(UTF8_BOM) if lineno == 1 and raw.startswith(UTF8_BOM) else 0
-                try:
-                    line = raw[skip:].decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise DataFileError(f"{path}: not UTF-8 text ({exc.reason} at byte "
-                                        f"{offset + skip + exc.start})") from exc
-                offset += len(raw)
-                row = _jsonl_row(path, lineno, line.removesuffix("\n"))
+            for lineno, line in utf8_lines(handle, not_utf8):
+                row = _jsonl_row(path, lineno, line)
                 if row is not None:
                     yield row
     except OSError as exc:

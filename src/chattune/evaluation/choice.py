@@ -249,7 +249,6 @@ def predict(run, adapter: str, prompts: list[list[int]], choice_ids: list[int], 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    results = []
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # like lengths together: less padding
     by_index: dict[int, tuple[str, list[float]]] = {}
     try:
@@ -269,8 +268,7 @@ def predict(run, adapter: str, prompts: list[list[int]], choice_ids: list[int], 
                     by_index[i] = (CHOICES[int(probs[row].argmax())], [round(float(p), 4) for p in probs[row]])
     finally:
         model.train(was_training)
-    results = [by_index[i] for i in range(len(prompts))]
-    return results
+    return [by_index[i] for i in range(len(prompts))]
 
 
 def accuracy_table(prompts: list[tuple[Subject, Question, list[int]]], predictions: list[tuple[str, list[float]]]

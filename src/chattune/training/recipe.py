@@ -98,7 +98,7 @@ from chattune.training.start import (
     new_token_settings,
     start_from_run,
 )
-from chattune.training.trackers import TrackerRecords, check_trackers, tracker_env
+from chattune.training.trackers import TrackerRecords, check_trackers, tracker_env, tracker_names
 from chattune.training.trainer import ChattuneTrainer, place_model, resume_path, training_arguments
 from chattune.vision.methods import apply_vision_method
 from chattune.vision.processor import load_vision, save_processor_files, vision_parts
@@ -517,7 +517,7 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
         args = training_arguments(config, batches.eval is not None, batches, sharding_arguments(config, model))
         stopper = StopOnSignal(log)
         metrics_logger = MetricsLogger(output_dir / METRICS_NAME)
-        trackers = check_trackers(config)
+        trackers = tracker_names(config)  # checked by check_machine
         stream = stream_counts(prepared)
         audits = [StreamAudit(output_dir / AUDIT_NAME, audit, stream.audit)] if stream is not None else []
         patches.enter_context(tracker_env(config))

@@ -31,10 +31,15 @@ INSTALL = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-ski
 DEFAULT_PROJECT = "chattune"
 
 
+def tracker_names(config: RunConfig) -> list[str]:
+    """The trackers ``report_to`` names (none for ``none``)."""
+    return [name for name in config.train.report_to if name != "none"]
+
+
 def check_trackers(config: RunConfig, where: str = "") -> list[str]:
     """The trackers ``report_to`` names (none for ``none``), after checking each is known and
     its package installed: a ConfigError naming the key and the ``pip install`` otherwise."""
-    names = [name for name in config.train.report_to if name != "none"]
+    names = tracker_names(config)
     if "none" in config.train.report_to and names:
         raise ConfigError(f"{where}report_to: 'none' with {', '.join(names)}; give either")
     for name in names:
@@ -55,7 +60,7 @@ def tracker_environment(config: RunConfig) -> dict[str, str]:
     """The environment variables transformers' tracker callbacks read for the project and tags
     (the run's name goes through ``TrainingArguments.run_name``)."""
     t = config.train
-    names = [name for name in t.report_to if name != "none"]
+    names = tracker_names(config)
     project = t.project or DEFAULT_PROJECT
     tags = list(t.tags or [])
     env: dict[str, str] = {}

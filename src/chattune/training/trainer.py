@@ -47,6 +47,7 @@ from chattune.training.checkpoints import (
 )
 from chattune.training.distributed import backend, world_from_env
 from chattune.training.loss import CausalLMLoss
+from chattune.training.trackers import run_name
 
 
 class ChattuneTrainer(Trainer):
@@ -479,7 +480,7 @@ def training_arguments(config: RunConfig, has_eval: bool, batches: Batches | Non
         seed=t.seed,
         data_seed=t.seed,
         report_to=report or "none",
-        run_name=t.run_name or Path(t.output_dir).name,
+        run_name=run_name(config),
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
         neftune_noise_alpha=t.neftune_noise_alpha,

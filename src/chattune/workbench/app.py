@@ -8,7 +8,7 @@ for, the one before is let go once the new one is ready.
 from __future__ import annotations
 
 import asyncio
-import shutil
+import json
 import sys
 import threading
 from pathlib import Path
@@ -211,8 +211,7 @@ def create_workbench(folders: Folders, jobs: JobQueue, slot: ModelSlot, *, api_k
     def checked(values: dict, need_output: bool = True) -> form_module.CheckedForm:
         values = dict(values)
         if not need_output and not str(values.get("output_dir") or "").strip():
-            values["output_dir"] = PREVIEW_OUTPUT
-            shutil.rmtree(folders.runs / PREVIEW_OUTPUT, ignore_errors=True)
+            values["output_dir"] = PREVIEW_OUTPUT  # a name only: preview, audit and plan write no run
         return form_module.read_form(values, folders)
 
     @app.post(f"{PREFIX}/validate")
@@ -397,8 +396,6 @@ def run_root(path: Path) -> Path:
 
 def progress(run_dir: Path | None, job: Job) -> dict | None:
     """A training's ``progress.json`` (written by the training), with ``fraction`` done."""
-    import json
-
     if run_dir is None or job.kind != "train":
         return None
     try:

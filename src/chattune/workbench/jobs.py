@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -63,8 +64,6 @@ class Job:
 
     def command(self) -> str:
         """The job as a user would type it."""
-        import shlex
-
         return "chattune " + " ".join(shlex.quote(part) for part in self.argv)
 
 
