@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import functools
 import math
+import re
 import types
 import typing
 from dataclasses import field
@@ -708,14 +709,16 @@ class PreferenceArgs:
     """The training stage: continued pre-training on raw text, supervised fine-tuning, or
     preference optimisation (DPO, ORPO, SimPO, KTO) on pairs of answers or labelled answers."""
 
-    stage: Literal["pretrain", "sft", "dpo", "orpo", "simpo", "kto"] = "sft"
+    stage: Literal["pretrain", "sft", "dpo", "orpo", "simpo", "kto", "grpo"] = "sft"
     """``pretrain``: learn raw text (documents from .txt/JSON Lines/Parquet, no template, every
     token supervised, packed without attention across documents). ``sft``: learn the answers
     (instruction data). ``dpo``: prefer the chosen answer over the
     rejected one, relative to a reference model; ``orpo``: the chosen answer's loss plus an
     odds-ratio term, no reference; ``simpo``: length-normalised log-probabilities with a target
     margin, no reference; ``kto``: single answers labelled desirable or not, relative to a
-    reference. The preference stages read pair data (chosen/rejected) or, for kto, labelled rows."""
+    reference. The preference stages read pair data (chosen/rejected) or, for kto, labelled rows.
+    ``grpo``: online reinforcement learning (GRPO): completions sampled from the model for each
+    prompt of instruction data, scored by reward functions (keys ``num_generations`` to ``reward_model``)."""
     pref_beta: float = 0.1
     """beta: how far the model may move from the reference (dpo, kto), the weight of the
     odds-ratio term (orpo), the reward scale (simpo; SimPO's paper uses 2.0-2.5)."""
@@ -752,6 +755,89 @@ class PreferenceArgs:
                f"pref_label_smoothing: applies to pref_loss=sigmoid only, not {self.pref_loss}")
 
 
+GRPO_LOSSES = ("grpo", "bnpo", "dr_grpo")
+
+
+@config_model
+class RlArgs:
+    """stage grpo: the group of completions sampled per prompt, their rewards and the clipped
+    objective with its KL term."""
+
+    num_generations: int = 8
+    """grpo: completions sampled per prompt (the group whose rewards are normalised); a step
+    decodes per_device_train_batch_size prompts x num_generations completions."""
+    max_completion_length: int = 256
+    """grpo: the most tokens a sampled completion may have; the prompt keeps at most
+    max_seq_length - max_completion_length tokens (its oldest turns dropped first)."""
+    grpo_temperature: float = 1.0
+    """grpo: the sampling temperature of the completions (their log-probabilities are those of
+    the same tempered distribution, as TRL computes them)."""
+    grpo_top_p: float = 1.0
+    """grpo: nucleus sampling mass of the completions (1.0: the whole distribution)."""
+    grpo_beta: float = 0.04
+    """grpo: weight of the KL term to the reference (the model with its adapter switched off for
+    LoRA; a frozen copy for full fine-tuning); 0 drops the term and the reference."""
+    grpo_epsilon: float = 0.2
+    """grpo: the clip range of the probability ratio, [1 - epsilon, 1 + epsilon_high]."""
+    grpo_epsilon_high: float | None = None
+    """grpo: the ratio's upper clip (None: grpo_epsilon; DAPO's clip-higher uses 0.28)."""
+    grpo_loss: Literal["grpo", "bnpo", "dr_grpo"] = "bnpo"
+    """grpo: how the per-token losses become one: ``grpo`` (mean per completion, then over
+    completions), ``bnpo`` (mean over every completion token of the batch; TRL's ``dapo``
+    without gradient accumulation), ``dr_grpo`` (sum over the batch / (completions x
+    max_completion_length), Dr. GRPO)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """grpo: advantages are rewards less their group's mean, divided by the standard deviation of
+    the ``group`` or of the ``batch``, or not divided (``none``, Dr. GRPO)."""
+    reward_funcs: list[str] = field(default_factory=lambda: ["answer_match"])
+    """grpo: the reward functions: built in ``answer_match`` (1 when the text in the last
+    <answer_tag> equals the row's reference answer, numbers compared as numbers), ``format``
+    (1 when the completion matches format_pattern), ``overlong`` (DAPO's soft length penalty:
+    0, falling to -1 over the last overlong_buffer tokens of max_completion_length), or
+    ``FILE.py:NAME``, a Python function called as fn(prompts=, completions=, completion_ids=,
+    answer=, **kwargs) returning one float (or None: does not apply) per completion."""
+    reward_weights: list[float] | None = None
+    """grpo: each reward function's weight in the summed reward (None: 1 each)."""
+    reward_model: str | None = None
+    """grpo: a reward model run folder (stage rm) whose score of each conversation is one more
+    reward, named ``reward_model``."""
+    answer_tag: str = "answer"
+    """grpo: answer_match and format read the answer between <answer_tag> and </answer_tag>."""
+    format_pattern: str | None = None
+    """grpo: the regular expression the ``format`` reward looks for (None: an <answer_tag>...</answer_tag> pair)."""
+    overlong_buffer: int | None = None
+    """grpo: the ``overlong`` reward's buffer in tokens (None: a quarter of max_completion_length)."""
+
+    def validate(self) -> None:
+        """Reject impossible values, naming the key."""
+        _check(self.num_generations >= 2, "num_generations: must be >= 2 (advantages compare completions "
+                                          "of the same prompt)")
+        _check(self.max_completion_length >= 1, "max_completion_length: must be >= 1")
+        _check(math.isfinite(self.grpo_temperature) and self.grpo_temperature > 0,
+               "grpo_temperature: must be a finite number > 0")
+        _check(0 < self.grpo_top_p <= 1, "grpo_top_p: must be in (0, 1]")
+        _check(math.isfinite(self.grpo_beta) and self.grpo_beta >= 0, "grpo_beta: must be a finite number >= 0")
+        _check(math.isfinite(self.grpo_epsilon) and 0 < self.grpo_epsilon < 1, "grpo_epsilon: must be in (0, 1)")
+        _check(self.grpo_epsilon_high is None or (math.isfinite(self.grpo_epsilon_high) and self.grpo_epsilon_high > 0),
+               "grpo_epsilon_high: must be a finite number > 0")
+        _check(bool(self.reward_funcs) or bool(self.reward_model),
+               "reward_funcs: no reward: name at least one reward function, or set reward_model")
+        count = len(self.reward_funcs) + bool(self.reward_model)
+        _check(self.reward_weights is None or len(self.reward_weights) == count,
+               f"reward_weights: {len(self.reward_weights or [])} weights for {count} rewards "
+               f"({', '.join(self.reward_funcs + (['reward_model'] if self.reward_model else []))}); give one each")
+        _check(all(math.isfinite(w) for w in self.reward_weights or []), "reward_weights: must be finite numbers")
+        _check(bool(self.answer_tag) and self.answer_tag.replace("_", "").replace("-", "").isalnum(),
+               f"answer_tag: {self.answer_tag!r} must be a tag name (letters, digits, _ or -)")
+        if self.format_pattern is not None:
+            try:
+                re.compile(self.format_pattern)
+            except re.error as exc:
+                raise ConfigError(f"format_pattern: {self.format_pattern!r} is not a regular expression: {exc}") from exc
+        _check(self.overlong_buffer is None or 1 <= self.overlong_buffer <= self.max_completion_length,
+               "overlong_buffer: must be in [1, max_completion_length]")
+
+
 @config_model
 class RunConfig:
     """The whole configuration of one training run."""
@@ -762,11 +848,12 @@ class RunConfig:
     train: TrainArgs = field(default_factory=TrainArgs)
     generate: GenerateArgs = field(default_factory=GenerateArgs)
     preference: PreferenceArgs = field(default_factory=PreferenceArgs)
+    rl: RlArgs = field(default_factory=RlArgs)
 
     def validate(self) -> None:
         """Check every group (raises ConfigError naming the key); what depends on the method
         table is checked by :func:`chattune.methods.check_run_config`."""
-        for group in (self.model, self.data, self.method, self.train, self.generate, self.preference):
+        for group in (self.model, self.data, self.method, self.train, self.generate, self.preference, self.rl):
             group.validate()
         _check(not self.data.streaming or self.preference.stage in ("pretrain", "sft"),
                f"streaming: streams stage pretrain and sft data only, not stage {self.preference.stage}")
@@ -775,6 +862,9 @@ class RunConfig:
         _check(self.train.loraplus_lr_ratio is None or self.method.method in ("lora", "qlora"),
                f"loraplus_lr_ratio: LoRA+ sets the learning rate of LoRA's B matrices; method={self.method.method} "
                "has none (use method=lora)")
+        _check(self.preference.stage != "grpo" or self.rl.max_completion_length < self.data.max_seq_length,
+               f"max_completion_length: {self.rl.max_completion_length} leaves no room for the prompt in "
+               f"max_seq_length={self.data.max_seq_length}; lower it or raise max_seq_length")
         _check(not self.data.streaming or self.train.max_steps >= 1,
                "streaming: a streamed corpus has no known length; set max_steps (the optimizer updates to run)")
 
@@ -793,4 +883,5 @@ GROUPS: dict[str, type] = {
     "train": TrainArgs,
     "generate": GenerateArgs,
     "preference": PreferenceArgs,
+    "rl": RlArgs,
 }

@@ -32,6 +32,7 @@ from chattune.errors import ChattuneError, ConfigError
 from chattune.lora_init import mutates_base
 from chattune.methods import Method, block_list, count_parameters, get_method
 from chattune.model import apply_rope_scaling, load_error, native_config, resolve_dtype, text_config
+from chattune.training.grpo import resolve_grpo_reference
 from chattune.training.preference import resolve_reference
 from chattune.training.start import (
     ADAPTER_METHODS,
@@ -122,6 +123,9 @@ class MemoryPlan:
     context: str | None = None
     """What max_seq_length means for the model's context, where it says something
     (:func:`chattune.training.start.context_note`): extended by RoPE scaling, or beyond the model's."""
+    generation: float = 0.0
+    """stage grpo: the KV cache of a step's completions, sampled before the forward pass (the larger
+    of it and the activations is held at once; the total counts the larger)."""
 
     @property
     def reference_bytes(self) -> float:
@@ -130,8 +134,10 @@ class MemoryPlan:
 
     @property
     def total_bytes(self) -> float:
-        """Weights + gradients + optimizer state + activations + the reference the run uses."""
-        return self.weights + self.gradients + self.optimizer + self.activations + self.reference_bytes
+        """Weights + gradients + optimizer state + activations (or a grpo step's KV cache, when
+        larger: the completions are sampled before the forward pass) + the reference the run uses."""
+        return (self.weights + self.gradients + self.optimizer + max(self.activations, self.generation)
+                + self.reference_bytes)
 
 
 def _dims(model_config) -> tuple[int, int, int, int]:
@@ -267,7 +273,10 @@ def reference_plan(config: RunConfig, weights: float, continued: bool) -> Refere
     option used is the run's (raises the run's ConfigError where ``pref_reference`` cannot be)."""
     prefs = config.preference
     adapter = config.method.method in ADAPTER_METHODS
-    used = resolve_reference(prefs, adapter, continued, config.method.lora_init)
+    if prefs.stage == "grpo":
+        used = resolve_grpo_reference(config.rl, prefs.pref_reference, adapter, continued, config.method.lora_init)
+    else:
+        used = resolve_reference(prefs, adapter, continued, config.method.lora_init)
     if used is None:
         return None
     why = ""
@@ -277,7 +286,8 @@ def reference_plan(config: RunConfig, weights: float, continued: bool) -> Refere
         why = "the run continues an adapter (switched off it gives the base)"
     elif mutates_base(config.method.lora_init):
         why = f"lora_init={config.method.lora_init} moves the base weights' principal part into the adapter"
-    extra = {"adapter_off": None if why else 0.0, "precompute": 0.0, "copy": float(weights)}
+    extra = {"adapter_off": None if why else 0.0, "precompute": None if prefs.stage == "grpo" else 0.0,
+             "copy": float(weights)}
     return ReferencePlan(extra, used, why)
 
 
@@ -299,15 +309,60 @@ def estimate(config: RunConfig) -> MemoryPlan:
     optimizer = trainable * state * state_bytes
     mixed = config.train.fp16 or config.train.bf16 or load_dtype != torch.float32
     stage = config.preference.stage
-    sequences = SEQUENCES_PER_ROW[stage]
+    sequences = config.rl.num_generations if stage == "grpo" else SEQUENCES_PER_ROW[stage]
     tokens = config.train.per_device_train_batch_size * sequences * config.data.max_seq_length
     activations, offloaded = activation_bytes(model, model_config, tokens, 2 if mixed else 4, method,
                                               checkpointing=config.train.gradient_checkpointing,
                                               offload=config.train.offload_activations)
     sizes = _shard_sizes(model, method, config, load_dtype, trained_bytes, state)
+    generation = kv_cache_bytes(model_config, config.train.per_device_train_batch_size * sequences,
+                                config.data.max_seq_length, 2 if mixed else 4) if stage == "grpo" else 0.0
     return MemoryPlan(method.name, trainable, total, weights, gradients, optimizer, activations, tokens,
                       sizes, stage, sequences, reference_plan(config, weights, continued is not None),
-                      str(continued) if continued else None, offloaded, context_note(config, model_config))
+                      str(continued) if continued else None, offloaded, context_note(config, model_config),
+                      generation)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device`` now: a CUDA device's free memory, or the machine's available
+    memory for a CPU (None where it cannot be read)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        import os
+
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_sampling_memory(config: RunConfig, model_config, device: torch.device, log=print) -> float:
+    """Refuse a grpo step whose completions' KV cache cannot fit in the memory ``device`` has
+    free (a ConfigError naming the keys that size it); return its bytes, said in the log."""
+    rows = config.train.per_device_train_batch_size * config.rl.num_generations
+    element = 2 if (config.train.bf16 or config.train.fp16) else 4
+    needed = kv_cache_bytes(model_config, rows, config.data.max_seq_length, element)
+    free = available_memory(device)
+    log(f"grpo: sampling holds a KV cache of {needed / GIB:.2f} GiB ({rows} completions x {config.data.max_seq_length} "
+        f"tokens)" + (f"; {free / GIB:.1f} GiB free on {device.type}" if free is not None else ""))
+    if free is not None and needed > free:
+        raise ConfigError(f"num_generations: {config.train.per_device_train_batch_size} prompts x "
+                          f"{config.rl.num_generations} completions x max_seq_length {config.data.max_seq_length} "
+                          f"need a KV cache of {needed / GIB:.1f} GiB to sample, more than the {free / GIB:.1f} GiB "
+                          f"free on {device.type}; lower num_generations, per_device_train_batch_size or "
+                          "max_completion_length/max_seq_length (chattune train --dry-run plans it)")
+    return needed
+
+
+def kv_cache_bytes(model_config, rows: int, length: int, element: int) -> float:
+    """The keys and values a decoder caches for ``rows`` sequences of ``length`` tokens: two
+    ``[rows, kv heads, length, head dim]`` tensors per block."""
+    c = text_config(model_config)
+    hidden, _, layers, _ = _dims(model_config)
+    heads = getattr(c, "num_attention_heads", None) or getattr(c, "num_heads", None) or 1
+    kv_heads = getattr(c, "num_key_value_heads", None) or getattr(c, "multi_query_group_num", None) or heads
+    head_dim = getattr(c, "head_dim", None) or hidden // heads
+    return float(2 * layers * rows * kv_heads * length * head_dim * element)
 
 
 def _gib(value: float) -> str:
@@ -315,7 +370,7 @@ def _gib(value: float) -> str:
     return f"{value / GIB:8.2f} GiB"
 
 
-SEQUENCE_PAIRS = {"kto": "answer + KL answer"}
+SEQUENCE_PAIRS = {"kto": "answer + KL answer", "grpo": "sampled completions of each prompt"}
 """What a preference row's two sequences are (else a pair's chosen + rejected answers)."""
 
 
@@ -365,9 +420,22 @@ def _reference_lines(plan: MemoryPlan, config: RunConfig) -> list[str]:
     for name in REFERENCE_OPTIONS:
         mark = "*" if name == ref.used else " "
         extra = ref.extra[name]
-        detail = f"not possible: {ref.not_possible}" if extra is None else f"+{_gib(extra).strip()}  {notes[name]}"
+        why = ("grpo samples its completions while training" if name == "precompute" and plan.stage == "grpo"
+               else ref.not_possible)
+        detail = f"not possible: {why}" if extra is None else f"+{_gib(extra).strip()}  {notes[name]}"
         lines.append(f"         {mark} {name:<13}{detail}")
     return lines
+
+
+def _generation_lines(plan: MemoryPlan, config: RunConfig) -> list[str]:
+    """stage grpo: the KV cache its sampling holds, and which of it and the activations the total counts."""
+    if plan.stage != "grpo":
+        return []
+    rl, rows = config.rl, config.train.per_device_train_batch_size * plan.sequences_per_row
+    larger = "the KV cache" if plan.generation > plan.activations else "the activations"
+    return [f"sampling   {_gib(plan.generation)}  (KV cache of {rows} completions x {config.data.max_seq_length} "
+            f"tokens: prompt + max_completion_length {rl.max_completion_length}; held before the forward pass, "
+            f"the total counts {larger})"]
 
 
 def format_plan(plan: MemoryPlan, config: RunConfig) -> str:
@@ -386,6 +454,7 @@ def format_plan(plan: MemoryPlan, config: RunConfig) -> str:
         f"optimizer  {_gib(plan.optimizer)}  ({config.train.optim})",
         f"activations{_gib(plan.activations)}"
         + (f"  (+{_gib(plan.offloaded).strip()} offloaded to CPU memory)" if plan.offloaded else ""),
+        *_generation_lines(plan, config),
         *_reference_lines(plan, config),
         f"total      {_gib(plan.total_bytes)}  (+ about 0.5-1 GiB CUDA context and allocator slack)",
     ])

@@ -70,7 +70,7 @@ class PreferenceCollator:
     def __call__(self, rows: list[dict]) -> dict:
         """One batch of ``rows``."""
         seqs = self.sequences(rows)
-        batch = self._packed(seqs) if self.packed else self._padded(seqs)
+        batch = pack_sequences(seqs) if self.packed else pad_sequences(seqs, self.pad_token_id)
         batch["num_sequences"] = len(seqs)
         if "desirable" in rows[0]:
             batch["desirable"] = torch.tensor([bool(row["desirable"]) for row in rows])
@@ -79,29 +79,36 @@ class PreferenceCollator:
                 batch[name] = torch.tensor([float(row[name]) for row in rows], dtype=torch.float32)
         return batch
 
-    def _packed(self, seqs) -> dict:
-        ids, labels, positions, index = [], [], [], []
-        for n, (seq_ids, seq_labels) in enumerate(seqs):
-            ids += seq_ids
-            labels += [IGNORE_INDEX] + seq_labels[1:]
-            positions += range(len(seq_ids))
-            index += [n] * len(seq_ids)
-        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-                "position_ids": torch.tensor([positions]), "sequence_index": torch.tensor([index])}
 
-    def _padded(self, seqs) -> dict:
-        longest = max(len(ids) for ids, _ in seqs)
-        shape = (len(seqs), longest)
-        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
-        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-        attention = torch.zeros(shape, dtype=torch.long)
-        index = torch.full(shape, -1, dtype=torch.long)
-        for n, (seq_ids, seq_labels) in enumerate(seqs):
-            input_ids[n, :len(seq_ids)] = torch.tensor(seq_ids)
-            labels[n, :len(seq_ids)] = torch.tensor(seq_labels)
-            attention[n, :len(seq_ids)] = 1
-            index[n, :len(seq_ids)] = n
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention, "sequence_index": index}
+def pack_sequences(seqs: list[tuple[list[int], list[int]]]) -> dict:
+    """``(ids, labels)`` sequences as one packed row: ``position_ids`` restarting at 0 per
+    sequence, each sequence's first token unsupervised, ``sequence_index`` naming each token's
+    sequence (the model must keep packed rows apart: the packed-attention probe checks it)."""
+    ids, labels, positions, index = [], [], [], []
+    for n, (seq_ids, seq_labels) in enumerate(seqs):
+        ids += seq_ids
+        labels += [IGNORE_INDEX] + seq_labels[1:]
+        positions += range(len(seq_ids))
+        index += [n] * len(seq_ids)
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([positions]), "sequence_index": torch.tensor([index])}
+
+
+def pad_sequences(seqs: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict:
+    """``(ids, labels)`` sequences as rows right-padded to the longest with ``pad_token_id``,
+    an attention mask and ``sequence_index`` (-1 on padding)."""
+    longest = max(len(ids) for ids, _ in seqs)
+    shape = (len(seqs), longest)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros(shape, dtype=torch.long)
+    index = torch.full(shape, -1, dtype=torch.long)
+    for n, (seq_ids, seq_labels) in enumerate(seqs):
+        input_ids[n, :len(seq_ids)] = torch.tensor(seq_ids)
+        labels[n, :len(seq_ids)] = torch.tensor(seq_labels)
+        attention[n, :len(seq_ids)] = 1
+        index[n, :len(seq_ids)] = n
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention, "sequence_index": index}
 
 
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
@@ -114,42 +121,56 @@ def model_inputs(batch: dict, device) -> dict:
     return inputs
 
 
-def _chunk_log_probs(head_forward, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _chunk_log_probs(head_forward, hidden: torch.Tensor, targets: torch.Tensor,
+                     temperature: float = 1.0) -> torch.Tensor:
     logits = head_forward(hidden).float()
+    if temperature != 1.0:
+        logits = logits / temperature
     return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
 
 
-def token_log_probs(hidden: torch.Tensor, head_forward, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Log-probability of each target under ``head_forward(hidden)``, ``chunk_size`` tokens of
-    logits at a time (recomputed in the backward pass, never all kept)."""
+def token_log_probs(hidden: torch.Tensor, head_forward, targets: torch.Tensor, chunk_size: int,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """Log-probability of each target under ``head_forward(hidden)`` (its logits divided by
+    ``temperature``), ``chunk_size`` tokens of logits at a time (recomputed in the backward pass,
+    never all kept)."""
     parts = []
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
         if torch.is_grad_enabled():
-            parts.append(checkpoint(_chunk_log_probs, head_forward, h, t, use_reentrant=False))
+            parts.append(checkpoint(_chunk_log_probs, head_forward, h, t, temperature, use_reentrant=False))
         else:
-            parts.append(_chunk_log_probs(head_forward, h, t))
+            parts.append(_chunk_log_probs(head_forward, h, t, temperature))
     return torch.cat(parts) if parts else hidden.new_zeros((0,), dtype=torch.float32)
 
 
-def sequence_log_probs(outputs, batch: dict, capture: HeadCapture | None,
-                       chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-probability of each sequence's supervised tokens, their count), from the
-    captured hidden states (``capture``) or from ``outputs.logits``."""
+def supervised_log_probs(outputs, batch: dict, capture: HeadCapture | None, chunk_size: int = 1024,
+                         temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probability of every supervised token, in order; the sequence it belongs to), from
+    the captured hidden states (``capture``) or from ``outputs.logits``."""
     labels, index = batch["labels"], batch["sequence_index"]
-    count = batch["num_sequences"]
     targets = labels[..., 1:]
     supervised = targets != IGNORE_INDEX
     owner = index[..., 1:][supervised]
     if capture is not None:
         hidden = capture.take()
         hidden = hidden[..., :-1, :][supervised.to(hidden.device)]
-        per_token = token_log_probs(hidden, capture.original, targets[supervised].to(hidden.device), chunk_size)
+        per_token = token_log_probs(hidden, capture.original, targets[supervised].to(hidden.device), chunk_size,
+                                    temperature)
     else:
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
         picked = logits[..., :-1, :][supervised.to(logits.device)]
-        per_token = token_log_probs(picked, lambda x: x, targets[supervised].to(picked.device), chunk_size)
-    owner = owner.to(per_token.device)
+        per_token = token_log_probs(picked, lambda x: x, targets[supervised].to(picked.device), chunk_size,
+                                    temperature)
+    return per_token, owner.to(per_token.device)
+
+
+def sequence_log_probs(outputs, batch: dict, capture: HeadCapture | None,
+                       chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability of each sequence's supervised tokens, their count), from the
+    captured hidden states (``capture``) or from ``outputs.logits``."""
+    count = batch["num_sequences"]
+    per_token, owner = supervised_log_probs(outputs, batch, capture, chunk_size)
     sums = torch.zeros(count, dtype=per_token.dtype, device=per_token.device).index_add(0, owner, per_token)
     tokens = torch.bincount(owner, minlength=count).to(per_token.dtype)
     return sums, tokens

@@ -16,6 +16,7 @@ training only: the model returned and the run folder are plain transformers / pe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from contextlib import ExitStack
@@ -34,6 +35,7 @@ from chattune.data.pair_encode import (
 )
 from chattune.data.prepare import PreparedData, data_fingerprint, format_audit, prepare_data
 from chattune.data.pretrain import format_pretrain_audit, prepare_pretrain_data, streamed_data
+from chattune.data.prompts import PreparedPrompts, format_prompt_audit, prepare_prompt_data
 from chattune.data.stream import ConversationStream, format_stream_audit, streamed_sft_data
 from chattune.errors import ConfigError
 from chattune.manifest import build_manifest, read_manifest, write_run_files
@@ -80,8 +82,10 @@ from chattune.training.distributed import (
     main_first,
     main_only_log,
 )
+from chattune.training.grpo import GrpoObjective, PromptCollator, resolve_grpo_reference
 from chattune.training.kernels import use_cpu_kernels
 from chattune.training.loss import CausalLMLoss, resolve_loss
+from chattune.training.memory_plan import check_sampling_memory
 from chattune.training.preference import (
     PreferenceCollator,
     PreferenceObjective,
@@ -89,6 +93,7 @@ from chattune.training.preference import (
     precompute_reference,
     resolve_reference,
 )
+from chattune.training.rewards import RewardSet, build_rewards
 from chattune.training.sharding import check_sharding_supported, sharding_arguments
 from chattune.training.start import (
     ADAPTER_METHODS,
@@ -117,7 +122,7 @@ class TrainResult:
     global_step: int
     train_loss: float
     eval_loss: float | None
-    prepared: PreparedData | PreparedPreference
+    prepared: PreparedData | PreparedPreference | PreparedPrompts
     model: object = None
     stopped: bool = False
     """Stopped on request (SIGTERM or Ctrl-C) with a checkpoint, before the last step: the run
@@ -256,6 +261,54 @@ def setup_preference(config: RunConfig, model, prepared: PreparedPreference, pad
     return batches, objective
 
 
+def setup_grpo(config: RunConfig, model, prepared: PreparedPrompts, tokenizer, template_name: str,
+               rewards: RewardSet, patches: ExitStack, reference: str | None, log=print
+               ) -> tuple[Batches, GrpoObjective]:
+    """As :func:`setup_preference` for stage grpo: the model placed, CPU kernels and per-row SDPA
+    where they apply, each batch's completions packed into one row where the model keeps packed
+    rows apart (else padded), log-probabilities chunked where exact, the reference, and the
+    objective that samples with chattune's decoder on the model being trained."""
+    from chattune.inference.runs import in_memory_run
+
+    place_model(model, get_method(config.method.method))
+    check_sampling_memory(config, model.config, next(model.parameters()).device, log)
+    ref_model = frozen_copy(model) if reference == "copy" else None
+    vocab_size = model.get_input_embeddings().weight.shape[0]
+    eager_cpu = next(model.parameters()).device.type == "cpu" and not config.train.torch_compile
+    if eager_cpu:
+        patches.enter_context(use_cpu_kernels(model))
+    attention = patches.enter_context(ExitStack())
+    if eager_cpu:
+        attention.enter_context(use_varlen_sdpa(model))
+    packed = resolve_packing(config, model, tokenizer.pad_token_id, vocab_size, log) in PACKED_MODES
+    if not packed:
+        attention.close()
+    chunked = resolve_loss(config, model, vocab_size, log)
+    rl = config.rl
+    objective = GrpoObjective(rl, rewards, reference, chunked.capture, packed=packed,
+                              pad_token_id=tokenizer.pad_token_id, seed=config.train.seed,
+                              run_factory=lambda: in_memory_run(model, tokenizer, template_name),
+                              chunk_size=config.train.loss_chunk_size, ref_model=ref_model)
+    size = config.train.per_device_train_batch_size
+    log(f"grpo: {size} prompts x {rl.num_generations} completions of at most {rl.max_completion_length} tokens "
+        f"per step, sampled by chattune's decoder (temperature {rl.grpo_temperature:g}, top_p {rl.grpo_top_p:g}); "
+        f"rewards {', '.join(rewards.names)}; loss {rl.grpo_loss}, beta {rl.grpo_beta:g}; "
+        f"reference: {reference or 'none (grpo_beta=0)'}; completions {'packed' if packed else 'padded'}, "
+        f"log-probabilities: {chunked.mode}")
+    batches = Batches("prompts", prepared.train, prepared.eval, PromptCollator(), size,
+                      config.train.per_device_eval_batch_size,
+                      {"mode": "prompts", "num_generations": rl.num_generations,
+                       "completions": "packed" if packed else "padded"})
+    return batches, objective
+
+
+def load_reward_scorer(path: str):
+    """A reward model run folder (stage rm) as a scorer of conversations."""
+    from chattune.inference.reward import load_reward_model
+
+    return load_reward_model(path)
+
+
 def stage_record(config: RunConfig, reference: str | None, started_from: Path | None) -> dict:
     """What a pre-training or preference run's manifest says of its stage: the stage, its
     settings, the reference used."""
@@ -264,6 +317,10 @@ def stage_record(config: RunConfig, reference: str | None, started_from: Path | 
         d = config.data
         record = {"name": "pretrain", "text_field": d.text_field, "text_documents": d.text_documents,
                   "streaming": d.streaming}
+        return {**record, "started_from": str(started_from)} if started_from is not None else record
+    if p.stage == "grpo":
+        rl = config.rl
+        record = {"name": "grpo", **dataclasses.asdict(rl), "reference": reference}
         return {**record, "started_from": str(started_from)} if started_from is not None else record
     keys = {"dpo": ("pref_beta", "pref_loss", "pref_label_smoothing", "pref_ftx"),
             "orpo": ("pref_beta",),
@@ -457,6 +514,12 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
     elif stage == "sft":
         prepared = prepare_sft(config, tokenizer, template_name, world, log, vision)
         fingerprint = prepared.fingerprint
+    elif stage == "grpo":
+        prepared = prepare_prompt_data(config.data, tokenizer, template_name, config.rl.max_completion_length,
+                                       config.train.seed, log)
+        fingerprint = prepared.fingerprint
+        log(format_prompt_audit(prepared.audit))
+        rewards = RewardSet(build_rewards(config.rl, load_reward_scorer), config.rl.reward_weights)
     else:
         prepared = prepare_preference_data(config.data, tokenizer, template_name, stage, config.train.seed)
         fingerprint = f"{stage}-{data_fingerprint(config.data, template_name, tokenizer, config.train.seed)}"
@@ -479,7 +542,11 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
     trainable, total = count_parameters(model)
     log(f"method {method.name}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.3%})")
     reference = None
-    if stage not in ("sft", "pretrain"):
+    if stage == "grpo":
+        reference = resolve_grpo_reference(config.rl, config.preference.pref_reference,
+                                           method.name in ADAPTER_METHODS, continued is not None,
+                                           config.method.lora_init)
+    elif stage not in ("sft", "pretrain"):
         reference = resolve_reference(config.preference, method.name in ADAPTER_METHODS, continued is not None,
                                       config.method.lora_init)
 
@@ -489,6 +556,10 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
             batches, loss = setup_batching_and_loss(config, model, prepared, tokenizer.pad_token_id, patches, log,
                                                     world.world_size, vision)
             loss_mode = loss.mode
+        elif stage == "grpo":
+            batches, objective = setup_grpo(config, model, prepared, tokenizer, template_name, rewards, patches,
+                                            reference, log)
+            loss, loss_mode = None, "grpo"
         else:
             batches, objective = setup_preference(config, model, prepared, tokenizer.pad_token_id, patches,
                                                   reference, log)
@@ -515,6 +586,8 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
             if batches.eval is not None:
                 batches.eval = precompute_reference(objective, model, batches.eval, batches.collator, size, log)
         args = training_arguments(config, batches.eval is not None, batches, sharding_arguments(config, model))
+        if stage == "grpo":  # the batches hold prompts, not input ids: the objective logs what it samples
+            args.include_num_input_tokens_seen = "no"
         stopper = StopOnSignal(log)
         metrics_logger = MetricsLogger(output_dir / METRICS_NAME)
         trackers = tracker_names(config)  # checked by check_machine
@@ -533,6 +606,8 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
                        CollapseWatch(vocab_size, config.train.learning_rate, log=log),
                        *early_stopping(config, log), ProgressWriter(output_dir), *audits, stopper],
         )
+        if stage == "grpo":  # the completions' seeds follow the step (a resumed run samples the same)
+            objective.step = lambda: trainer.state.global_step
         # metrics.jsonl's logger first: the trackers' callbacks then get the event with its tokens/s
         trainer.callback_handler.callbacks.remove(metrics_logger)
         trainer.callback_handler.callbacks.insert(0, metrics_logger)

@@ -213,7 +213,7 @@ def read_form(values: Any, folders: Folders) -> CheckedForm:
 
 def _coerced(config: RunConfig, key: str) -> Any:
     """The value of ``key`` in ``config`` (a data source as its path when it sets nothing else)."""
-    for group in (config.model, config.data, config.method, config.train, config.generate, config.preference):
+    for group in (config.model, config.data, config.method, config.train, config.generate, config.preference, config.rl):
         if hasattr(group, key):
             value = getattr(group, key)
             if isinstance(value, list) and value and all(isinstance(v, DataSource) for v in value):
