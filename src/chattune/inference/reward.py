@@ -114,7 +114,7 @@ class RewardScorer:
 
     def encode(self, conversation: list[dict], where: str = "conversation") -> list[int]:
         """The token ids of ``conversation`` (messages ending with the assistant's answer) as
-        training encoded prompt + answer; RecordError/DataError naming ``where`` for a conversation
+        training encoded prompt + answer; ValueError (RecordError or DataError) naming ``where`` for a conversation
         that cannot be scored (no answer last, a bad message, a prompt that fills max_seq_length)."""
         record = to_answered(conversation, where)
         with self.lock:
@@ -139,7 +139,7 @@ class RewardScorer:
 
     def score(self, conversations: list[list[dict]], batch_size: int | None = None) -> list[float]:
         """One reward per conversation (each a list of ``{role, content}`` messages ending with the
-        assistant's answer), in order. Raises RecordError/DataError naming ``conversations[i]`` for
+        assistant's answer), in order. Raises ValueError (RecordError or DataError) naming ``conversations[i]`` for
         one that cannot be scored, before any is."""
         if not isinstance(conversations, list):
             raise TypeError(f"conversations: expected a list of conversations, got {type(conversations).__name__}")
