@@ -103,3 +103,15 @@ def test_eval_of_a_reward_model_wants_pairs(rm_run, data_file, reward_pairs, tmp
     assert main(["eval", str(rm_run.output_dir), "--data", str(reward_pairs["held"]), "--compare", str(tmp_path),
                  "--out", str(tmp_path / "f")]) == 2
     assert "--compare" in capsys.readouterr().err
+
+
+def test_a_reward_model_is_not_loaded_as_a_chat_model(rm_run, capsys):
+    from chattune.cli import main
+    from chattune.inference.runs import load_run
+
+    with pytest.raises(ManifestError, match=r"a reward model \(stage rm\) scores conversations"):
+        load_run(str(rm_run.output_dir))
+    assert main(["predict", str(rm_run.output_dir), "--data", "unused.json", "--out", "unused.jsonl"]) == 2
+    assert "reward model" in capsys.readouterr().err
+    assert main(["export", str(rm_run.output_dir), "--out", "unused-export"]) == 2
+    assert "reward model (stage rm) is not exported" in capsys.readouterr().err
