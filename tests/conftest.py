@@ -129,3 +129,52 @@ def char_tokenizer():
     backend.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", bos_token="<s>",
                                    pad_token="</s>", additional_special_tokens=["<|user|>", "<|assistant|>"])
+
+
+def separable_pairs(count: int, seed: int) -> list[dict]:
+    """Pairs a reward model can learn and an untrained head cannot guess: every chosen answer
+    ends with "yes", every rejected one with "no", each after three random words."""
+    import random
+
+    words = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "fish", "bird", "rock", "sand"]
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        a, b = rng.sample(words, 2)
+        chosen, rejected = " ".join(rng.choices(words, k=3)), " ".join(rng.choices(words, k=3))
+        rows.append({"instruction": f"Say something about {a} and {b}.", "input": "",
+                     "chosen": f"{chosen} yes", "rejected": f"{rejected} no"})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def reward_pairs(tmp_path_factory) -> dict[str, Path]:
+    """``train`` (48 separable pairs, :func:`separable_pairs`) and ``held`` (24 others) as JSON files."""
+    import json
+
+    folder = tmp_path_factory.mktemp("reward-pairs")
+    paths = {"train": folder / "train.json", "held": folder / "held.json"}
+    paths["train"].write_text(json.dumps(separable_pairs(48, 1)))
+    paths["held"].write_text(json.dumps(separable_pairs(24, 2)))
+    return paths
+
+
+def reward_config(model: Path, data: Path, out: Path, **overrides):
+    """A quick stage rm config on a tiny model (LoRA rank 8, batches of 8 pairs, 8 steps)."""
+    from chattune.config_io import load_config
+
+    values = {"model_name_or_path": str(model), "train_files": str(data), "eval_fraction": 0.25, "stage": "rm",
+              "max_seq_length": 64, "lora_rank": 8, "lora_dropout": 0.0, "output_dir": str(out),
+              "per_device_train_batch_size": 8, "max_steps": 8, "save_steps": 4, "logging_steps": 1,
+              "eval_steps": 4, "learning_rate": 5e-3, "seed": 3, "report_to": "none"}
+    values.update(overrides)
+    return load_config(None, [f"{k}={v}" for k, v in values.items()])
+
+
+@pytest.fixture(scope="session")
+def rm_run(tiny_models, reward_pairs, tmp_path_factory):
+    """A reward model (stage rm, LoRA) trained 8 steps on the separable pairs: its TrainResult."""
+    from chattune.training.recipe import train
+
+    out = tmp_path_factory.mktemp("rm") / "rm"
+    return train(reward_config(tiny_models("llama"), reward_pairs["train"], out), log=lambda *_: None)

@@ -210,6 +210,8 @@ def cmd_eval(args) -> int:
         from chattune.errors import ConfigError
 
         raise ConfigError("eval: --benchmark and --lm-eval are two ways to score; give one")
+    if is_reward_run(args.run_dir):
+        return _eval_reward(args)
     if args.benchmark:
         return _eval_benchmark(args)
     if args.lm_eval:
@@ -238,6 +240,43 @@ def cmd_eval(args) -> int:
     out = ev.write_eval(out, result, rows, other_rows)
     print(ev.format_eval(result))
     print(ev.format_written(out, result))
+    return 0
+
+
+def is_reward_run(path: str) -> bool:
+    """Whether ``path`` is a reward-model run folder (stage rm), read from its manifest alone."""
+    from chattune.inference.reward import is_reward_run as reward_run
+
+    return reward_run(path)
+
+
+def _eval_reward(args) -> int:
+    """``chattune eval RM_RUN --data PAIRS``: a reward model's pair accuracy and margin on held-out
+    pairs; ``--compare base``: beside the base model with an untrained head."""
+    from chattune.errors import ConfigError
+    from chattune.evaluation import evaluate as ev
+    from chattune.evaluation import preference_eval, reward_eval
+    from chattune.inference.reward import load_reward_model
+    from chattune.paths import check_output_dir
+
+    if args.benchmark or args.lm_eval or not args.data or not preference_eval.is_pair_file(args.data):
+        given = ("--benchmark" if args.benchmark else "--lm-eval" if args.lm_eval
+                 else f"--data {args.data} (no chosen/rejected in its first row)" if args.data else "no --data")
+        raise ConfigError(f"eval: {args.run_dir} is a reward model (stage rm): it is scored on preference pairs, "
+                          f"--data PAIRS.jsonl with chosen and rejected answers; got {given}")
+    if args.compare not in (None, "base"):
+        raise ConfigError(f"--compare {args.compare}: a reward model is compared with its untrained head on its "
+                          "base model; use --compare base or leave it out")
+    out = check_output_dir(args.out or ev.default_out_dir(args.run_dir, args.data),
+                           "--out" if args.out else "--out (default RUN/eval/DATA)")
+    options = {"base_model": args.base_model, "force": args.force, "batch_size": args.batch_size,
+               "warn": _to_stderr}
+    scorer = load_reward_model(args.run_dir, **options)
+    base = load_reward_model(args.run_dir, trained=False, **options) if args.compare else None
+    result, rows = reward_eval.evaluate_reward_pairs(scorer, args.data, base, limit=args.limit, log=_to_stderr)
+    preference_eval.write_pairs_result(out, result, rows)
+    print(reward_eval.format_reward_result(result))
+    print(f"wrote {out / 'preference.json'} and {out / 'preference_rows.jsonl'}")
     return 0
 
 

@@ -697,8 +697,8 @@ class GenerateArgs:
         _check(self.repetition_penalty > 0, "repetition_penalty: must be > 0")
 
 
-STAGES = ("sft", "dpo", "orpo", "simpo", "kto")
-PAIRED_STAGES = ("dpo", "orpo", "simpo")
+STAGES = ("sft", "dpo", "orpo", "simpo", "kto", "rm")
+PAIRED_STAGES = ("dpo", "orpo", "simpo", "rm")
 """Stages trained on pairs of a chosen and a rejected answer (KTO takes single labelled answers)."""
 REFERENCE_STAGES = ("dpo", "kto")
 """Stages whose loss compares the model with a reference model (ORPO and SimPO need none)."""
@@ -706,17 +706,20 @@ REFERENCE_STAGES = ("dpo", "kto")
 
 @config_model
 class PreferenceArgs:
-    """The training stage: continued pre-training on raw text, supervised fine-tuning, or
-    preference optimisation (DPO, ORPO, SimPO, KTO) on pairs of answers or labelled answers."""
+    """The training stage: continued pre-training on raw text, supervised fine-tuning,
+    preference optimisation (DPO, ORPO, SimPO, KTO) on pairs of answers or labelled answers,
+    a reward model trained on pairs, or online reinforcement learning (GRPO)."""
 
-    stage: Literal["pretrain", "sft", "dpo", "orpo", "simpo", "kto", "grpo"] = "sft"
+    stage: Literal["pretrain", "sft", "dpo", "orpo", "simpo", "kto", "rm", "grpo"] = "sft"
     """``pretrain``: learn raw text (documents from .txt/JSON Lines/Parquet, no template, every
     token supervised, packed without attention across documents). ``sft``: learn the answers
     (instruction data). ``dpo``: prefer the chosen answer over the
     rejected one, relative to a reference model; ``orpo``: the chosen answer's loss plus an
     odds-ratio term, no reference; ``simpo``: length-normalised log-probabilities with a target
     margin, no reference; ``kto``: single answers labelled desirable or not, relative to a
-    reference. The preference stages read pair data (chosen/rejected) or, for kto, labelled rows.
+    reference; ``rm``: a reward model, a scalar head on the model scoring a conversation at its
+    last token, trained so that the chosen answer scores above the rejected one (Bradley-Terry).
+    The preference stages read pair data (chosen/rejected) or, for kto, labelled rows.
     ``grpo``: online reinforcement learning (GRPO): completions sampled from the model for each
     prompt of instruction data, scored by reward functions (keys ``num_generations`` to ``reward_model``)."""
     pref_beta: float = 0.1
@@ -741,6 +744,9 @@ class PreferenceArgs:
     (LoRA; no second copy); ``precompute``: the reference log-probabilities of every answer
     computed in one pass before training (any method; no second copy); ``copy``: a frozen copy
     of the model (one more model in memory). ``auto``: adapter_off for a new adapter, else precompute."""
+    rm_center_coef: float = 0.0
+    """rm: weight of a term that keeps the rewards centred at 0, coef x mean((r_chosen + r_rejected)^2)
+    (TRL's center_rewards_coefficient; 0: none, 0.01 is usual)."""
 
     def validate(self) -> None:
         """Reject impossible values, naming the key."""
@@ -748,6 +754,8 @@ class PreferenceArgs:
         _check(0.0 <= self.pref_label_smoothing < 0.5, "pref_label_smoothing: must be in [0, 0.5)")
         _check(math.isfinite(self.simpo_gamma) and self.simpo_gamma >= 0, "simpo_gamma: must be a finite number >= 0")
         _check(math.isfinite(self.pref_ftx) and self.pref_ftx >= 0, "pref_ftx: must be a finite number >= 0")
+        _check(math.isfinite(self.rm_center_coef) and self.rm_center_coef >= 0,
+               "rm_center_coef: must be a finite number >= 0")
         for key in ("kto_desirable_weight", "kto_undesirable_weight"):
             value = getattr(self, key)
             _check(math.isfinite(value) and value > 0, f"{key}: must be a finite number > 0")

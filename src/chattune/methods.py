@@ -39,7 +39,7 @@ from chattune.lora_init import (
     peft_init,
     starting_rng,
 )
-from chattune.model import default_lora_targets, text_config
+from chattune.model import REWARD_HEAD, default_lora_targets, text_config
 
 FREEZE_CONFIG_NAME = "freeze_config.json"
 FREEZE_WEIGHTS_NAME = "model.safetensors"
@@ -125,15 +125,22 @@ def quantization_config(args: MethodArgs):
     )
 
 
-def lora_config(args: MethodArgs, model_type: str):
-    """The peft LoraConfig for these settings and this architecture."""
+def is_reward_model(model) -> bool:
+    """Whether ``model`` is a reward model (a transformers ``*ForSequenceClassification`` model
+    with its scalar head, ``score``), not a causal LM."""
+    return type(model).__name__.endswith("ForSequenceClassification") and hasattr(model, REWARD_HEAD)
+
+
+def lora_config(args: MethodArgs, model_type: str, reward: bool = False):
+    """The peft LoraConfig for these settings and this architecture; ``reward``: for a reward model
+    (peft's SEQ_CLS task, which trains and saves the reward head whole beside the adapter)."""
     from peft import LoraConfig, TaskType
 
     targets = args.lora_target or default_lora_targets(model_type)
     if isinstance(targets, list) and targets == ["all-linear"]:
         targets = "all-linear"
     return LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
+        task_type=TaskType.SEQ_CLS if reward else TaskType.CAUSAL_LM,
         r=args.lora_rank,
         lora_alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_rank,
         lora_dropout=args.lora_dropout,
@@ -228,7 +235,7 @@ def _apply_lora(model, args: MethodArgs, gradient_checkpointing: bool):
     olora) made with seeded random generators, its initial adapter kept so that every adapter
     saved is a LoRA of the original base (:mod:`chattune.lora_init`). On the meta device (a
     memory plan, shapes alone) every start is peft's default."""
-    config = lora_config(args, model.config.model_type)
+    config = lora_config(args, model.config.model_type, is_reward_model(model))
     if args.trainable_token_indices:
         config.trainable_token_indices = _trainable_tokens(model, args.trainable_token_indices)
     if any(param.device.type == "meta" for param in model.parameters()):
@@ -274,7 +281,10 @@ def train_only(model, names: set[str]):
 
 
 def _apply_freeze(model, args: MethodArgs, gradient_checkpointing: bool):
-    return train_only(model, set(freeze_parameter_names(model, args)))
+    names = set(freeze_parameter_names(model, args))
+    if is_reward_model(model):  # a reward model's new head always trains
+        names |= {name for name, _ in model.named_parameters() if name.split(".")[0] == REWARD_HEAD}
+    return train_only(model, names)
 
 
 def _apply_full(model, args: MethodArgs, gradient_checkpointing: bool):

@@ -275,6 +275,43 @@ def load_model(args: ModelArgs, dtype: torch.dtype = torch.float32, **extra):
         raise load_error(path, exc) from exc
 
 
+REWARD_HEAD = "score"
+"""The scalar reward head's module name in transformers' ``*ForSequenceClassification`` models."""
+
+
+def load_reward_base(args: ModelArgs, pad_token_id: int | None, dtype: torch.dtype = torch.float32, *,
+                     path: str | None = None, **extra):
+    """The model at ``path`` (default ``args.model_name_or_path``) as a reward model: transformers'
+    ``AutoModelForSequenceClassification`` with one label, a linear head (``score``) on the last
+    hidden state, new (random, from torch's generator as it is) unless the folder holds one;
+    ``pad_token_id`` is set on its config. ``extra`` goes to from_pretrained.
+
+    Raises ConfigError for an empty path or an architecture transformers has no sequence
+    classification model for, ModelLoadError when the model cannot be loaded."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    path = path or args.model_name_or_path
+    if not path:
+        raise ConfigError("model_name_or_path: no base model given; set it to a model folder")
+    path = native_model_path(path)
+    config = load_config(args, path)  # with the RoPE scaling asked for
+    if config.model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES and not args.trust_remote_code:
+        raise ConfigError(f"stage: rm puts a reward head on the model, and transformers has no sequence-"
+                          f"classification model for {path}'s architecture {config.model_type!r}; use a Llama, "
+                          "Qwen, Gemma, Mistral or GLM model")
+    config.num_labels, config.pad_token_id = 1, pad_token_id
+    kwargs = {"config": config, "dtype": dtype, "trust_remote_code": args.trust_remote_code, **extra}
+    if args.device_map:
+        kwargs["device_map"] = args.device_map
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    except Exception as exc:
+        raise load_error(path, exc) from exc
+
+
 def _sha256_json(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
 

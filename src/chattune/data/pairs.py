@@ -130,6 +130,20 @@ def to_pair(value, where: str) -> PreferenceRecord:
     return PreferenceRecord(prompt, chosen, rejected, source=where)
 
 
+def to_answered(conversation, where: str) -> PreferenceRecord:
+    """A conversation that ends with the assistant's answer (OpenAI ``{role, content}`` messages)
+    as a :class:`PreferenceRecord` of its prompt and that answer (no rejected one): what a reward
+    model scores. RecordError naming ``where`` and the message at fault."""
+    if not isinstance(conversation, list) or len(conversation) < 2:
+        got = f"a list of {len(conversation)}" if isinstance(conversation, list) else type(conversation).__name__
+        raise RecordError(f"{where}: expected a list of messages (the prompt, then the assistant's answer), got {got}")
+    last = len(conversation) - 1
+    answer = _answer(conversation[last], f"{where}[{last}]")
+    prompt = from_openai({"messages": conversation[:last]}, where)
+    _check_prompt(prompt, where, "messages")
+    return PreferenceRecord(prompt, answer, source=where)
+
+
 def to_labelled(value, where: str) -> PreferenceRecord:
     """One KTO row (an answer and its boolean ``label``) as a :class:`PreferenceRecord`."""
     if not isinstance(value, dict):

@@ -399,6 +399,9 @@ def export_run(run_dir: str, out: str, *, dtype: str = "auto", shard_size: str =
     if method.name == "ptuning":
         raise ExportError(f"{run}: a P-Tuning v2 run keeps a trained prefix of keys and values, not weights, so "
                           f"it cannot become a standalone model; serve the run folder instead: chattune serve {run}")
+    if manifest.stage.get("name") == "rm":
+        raise ExportError(f"{run}: a reward model (stage rm) is not exported as a chat model yet; serve the run "
+                          f"folder instead (chattune serve {run}: POST /v1/rewards)")
     target = Path(out)
     _check_target(target, overwrite)
     limit = parse_size(shard_size)

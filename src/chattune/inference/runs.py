@@ -476,7 +476,8 @@ def load_run(target: str, options: LoadOptions | None = None, *, warn=print) -> 
 
     A lone run that cannot share a batch answers under its own name only; LoRA runs are
     peft adapters on one base model, answering under their names, and the bare base
-    model answers as ``base``.
+    model answers as ``base``. A reward-model run (stage rm) is a ManifestError: it generates
+    nothing (:func:`chattune.inference.reward.load_reward_model` loads it).
     """
     options = options or LoadOptions()
     folder = Path(target)
@@ -494,6 +495,11 @@ def load_run(target: str, options: LoadOptions | None = None, *, warn=print) -> 
     runs += [_Run(name, Path(path), read_manifest(path)) for name, path in options.adapters]
     if not runs:
         return _load_bare(target, options)
+    for run in runs:
+        if run.manifest.stage.get("name") == "rm":
+            raise ManifestError(f"{run.folder}: a reward model (stage rm) scores conversations and generates no "
+                                "text; load it with chattune.inference.reward.load_reward_model, score pairs with "
+                                "chattune eval RUN --data PAIRS, or serve it (POST /v1/rewards)")
     _check_names(runs)
     first = runs[0]
     alone = len(runs) == 1 and not options.adapters and _served_alone(first)

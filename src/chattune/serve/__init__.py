@@ -45,9 +45,32 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def build_reward(args, warn=print):
+    """For a reward-model run (stage rm): load it as a scorer and return (scorer, None, app), the
+    app :func:`chattune.serve.rewards.create_reward_app` (no engine: nothing is generated).
+    ConfigError for the options a reward model cannot take (more adapters, knowledge bases)."""
+    from chattune.inference.reward import load_reward_model
+    from chattune.serve.rewards import create_reward_app
+
+    for option, given in (("--adapter", getattr(args, "adapter", None)), ("--kb", getattr(args, "kb", None))):
+        if given:
+            raise ConfigError(f"{option}: {args.run_dir} is a reward model (stage rm), served alone: it scores "
+                              "conversations at /v1/rewards; leave out " + option)
+    set_threads(args.threads)
+    scorer = load_reward_model(args.run_dir, base_model=args.base_model, force=args.force, name=args.name,
+                               batch_size=args.max_batch or 8, warn=warn)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    return scorer, None, create_reward_app(scorer, api_key=api_key, max_body_bytes=args.max_body_bytes or TEXT_BODY_BYTES)
+
+
 def build(args, warn=print):
-    """Load what ``args`` names and return (served, engine, app); the engine is started."""
+    """Load what ``args`` names and return (served, engine, app); the engine is started. A
+    reward-model run is built by :func:`build_reward` (served is then its scorer, engine None)."""
+    from chattune.inference.reward import is_reward_run
     from chattune.inference.runs import LoadOptions, load_run
+
+    if is_reward_run(args.run_dir):
+        return build_reward(args, warn)
     from chattune.kb.store import THRESHOLD, TOP_K
     from chattune.serve.app import create_app
     from chattune.serve.engine import Engine
@@ -113,13 +136,18 @@ def serve(args) -> int:
     loopback = args.host in ("127.0.0.1", "localhost", "::1")
     if not key and not loopback:
         print(f"warning: serving on {args.host} without an API key (--api-key or ${API_KEY_ENV})", file=sys.stderr)
-    kb_names = [f"{model}+{name}" for model in served.profiles for name in getattr(app.state, "kb_names", [])]
-    print(f"chattune serve: models {', '.join([*served.profiles, *kb_names])} (default {served.default}); "
-          f"OpenAI API at http://{args.host}:{args.port}/v1" + (" (API key required)" if key else "")
-          + ("" if getattr(args, "no_ui", False) else f"; web page at http://{args.host}:{args.port}/"),
-          file=sys.stderr)
+    if engine is None:  # a reward model
+        print(f"chattune serve: reward model {served.name}; POST http://{args.host}:{args.port}/v1/rewards"
+              + (" (API key required)" if key else ""), file=sys.stderr)
+    else:
+        kb_names = [f"{model}+{name}" for model in served.profiles for name in getattr(app.state, "kb_names", [])]
+        print(f"chattune serve: models {', '.join([*served.profiles, *kb_names])} (default {served.default}); "
+              f"OpenAI API at http://{args.host}:{args.port}/v1" + (" (API key required)" if key else "")
+              + ("" if getattr(args, "no_ui", False) else f"; web page at http://{args.host}:{args.port}/"),
+              file=sys.stderr)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     finally:
-        engine.stop()
+        if engine is not None:
+            engine.stop()
     return 0

@@ -1,7 +1,8 @@
 """The FastAPI app: OpenAI's routes over the batching engine.
 
 ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions`` and
-``POST /v1/completions``, with server-sent events for ``stream``; chat requests may offer
+``POST /v1/completions`` (and ``POST /v1/rewards``, refused: a reward model is served by
+:mod:`chattune.serve.rewards`), with server-sent events for ``stream``; chat requests may offer
 ``tools`` (see :mod:`chattune.serve.calls` for the calls' shape in and out), and, to a
 vision-language model, images as ``image_url`` content parts (base64 ``data:`` URLs only:
 nothing is fetched and no file of the server's disk is read; each image is checked and decoded
@@ -40,6 +41,7 @@ from chattune.serve.schema import (
     CompletionRequest,
     SamplingFields,
     error_body,
+    not_a_reward_model,
     sse_event,
     validation_message,
 )
@@ -401,6 +403,17 @@ def create_app(served: LoadedRun, engine: Engine, *, api_key: str | None = None,
         stops = model.stop_strings + (plan.stop_strings if plan else []) + body.stop_list()
         return await _respond(request, model, ids, params, stops, body, chat=True, plan=plan, cite=cite,
                               images=images)
+
+    @app.post("/v1/rewards")
+    async def rewards(request: Request):
+        """Refused: these are chat models; a reward model (stage rm) is served on its own."""
+        try:
+            name = (await request.json()).get("model")
+        except Exception:  # any body: the answer is the same
+            name = None
+        profile = served.profiles.get(name) or served.profile()
+        stage = profile.manifest.stage.get("name", "sft") if profile.manifest else "none (a base model)"
+        raise not_a_reward_model(profile.name, stage)
 
     def encode_text(text: str) -> list[int]:
         """A plain prompt's ids, as the tokenizer encodes the text (for a worker thread)."""

@@ -417,3 +417,60 @@ class CompletionRequest(SamplingFields):
             raise APIError(400, "best_of: only 1 is supported", param="best_of")
         if self.logprobs is not None:
             raise APIError(400, "logprobs: not supported", param="logprobs")
+
+
+class RewardMessage(BaseModel):
+    """A message of a conversation a reward model scores: a role and its text."""
+
+    model_config = STRICT
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text
+
+
+MAX_REWARD_CONVERSATIONS = 256
+"""The most conversations one ``POST /v1/rewards`` may score."""
+
+
+class RewardRequest(BaseModel):
+    """``POST /v1/rewards`` (a chattune extension): ``messages`` is one conversation (a list of
+    ``{role, content}`` messages ending with the assistant's answer) or a list of such
+    conversations; each gets one reward. The conversations are checked by :meth:`conversations`,
+    so that an error names the field as the client wrote it (``messages[1][2].content``)."""
+
+    model_config = STRICT
+    model: Text | None = None
+    messages: list = Field(min_length=1)
+
+    def conversations(self) -> tuple[list[tuple[str, list[dict]]], bool]:
+        """((field, messages as records) for every conversation, whether the body sent a single
+        conversation); APIError 400 naming the field at fault."""
+        from pydantic import TypeAdapter, ValidationError
+
+        single = isinstance(self.messages[0], dict)
+        given = [(("messages",), self.messages)] if single else [
+            (("messages", i), conversation) for i, conversation in enumerate(self.messages)]
+        if len(given) > MAX_REWARD_CONVERSATIONS:
+            raise APIError(400, f"messages: at most {MAX_REWARD_CONVERSATIONS} conversations per request, got "
+                           f"{len(given)}", param="messages")
+        adapter = TypeAdapter(list[RewardMessage])
+        out = []
+        for loc, conversation in given:
+            where = field_path(loc)
+            if not isinstance(conversation, list) or len(conversation) < 2:
+                raise APIError(400, f"{where}: expected a conversation: a list of messages (the prompt, then the "
+                               "assistant's answer)", param=where)
+            try:
+                messages = adapter.validate_python(conversation)
+            except ValidationError as exc:
+                message, param = validation_message([{**e, "loc": (*loc, *e["loc"])} for e in exc.errors()])
+                raise APIError(400, message, param=param) from None
+            out.append((where, [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
+                                for m in messages]))
+        return out, single
+
+
+def not_a_reward_model(name: str, stage: str) -> APIError:
+    """The 400 a chat model's server answers ``POST /v1/rewards`` with."""
+    return APIError(400, f"model {name!r} is not a reward model (it was trained with stage {stage}); "
+                    "/v1/rewards needs a reward-model run (stage: rm) served: chattune serve RM_RUN",
+                    param="model", code="not_a_reward_model")

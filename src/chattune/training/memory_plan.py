@@ -74,7 +74,7 @@ class ShardSizes:
 
 REFERENCE_OPTIONS = ("adapter_off", "precompute", "copy")
 """The reference models of a dpo or kto stage (``pref_reference``), in the order the plan lists them."""
-SEQUENCES_PER_ROW = {"pretrain": 1, "sft": 1, "dpo": 2, "orpo": 2, "simpo": 2, "kto": 2}
+SEQUENCES_PER_ROW = {"pretrain": 1, "sft": 1, "dpo": 2, "orpo": 2, "simpo": 2, "kto": 2, "rm": 2}
 """Sequences one row puts through the model: a pair's chosen and rejected answers, or a KTO
 answer and its KL answer (each up to ``max_seq_length`` tokens)."""
 

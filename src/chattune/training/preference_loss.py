@@ -1,5 +1,5 @@
 """The preference losses, on per-answer log-probabilities: DPO (sigmoid, IPO, hinge), ORPO,
-SimPO and KTO, each with the rewards it logs.
+SimPO and KTO, each with the rewards it logs, and a reward model's Bradley-Terry loss.
 
 Inputs are 1-D tensors, one value per pair (or labelled row): ``*_logps`` the summed
 log-probability of an answer's tokens under the model, ``ref_*`` under the reference,
@@ -105,3 +105,15 @@ def kto_losses(logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Te
 def kto_kl(kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
     """KTO's KL estimate: the mean log-ratio of the mismatched answers, detached, at least 0."""
     return (kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
+
+
+def reward_model_losses(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, *,
+                        center_coef: float = 0.0) -> PreferenceLosses:
+    """A reward model's Bradley-Terry loss: -log sigmoid(r_chosen - r_rejected) per pair, and with
+    ``center_coef`` the centring term coef x mean((r_chosen + r_rejected)^2) added to each pair's
+    loss (their mean is TRL RewardTrainer's loss with ``center_rewards_coefficient``). The rewards
+    are the reward head's scalars (no reference, no beta)."""
+    losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
+    if center_coef:
+        losses = losses + center_coef * torch.mean((chosen_rewards + rejected_rewards) ** 2)
+    return PreferenceLosses(losses, chosen_rewards.detach(), rejected_rewards.detach())

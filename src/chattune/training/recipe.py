@@ -48,6 +48,7 @@ from chattune.methods import (
 from chattune.model import (
     base_model_fingerprint,
     load_model,
+    load_reward_base,
     resolve_dtype,
     tokenizer_hash,
 )
@@ -93,6 +94,7 @@ from chattune.training.preference import (
     precompute_reference,
     resolve_reference,
 )
+from chattune.training.reward import RewardCollator, RewardObjective
 from chattune.training.rewards import RewardSet, build_rewards
 from chattune.training.sharding import check_sharding_supported, sharding_arguments
 from chattune.training.start import (
@@ -130,8 +132,10 @@ class TrainResult:
 
 
 def load_for_training(config: RunConfig, method: Method, continued: Path | None = None,
-                      new_rows: NewRows | None = None, vision: bool = False):
-    """The base model as configured (dtype, quantization, attention, RoPE scaling; no KV cache),
+                      new_rows: NewRows | None = None, vision: bool = False, reward_pad_id: int | None = None):
+    """The base model as configured (dtype, quantization, attention, RoPE scaling; no KV cache;
+    with ``reward_pad_id``, stage rm's reward model: the base with a new scalar head, its config's
+    pad token that id, :func:`~chattune.model.load_reward_base`),
     with rows for ``new_rows`` (an extended tokenizer's tokens, :mod:`chattune.vocab.resize`), with the method
     applied (for a ``vision``-language model, as :func:`~chattune.vision.methods.apply_vision_method` does) (or, ``continued``, that run's adapter loaded to train further): the model to train,
     and what the resize did (None without new tokens)."""
@@ -139,7 +143,10 @@ def load_for_training(config: RunConfig, method: Method, continued: Path | None 
     extra = {"quantization_config": quantization_config(config.method)} if method.quantized_base else {}
     if config.model.attn_implementation:
         extra["attn_implementation"] = config.model.attn_implementation
-    model = load_model(config.model, dtype, **extra)
+    if reward_pad_id is not None:
+        model = load_reward_base(config.model, reward_pad_id, dtype, **extra)
+    else:
+        model = load_model(config.model, dtype, **extra)
     model.config.use_cache = False  # a KV cache is never needed in training (and would break packing)
     resized = add_rows(model, new_rows) if new_rows is not None else None
     if config.train.gradient_checkpointing:
@@ -309,6 +316,39 @@ def load_reward_scorer(path: str):
     return load_reward_model(path)
 
 
+def setup_reward(config: RunConfig, model, prepared: PreparedPreference, pad_token_id: int,
+                 patches: ExitStack, log=print) -> tuple[Batches, RewardObjective]:
+    """As :func:`setup_preference` for stage rm: the model placed, the CPU kernels where they
+    apply, each batch's sequences padded (the reward is read at each one's last real token), and
+    the Bradley-Terry objective."""
+    place_model(model, get_method(config.method.method))
+    if next(model.parameters()).device.type == "cpu" and not config.train.torch_compile:
+        patches.enter_context(use_cpu_kernels(model))
+    mode = "pairs padded"
+    log(f"batching: {mode} (padded to the longest; the reward at each sequence's last token); "
+        f"loss: Bradley-Terry{f' + {config.preference.rm_center_coef:g} x centring' if config.preference.rm_center_coef else ''}")
+    batches = Batches(mode, prepared.train, prepared.eval, RewardCollator(pad_token_id),
+                      config.train.per_device_train_batch_size, config.train.per_device_eval_batch_size, {"mode": mode})
+    return batches, RewardObjective(config.preference)
+
+
+def check_reward_stage(config: RunConfig, method: Method, continued: Path | None, new_rows) -> None:
+    """What stage rm cannot do yet, refused (ConfigError naming the key) before the model loads:
+    P-Tuning v2 (a prefix, no head), new tokens, and continuing a LoRA run's adapter (a causal
+    LM's; start from a full fine-tune's folder or a merged export instead)."""
+    where = source_prefix(config, "stage")
+    if method.name == "ptuning":
+        raise ConfigError(f"{where}stage: rm trains a reward head, which method=ptuning (a prefix) has none of; "
+                          "use method=lora, freeze or full")
+    if new_rows is not None:
+        raise ConfigError(f"{source_prefix(config, 'tokenizer_name_or_path')}tokenizer_name_or_path: new tokens are "
+                          "not supported with stage rm yet")
+    if continued is not None:
+        raise ConfigError(f"{source_prefix(config, 'model_name_or_path')}model_name_or_path: {continued} is a LoRA "
+                          "run, and a reward model cannot train a causal LM's adapter further; merge it first "
+                          f"(chattune export {continued} --out merged, then model_name_or_path=merged)")
+
+
 def stage_record(config: RunConfig, reference: str | None, started_from: Path | None) -> dict:
     """What a pre-training or preference run's manifest says of its stage: the stage, its
     settings, the reference used."""
@@ -322,6 +362,9 @@ def stage_record(config: RunConfig, reference: str | None, started_from: Path | 
         rl = config.rl
         record = {"name": "grpo", **dataclasses.asdict(rl), "reference": reference}
         return {**record, "started_from": str(started_from)} if started_from is not None else record
+    if p.stage == "rm":  # the seed drew the new head (an untrained head is what eval compares with)
+        return {"name": "rm", "rm_center_coef": p.rm_center_coef, "reference": None, "head": "score",
+                "seed": config.train.seed}
     keys = {"dpo": ("pref_beta", "pref_loss", "pref_label_smoothing", "pref_ftx"),
             "orpo": ("pref_beta",),
             "simpo": ("pref_beta", "simpo_gamma", "pref_label_smoothing", "pref_ftx"),
@@ -528,7 +571,10 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
 
     # whole on every process, also under FSDP and ZeRO-3: the probes below run on the real weights,
     # and the Trainer shards them when it wraps the model (so the model must fit one device once)
-    model, resized = load_for_training(config, method, continued, new_rows, vision is not None)
+    if stage == "rm":
+        check_reward_stage(config, method, continued, new_rows)
+    model, resized = load_for_training(config, method, continued, new_rows, vision is not None,
+                                       tokenizer.pad_token_id if stage == "rm" else None)
     for note in model_notes(config, model.config):
         log(note)
     vocabulary = vocabulary_record(config, tokenizer, method, resized, continued)
@@ -546,7 +592,7 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
         reference = resolve_grpo_reference(config.rl, config.preference.pref_reference,
                                            method.name in ADAPTER_METHODS, continued is not None,
                                            config.method.lora_init)
-    elif stage not in ("sft", "pretrain"):
+    elif stage not in ("sft", "pretrain", "rm"):
         reference = resolve_reference(config.preference, method.name in ADAPTER_METHODS, continued is not None,
                                       config.method.lora_init)
 
@@ -560,6 +606,9 @@ def _train(config: RunConfig, method: Method, output_dir: Path, log) -> TrainRes
             batches, objective = setup_grpo(config, model, prepared, tokenizer, template_name, rewards, patches,
                                             reference, log)
             loss, loss_mode = None, "grpo"
+        elif stage == "rm":
+            batches, objective = setup_reward(config, model, prepared, tokenizer.pad_token_id, patches, log)
+            loss, loss_mode = None, "reward (Bradley-Terry)"
         else:
             batches, objective = setup_preference(config, model, prepared, tokenizer.pad_token_id, patches,
                                                   reference, log)
