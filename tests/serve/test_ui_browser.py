@@ -439,6 +439,32 @@ def test_runs_shows_kto_charts_and_a_preference_run_before_its_first_log(browser
     assert find(browser, "#chart-rewards").get_attribute("data-points") == "0"  # "no data yet"
 
 
+def test_runs_shows_a_grpo_runs_reward_curves_per_function(browser, urls, runs_dir, dpo_run, shots):
+    grpo = runs_dir / "grpo-run"
+    shutil.copytree(dpo_run, grpo, ignore=shutil.ignore_patterns("checkpoint-*"))
+    manifest = json.loads((grpo / "chattune.json").read_text())
+    manifest["stage"] = {"name": "grpo", "num_generations": 8, "reward_funcs": ["answer_match", "format"],
+                         "reference": "adapter_off"}
+    (grpo / "chattune.json").write_text(json.dumps(manifest))
+    steps = [{"step": n, "loss": 0.01, "reward": 0.1 * n, "kl": 0.01 * n, "completion_length": 20 - n,
+              "completion_length_min": 10 - n, "completion_length_max": 24, "rewards/answer_match/mean": 0.05 * n,
+              "rewards/format/mean": 0.2 * n} for n in (1, 2, 3)]
+    steps.append({"step": 3, "eval_loss": 0.0, "eval_reward": 0.25, "eval_completion_length": 16.0, "eval_kl": 0.02})
+    (grpo / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
+    open_page(browser, urls[0], view="runs")
+    _show_run(browser, "grpo-run")
+    chart = find(browser, "#chart-grpo-reward")
+    wait(browser, lambda d: chart.get_attribute("data-points") == "3")
+    assert chart.get_attribute("data-series") == ("reward,eval_reward,rewards/answer_match/mean,"
+                                                  "rewards/format/mean")
+    assert find(browser, "#chart-length").get_attribute("data-series") == (
+        "completion_length,completion_length_min,completion_length_max,eval_completion_length")
+    shown = [find(browser, c).is_displayed() for c in (*PREFERENCE_CHARTS, "#chart-grpo-reward", "#chart-length")]
+    assert shown == [False, False, False, True, True, True]  # no pairs: KL, rewards and lengths
+    browser.execute_script("document.getElementById('chart-grpo-reward').scrollIntoView()")
+    browser.save_screenshot(str(shots / "runs-grpo.png"))
+
+
 @pytest.fixture(scope="module")
 def kb_url(server, tmp_path_factory):
     """The session's models with the generated world's KB (``MODEL+docs``); (url, facts)."""

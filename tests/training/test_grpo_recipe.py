@@ -181,3 +181,22 @@ def test_a_group_too_large_to_sample_is_refused_before_training(tiny_models, pro
         train(make_config(tiny_models("llama"), prompts, tmp_path / "out", num_generations=100_000_000),
               log=lambda *_: None)
     assert not list((tmp_path / "out").glob("checkpoint-*"))
+
+
+def test_a_trained_reward_model_is_one_more_reward(tiny_models, prompts, rm_run, tmp_path):
+    from chattune.inference.reward import load_reward_model
+
+    config = make_config(tiny_models("llama"), prompts, tmp_path / "out", method="full", grpo_beta=0.0,
+                         reward_funcs=["format"], reward_model=str(rm_run.output_dir), reward_weights=[0.0, 1.0],
+                         max_steps=12, save_steps=12)
+    result = train(config, log=lambda *_: None)
+    steps = [row for row in _metrics(result.output_dir) if "loss" in row]
+    scores = [row["rewards/reward_model/mean"] for row in steps]
+    assert all(row["rewards/reward_model/std"] >= 0 for row in steps)
+    assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + 0.5  # the policy learned what the reward model prefers
+    assert json.loads((result.output_dir / "chattune.json").read_text())["stage"]["reward_model"] == str(
+        rm_run.output_dir)
+    scorer = load_reward_model(str(rm_run.output_dir))
+    convs = [[{"role": "user", "content": "Say something."}, {"role": "assistant", "content": text}]
+             for text in ("red cat yes", "red cat no")]
+    assert scorer.score(convs)[0] > scorer.score(convs)[1]

@@ -37,7 +37,8 @@ const TEXT = {
     state_finished: "finished", state_training: "training", state_incomplete: "incomplete",
     loss: "Loss", learning_rate: "Learning rate", tokens_per_second: "Tokens / s", no_data: "no data yet",
     stage: "Stage", reference: "Reference", rewards: "Rewards (chosen, rejected)", reward_accuracy: "Reward accuracy",
-    reward_margin: "Reward margin", kl: "KL estimate (KTO)",
+    reward_margin: "Reward margin", kl: "KL estimate (KTO, GRPO)", grpo_reward: "Reward (GRPO: sum, per function)",
+    completion_length: "Completion length (tokens)",
     error: "Error", models: "models", sources: "Sources", chunk: "chunk",
     attach_image: "Image", attach_title: "Attach an image (PNG, JPEG, WebP, GIF or BMP); pasting one works too",
     no_vision: "This model reads no images", remove: "Remove", image_alt: "attached image",
@@ -65,7 +66,8 @@ const TEXT = {
     state_finished: "已完成", state_training: "训练中", state_incomplete: "未完成",
     loss: "损失", learning_rate: "学习率", tokens_per_second: "每秒 token 数", no_data: "暂无数据",
     stage: "训练阶段", reference: "参考模型", rewards: "奖励（chosen、rejected）", reward_accuracy: "奖励准确率",
-    reward_margin: "奖励差值", kl: "KL 估计（KTO）",
+    reward_margin: "奖励差值", kl: "KL 估计（KTO、GRPO）", grpo_reward: "奖励（GRPO：总和、各函数）",
+    completion_length: "生成长度（token）",
     error: "错误", models: "个模型", sources: "出处", chunk: "片段",
     attach_image: "图片", attach_title: "附加图片（PNG、JPEG、WebP、GIF 或 BMP），也可以直接粘贴",
     no_vision: "此模型不读取图片", remove: "移除", image_alt: "附加的图片",
@@ -772,29 +774,51 @@ function series(rows, key) {
   return {name: key, points: [...byStep.entries()].sort((a, b) => a[0] - b[0])};
 }
 
-// the charts of a preference run, each with its train and eval series; `stages`: the stages that
-// log it (all when absent)
+// the charts of a preference, reward-model or GRPO run, each with its train and eval series;
+// `stages`: the stages that log it; `keys` may be a function of the logged rows (GRPO's rewards are
+// named by their functions)
+const PAIR_STAGES = ["dpo", "orpo", "simpo", "kto", "rm"];
 const PREFERENCE_CHARTS = [
-  {id: "#chart-rewards", title: "rewards",
+  {id: "#chart-rewards", title: "rewards", stages: PAIR_STAGES,
     keys: ["rewards/chosen", "rewards/rejected", "eval_rewards/chosen", "eval_rewards/rejected"]},
   {id: "#chart-accuracy", title: "reward_accuracy", keys: ["rewards/accuracies", "eval_rewards/accuracies"],
-    stages: ["dpo", "orpo", "simpo"]},
-  {id: "#chart-margin", title: "reward_margin", keys: ["rewards/margins", "eval_rewards/margins"]},
-  {id: "#chart-kl", title: "kl", keys: ["kl", "eval_kl"], stages: ["kto"]},
+    stages: ["dpo", "orpo", "simpo", "rm"]},
+  {id: "#chart-margin", title: "reward_margin", keys: ["rewards/margins", "eval_rewards/margins"],
+    stages: PAIR_STAGES},
+  {id: "#chart-grpo-reward", title: "grpo_reward", stages: ["grpo"], keys: grpoRewardKeys},
+  {id: "#chart-length", title: "completion_length", stages: ["grpo"],
+    keys: ["completion_length", "completion_length_min", "completion_length_max", "eval_completion_length"]},
+  {id: "#chart-kl", title: "kl", keys: ["kl", "eval_kl"], stages: ["kto", "grpo"]},
 ];
 
-// a preference chart is shown when its series were logged, or when the run's stage logs them
-// (before the first log); an SFT run shows none
+// a GRPO run's reward series: the summed reward (train, eval), then each function's mean
+function grpoRewardKeys(rows) {
+  const names = new Set();
+  rows.forEach((row) => Object.keys(row).forEach((key) => {
+    if (/^rewards\/.+\/mean$/.test(key)) names.add(key);
+  }));
+  return ["reward", "eval_reward", ...[...names].sort()];
+}
+
+function chartKeys(chart, rows) {
+  return typeof chart.keys === "function" ? chart.keys(rows) : chart.keys;
+}
+
+// a chart is shown when its series were logged, or when the run's stage logs them (before the
+// first log); an SFT or pre-training run shows none
 function chartShown(chart, stage, rows) {
-  if (rows.some((row) => chart.keys.some((key) => typeof row[key] === "number"))) return true;
-  return Boolean(stage && stage !== "sft" && (!chart.stages || chart.stages.includes(stage)));
+  const keys = chartKeys(chart, rows);
+  if (rows.some((row) => keys.some((key) => typeof row[key] === "number"))) return true;
+  return Boolean(stage && chart.stages.includes(stage));
 }
 
 function drawPreferenceCharts(rows, stage, empty) {
   PREFERENCE_CHARTS.forEach((chart) => {
     const canvas = $(chart.id);
     canvas.hidden = !chartShown(chart, stage, rows);
-    if (!canvas.hidden) Charts.draw(canvas, t(chart.title), chart.keys.map((key) => series(rows, key)), empty);
+    if (!canvas.hidden) {
+      Charts.draw(canvas, t(chart.title), chartKeys(chart, rows).map((key) => series(rows, key)), empty);
+    }
   });
 }
 
