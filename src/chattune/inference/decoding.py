@@ -182,6 +182,9 @@ class Decoder:
         seqs = [seq for seq in seqs if not seq.finished]
         if not seqs:
             return
+        shared = self._shared_prompts(seqs)
+        if shared is not None:
+            return self._prefill_shared(seqs, *shared, joining)
         longest = max(len(seq.prompt_ids) for seq in seqs)
         ids = torch.full((len(seqs), longest), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), longest), dtype=torch.long)
@@ -207,6 +210,49 @@ class Decoder:
             seq.images = []  # read once, at the prefill: let them go
         with joining():
             self._join(cache, mask, seqs)
+        self._pick(logits, seqs)
+
+    def _shared_prompts(self, seqs: list[Sequence]) -> tuple[list[Sequence], torch.Tensor] | None:
+        """Where rows repeat a prompt (the same ids and adapter: a group of samples of one prompt),
+        the rows to run once and, for every row, the one whose keys and values it takes; None when
+        every prompt differs, or the cache cannot be split row by row (a P-Tuning v2 prefix,
+        ChatGLM-6B's 2D positions, images)."""
+        keys = [(tuple(seq.prompt_ids), seq.adapter) for seq in seqs]
+        if len(set(keys)) == len(keys) or self.prefix or self._two_d or any(seq.images for seq in seqs):
+            return None
+        first: dict = {}
+        for i, key in enumerate(keys):
+            first.setdefault(key, len(first))
+        unique = [seqs[keys.index(key)] for key in first]
+        return unique, torch.as_tensor([first[key] for key in keys], device=self.device)
+
+    def _prefill_shared(self, seqs: list[Sequence], unique: list[Sequence], owner: torch.Tensor,
+                        joining: Callable[[], AbstractContextManager]) -> None:
+        """Prefill each distinct prompt once and give every row its prompt's keys, values and
+        last logits (the same numbers as a prefill of every row: the rows are independent)."""
+        longest = max(len(seq.prompt_ids) for seq in unique)
+        ids = torch.full((len(unique), longest), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(unique), longest), dtype=torch.long)
+        for i, seq in enumerate(unique):
+            n = len(seq.prompt_ids)
+            ids[i, longest - n:] = torch.as_tensor(seq.prompt_ids)
+            mask[i, longest - n:] = 1
+        for seq in seqs:
+            seq.length = len(seq.prompt_ids)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        from transformers import DynamicCache
+
+        logits, cache = self._forward(ids, mask, positions, DynamicCache(), unique)
+        tensors = cache_tensors(cache)
+        if tensors is None:  # a model's own cache: rows cannot be copied out of it; run every row
+            logits, cache = self._forward(ids.index_select(0, owner), mask.index_select(0, owner),
+                                          positions.index_select(0, owner), DynamicCache(), seqs)
+        else:
+            cache = make_cache([(k.index_select(0, owner), v.index_select(0, owner)) for k, v in tensors])
+            logits = logits.index_select(0, owner)
+        with joining():
+            self._join(cache, mask.index_select(0, owner), seqs)
         self._pick(logits, seqs)
 
     @torch.no_grad()
