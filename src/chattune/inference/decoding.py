@@ -221,7 +221,7 @@ class Decoder:
         if len(set(keys)) == len(keys) or self.prefix or self._two_d or any(seq.images for seq in seqs):
             return None
         first: dict = {}
-        for i, key in enumerate(keys):
+        for key in keys:
             first.setdefault(key, len(first))
         unique = [seqs[keys.index(key)] for key in first]
         return unique, torch.as_tensor([first[key] for key in keys], device=self.device)
