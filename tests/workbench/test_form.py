@@ -28,7 +28,8 @@ def test_the_schema_lists_every_documented_key_but_the_closed_ones_with_help_and
     keys = keys_of(schema())
     documented = {item.key for item in documented_keys()}
     assert set(keys) == documented - set(CLOSED_KEYS)
-    assert [g["name"] for g in schema()["groups"]] == ["model", "data", "method", "train", "generate", "preference"]
+    assert [g["name"] for g in schema()["groups"]] == ["model", "data", "method", "train", "generate", "preference",
+                                                       "rl"]
     rank = keys["lora_rank"]
     assert (rank["type"], rank["default"], rank["default_text"], rank["methods"]) == ("int", 8, "8", ["lora", "qlora"])
     assert rank["help"] and rank["group"] == "method"

@@ -13,7 +13,8 @@
 
 Object.assign(TEXT.en, {
   wb_group_model: "Model", wb_group_data: "Data", wb_group_method: "Method", wb_group_train: "Training",
-  wb_group_generate: "Generation", wb_group_preference: "Preference",
+  wb_group_generate: "Generation", wb_group_preference: "Stage (pre-training, preference, reward model)",
+  wb_group_rl: "Reinforcement learning (stage grpo)",
   wb_validate: "Check", wb_preview: "Preview data", wb_audit: "Audit", wb_plan: "Memory plan", wb_start: "Start",
   wb_upload: "Upload data", wb_upload_title: "Add a data file to the data folder (never over an existing one)",
   wb_uploaded: "uploaded", wb_reset: "Reset form", wb_reset_confirm: "Put every field back to its default?",
@@ -36,7 +37,8 @@ Object.assign(TEXT.en, {
 });
 Object.assign(TEXT.zh, {
   wb_group_model: "模型", wb_group_data: "数据", wb_group_method: "微调方法", wb_group_train: "训练",
-  wb_group_generate: "生成", wb_group_preference: "偏好训练",
+  wb_group_generate: "生成", wb_group_preference: "训练阶段（预训练、偏好、奖励模型）",
+  wb_group_rl: "强化学习（stage grpo）",
   wb_validate: "检查", wb_preview: "预览数据", wb_audit: "数据审计", wb_plan: "显存估算", wb_start: "开始训练",
   wb_upload: "上传数据", wb_upload_title: "把数据文件加入数据目录（不会覆盖已有文件）",
   wb_uploaded: "已上传", wb_reset: "重置表单", wb_reset_confirm: "把所有字段恢复为默认值？",
