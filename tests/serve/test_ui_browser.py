@@ -448,6 +448,7 @@ def test_runs_shows_a_grpo_runs_reward_curves_per_function(browser, urls, runs_d
     (grpo / "chattune.json").write_text(json.dumps(manifest))
     steps = [{"step": n, "loss": 0.01, "reward": 0.1 * n, "kl": 0.01 * n, "completion_length": 20 - n,
               "completion_length_min": 10 - n, "completion_length_max": 24, "rewards/answer_match/mean": 0.05 * n,
+              "completions_per_second": 5.0,
               "rewards/format/mean": 0.2 * n} for n in (1, 2, 3)]
     steps.append({"step": 3, "eval_loss": 0.0, "eval_reward": 0.25, "eval_completion_length": 16.0, "eval_kl": 0.02})
     (grpo / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
@@ -459,6 +460,7 @@ def test_runs_shows_a_grpo_runs_reward_curves_per_function(browser, urls, runs_d
                                                   "rewards/format/mean")
     assert find(browser, "#chart-length").get_attribute("data-series") == (
         "completion_length,completion_length_min,completion_length_max,eval_completion_length")
+    assert find(browser, "#chart-tps").get_attribute("data-series") == "completions_per_second"
     shown = [find(browser, c).is_displayed() for c in (*PREFERENCE_CHARTS, "#chart-grpo-reward", "#chart-length")]
     assert shown == [False, False, False, True, True, True]  # no pairs: KL, rewards and lengths
     browser.execute_script("document.getElementById('chart-grpo-reward').scrollIntoView()")

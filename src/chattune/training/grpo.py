@@ -36,7 +36,7 @@ import torch
 
 from chattune.config import RlArgs
 from chattune.data.encode import IGNORE_INDEX
-from chattune.errors import ConfigError
+from chattune.errors import ConfigError, TrainingError
 from chattune.lora_init import mutates_base
 from chattune.training.loss import HeadCapture
 from chattune.training.preference import (
@@ -237,7 +237,7 @@ class GrpoObjective:
             model.train(was_training)
         failed = [seq.error for seq in seqs if seq.error]
         if failed:
-            raise RuntimeError(f"step {step}: sampling a completion failed: {failed[0]}")
+            raise TrainingError(f"step {step}: sampling a completion failed: {failed[0]}")
         return Rollout(prompt_ids, [list(seq.generated) for seq in seqs], [seq.text.text for seq in seqs],
                        prompts, answers, time.perf_counter() - started)
 

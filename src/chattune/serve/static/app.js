@@ -38,7 +38,7 @@ const TEXT = {
     loss: "Loss", learning_rate: "Learning rate", tokens_per_second: "Tokens / s", no_data: "no data yet",
     stage: "Stage", reference: "Reference", rewards: "Rewards (chosen, rejected)", reward_accuracy: "Reward accuracy",
     reward_margin: "Reward margin", kl: "KL estimate (KTO, GRPO)", grpo_reward: "Reward (GRPO: sum, per function)",
-    completion_length: "Completion length (tokens)",
+    completion_length: "Completion length (tokens)", completions_per_second: "Completions sampled / s",
     error: "Error", models: "models", sources: "Sources", chunk: "chunk",
     attach_image: "Image", attach_title: "Attach an image (PNG, JPEG, WebP, GIF or BMP); pasting one works too",
     no_vision: "This model reads no images", remove: "Remove", image_alt: "attached image",
@@ -67,7 +67,7 @@ const TEXT = {
     loss: "损失", learning_rate: "学习率", tokens_per_second: "每秒 token 数", no_data: "暂无数据",
     stage: "训练阶段", reference: "参考模型", rewards: "奖励（chosen、rejected）", reward_accuracy: "奖励准确率",
     reward_margin: "奖励差值", kl: "KL 估计（KTO、GRPO）", grpo_reward: "奖励（GRPO：总和、各函数）",
-    completion_length: "生成长度（token）",
+    completion_length: "生成长度（token）", completions_per_second: "每秒采样的回答数",
     error: "错误", models: "个模型", sources: "出处", chunk: "片段",
     attach_image: "图片", attach_title: "附加图片（PNG、JPEG、WebP、GIF 或 BMP），也可以直接粘贴",
     no_vision: "此模型不读取图片", remove: "移除", image_alt: "附加的图片",
@@ -827,7 +827,11 @@ function drawCurves(runState) {
   const empty = t("no_data");
   Charts.draw($("#chart-loss"), t("loss"), [series(rows, "loss"), series(rows, "eval_loss")], empty);
   Charts.draw($("#chart-lr"), t("learning_rate"), [series(rows, "learning_rate")], empty);
-  Charts.draw($("#chart-tps"), t("tokens_per_second"), [series(rows, "tokens_per_second")], empty);
+  if (state.run.stage === "grpo") {  // its batches are prompts: the speed is the completions it samples
+    Charts.draw($("#chart-tps"), t("completions_per_second"), [series(rows, "completions_per_second")], empty);
+  } else {
+    Charts.draw($("#chart-tps"), t("tokens_per_second"), [series(rows, "tokens_per_second")], empty);
+  }
   drawPreferenceCharts(rows, state.run.stage, empty);
   const steps = rows.filter((r) => typeof r.step === "number").map((r) => r.step);
   $("#curve-status").textContent = rows.length + " " + t("rows_logged")
