@@ -257,7 +257,7 @@ def test_a_row_that_fails_ends_alone_and_its_neighbours_get_their_tokens(bare, f
 
 
 def test_rows_that_repeat_a_prompt_prefill_it_once_and_sample_as_if_alone(trained, monkeypatch):
-    """A group of samples of one prompt (GRPO's, or n > 1) runs the prompt once; every row still
+    """A group of samples of one prompt (GRPO's, or identical requests) runs the prompt once; every row still
     gets its own seeded tokens, the same as decoded alone, also with an opaque cache."""
     run = load_run(str(trained["lora"]))
     prompts = [run.prompt_ids(m) for m in (QUESTION, OTHERS[0])]
