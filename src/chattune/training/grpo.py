@@ -163,8 +163,8 @@ class PromptCollator:
 
 @dataclass
 class Rollout:
-    """A batch's sampled completions: ``groups`` prompts x ``num_generations`` sequences, in
-    prompt order (a prompt's completions together)."""
+    """A batch's sampled completions: each prompt's ``num_generations`` completions together, in
+    the batch's prompt order; per completion its prompt's ids and messages and the reference answer."""
 
     prompt_ids: list[list[int]]
     completion_ids: list[list[int]]
