@@ -122,7 +122,7 @@ def test_the_form_is_checked_at_its_fields_and_previews_audits_and_plans(browser
     assert find(browser, "#tabs button[data-view=train]").is_displayed()
     opened = {g.get_attribute("data-group"): g.get_attribute("open") is not None for g in find_all(browser, "#wb-groups details")}
     assert opened == {"model": True, "data": True, "method": True, "train": True, "generate": False,
-                      "preference": False}
+                      "preference": False, "rl": False}
     assert [o.get_attribute("value") for o in find_all(browser, "#wb-field-model_name_or_path option")] == ["", "tiny"]
     assert find(browser, "#wb-field-train_files").get_attribute("multiple") is not None
     assert find(browser, "#wb-field-lora_rank").get_attribute("value") == "8"  # prefilled with the default

@@ -54,7 +54,8 @@ class MetricsLogger(TrainerCallback):
             return
         logs = logs if logs is not None else {}  # the event itself: trackers after this callback see tokens/s
         now = time.perf_counter()
-        if "loss" in logs and self.last_time is not None and args.include_num_input_tokens_seen != "no":
+        counted = getattr(args, "include_num_input_tokens_seen", "non_padding") != "no"  # (grpo counts none)
+        if "loss" in logs and self.last_time is not None and counted:
             seen = state.num_input_tokens_seen  # summed over the processes by the Trainer
             elapsed = max(now - self.last_time, 1e-9)
             logs["tokens_per_second"] = round((seen - self.last_tokens) / elapsed, 1)
