@@ -185,16 +185,10 @@ class Decoder:
         shared = self._shared_prompts(seqs)
         if shared is not None:
             return self._prefill_shared(seqs, *shared, joining)
-        longest = max(len(seq.prompt_ids) for seq in seqs)
-        ids = torch.full((len(seqs), longest), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), longest), dtype=torch.long)
-        for i, seq in enumerate(seqs):
-            n = len(seq.prompt_ids)
-            ids[i, longest - n:] = torch.as_tensor(seq.prompt_ids)
-            mask[i, longest - n:] = 1
-            seq.length = n
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        for seq in seqs:
+            seq.length = len(seq.prompt_ids)
+        ids, mask, positions = self._left_padded(seqs)
+        longest = ids.shape[1]
         if self._two_d:
             positions = self._two_d_prefill(ids, mask, positions, seqs)
         else:
@@ -211,6 +205,18 @@ class Decoder:
         with joining():
             self._join(cache, mask, seqs)
         self._pick(logits, seqs)
+
+    def _left_padded(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The prompts of ``seqs`` left-padded together on the device: ids, mask, positions."""
+        longest = max(len(seq.prompt_ids) for seq in seqs)
+        ids = torch.full((len(seqs), longest), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+        for i, seq in enumerate(seqs):
+            n = len(seq.prompt_ids)
+            ids[i, longest - n:] = torch.as_tensor(seq.prompt_ids)
+            mask[i, longest - n:] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
 
     def _shared_prompts(self, seqs: list[Sequence]) -> tuple[list[Sequence], torch.Tensor] | None:
         """Where rows repeat a prompt (the same ids and adapter: a group of samples of one prompt),
@@ -230,17 +236,9 @@ class Decoder:
                         joining: Callable[[], AbstractContextManager]) -> None:
         """Prefill each distinct prompt once and give every row its prompt's keys, values and
         last logits (the same numbers as a prefill of every row: the rows are independent)."""
-        longest = max(len(seq.prompt_ids) for seq in unique)
-        ids = torch.full((len(unique), longest), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(unique), longest), dtype=torch.long)
-        for i, seq in enumerate(unique):
-            n = len(seq.prompt_ids)
-            ids[i, longest - n:] = torch.as_tensor(seq.prompt_ids)
-            mask[i, longest - n:] = 1
         for seq in seqs:
             seq.length = len(seq.prompt_ids)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        ids, mask, positions = self._left_padded(unique)
         from transformers import DynamicCache
 
         logits, cache = self._forward(ids, mask, positions, DynamicCache(), unique)

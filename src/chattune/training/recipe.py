@@ -238,14 +238,11 @@ def setup_batching_and_loss(config: RunConfig, model, prepared: PreparedData, pa
     return batches, loss
 
 
-def setup_preference(config: RunConfig, model, prepared: PreparedPreference, pad_token_id: int,
-                     patches: ExitStack, reference: str | None, log=print) -> tuple[Batches, PreferenceObjective]:
-    """As :func:`setup_batching_and_loss` for a preference stage: the model placed, CPU kernels
-    and per-row SDPA where they apply, each batch's sequences packed into one row where the model
-    keeps packed rows apart (else padded), the answer log-probabilities chunked where exact, and
-    the objective with its reference."""
-    place_model(model, get_method(config.method.method))
-    ref_model = frozen_copy(model) if reference == "copy" else None  # placed, not yet patched: a plain copy
+def patch_for_sequences(config: RunConfig, model, pad_token_id: int, patches: ExitStack, log=print) -> bool:
+    """For a stage whose batches are several sequences (preference pairs, GRPO completions): the
+    CPU kernels and per-row SDPA switched on (in ``patches``) where they apply, and whether the
+    sequences are packed into one row (the probe finds the model keeps packed rows apart; else
+    they are padded and transformers' SDPA is back)."""
     vocab_size = model.get_input_embeddings().weight.shape[0]
     eager_cpu = next(model.parameters()).device.type == "cpu" and not config.train.torch_compile
     if eager_cpu:
@@ -256,6 +253,19 @@ def setup_preference(config: RunConfig, model, prepared: PreparedPreference, pad
     packed = resolve_packing(config, model, pad_token_id, vocab_size, log) in PACKED_MODES
     if not packed:
         attention.close()
+    return packed
+
+
+def setup_preference(config: RunConfig, model, prepared: PreparedPreference, pad_token_id: int,
+                     patches: ExitStack, reference: str | None, log=print) -> tuple[Batches, PreferenceObjective]:
+    """As :func:`setup_batching_and_loss` for a preference stage: the model placed, CPU kernels
+    and per-row SDPA where they apply, each batch's sequences packed into one row where the model
+    keeps packed rows apart (else padded), the answer log-probabilities chunked where exact, and
+    the objective with its reference."""
+    place_model(model, get_method(config.method.method))
+    ref_model = frozen_copy(model) if reference == "copy" else None  # placed, not yet patched: a plain copy
+    packed = patch_for_sequences(config, model, pad_token_id, patches, log)
+    vocab_size = model.get_input_embeddings().weight.shape[0]
     collator = PreferenceCollator(pad_token_id, packed)
     chunked = resolve_loss(config, model, vocab_size, log)
     objective = PreferenceObjective(config.preference, reference, chunked.capture, config.train.loss_chunk_size,
@@ -280,16 +290,8 @@ def setup_grpo(config: RunConfig, model, prepared: PreparedPrompts, tokenizer, t
     place_model(model, get_method(config.method.method))
     check_sampling_memory(config, model.config, next(model.parameters()).device, log)
     ref_model = frozen_copy(model) if reference == "copy" else None
+    packed = patch_for_sequences(config, model, tokenizer.pad_token_id, patches, log)
     vocab_size = model.get_input_embeddings().weight.shape[0]
-    eager_cpu = next(model.parameters()).device.type == "cpu" and not config.train.torch_compile
-    if eager_cpu:
-        patches.enter_context(use_cpu_kernels(model))
-    attention = patches.enter_context(ExitStack())
-    if eager_cpu:
-        attention.enter_context(use_varlen_sdpa(model))
-    packed = resolve_packing(config, model, tokenizer.pad_token_id, vocab_size, log) in PACKED_MODES
-    if not packed:
-        attention.close()
     chunked = resolve_loss(config, model, vocab_size, log)
     rl = config.rl
     objective = GrpoObjective(rl, rewards, reference, chunked.capture, packed=packed,
