@@ -53,10 +53,22 @@ def test_untrained_head_does_not_rank_the_pairs(rm_run, reward_pairs):
     assert again == pytest.approx(chosen, abs=1e-6)  # the head is drawn from the run's seed
 
 
+def test_an_empty_answer_is_scored_as_the_prompt_then_the_end(scorer):
+    """A policy that stops at once wrote an answer too: GRPO's reward model must score it."""
+    prompt = [{"role": "user", "content": "hi"}]
+    ids = scorer.encode(prompt + [{"role": "assistant", "content": ""}])
+    longer = scorer.encode(prompt + [{"role": "assistant", "content": "cat yes"}])
+    assert ids[-1] == longer[-1] and len(ids) < len(longer)  # the prompt, then the answer's end token
+    empty, answered = scorer.score([prompt + [{"role": "assistant", "content": ""}],
+                                    prompt + [{"role": "assistant", "content": "cat yes"}]])
+    assert empty == pytest.approx(scorer.score_ids([ids])[0], abs=1e-6) and empty != answered
+
+
 @pytest.mark.parametrize("conversation,match", [
     ([{"role": "user", "content": "hi"}], r"conversations\[1\]: expected a list of messages"),
     ([{"role": "user", "content": "hi"}, {"role": "user", "content": "yo"}], r"conversations\[1\]\[1\]\.role"),
-    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}], r"conversations\[1\]\[1\]\.content"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": 5}],
+     r"conversations\[1\]\[1\]\.content: expected a string, got int"),
     ("hello", r"conversations\[1\]: expected a list of messages .*, got str$"),
 ])
 def test_a_bad_conversation_is_named(scorer, conversation, match):

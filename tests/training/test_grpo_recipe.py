@@ -60,8 +60,10 @@ def _metrics(folder: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def learned(tiny_models, prompts, tmp_path_factory):
     out = tmp_path_factory.mktemp("grpo") / "out"
+    # 4 prompts x 8 completions a step: with fewer, the climb depends on the CPU's rounding (2 x 4 reached
+    # 0.73 on one machine and 1.0 on another); with these, six seeds all reach 1.0 by step 9.
     config = make_config(tiny_models("llama"), prompts, out, method="full", max_steps=12, save_steps=12,
-                         grpo_beta=0.0, eval_fraction=0.2, eval_steps=12, per_device_eval_batch_size=2,
+                         per_device_train_batch_size=4, num_generations=8, grpo_beta=0.0, eval_fraction=0.2, eval_steps=12, per_device_eval_batch_size=2,
                          reward_funcs=[_rewards(prompts, "even"), "format"], reward_weights=[1.0, 0.0])
     return train(config, log=lambda *_: None)
 
@@ -96,7 +98,7 @@ def test_grpo_run_folder_records_the_stage_and_loads_like_any_run(learned):
     manifest = json.loads((learned.output_dir / "chattune.json").read_text())
     stage = manifest["stage"]
     assert stage["name"] == "grpo" and stage["reference"] is None
-    assert stage["num_generations"] == 4 and stage["reward_funcs"][1] == "format"
+    assert stage["num_generations"] == 8 and stage["reward_funcs"][1] == "format"
     audit = json.loads((learned.output_dir / "data_audit.json").read_text())
     assert audit["stage"] == "grpo" and audit["train"]["rows_out"] + audit["eval"]["rows_out"] == 24
     assert audit["files"][0]["read"] == 24 and audit["train"]["with_answer"] == audit["train"]["rows_out"]
@@ -188,12 +190,13 @@ def test_a_trained_reward_model_is_one_more_reward(tiny_models, prompts, rm_run,
 
     config = make_config(tiny_models("llama"), prompts, tmp_path / "out", method="full", grpo_beta=0.0,
                          reward_funcs=["format"], reward_model=str(rm_run.output_dir), reward_weights=[0.0, 1.0],
-                         max_steps=12, save_steps=12)
+                         max_steps=12, save_steps=12, per_device_train_batch_size=4, num_generations=8)
     result = train(config, log=lambda *_: None)
     steps = [row for row in _metrics(result.output_dir) if "loss" in row]
     scores = [row["rewards/reward_model/mean"] for row in steps]
     assert all(row["rewards/reward_model/std"] >= 0 for row in steps)
-    assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + 0.5  # the policy learned what the reward model prefers
+    # the policy learned what the reward model prefers: over 12 seeds the rise was 0.51 to 0.96
+    assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + 0.3
     assert json.loads((result.output_dir / "chattune.json").read_text())["stage"]["reward_model"] == str(
         rm_run.output_dir)
     scorer = load_reward_model(str(rm_run.output_dir))

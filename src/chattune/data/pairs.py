@@ -54,9 +54,9 @@ class PreferenceRecord:
                 "rejected": {"role": "assistant", "content": self.rejected}, "source": self.source}
 
 
-def _answer(value, loc: str) -> str:
+def _answer(value, loc: str, allow_empty: bool = False) -> str:
     """An answer's text from a string, a ShareGPT ``{from, value}``, an OpenAI ``{role, content}``
-    or a one-message list of either."""
+    or a one-message list of either; an empty one only where ``allow_empty``."""
     if isinstance(value, list):
         if len(value) != 1:
             raise RecordError(f"{loc}: expected one assistant message, got a list of {len(value)}")
@@ -75,7 +75,7 @@ def _answer(value, loc: str) -> str:
     if not isinstance(value, str):
         raise RecordError(f"{loc}: expected a string, got {type(value).__name__}")
     _check_text(value, loc)
-    if not value.strip():
+    if not value.strip() and not allow_empty:
         raise RecordError(f"{loc}: empty response")
     return value
 
@@ -133,12 +133,13 @@ def to_pair(value, where: str) -> PreferenceRecord:
 def to_answered(conversation, where: str) -> PreferenceRecord:
     """A conversation that ends with the assistant's answer (OpenAI ``{role, content}`` messages)
     as a :class:`PreferenceRecord` of its prompt and that answer (no rejected one): what a reward
-    model scores. RecordError naming ``where`` and the message at fault."""
+    model scores. The answer may be empty: a policy that stops at once still gets a score.
+    RecordError naming ``where`` and the message at fault."""
     if not isinstance(conversation, list) or len(conversation) < 2:
         got = f"a list of {len(conversation)}" if isinstance(conversation, list) else type(conversation).__name__
         raise RecordError(f"{where}: expected a list of messages (the prompt, then the assistant's answer), got {got}")
     last = len(conversation) - 1
-    answer = _answer(conversation[last], f"{where}[{last}]")
+    answer = _answer(conversation[last], f"{where}[{last}]", allow_empty=True)
     prompt = from_openai({"messages": conversation[:last]}, where)
     _check_prompt(prompt, where, "messages")
     return PreferenceRecord(prompt, answer, source=where)
