@@ -78,8 +78,10 @@ def matmul_peak(dtype: torch.dtype, seconds: float = 1.5) -> float:
     return best
 
 
-def build_model(root: Path, data: Path, hidden: int, layers: int, vocab: int = 8192) -> Path:
-    """A random GLM-4 of the given size with a tokenizer trained on the data set."""
+def build_model(root: Path, data: Path, hidden: int, layers: int, vocab: int = 8192,
+                dtype: torch.dtype | None = None) -> Path:
+    """A random GLM-4 of the given size with a tokenizer trained on the data set, saved in
+    ``dtype`` (default float32)."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     from chattune.tiny import tiny_config, train_tokenizer
@@ -97,7 +99,7 @@ def build_model(root: Path, data: Path, hidden: int, layers: int, vocab: int = 8
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
-    model.save_pretrained(out)
+    (model.to(dtype) if dtype is not None else model).save_pretrained(out)
     return out
 
 
@@ -176,7 +178,7 @@ def run_baseline(spec: dict, model_path: Path):
 
 
 def run_chattune(spec: dict, model_path: Path, arm: str, overrides: dict):
-    """chattune's train() with the arm's overrides; returns (model, train_runtime, batching).
+    """chattune's train() with the arm's overrides; returns (model, train_runtime, batching, run folder).
 
     Trained without eval data (eval loss is computed afterwards the same way for every arm),
     so that train_runtime holds what the baseline's does: the steps and the final checkpoint."""
@@ -189,7 +191,7 @@ def run_chattune(spec: dict, model_path: Path, arm: str, overrides: dict):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     runtime = next(r["train_runtime"] for r in rows if "train_loss" in r)  # the end-of-training summary
     batching = json.loads((out / "data_audit.json").read_text())["batching"]
-    return result.model, runtime, batching
+    return result.model, runtime, batching, out
 
 
 @torch.no_grad()
@@ -251,10 +253,11 @@ def worker(arm: str, spec: dict) -> dict:
     model_path = Path(spec["mfu_model"] if arm == "mfu" else spec["model"])
     half = {"bf16": True} if spec["dtype"] == "bfloat16" else {}
     overrides = {"default": half, "pad": {"packing": "pad", "loss": "plain", **half}, "bf16": {"bf16": True},
-                 "mfu": half}
+                 "mfu": half, "qlora": {"method": "qlora", **half}}
     if arm == "mfu":
         spec = {**spec, "train": spec["mfu_train"]}
     batching = {"mode": "pad (tutorial collator)", "loss": "model's own"}
+    run_dir = None
     if arm == "untrained":
         from transformers import AutoModelForCausalLM
 
@@ -266,7 +269,7 @@ def worker(arm: str, spec: dict) -> dict:
     if arm == "baseline":
         model, runtime = run_baseline(spec, model_path)
     else:
-        model, runtime, batching = run_chattune(spec, model_path, arm, overrides[arm])
+        model, runtime, batching, run_dir = run_chattune(spec, model_path, arm, overrides[arm])
     prepared, _ = prepared_data(spec, model_path)
     train_rows = list(prepared.train)
     tokens = sum(len(r["input_ids"]) for r in train_rows)
@@ -281,6 +284,7 @@ def worker(arm: str, spec: dict) -> dict:
         "flops": useful_flops(model, train_rows, model.config),
         "dtype": "bfloat16" if arm == "bf16" else spec["dtype"],
         "parameters": sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name),
+        "run_dir": str(run_dir) if run_dir else None,
     }
 
 
@@ -295,6 +299,7 @@ def run_worker(arm: str, spec_path: Path) -> dict:
 
 
 LABELS = {"default": "(a) chattune default", "pad": "(b) chattune, padding", "baseline": "(c) tutorial baseline",
+          "qlora": "chattune default, qlora",
           "bf16": "(d) chattune default + bf16", "mfu": "chattune default, wide"}
 
 
