@@ -3,8 +3,8 @@ settings, each tool started as its users start it (``chattune train CONFIG`` and
 ``llamafactory-cli train CONFIG``), interleaved (A, B, A, B; the faster run of each kept), and
 a profile of where chattune's epoch goes.
 
-    python benchmarks/vs_llamafactory.py                       # tiny Llama and SmolLM2, about 40 min on 2 CPU cores
-    python benchmarks/vs_llamafactory.py --models tiny         # the tiny Llama only, about 12 min
+    python benchmarks/vs_llamafactory.py                       # tiny Llama and SmolLM2, about 35 min on 2 CPU cores
+    python benchmarks/vs_llamafactory.py --models tiny         # the tiny Llama only, about 10 min
     python benchmarks/vs_llamafactory.py --rows 64 --rounds 1  # a quick look
 
 LLaMA-Factory is installed on first use into its own virtual environment (``--lf-venv``,
