@@ -39,6 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 DATA_CANDIDATES = (ROOT.parent / "shared" / "data" / "alpaca_en_demo.json", ROOT / ".whl" / "alpaca_en_demo.json")
+STEP_NAMES = {"default": "train lora bf16", "qlora": "train qlora"}
 SIZES = {"gpu": {"hidden": 2048, "layers": 24, "max_seq_length": 2048, "batch": 16, "rows": 951, "eval_rows": 48},
          "smoke": {"hidden": 128, "layers": 2, "max_seq_length": 256, "batch": 4, "rows": 32, "eval_rows": 8}}
 
@@ -115,7 +116,7 @@ def training_row(arm: str, spec_path: Path, limit: float, root: Path, peak_tflop
     """One training arm through ``train_throughput.py --worker``: tokens/s, MFU, peak memory."""
     command = [sys.executable, str(BENCH / "train_throughput.py"), "--worker", arm, "--spec", str(spec_path)]
     code, output, seconds = run_step(command, limit, root / f"{arm}.log")
-    row = {"step": f"train {arm}", "seconds": seconds}
+    row = {"step": STEP_NAMES[arm], "seconds": seconds}
     if code != 0:
         return {**row, "status": "timed out" if code is None else f"failed: {last_error(output)}"}
     result = json.loads(output.strip().splitlines()[-1])
