@@ -75,16 +75,10 @@ LF_NEEDS = ["accelerate>=1.3.0,<=1.11.0", "datasets>=2.16.0,<=4.0.0", "einops", 
             "transformers>=4.55.0,<=5.6.0,!=4.57.0", "trl>=0.18.0,<=0.24.0", "tyro<0.9.0", "uvicorn", "fastapi"]
 COMMON = {"cutoff": 512, "rank": 8, "alpha": 16, "dropout": 0.05, "batch": 8, "lr": 1e-4,
           "seed": 42}
+HELD_OUT = 48  # the data file's last rows: never trained on
+TRAIN_ROWS = 999 - HELD_OUT
 # each tool's name for the same template: the tiny Llama has none of its own, so Alpaca; SmolLM2 has its
 # ChatML chat template (chattune reads it from the tokenizer, LLaMA-Factory ships it as smollm2)
-HELD_OUT = 48  # the file's last rows: never trained on
-
-
-def len_train() -> int:
-    """All rows but the held-out ones."""
-    return 999 - HELD_OUT
-
-
 TEMPLATES = {"tiny": {"chattune": "alpaca", "llamafactory": "alpaca"},
              "smollm2": {"chattune": "tokenizer", "llamafactory": "smollm2"}}
 
@@ -398,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="tiny,smollm2", help="comma-separated: tiny, smollm2")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each tool, interleaved (default 2)")
-    parser.add_argument("--rows", type=int, default=len_train(), help="train on the first N rows (default 951)")
+    parser.add_argument("--rows", type=int, default=TRAIN_ROWS, help=f"train on the first N rows (default {TRAIN_ROWS})")
     parser.add_argument("--smollm2-rows", type=int, default=128, help="rows for SmolLM2 (default 128)")
     parser.add_argument("--lf-venv", type=Path, default=ROOT.parent / "lf-venv")
     parser.add_argument("--bf16-arm", action="store_true",
