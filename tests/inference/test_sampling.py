@@ -92,3 +92,55 @@ def test_a_row_that_breaks_the_sampler_fails_alone():
     assert [tokens[0], tokens[2]] == [sample(logits[:1], [(good, [], _gen(s))])[0] for s in (1, 3)]
     with pytest.raises(RuntimeError):
         sample(logits, [(broken, [], _gen(2))])
+
+
+def _kept_by_full_sort(scores, top_k, top_p):
+    """The tokens top-k then top-p keep, by sorting the whole row (the sampler's former code)."""
+    if 0 < top_k < scores.shape[0]:
+        scores = scores.masked_fill(scores < scores.topk(top_k).values[-1], float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = scores.sort()
+        remove = sorted_scores.softmax(-1).cumsum(-1) <= 1 - top_p
+        remove[-1] = False
+        scores = scores.masked_fill(remove.scatter(0, order, remove), float("-inf"))
+    return set(torch.nonzero(scores > float("-inf")).flatten().tolist()), scores.softmax(-1)
+
+
+@pytest.mark.parametrize(("spread", "top_k", "top_p"), [
+    (3.0, 0, 0.9), (3.0, 0, 0.5), (3.0, 40, 0.95), (3.0, 5, 1.0),
+    (0.01, 0, 0.9),  # nearly flat: the nucleus holds ~45k tokens, past the sorted candidates
+    (8.0, 0, 0.99), (1.0, 3000, 0.9),
+])
+def test_the_nucleus_is_the_one_a_full_sort_finds(spread, top_k, top_p):
+    from chattune.inference.sampling import CANDIDATES, nucleus
+
+    for seed in range(5):
+        scores = torch.randn(50_000, generator=_gen(seed)) * spread
+        ids, probs = nucleus(scores, top_k, top_p)
+        expected, full = _kept_by_full_sort(scores, top_k, top_p)
+        assert set(ids.tolist()) == expected
+        torch.testing.assert_close(probs / probs.sum(), full[ids])
+    assert spread != 0.01 or len(expected) > CANDIDATES
+
+
+def test_top_k_keeps_ties_with_the_kth_score():
+    from chattune.inference.sampling import nucleus
+
+    scores = torch.tensor([3.0, 2.0, 2.0, 2.0, -1.0, float("-inf")])
+    assert sorted(nucleus(scores, 2, 1.0)[0].tolist()) == [0, 1, 2, 3]
+
+
+def test_filtered_draws_follow_the_kept_probabilities():
+    probs = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
+    params = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.85)  # keeps the first four (0.9)
+    generator = _gen(7)
+    counts = torch.bincount(torch.tensor([sample_row(probs.log(), params, generator) for _ in range(6000)]),
+                            minlength=6)
+    assert counts[4:].sum() == 0
+    torch.testing.assert_close(counts[:4] / 6000, probs[:4] / 0.9, atol=0.02, rtol=0)
+
+
+def test_a_filtered_row_with_no_finite_score_is_refused():
+    broken = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9)
+    with pytest.raises(RuntimeError, match="no token has a finite probability"):
+        sample_row(torch.full((10,), float("nan")), broken, _gen(0))

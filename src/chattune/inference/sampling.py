@@ -1,7 +1,8 @@
 """The one sampler: how the next token of each row is picked, and the settings that say how.
 
 Greedy (temperature 0), or temperature with top-k and top-p (nucleus) sampling, each
-row with its own seeded generator; a repetition penalty is applied first, as
+row with its own seeded generator (a filtered row draws among the tokens it keeps, by the
+exponential race ``torch.multinomial`` itself runs); a repetition penalty is applied first, as
 transformers does (a seen token's logit is divided by the penalty when positive,
 multiplied when negative). The terminal chat, predict, the demo and the server's
 engine all decode through :func:`sample`, so one request gets the same tokens
@@ -63,20 +64,49 @@ def penalize_repeats(logits: torch.Tensor, seen: list[int], penalty: float) -> t
     return logits.scatter(0, index, torch.where(score < 0, score * penalty, score / penalty))
 
 
+CANDIDATES = 2048
+"""How many of the best tokens top-p looks at before it sorts the whole vocabulary: a nucleus
+is almost always far smaller, and sorting 49k-151k scores per row per step cost more than the
+forward pass of a small model."""
+
+
 def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """One token from one row's (already penalized) float logits."""
     if params.temperature <= 0:
         return int(logits.argmax())
     scores = logits / params.temperature
-    if 0 < params.top_k < scores.shape[0]:
-        kth = scores.topk(params.top_k).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_scores, order = scores.sort()
-        remove = sorted_scores.softmax(-1).cumsum(-1) <= 1 - params.top_p
-        remove[-1] = False
-        scores = scores.masked_fill(remove.scatter(0, order, remove), float("-inf"))
-    return int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
+    vocab = scores.shape[0]
+    top_k = params.top_k if 0 < params.top_k < vocab else 0
+    if not top_k and params.top_p >= 1.0:
+        return int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
+    ids, weights = nucleus(scores, top_k, params.top_p)
+    return int(ids[(weights / torch.empty_like(weights).exponential_(generator=generator)).argmax()])
+
+
+def nucleus(scores: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens top-k (``top_k`` > 0; ties at the k-th score stay) then top-p keep, best first,
+    with their probabilities among the top-k (or the whole vocabulary).
+
+    Top-p keeps the smallest set of best tokens whose mass reaches ``top_p``: a token stays while
+    the mass of the tokens before it is below ``top_p``. Only the ``CANDIDATES`` best are sorted
+    unless the nucleus runs past them."""
+    vocab = scores.shape[0]
+    values, ids = scores.topk(top_k or min(vocab, CANDIDATES))
+    if top_k and (ties := int((scores >= values[-1]).sum())) > top_k:
+        values, ids = scores.topk(ties)
+    total = values.logsumexp(0) if top_k else scores.logsumexp(0)
+    if not torch.isfinite(total):
+        raise RuntimeError(f"no token has a finite probability (the scores' log-sum is {float(total)})")
+    probs = (values - total).exp()
+    if top_p >= 1.0:
+        return ids, probs
+    cumulative = probs.cumsum(0)
+    if not top_k and len(ids) < vocab and cumulative[-1] < top_p:  # the nucleus runs past the candidates
+        values, ids = scores.sort(descending=True)
+        probs = (values - total).exp()
+        cumulative = probs.cumsum(0)
+    keep = cumulative - probs < top_p
+    return ids[keep], probs[keep]
 
 
 def sample(logits: torch.Tensor, rows: list[tuple[SamplingParams, list[int], torch.Generator | None]],
