@@ -102,3 +102,48 @@ def test_the_saved_adapter_is_the_same_inside_and_after_the_block(tiny_models, t
             assert torch.equal(saved[name], tensor), (folder, name)
         assert (tmp_path / folder / "adapter_config.json").read_text() == \
             (tmp_path / "plain" / "adapter_config.json").read_text()
+
+
+@pytest.mark.parametrize("p", [0.0, 0.05, 0.3])
+def test_lora_add_equals_peft_s_formula_with_the_same_dropped_elements(p, monkeypatch):
+    from chattune.training import kernels
+
+    drawn = []
+    real_positions = kernels.dropped_positions
+    monkeypatch.setattr(kernels, "dropped_positions", lambda n, q: drawn.append(real_positions(n, q)) or drawn[-1])
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 37, 24, generator=g, requires_grad=True)
+    base = torch.randn(2, 37, 40, generator=g, requires_grad=True)
+    a = torch.randn(8, 24, generator=g, requires_grad=True)
+    b = torch.randn(40, 8, generator=g, requires_grad=True)
+    upstream = torch.randn(2, 37, 40, generator=g)
+    torch.manual_seed(0)
+    out = kernels.lora_add(base, x, a, b, 2.0, p)
+    fused = torch.autograd.grad((out * upstream).sum(), (base, x, a, b))
+
+    mask = torch.ones(x.numel())
+    if p:
+        mask[drawn[0]] = 0
+        assert 0 < len(drawn[0]) < x.numel()
+    dense = x * mask.view(x.shape) / (1 - p)
+    expected = base + (dense @ a.t() @ b.t()) * 2.0
+    reference = torch.autograd.grad((expected * upstream).sum(), (base, x, a, b))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for name, got, want in zip(("result", "x", "A", "B"), fused, reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4, msg=name)  # values up to ~300
+
+
+def test_lora_layers_outside_the_plain_cpu_case_keep_peft_s_forward(tiny_models):
+    model = lora_model(tiny_models("llama"), 0.1)
+    layer = next(m for m in model.modules() if type(m).__name__ == "Linear" and hasattr(m, "lora_A"))
+    x = torch.randn(3, layer.in_features)
+    with use_cpu_kernels(model) as counts:
+        assert counts["lora_layer"] > 0 and type(layer).__name__ == "FusedLoraLinear"
+        assert layer._fusable_adapter(x, (), {}) == "default"
+        assert layer._fusable_adapter(x.double(), (), {}) is None
+        assert layer._fusable_adapter(x, (), {"adapter_names": ["default"] * 3}) is None
+        with model.disable_adapter():
+            assert layer._fusable_adapter(x, (), {}) is None
+        layer.eval()
+        torch.testing.assert_close(layer(x), layer.base_layer(x) + layer.lora_B["default"](
+            layer.lora_A["default"](x)) * layer.scaling["default"])
