@@ -144,3 +144,36 @@ def test_a_filtered_row_with_no_finite_score_is_refused():
     broken = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9)
     with pytest.raises(RuntimeError, match="no token has a finite probability"):
         sample_row(torch.full((10,), float("nan")), broken, _gen(0))
+
+
+@pytest.mark.parametrize(("spread", "top_k", "top_p"), [
+    (3.0, 0, 0.9), (8.0, 0, 0.5), (3.0, 40, 0.95), (3.0, 5, 1.0), (0.01, 0, 0.9), (1.0, 0, 1.0),
+])
+def test_rows_sampled_together_draw_what_each_draws_alone(spread, top_k, top_p):
+    logits = torch.randn(6, 5000, generator=_gen(11)) * spread
+    logits[2, :40] = logits[2, 0]  # ties at the k-th score: this row is left to sample_row
+    logits[4] = float("nan")  # this one breaks, alone
+    params = SamplingParams(max_tokens=1, temperature=0.8, top_k=top_k, top_p=top_p)
+    failed = []
+    for step in range(3):
+        together = sample(logits, [(params, [], _gen(100 * step + i)) for i in range(6)],
+                          on_error=lambda i, exc: failed.append(i))
+        alone = [sample(logits[i:i + 1], [(params, [], _gen(100 * step + i))], on_error=lambda *_: None)[0]
+                 for i in range(6)]
+        assert together == alone and together[4] is None
+    assert failed == [4, 4, 4]
+    if spread >= 3.0:  # these rows are settled together, not one by one
+        from chattune.inference.sampling import sample_alike
+
+        assert None not in sample_alike(logits[[0, 1, 3, 5]], 0.8, top_k, top_p, [_gen(i) for i in range(4)])
+
+
+def test_rows_with_a_penalty_or_other_settings_are_sampled_by_their_own():
+    logits = torch.randn(4, 300, generator=_gen(5))
+    settings = [SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9),
+                SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9, repetition_penalty=1.3),
+                SamplingParams(max_tokens=1, temperature=0.5, top_p=0.9),
+                SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9)]
+    rows = [(params, [1, 2, 3], _gen(i)) for i, params in enumerate(settings)]
+    alone = [sample(logits[i:i + 1], [(settings[i], [1, 2, 3], _gen(i))])[0] for i in range(4)]
+    assert sample(logits, rows) == alone

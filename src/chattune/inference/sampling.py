@@ -114,17 +114,71 @@ def sample(logits: torch.Tensor, rows: list[tuple[SamplingParams, list[int], tor
     """The next token of each row of ``logits`` (``[rows, vocabulary]``); each row comes with its
     settings, the tokens it has seen so far (prompt and generated, for the penalty) and its
     generator. With ``on_error``, a row whose own settings break the sampler gets None and
-    ``on_error(row, exception)``; the other rows are sampled as if it were not there."""
+    ``on_error(row, exception)``; the other rows are sampled as if it were not there.
+
+    Rows that share a temperature, top-k and top-p and have no penalty are filtered together
+    (:func:`sample_alike`); each still draws from its own generator exactly as it would alone."""
     logits = logits.float()
     tokens: list[int | None] = logits.argmax(-1).tolist()  # greedy rows without a penalty need nothing more
-    for i, (params, seen, generator) in enumerate(rows):
-        if params.temperature > 0 or params.repetition_penalty != 1.0:
-            try:
-                row = penalize_repeats(logits[i], seen, params.repetition_penalty)
-                tokens[i] = sample_row(row, params, generator)
-            except Exception as exc:
-                if on_error is None:
-                    raise
-                tokens[i] = None
-                on_error(i, exc)
+    alone: list[int] = []
+    alike: dict[tuple[float, int, float], list[int]] = {}
+    for i, (params, _, _) in enumerate(rows):
+        if params.repetition_penalty != 1.0:
+            alone.append(i)
+        elif params.temperature > 0:
+            alike.setdefault((params.temperature, params.top_k, params.top_p), []).append(i)
+    for (temperature, top_k, top_p), members in alike.items():
+        if len(members) == 1:
+            alone += members
+            continue
+        picked = sample_alike(logits[members], temperature, top_k, top_p, [rows[i][2] for i in members])
+        for i, token in zip(members, picked, strict=True):
+            if token is None:
+                alone.append(i)
+            else:
+                tokens[i] = token
+    for i in sorted(alone):
+        params, seen, generator = rows[i]
+        try:
+            row = penalize_repeats(logits[i], seen, params.repetition_penalty)
+            tokens[i] = sample_row(row, params, generator)
+        except Exception as exc:
+            if on_error is None:
+                raise
+            tokens[i] = None
+            on_error(i, exc)
     return tokens
+
+
+def sample_alike(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                 generators: list[torch.Generator | None]) -> list[int | None]:
+    """:func:`sample_row` for rows with the same settings (temperature > 0, no penalty), the
+    filtering done once for all: the same nucleus and the same draws from each row's generator.
+    A row this path does not settle (top-k ties, a nucleus past the candidates, scores that
+    are not finite, no filter at all) is None, for :func:`sample_row` to take alone."""
+    scores = logits / temperature
+    rows, vocab = scores.shape
+    top_k = top_k if 0 < top_k < vocab else 0
+    if not top_k and top_p >= 1.0:
+        return [None] * rows
+    values, ids = scores.topk(top_k or min(vocab, CANDIDATES))
+    total = values.logsumexp(-1) if top_k else scores.logsumexp(-1)
+    probs = (values - total[:, None]).exp()
+    settled = torch.isfinite(total)
+    if top_k:
+        settled &= (scores >= values[:, -1:]).sum(-1) == top_k
+    kept = [values.shape[1]] * rows
+    if top_p < 1.0:
+        cumulative = probs.cumsum(-1)
+        if not top_k and values.shape[1] < vocab:
+            settled &= cumulative[:, -1] >= top_p
+        dropped = cumulative - probs >= top_p  # the nucleus is a prefix of the candidates
+        probs = probs.masked_fill(dropped, 0.0)
+        kept = (~dropped).sum(-1).tolist()
+    settled_rows = settled.tolist()
+    races = torch.ones_like(probs)
+    for i, (count, generator, ok) in enumerate(zip(kept, generators, settled_rows, strict=True)):
+        if ok:  # a row left to sample_row must not have drawn here
+            races[i, :count].exponential_(generator=generator)
+    picks = ids.gather(1, (probs / races).argmax(-1, keepdim=True)).flatten().tolist()
+    return [pick if ok else None for pick, ok in zip(picks, settled_rows, strict=True)]
