@@ -175,6 +175,8 @@ def start_server(run_dir: Path, port: int, max_batch: int, extra: list[str]) -> 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the table."""
+    from train_throughput import float32_gflops  # (torch: imported only when run)
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="a running server (loopback only); default: start one")
     parser.add_argument("--model", default="bench", help="the model name to ask for (with --url)")
@@ -207,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{args.duration:g} s per level; {os.cpu_count()} CPU cores\n")
             print(HEADER)
             asyncio.run(run_burst(url, model, 2, 4, headers, together=True))  # warm-up
+            peak_before = float32_gflops()
             for clients in levels:
                 results, elapsed = asyncio.run(run_level(url, model, clients, args.duration, args.max_tokens,
                                                          headers))
@@ -218,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             print(row(f"{args.burst} at once", par, par_time))
             print(f"\nthe same {args.burst} requests: {seq_time:.2f} s one by one, {par_time:.2f} s at once "
                   f"({seq_time / par_time:.1f}x the output tokens/s)")
+            print(f"matmul peak before / after the levels: {peak_before:.0f} / {float32_gflops():.0f} GFLOP/s float32")
         finally:
             if proc is not None:
                 proc.terminate()

@@ -78,6 +78,11 @@ def matmul_peak(dtype: torch.dtype, seconds: float = 1.5) -> float:
     return best
 
 
+
+def float32_gflops() -> float:
+    """This machine's float32 matmul peak now, in GFLOP/s (:func:`matmul_peak`)."""
+    return matmul_peak(torch.float32) / 1e9
+
 def build_model(root: Path, data: Path, hidden: int, layers: int, vocab: int = 8192,
                 dtype: torch.dtype | None = None) -> Path:
     """A random GLM-4 of the given size with a tokenizer trained on the data set, saved in

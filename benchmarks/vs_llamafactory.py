@@ -371,6 +371,8 @@ def profile_table(profile: dict, wall: float) -> str:
             line(label + suffix, f[label], 4)
     modules = sum(v for k, v in f.items() if k != "LoRA adapters")
     line("loss and the rest of the forward", t.get("forward + loss", 0.0) - modules, 4)
+    if "LoRA adapters" not in f:
+        lines.append("    (LoRA's updates run inside their layers, lora_add: timed with attention and MLP)")
     line("backward", t.get("backward", 0.0), 2)
     line("optimizer step", t.get("optimizer step", 0.0), 2)
     rest = training - sum(t.get(x, 0.0) for x in ("forward + loss", "backward", "optimizer step"))
@@ -379,16 +381,10 @@ def profile_table(profile: dict, wall: float) -> str:
     return "\n".join(lines)
 
 
-def matmul_peak() -> float:
-    """This machine's float32 matmul peak now, GFLOP/s (train_throughput's measurement)."""
-    import torch
-    from train_throughput import matmul_peak as peak
-
-    return peak(torch.float32) / 1e9
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the comparison and print the tables."""
+    from train_throughput import float32_gflops  # (torch: imported only when run)
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="tiny,smollm2", help="comma-separated: tiny, smollm2")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each tool, interleaved (default 2)")
@@ -408,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     root = (args.root or Path(tempfile.mkdtemp(prefix="vs-lf-"))).resolve()
     root.mkdir(parents=True, exist_ok=True)
     every = json.loads(DATA.read_text())
-    print(f"matmul peak now: {matmul_peak():.0f} GFLOP/s float32; runs in {root}", flush=True)
+    print(f"matmul peak now: {float32_gflops():.0f} GFLOP/s float32; runs in {root}", flush=True)
     tables = []
     for name in args.models.split(","):
         rows = every[: args.smollm2_rows if name == "smollm2" else args.rows]
@@ -443,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             wall = min(r["wall"] for r in runs if r["tool"] == "chattune")
             tables.append(profile_table(json.loads(done.stdout.strip().splitlines()[-1]), wall))
             print(tables[-1], flush=True)
-    print(f"\nmatmul peak after: {matmul_peak():.0f} GFLOP/s float32\n")
+    print(f"\nmatmul peak after: {float32_gflops():.0f} GFLOP/s float32\n")
     print("\n\n".join(tables))
     return 0
 
