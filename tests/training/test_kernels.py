@@ -147,3 +147,19 @@ def test_lora_layers_outside_the_plain_cpu_case_keep_peft_s_forward(tiny_models)
         layer.eval()
         torch.testing.assert_close(layer(x), layer.base_layer(x) + layer.lora_B["default"](
             layer.lora_A["default"](x)) * layer.scaling["default"])
+
+
+def test_lora_add_takes_a_non_contiguous_input():
+    from chattune.training import kernels
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(24, 2, 37, generator=g).transpose(0, 2).requires_grad_()  # [37, 2, 24], strided
+    base = torch.randn(37, 2, 16, generator=g)
+    a, b = torch.randn(8, 24, generator=g), torch.randn(16, 8, generator=g)
+    torch.manual_seed(1)
+    out = kernels.lora_add(base, x, a, b, 0.5, 0.1)
+    torch.manual_seed(1)
+    same = kernels.lora_add(base, x.detach().contiguous().requires_grad_(), a, b, 0.5, 0.1)
+    torch.testing.assert_close(out, same)
+    out.sum().backward()
+    assert x.grad.shape == x.shape

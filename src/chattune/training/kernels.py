@@ -164,7 +164,7 @@ def lora_add(result: torch.Tensor, x: torch.Tensor, weight_a: torch.Tensor, weig
              scaling: float, p: float) -> torch.Tensor:
     """``result + scaling * lora_B(lora_A(dropout(x)))`` (dropout ``p``, 0 to leave ``x`` whole),
     as peft's LoRA layer computes it, in one autograd node: :class:`_LoraAddFunction`."""
-    flat_x = x.reshape(-1, x.shape[-1])
+    flat_x = x.reshape(-1, x.shape[-1]).contiguous()  # positions index its row-major elements
     flat_result = result.reshape(-1, result.shape[-1])
     positions = dropped_positions(flat_x.numel(), p) if p > 0 else torch.empty(0, dtype=torch.long)
     out = _LoraAddFunction.apply(flat_result, flat_x, weight_a, weight_b, float(scaling), 1.0 / (1.0 - p), positions)
