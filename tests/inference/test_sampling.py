@@ -177,3 +177,10 @@ def test_rows_with_a_penalty_or_other_settings_are_sampled_by_their_own():
     rows = [(params, [1, 2, 3], _gen(i)) for i, params in enumerate(settings)]
     alone = [sample(logits[i:i + 1], [(settings[i], [1, 2, 3], _gen(i))])[0] for i in range(4)]
     assert sample(logits, rows) == alone
+
+
+def test_a_top_p_too_small_for_float32_keeps_the_best_token():
+    logits = torch.tensor([[0.5, 3.0, 1.0], [2.0, 0.0, 1.0]])
+    params = SamplingParams(max_tokens=1, temperature=1.0, top_p=5e-324)  # 0.0 in float32
+    assert sample(logits, [(params, [], _gen(0)), (params, [], _gen(1))]) == [1, 0]
+    assert sample(logits[:1], [(params, [], _gen(0))]) == [1]

@@ -106,6 +106,7 @@ def nucleus(scores: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tenso
         probs = (values - total).exp()
         cumulative = probs.cumsum(0)
     keep = cumulative - probs < top_p
+    keep[0] = True  # (a top_p below float32's least value compares as 0)
     return ids[keep], probs[keep]
 
 
@@ -173,6 +174,7 @@ def sample_alike(logits: torch.Tensor, temperature: float, top_k: int, top_p: fl
         if not top_k and values.shape[1] < vocab:
             settled &= cumulative[:, -1] >= top_p
         dropped = cumulative - probs >= top_p  # the nucleus is a prefix of the candidates
+        dropped[:, 0] = False
         probs = probs.masked_fill(dropped, 0.0)
         kept = (~dropped).sum(-1).tolist()
     settled_rows = settled.tolist()
