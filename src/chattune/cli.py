@@ -745,7 +745,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; then 429")
     serve.add_argument("--max-body-bytes", type=int, default=None,
                        help="larger request bodies get 413 (default 1 MiB; 20 MiB for a model that reads images)")
-    serve.add_argument("--threads", type=int, help="torch CPU threads (default on CPU: cores - 1)")
+    serve.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, every core or OMP_NUM_THREADS)")
     serve.add_argument("--no-ui", action="store_true", help="serve the API only, without the web page at /")
     serve.add_argument("--runs-dir", help="the web page's runs view also lists the run folders under DIR")
     serve.add_argument("--kb", action="append", default=[], metavar="NAME=KB",

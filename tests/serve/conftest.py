@@ -18,9 +18,8 @@ from tests.serve.server_thread import ServerThread
 
 @pytest.fixture(scope="module", autouse=True)
 def _torch_threads_as_serve_sets_them():
-    """As ``chattune serve`` does (``--threads``: one less than the cores): with every core in
-    torch's thread team, any other busy thread (HTTP, clients, another process) stalls it; and
-    Python's switch interval as it sets it."""
+    """As ``chattune serve`` does: torch's threads as given by ``--threads``, else torch's own
+    default (here each test worker's ``OMP_NUM_THREADS``), and Python's switch interval."""
     from chattune.serve import set_threads
 
     before, interval = torch.get_num_threads(), sys.getswitchinterval()
