@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,10 @@ def test_wandb_offline_gets_the_runs_name_tags_metrics_config_and_manifest(tiny_
     assert "WANDB_PROJECT" not in os.environ
     (path,) = (tmp_path / "wandb").glob("offline-run-*/*.wandb")
     records = list(wandb_records(path))
+    deadline = time.monotonic() + 60
+    while not any(r.WhichOneof("record_type") == "run" for r in records) and time.monotonic() < deadline:
+        time.sleep(0.5)  # wandb's service process may still be writing the file after finish() (seen once in CI)
+        records = list(wandb_records(path))
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert (run.project, run.display_name, list(run.tags)) == ("proj", "run", ["a", "b"])
     config_items = {item.key: json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "config"
