@@ -19,6 +19,7 @@ are PyTorch's and peft's own.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from collections.abc import Iterator
@@ -171,12 +172,10 @@ def lora_add(result: torch.Tensor, x: torch.Tensor, weight_a: torch.Tensor, weig
     return out.reshape(result.shape)
 
 
+@functools.cache
 def _fused_lora_class() -> type:
     """peft's LoRA ``Linear`` with a forward that adds plain LoRA by :func:`lora_add` (CPU,
     float32, one active adapter, no variant such as DoRA, no biases); peft's own forward otherwise."""
-    global _FUSED_LORA
-    if _FUSED_LORA is not None:
-        return _FUSED_LORA
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     class FusedLoraLinear(LoraLinear):
@@ -210,11 +209,7 @@ def _fused_lora_class() -> type:
                 return None
             return adapter
 
-    _FUSED_LORA = FusedLoraLinear
     return FusedLoraLinear
-
-
-_FUSED_LORA: type | None = None
 
 
 @contextlib.contextmanager
@@ -231,7 +226,7 @@ def use_cpu_kernels(model) -> Iterator[dict[str, int]]:
     try:
         for parent_name, parent in list(model.named_modules()):
             for child in parent.children():
-                if fused is not None and type(child) is fused.__mro__[1]:
+                if fused is not None and type(child) is fused.__base__:
                     swapped.append((child, type(child)))
                     child.__class__ = fused
                     counts["lora_layer"] += 1
