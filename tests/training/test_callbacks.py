@@ -80,10 +80,15 @@ def _state(step: int, max_steps: int = 100, zero: bool = True):
 
 
 def test_progress_writer_writes_the_step_and_the_time_left_at_this_pace(tmp_path, monkeypatch):
+    import threading
+    import time
+
     from chattune.training import callbacks
 
-    clock = iter([1000.0, 1000.0, 1010.0, 1010.0, 1020.0, 1020.0])
-    monkeypatch.setattr(callbacks.time, "time", lambda: next(clock))
+    clock, real_time, caller = iter([1000.0, 1000.0, 1010.0, 1010.0, 1020.0, 1020.0]), time.time, threading.get_ident()
+    # (time.time is global: a thread left by another test, such as wandb's, must keep its real clock)
+    monkeypatch.setattr(callbacks.time, "time",
+                        lambda: next(clock) if threading.get_ident() == caller else real_time())
     writer = callbacks.ProgressWriter(tmp_path, interval=0.0)
     writer.on_train_begin(None, _state(20), None)  # resumed at step 20
     writer.on_step_end(None, _state(30), None)
